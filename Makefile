@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv if it is missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+# A local CPU build of torch, where the machine has one (it avoids gigabytes of CUDA packages).
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo smoke test clean
+
+install: $(STAMP)
+
+# torch first, then everything else with torch pinned; uv where it installs, pip otherwise.
+# Bytecode is compiled at install time: it halves import time where PYTHONDONTWRITEBYTECODE is set.
+$(STAMP): pyproject.toml requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if $(PY) -m pip install -q uv==0.13.8; then \
+	  $(VENV)/bin/uv pip install --python $(PY) $(FIND_LINKS) --compile-bytecode $(TORCH) && \
+	  $(VENV)/bin/uv pip install --python $(PY) $(FIND_LINKS) --compile-bytecode $(TORCH) -r requirements.txt -e . ; \
+	else \
+	  $(PY) -m pip install -q $(FIND_LINKS) --compile $(TORCH) && \
+	  $(PY) -m pip install -q $(FIND_LINKS) --compile $(TORCH) -r requirements.txt -e . ; \
+	fi
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rto pipeline --task keyed --preset default --out $(DEMO_OUT)
+
+smoke: $(STAMP)
+	$(VENV)/bin/rto pipeline --task keyed --preset smoke --out runs/smoke
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs .pytest_cache

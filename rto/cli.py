@@ -1,0 +1,111 @@
+"""The `rto` command: one subcommand per stage, and `rto pipeline` for all of them.
+
+Every subcommand takes `--config FILE.yaml` and a flag per setting; flags
+override the file. Bad input ends with one line on stderr and exit code 2
+(`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Quiet, offline-friendly defaults for the libraries underneath; a user's environment wins.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from rto import __version__  # noqa: E402
+from rto.config import add_arguments, from_sources, load_yaml  # noqa: E402
+from rto.errors import UserError  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    from rto.pipeline import PipelineConfig
+    from rto.stages import STAGES
+
+    parser = argparse.ArgumentParser(prog="rto", description="Reinforced Token Optimization (RTO) for RLHF.")
+    parser.add_argument("--version", action="version", version=f"rto-rlhf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {name: (stage.summary, lambda s=stage: s.load()) for name, stage in STAGES.items()}
+    commands["pipeline"] = ("the whole pipeline: data, SFT, pairs, RM, DPO, PPO/RTO, eval, report",
+                            lambda: (PipelineConfig, None))
+    for name, (summary, load) in commands.items():
+        cls, _ = load()
+        p = sub.add_parser(name, help=summary, description=summary)
+        p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of settings (flags override it)")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name == "pipeline":
+            p.add_argument("--set", dest="set_values", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                           help="override a stage setting, e.g. --set ppo.actor_lr=1e-5 (repeatable)")
+            add_arguments(p, cls, skip=("data", "sft", "pairs", "rm", "dpo", "ppo", "method_overrides", "eval"))
+        else:
+            add_arguments(p, cls)
+    return parser
+
+
+def _pipeline_sets(values: list[str]) -> dict:
+    """--set ppo.actor_lr=1e-5 -> {"ppo": {"actor_lr": 1e-5}} (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or not section or not field:
+            raise UserError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        if section == "method_overrides":
+            method, _, field = field.partition(".")
+            out.setdefault(section, {}).setdefault(method, {})[field] = value
+        else:
+            out.setdefault(section, {})[field] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "set_values")}
+        yaml_values = load_yaml(args.config) if args.config else {}
+        if args.command == "pipeline":
+            from rto.pipeline import PipelineConfig, run
+
+            for section, fields in _pipeline_sets(args.set_values).items():
+                merged = dict(yaml_values.get(section) or {})
+                merged.update(fields)
+                values[section] = merged
+            cfg = from_sources(PipelineConfig, yaml_values, str(args.config or ""), values)
+            run(cfg)
+            return 0
+        from rto.stages import STAGES
+
+        cls, run = STAGES[args.command].load()
+        cfg = from_sources(cls, yaml_values, str(args.config or ""), values)
+        result = run(cfg)
+        if isinstance(result, dict):
+            import json
+
+            short = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
+            print(json.dumps(short, indent=2))
+        return 0
+    except UserError as e:
+        if debug:
+            raise
+        print(f"rto: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rto: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Config dataclasses: YAML + command-line overrides -> a validated dataclass.
+
+Each stage declares its config as a dataclass beside its trainer, with fields
+made by `opt(default, help, ...)`. This module turns such a dataclass into
+argparse flags (`--actor-lr 1e-6`), reads YAML files, coerces and range-checks
+every value, and reports any problem as one `UserError` line naming the file
+and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from rto.errors import UserError
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, gt: float | None = None,
+        ge: float | None = None, le: float | None = None, lt: float | None = None):
+    """A config field with its help text and allowed range."""
+    meta = {"help": help, "choices": choices, "gt": gt, "ge": ge, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp):
+    """(inner type, optional?) for `X | None` / Optional[X]."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert `value` (from YAML or a command line string) to `tp`, or raise UserError."""
+    inner, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise UserError(f"{where}: a value is required, got nothing")
+    if get_origin(inner) is Literal:
+        allowed = get_args(inner)
+        if value not in allowed:
+            raise UserError(f"{where}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if inner is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if inner is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if out != out:  # NaN
+                raise ValueError
+            return out
+        if inner is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if get_origin(inner) is list:
+            (item,) = get_args(inner)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return [coerce(v, item, where) for v in value]
+        if get_origin(inner) is dict or inner is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        name = getattr(inner, "__name__", str(inner))
+        raise UserError(f"{where}: expected {name}, got {value!r}") from None
+    return value
+
+
+def _check_range(value: Any, meta: dict, where: str) -> None:
+    if value is None or isinstance(value, (bool, str, list, dict)):
+        if meta.get("choices") and value not in meta["choices"]:
+            raise UserError(f"{where}: must be one of {', '.join(meta['choices'])}; got {value!r}")
+        return
+    for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+                          ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            raise UserError(f"{where}: must be {word} {bound}, got {value}")
+
+
+def build(cls, values: dict[str, Any], where: str):
+    """Make a `cls` from a mapping; unknown keys, bad types and bad ranges raise UserError."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
+    hints = _hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, raw in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = [k for k in known if k.startswith(name[:3])][:3]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"{where}: unknown setting {key!r}{hint}")
+        value = coerce(raw, hints[name], f"{where}: {name}")
+        _check_range(value, known[name].metadata, f"{where}: {name}")
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping, with one-line errors for every way it can be wrong."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of settings")
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One `--flag` per field; unset flags stay absent so the YAML value wins."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        inner, _ = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices") or (get_args(inner) if get_origin(inner) is Literal else None)
+        if choices:
+            help_text += f" {{{', '.join(map(str, choices))}}}"
+        help_text += f" (default: {default})"
+        if inner is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=help_text)
+
+
+def from_sources(cls, yaml_values: dict[str, Any], yaml_where: str, cli_values: dict[str, Any]):
+    """YAML values, then command-line overrides on top; both validated."""
+    merged = dict(yaml_values)
+    merged.update(cli_values)
+    where = yaml_where if not cli_values else f"{yaml_where} + command line" if yaml_values else "command line"
+    return build(cls, merged, where)
+
+
+def to_dict(obj) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

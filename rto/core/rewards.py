@@ -1,0 +1,131 @@
+"""Per-token rewards: where the KL penalty, the RM score and the DPO term go.
+
+Pure tensor functions, no models, no I/O. Shapes: B responses x R response
+slots; `mask` is 1 on real response tokens (EOS included) and 0 on padding.
+Responses are right-padded, so each row's mask is a run of ones then zeros.
+
+The EOS-slot convention: a sentence-level score lands on the *last response
+token*, which is the EOS token when the response has one and the final
+generated token when it was cut off by the length limit. (TRL's old PPO put it
+one slot after EOS; OpenRLHF, verl and the RTO reference code use this slot.)
+
+The reward of token t (reference: ../shared/reference/rto.md):
+
+    r_t = dense_dpo_t - kl_coef * kl_t + [t == last] * rm_weight * score
+
+with dense_dpo_t = clip(beta1 * (log pi_dpo - log pi_dpo_ref), -dpo_clip, dpo_clip).
+The variants differ only in where the DPO term is paid:
+    sparse    no DPO term (standard RLHF PPO)
+    rto       every token gets its own DPO term
+    dpo-only  every token gets its own DPO term, and there is no RM score
+    ddpo      the summed DPO term is paid at the last token (delayed)
+    semi      the summed DPO term of each segment is paid at the segment's end
+              (a delimiter token, or the last token)
+    rs        rto, minus the summed DPO term at the last token: a potential-based
+              shaping whose total equals the sparse return
+"""
+
+from __future__ import annotations
+
+import torch
+
+REWARD_KINDS = ("sparse", "rto", "dpo-only", "ddpo", "semi", "rs")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last response token (0 for an empty response)."""
+    return (mask.long().sum(-1) - 1).clamp(min=0)
+
+
+def at_last_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A [B, R] tensor that is zero except `values[b]` at row b's last response token."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    out.scatter_(1, last_token_index(mask).unsqueeze(1), values.unsqueeze(1))
+    return out * mask.to(values.dtype)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi.
+
+    k1 = log r (unbiased, can be negative per token), k2 = (log r)^2 / 2,
+    k3 = r^-1 - 1 + log r (unbiased and non-negative), with r = pi / pi_ref.
+    """
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def dpo_token_term(dpo_logp: torch.Tensor, dpo_ref_logp: torch.Tensor, beta1: float,
+                   clip: float | None) -> torch.Tensor:
+    """beta1 * (log pi_dpo - log pi_dpo_ref), clamped to [-clip, clip] (clip None = no clamp)."""
+    term = beta1 * (dpo_logp - dpo_ref_logp)
+    if clip is not None:
+        term = term.clamp(-clip, clip)
+    return term
+
+
+def normalise_score(score: torch.Tensor, mean: float, std: float, clip: float | None) -> torch.Tensor:
+    """RM score standardised with the statistics stored at RM training time, then clamped."""
+    out = (score - mean) / max(std, 1e-8)
+    return out.clamp(-clip, clip) if clip is not None else out
+
+
+def segment_sums_at_ends(term: torch.Tensor, mask: torch.Tensor, segment_end: torch.Tensor) -> torch.Tensor:
+    """Sum `term` over each segment and pay the sum at the segment's last token.
+
+    `segment_end` marks delimiter tokens; the last response token always ends a segment.
+    """
+    m = mask.to(term.dtype)
+    ends = ((segment_end.to(term.dtype) * m) + at_last_token(torch.ones_like(m[:, 0]), mask)).clamp(max=1)
+    running = torch.cumsum(term * m, dim=-1)
+    # For every slot, the index of the previous segment end (-1 if none): the
+    # running total there is what earlier segments already paid out.
+    idx = torch.arange(term.shape[1], device=term.device).expand_as(running)
+    last_end = torch.cummax(torch.where(ends > 0, idx, torch.full_like(idx, -1)), dim=-1).values
+    prev_end = torch.cat([torch.full_like(last_end[:, :1], -1), last_end[:, :-1]], dim=-1)
+    prev_total = torch.where(prev_end >= 0, running.gather(1, prev_end.clamp(min=0)), torch.zeros_like(running))
+    return (running - prev_total) * ends
+
+
+def token_rewards(
+    kind: str,
+    *,
+    mask: torch.Tensor,
+    kl: torch.Tensor,
+    kl_coef: float,
+    score: torch.Tensor | None = None,
+    dpo_term: torch.Tensor | None = None,
+    rm_weight: float = 1.0,
+    segment_end: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The [B, R] reward PPO optimises for reward placement `kind` (see module docstring)."""
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"unknown reward {kind!r}; expected one of {REWARD_KINDS}")
+    m = mask.to(kl.dtype)
+    rewards = -kl_coef * kl * m
+    if kind != "dpo-only":
+        if score is None:
+            raise ValueError(f"reward {kind!r} needs the RM score")
+        rewards = rewards + at_last_token(rm_weight * score.to(kl.dtype), mask)
+    if kind == "sparse":
+        return rewards
+    if dpo_term is None:
+        raise ValueError(f"reward {kind!r} needs the DPO term")
+    dense = dpo_term.to(kl.dtype) * m
+    if kind in ("rto", "dpo-only"):
+        return rewards + dense
+    total = at_last_token(dense.sum(-1), mask)
+    if kind == "ddpo":
+        return rewards + total
+    if kind == "rs":
+        return rewards + dense - total
+    # semi
+    if segment_end is None:
+        segment_end = torch.zeros_like(mask)
+    return rewards + segment_sums_at_ends(dense, mask, segment_end)

@@ -1,0 +1,82 @@
+"""Evaluation: sample on held-out prompts, score by gold reward, RM and KL to a reference.
+
+Used by `rto eval` and by the PPO trainer's periodic dev-set checks.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from rto.rollout import (Batch, decode_responses, encode_prompts, generate, response_logits, sequence_scores,
+                         token_logprobs)
+
+
+@torch.no_grad()
+def sample(policy, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+           batch_size: int = 256, seed: int = 0) -> tuple[list[str], list[Batch]]:
+    """One sampled response per prompt: (texts, the token batches they came from)."""
+    devices = {p.device for p in policy.parameters()}
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # same seed for every model: differences come from the models
+    texts, batches = [], []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = encode_prompts(tokenizer, prompts[i:i + batch_size])
+            device = next(iter(devices))
+            batch = generate(policy, tokenizer, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                             temperature=temperature)
+            texts += decode_responses(tokenizer, batch)
+            batches.append(batch)
+    finally:
+        torch.random.set_rng_state(state)
+    return texts, batches
+
+
+@torch.no_grad()
+def sequence_logprob(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """Sum of response-token log-probs under `model`: [B]."""
+    logp = token_logprobs(response_logits(model, batch), batch.response_ids, temperature)
+    return (logp * batch.response_mask).sum(-1)
+
+
+@torch.no_grad()
+def kl_to(policy, reference, batches: list[Batch]) -> float:
+    """Monte-Carlo KL(policy || reference) per response, from samples of the policy (nats)."""
+    diffs = [sequence_logprob(policy, b) - sequence_logprob(reference, b) for b in batches]
+    return float(torch.cat(diffs).mean()) if diffs else 0.0
+
+
+@torch.no_grad()
+def rm_scores(reward_model, batches: list[Batch]) -> list[float]:
+    return torch.cat([sequence_scores(reward_model, b) for b in batches]).tolist()
+
+
+def mean_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean."""
+    if not values:
+        return (float("nan"), float("nan"))
+    t = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(values), (n_boot, len(values)), generator=g)
+    means = t[idx].mean(1)
+    return (float(torch.quantile(means, 0.025)), float(torch.quantile(means, 0.975)))
+
+
+def win_rate(ours: list[float], baseline: list[float]) -> float:
+    """Share of prompts where ours beats the baseline; ties count half."""
+    if not ours:
+        return float("nan")
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, baseline))
+    return wins / len(ours)
+
+
+def gold_rewards(task, prompts: list[str], responses: list[str]) -> list[float]:
+    return [task.gold_reward(p, r) for p, r in zip(prompts, responses)]
+
+
+def seeded_shuffle(items: list, seed: int) -> list:
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out

@@ -1,0 +1,141 @@
+"""Loading and saving models and tokenizers, and the reward/value heads.
+
+Every model is a plain Hugging Face checkpoint (`save_pretrained`, safetensors),
+so every stage also runs on a user's own model directory:
+- policy, reference and DPO model: `AutoModelForCausalLM`;
+- reward model and critic: `AutoModelForSequenceClassification` with one label.
+  The RM is read at the last response token; the critic reads the same head at
+  every position (one value per state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rto.errors import UserError
+
+RM_STATS_FILE = "reward_stats.json"
+
+
+def _check_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{what} {path}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{what} {path}: no config.json (not a Hugging Face model directory)")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"{what} {path}: no .safetensors weights (only safetensors files are loaded)")
+    return path
+
+
+def load_tokenizer(path: str | Path, what: str = "model"):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
+        raise UserError(f"{what} {path}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if tok.eos_token_id is None:
+        raise UserError(f"{what} {path}: the tokenizer has no EOS token")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # A pad distinct from EOS keeps "last non-pad token" well defined for the RM.
+        raise UserError(f"{what} {path}: the tokenizer needs a pad token distinct from EOS")
+    return tok
+
+
+def _load(cls, path: str | Path, what: str, **kwargs):
+    path = _check_dir(path, what)
+    try:
+        model = cls.from_pretrained(path, trust_remote_code=False, use_safetensors=True, **kwargs)
+    except Exception as e:
+        raise UserError(f"{what} {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    disable_dropout(model)
+    return model
+
+
+def load_causal_lm(path: str | Path, what: str = "policy"):
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, path, what)
+
+
+def load_score_model(path: str | Path, what: str = "reward model"):
+    """A sequence-classification model with one output (RM, or the critic made from it)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _load(AutoModelForSequenceClassification, path, what, num_labels=1)
+
+
+def build_causal_lm(tokenizer, config_overrides: dict, seed: int):
+    """A fresh small Llama-style model for a task's vocabulary (SiLU, RMSNorm: fast on CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+               max_position_embeddings=128, tie_word_embeddings=True, attention_dropout=0.0)
+    cfg.update(config_overrides)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **cfg)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere: log-probs must not depend on a dropout draw."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    model.eval()
+
+
+def score_parts(model) -> tuple[nn.Module, nn.Module]:
+    """(backbone, head) of a sequence-classification model, for per-token scores."""
+    backbone = getattr(model, model.base_model_prefix)
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return backbone, head
+    raise UserError(f"{type(model).__name__}: no score head found (expected .score or .classifier)")
+
+
+def save_model(model, tokenizer, out: str | Path, extra_files: dict[str, dict] | None = None) -> Path:
+    """Save as safetensors into a temporary directory, then rename it into place.
+
+    A crash mid-save leaves the previous checkpoint (if any) untouched.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, content in (extra_files or {}).items():
+        (tmp / name).write_text(json.dumps(content, indent=2))
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
+
+
+def read_reward_stats(path: str | Path) -> dict[str, float]:
+    """The RM's score mean/std recorded at training time (mean 0, std 1 if absent)."""
+    f = Path(path) / RM_STATS_FILE
+    if not f.is_file():
+        return {"mean": 0.0, "std": 1.0}
+    try:
+        stats = json.loads(f.read_text())
+        return {"mean": float(stats["mean"]), "std": float(stats["std"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{f}: unreadable reward statistics ({e})") from None

@@ -1,0 +1,297 @@
+"""`rto pipeline`: data -> SFT -> pairs -> (RM, DPO) -> (PPO, RTO, ...) -> eval -> report.
+
+Every stage gets a resolved config written to OUT/configs/<stage>.yaml, so any
+stage can be re-run alone with `rto <stage> --config OUT/configs/<stage>.yaml`.
+Independent stages (RM and DPO; the RL methods) run as parallel processes when
+`jobs` > 1, each with its own thread count, so they do not oversubscribe cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rto import progress
+from rto.config import build, opt, to_dict
+from rto.data import write_json
+from rto.errors import UserError
+from rto.stages import STAGES
+
+# RL methods: overrides of the shared `ppo` settings. Every method shares the
+# same SFT model, RM, DPO model, data and settings; only these differ.
+RL_METHODS: dict[str, dict] = {
+    "ppo": {"reward": "sparse"},
+    "rto": {"reward": "rto"},
+    "dpo-only": {"reward": "dpo-only"},
+    "ddpo": {"reward": "ddpo"},
+    "semi": {"reward": "semi"},
+    "rs": {"reward": "rs"},
+    "reinforce++": {"reward": "sparse", "estimator": "reinforce++"},
+    "rto-reinforce++": {"reward": "rto", "estimator": "reinforce++"},
+}
+OFFLINE_METHODS = ("sft", "dpo")
+
+
+@dataclass
+class PipelineConfig:
+    out: str = opt("", "output directory")
+    task: str = opt("keyed", "task name or pkg.module:Class")
+    preset: str = opt("default", "the task's preset of stage settings (e.g. smoke, default)")
+    methods: list[str] = opt(["sft", "dpo", "ppo", "rto"], "methods to train and compare")
+    seed: int = opt(0, "random seed", ge=0)
+    jobs: int = opt(2, "independent stages run at once as processes (1: one after another)", ge=1)
+    threads: int = opt(0, "torch threads per process (0: cores / jobs)", ge=0)
+    data: dict = opt({}, "settings of `rto data`")
+    sft: dict = opt({}, "settings of `rto sft`")
+    pairs: dict = opt({}, "settings of `rto pairs`")
+    rm: dict = opt({}, "settings of `rto rm`")
+    dpo: dict = opt({}, "settings of `rto dpo`")
+    ppo: dict = opt({}, "settings of `rto ppo` shared by every RL method")
+    method_overrides: dict = opt({}, "per-method `rto ppo` settings, e.g. {rto: {beta1: 0.1}}")
+    eval: dict = opt({}, "settings of `rto eval`")
+
+    def validate(self):
+        if not self.out:
+            raise UserError("pipeline: --out is required")
+        known = set(OFFLINE_METHODS) | set(RL_METHODS)
+        for m in self.methods:
+            if m not in known:
+                raise UserError(f"pipeline: unknown method {m!r}; known: {', '.join(sorted(known))}")
+        if "sft" not in self.methods:
+            raise UserError("pipeline: methods must include sft (the baseline everything is compared with)")
+        for m in self.method_overrides:
+            if m not in RL_METHODS:
+                raise UserError(f"pipeline: method_overrides names {m!r}, which is not an RL method")
+
+
+def _merge(*parts: dict) -> dict:
+    out: dict = {}
+    for p in parts:
+        out.update(p or {})
+    return out
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig):
+        from rto.tasks import load_task
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.task = load_task(cfg.task)
+        presets = getattr(self.task, "presets", {}) or {}
+        if cfg.preset not in presets:
+            raise UserError(f"pipeline: task {cfg.task!r} has no preset {cfg.preset!r} (has: {', '.join(presets) or 'none'})")
+        self.preset = presets[cfg.preset]
+        self.cores = os.cpu_count() or 1
+        self.timings: dict[str, float] = {}
+
+    # --- configs -------------------------------------------------------------------------
+    def stage_config(self, stage: str, section: str, wiring: dict, extra: dict | None = None):
+        """preset <- user's section <- extra <- wiring (paths the pipeline decides)."""
+        cls, _ = STAGES[stage].load()
+        values = _merge(self.preset.get(section, {}), getattr(self.cfg, section, {}), extra, wiring)
+        return build(cls, values, f"pipeline {section}")
+
+    def threads_for(self, parallel: int) -> int:
+        if self.cfg.threads:
+            return self.cfg.threads
+        return max(1, self.cores // max(1, parallel))
+
+    # --- running -------------------------------------------------------------------------
+    def _write_config(self, name: str, cfg) -> Path:
+        path = self.out / "configs" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return path
+
+    def run_one(self, name: str, stage: str, cfg) -> None:
+        """In this process, with the stage's own progress bar."""
+        self._write_config(name, cfg)
+        _, run = STAGES[stage].load()
+        print(f"[rto] {name}: {STAGES[stage].summary}", file=sys.stderr, flush=True)
+        t = time.time()
+        run(cfg)
+        self.timings[name] = time.time() - t
+
+    def run_group(self, jobs: list[tuple[str, str, object]]) -> None:
+        """Independent stages: in parallel processes when jobs > 1, else one after another."""
+        if self.cfg.jobs <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                self.run_one(*job)
+            return
+        from tqdm.auto import tqdm
+
+        logs = self.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        pending = list(jobs)
+        running: dict[str, tuple[subprocess.Popen, tqdm, Path, float]] = {}
+        failed: list[str] = []
+        slot = 0
+        while pending or running:
+            while pending and len(running) < self.cfg.jobs:
+                name, stage, cfg = pending.pop(0)
+                cfg_path = self._write_config(name, cfg)
+                prog = logs / f"{name}.progress.json"
+                prog.unlink(missing_ok=True)
+                env = dict(os.environ, RTO_PROGRESS="0", **{progress.ENV: str(prog)},
+                           OMP_NUM_THREADS=str(getattr(cfg, "threads", 1) or 1))
+                log = open(logs / f"{name}.log", "w")
+                proc = subprocess.Popen([sys.executable, "-m", "rto.cli", stage, "--config", str(cfg_path)],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env)
+                bar = tqdm(total=1, desc=f"{name:>16}", position=slot % self.cfg.jobs, leave=True,
+                           dynamic_ncols=True, disable=os.environ.get("RTO_PROGRESS", "1") == "0")
+                slot += 1
+                running[name] = (proc, bar, prog, time.time())
+            time.sleep(0.5)
+            for name in list(running):
+                proc, bar, prog, started = running[name]
+                p = progress.read(prog)
+                if p and p.get("total"):
+                    bar.total = p["total"]
+                    bar.n = p["done"]
+                    bar.refresh()
+                if proc.poll() is not None:
+                    bar.n = bar.total
+                    bar.refresh()
+                    bar.close()
+                    self.timings[name] = time.time() - started
+                    del running[name]
+                    if proc.returncode != 0:
+                        failed.append(name)
+                        pending.clear()
+        if failed:
+            name = failed[0]
+            tail = (self.out / "logs" / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise UserError(f"pipeline: stage {name} failed ({tail[0] if tail else 'no output'}); "
+                            f"full log: {self.out / 'logs' / (name + '.log')}")
+
+    # --- the pipeline ----------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, out = self.cfg, self.out
+        start = time.time()
+        out.mkdir(parents=True, exist_ok=True)
+        d = out / "data"
+        rl_methods = [m for m in cfg.methods if m in RL_METHODS]
+        needs_dpo = "dpo" in cfg.methods or any(
+            _merge(self.preset.get("ppo", {}), cfg.ppo, RL_METHODS[m], cfg.method_overrides.get(m, {})).get("reward", "sparse")
+            != "sparse" for m in rl_methods)
+        needs_rm = bool(rl_methods)
+        seq_threads = self.threads_for(1)
+
+        self.run_one("data", "data", self.stage_config("data", "data", {"out": str(d), "task": cfg.task, "seed": cfg.seed}))
+        self.run_one("sft", "sft", self.stage_config("sft", "sft", {
+            "data": str(d / "sft.jsonl"), "out": str(out / "sft"), "task": cfg.task, "seed": cfg.seed,
+            "threads": seq_threads}))
+        if needs_rm or needs_dpo:
+            self.run_one("pairs", "pairs", self.stage_config("pairs", "pairs", {
+                "model": str(out / "sft"), "out": str(d), "task": cfg.task, "seed": cfg.seed, "threads": seq_threads}))
+
+        offline = []
+        group_threads = self.threads_for(min(cfg.jobs, 2))
+        if needs_rm:
+            heldout = d / "prefs_heldout.jsonl"
+            offline.append(("rm", "rm", self.stage_config("rm", "rm", {
+                "model": str(out / "sft"), "data": str(d / "prefs.jsonl"), "out": str(out / "rm"),
+                "eval_data": str(heldout) if heldout.is_file() and heldout.stat().st_size else "",
+                "seed": cfg.seed, "threads": group_threads})))
+        if needs_dpo:
+            offline.append(("dpo", "dpo", self.stage_config("dpo", "dpo", {
+                "model": str(out / "sft"), "data": str(d / "prefs.jsonl"), "out": str(out / "dpo"),
+                "seed": cfg.seed, "threads": group_threads})))
+        self.run_group(offline)
+
+        rl_threads = self.threads_for(min(cfg.jobs, len(rl_methods) or 1))
+        rl_jobs = []
+        for m in rl_methods:
+            wiring = {"policy": str(out / "sft"), "prompts": str(d / "rl_prompts.jsonl"), "out": str(out / m),
+                      "reward_model": str(out / "rm"), "dpo_model": str(out / "dpo") if needs_dpo else "",
+                      "eval_prompts": str(d / "dev_prompts.jsonl"), "task": cfg.task, "seed": cfg.seed,
+                      "threads": rl_threads}
+            extra = _merge(RL_METHODS[m], cfg.method_overrides.get(m, {}))
+            rl_jobs.append((m, "ppo", self.stage_config("ppo", "ppo", wiring, extra)))
+        self.run_group(rl_jobs)
+
+        paths = {"sft": out / "sft", "dpo": out / "dpo"} | {m: out / m / "policy" for m in rl_methods}
+        eval_models = [f"{m}={paths[m]}" for m in cfg.methods]
+        eval_cfg = self.stage_config("eval", "eval", {
+            "models": eval_models, "prompts": str(d / "test_prompts.jsonl"), "out": str(out / "eval.json"),
+            "task": cfg.task, "baseline": "sft", "reward_model": str(out / "rm") if needs_rm else "",
+            "seed": cfg.seed, "threads": seq_threads},
+            {"max_new_tokens": rl_jobs[0][2].max_new_tokens} if rl_jobs else None)
+        self.run_one("eval", "eval", eval_cfg)
+        return self.summarise(start, rl_jobs, eval_cfg)
+
+    def summarise(self, start: float, rl_jobs: list, eval_cfg) -> dict:
+        import json
+
+        from rto.report import plot_training, results_table
+
+        out = self.out
+        ev = json.loads((out / "eval.json").read_text())
+        summary: dict = {"task": self.cfg.task, "preset": self.cfg.preset, "baseline": "sft",
+                         "methods": ev["methods"], "n_test_prompts": ev["n_prompts"]}
+        rm_metrics = out / "rm" / "metrics.json"
+        if rm_metrics.is_file():
+            rmm = json.loads(rm_metrics.read_text())
+            if "eval_accuracy" in rmm:
+                summary["rm_accuracy"] = rmm["eval_accuracy"]
+            summary["rm_train_accuracy"] = rmm.get("train_accuracy")
+        for name, key, field in (("data", "data_info.json", "teacher_gold_reward"),
+                                 ("pairs", "pairs_info.json", "label_agreement_with_gold")):
+            f = out / "data" / key
+            if f.is_file():
+                summary["label_agreement" if name == "pairs" else field] = json.loads(f.read_text())[field]
+        curves, refs = {}, {}
+        for name, _, cfg in rl_jobs:
+            mf = out / name / "metrics.json"
+            if mf.is_file():
+                curves[name] = json.loads(mf.read_text()).get("curve", [])
+        summary["curves"] = curves
+        if curves:
+            refs = self.reference_lines(rl_jobs[0][2])
+        summary["reference_lines"] = refs
+        summary["timings_s"] = self.timings
+        summary["seconds"] = time.time() - start
+        write_json(out / "summary.json", summary)
+        plot = plot_training(summary, out / "training_curve.png")
+        table = results_table(summary)
+        (out / "results.txt").write_text(table + "\n")
+        print("\n" + table)
+        if plot:
+            print(f"plot: {plot}")
+        print(f"summary: {out / 'summary.json'}")
+        return summary
+
+    def reference_lines(self, ppo_cfg) -> dict:
+        """SFT and DPO on the same dev prompts, with the same sampling as the RL curves."""
+        from rto.evaluate import gold_rewards, rm_scores, sample
+        from rto.models import load_causal_lm, load_score_model, load_tokenizer
+
+        if not ppo_cfg.eval_prompts or not ppo_cfg.eval_every:
+            return {}
+        from rto.data import PROMPT_FIELDS, read_jsonl
+
+        prompts = [r["prompt"] for r in read_jsonl(ppo_cfg.eval_prompts, PROMPT_FIELDS)][:ppo_cfg.n_eval]
+        tokenizer = load_tokenizer(self.out / "sft")
+        rm = load_score_model(self.out / "rm") if (self.out / "rm").is_dir() else None
+        lines = {}
+        for name in ("sft", "dpo"):
+            if name not in self.cfg.methods:
+                continue
+            texts, batches = sample(load_causal_lm(self.out / name), tokenizer, prompts,
+                                    max_new_tokens=ppo_cfg.max_new_tokens, temperature=ppo_cfg.temperature,
+                                    seed=ppo_cfg.seed + 7919)
+            values = gold_rewards(self.task, prompts, texts) if self.task is not None else (rm_scores(rm, batches) if rm else [])
+            if values:
+                lines[name] = sum(values) / len(values)
+        return lines
+
+
+def run(cfg: PipelineConfig) -> dict:
+    return Pipeline(cfg).run()

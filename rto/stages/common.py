@@ -1,0 +1,58 @@
+"""What every stage shares: threads, seeds, TRL arguments, progress bars."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+from rto.config import opt
+
+
+def setup(seed: int, threads: int) -> None:
+    """Seed every RNG; pin torch's thread count when asked (0 = torch's default).
+
+    Processes that run side by side should each use 1 thread: two processes with two
+    threads each on two cores can be many times slower than one thread each.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("RTO_PROGRESS", "1") != "0" and sys.stderr is not None
+
+
+def trl_common_args(out: str, seed: int, epochs: float, batch_size: int, learning_rate: float,
+                    max_length: int, warmup_ratio: float) -> dict:
+    """TrainingArguments for TRL on any machine: no hub, no checkpoints, no reporting.
+
+    bf16 and gradient checkpointing are off because the built-in models are tiny;
+    both default to on in TRL and cost time (or fail) on a CPU.
+    """
+    # TRL turns gradient checkpointing on by default; turning it off through the old name warns.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    return dict(
+        output_dir=os.path.join(out + ".trl"), report_to="none", save_strategy="no", bf16=False,
+        gradient_checkpointing=False, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, max_length=max_length, seed=seed, data_seed=seed, logging_steps=10,
+        lr_scheduler_type="cosine", warmup_steps=warmup_ratio, disable_tqdm=not progress_enabled(),
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="warning",
+    )
+
+
+# Fields every stage config has.
+def seed_field():
+    return opt(0, "random seed", ge=0)
+
+
+def threads_field():
+    return opt(0, "torch threads (0 = torch's default; use 1 per process when processes share cores)", ge=0)

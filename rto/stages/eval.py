@@ -1,0 +1,104 @@
+"""`rto eval`: sample every model on held-out prompts and compare them.
+
+Per model: mean gold reward with a 95% bootstrap interval (where the task has a
+gold reward), win rate against the baseline on the gold reward (same prompt,
+ties count half), KL to the baseline (Monte-Carlo, nats per response), the
+proxy RM score and the response length. Every model is sampled with the same
+seed, one response per prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rto.config import opt
+from rto.data import PROMPT_FIELDS, read_jsonl, write_json, write_jsonl
+from rto.errors import UserError
+from rto.stages.common import seed_field, setup, threads_field
+
+
+@dataclass
+class EvalStageConfig:
+    models: list[str] = opt([], "models as name=path, comma-separated (e.g. sft=runs/sft,ppo=runs/ppo/policy)")
+    prompts: str = opt("", "JSONL file of {prompt} rows (held-out test prompts)")
+    out: str = opt("", "output JSON file (samples go beside it)")
+    task: str = opt("", "task with a gold reward (empty: none)")
+    baseline: str = opt("sft", "model name to compute win rates and KL against")
+    reward_model: str = opt("", "reward model for the proxy score (empty: none)")
+    n_prompts: int = opt(0, "use only the first N prompts (0: all)", ge=0)
+    max_new_tokens: int = opt(64, "response length limit", ge=1)
+    temperature: float = opt(1.0, "sampling temperature", gt=0)
+    seed: int = seed_field()
+    threads: int = threads_field()
+
+    def parsed_models(self) -> dict[str, str]:
+        out = {}
+        for item in self.models:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise UserError(f"eval: --models item {item!r} is not name=path")
+            out[name] = path
+        return out
+
+    def validate(self):
+        for name in ("prompts", "out"):
+            if not getattr(self, name):
+                raise UserError(f"eval: --{name} is required")
+        models = self.parsed_models()
+        if not models:
+            raise UserError("eval: --models is required")
+        if self.baseline not in models:
+            raise UserError(f"eval: baseline {self.baseline!r} is not among --models ({', '.join(models)})")
+
+
+def run(cfg: EvalStageConfig) -> dict:
+    setup(cfg.seed, cfg.threads)
+    from rto.evaluate import gold_rewards, kl_to, mean_ci, rm_scores, sample, win_rate
+    from rto.models import load_causal_lm, load_score_model, load_tokenizer
+
+    prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, PROMPT_FIELDS)]
+    if cfg.n_prompts:
+        prompts = prompts[:cfg.n_prompts]
+    models = cfg.parsed_models()
+    task = None
+    if cfg.task:
+        from rto.tasks import load_task
+
+        task = load_task(cfg.task)
+    rm = load_score_model(cfg.reward_model) if cfg.reward_model else None
+    baseline_path = models[cfg.baseline]
+    tokenizer = load_tokenizer(baseline_path)
+    baseline = load_causal_lm(baseline_path, f"model {cfg.baseline}")
+
+    results, samples, golds = {}, [], {}
+    order = [cfg.baseline] + [n for n in models if n != cfg.baseline]
+    for name in order:
+        model = baseline if name == cfg.baseline else load_causal_lm(models[name], f"model {name}")
+        texts, batches = sample(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, seed=cfg.seed)
+        m: dict = {"path": models[name],
+                   "response_length": sum(float(b.response_mask.sum()) for b in batches) / len(prompts)}
+        m[f"kl_to_{cfg.baseline}"] = kl_to(model, baseline, batches)
+        if task is not None:
+            g = gold_rewards(task, prompts, texts)
+            golds[name] = g
+            m["gold_reward"] = sum(g) / len(g)
+            m["gold_reward_ci"] = list(mean_ci(g, seed=cfg.seed))
+            m[f"win_rate_vs_{cfg.baseline}"] = win_rate(g, golds[cfg.baseline])
+        scores = rm_scores(rm, batches) if rm is not None else None
+        if scores is not None:
+            m["rm_score"] = sum(scores) / len(scores)
+        results[name] = m
+        for i, (p, t) in enumerate(zip(prompts, texts)):
+            row = {"model": name, "prompt": p, "response": t}
+            if task is not None:
+                row["gold_reward"] = golds[name][i]
+            if scores is not None:
+                row["rm_score"] = scores[i]
+            samples.append(row)
+    out = Path(cfg.out)
+    write_jsonl(out.with_name(out.stem + "_samples.jsonl"), samples)
+    report = {"baseline": cfg.baseline, "n_prompts": len(prompts), "methods": results}
+    write_json(out, report)
+    return report

@@ -1,0 +1,379 @@
+"""`rto ppo`: PPO with a critic, and RTO's dense DPO reward. Every PPO detail is in this file.
+
+One iteration:
+ 1. rollout: sample `rollout_batch_size` prompts, generate with the policy;
+ 2. score, no grad, each model once: policy log-probs (old), reference log-probs,
+    DPO-model log-probs (RTO variants), RM score, critic values;
+ 3. rewards: `rto.core.rewards.token_rewards` (KL penalty + RM at the last token
+    + the DPO term where the variant puts it);
+ 4. advantages: GAE (or REINFORCE++), whitened over the rollout;
+ 5. `ppo_epochs` passes over the rollout, reshuffled each pass, in mini-batches
+    (one optimiser step each) made of micro-batches (gradient accumulation);
+    policy and critic have separate optimisers, gradient clipping and schedules;
+ 6. adapt the KL coefficient (if a target is set), log, evaluate on dev prompts.
+
+PPO (`--reward sparse`) and RTO (`--reward rto`) share every line but step 3.
+All models stay in eval mode (dropout off); only policy and critic get gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rto.config import opt
+from rto.core.advantages import gae, masked_mean, reinforce_pp, whiten
+from rto.core.kl_control import AdaptiveKL, FixedKL
+from rto.core.losses import entropy_from_logits, explained_variance, policy_loss, value_loss
+from rto.core.rewards import dpo_token_term, kl_estimate, normalise_score, token_rewards
+from rto.data import PROMPT_FIELDS, read_jsonl, write_json
+from rto import progress
+from rto.errors import UserError
+from rto.stages.common import progress_enabled, seed_field, setup, threads_field
+
+RewardKind = Literal["sparse", "rto", "dpo-only", "ddpo", "semi", "rs"]
+DENSE_KINDS = ("rto", "dpo-only", "ddpo", "semi", "rs")
+
+
+@dataclass
+class PPOStageConfig:
+    # --- models and data ---
+    policy: str = opt("", "SFT model directory: the policy starts here")
+    prompts: str = opt("", "JSONL file of {prompt} rows to train on")
+    out: str = opt("", "output directory: OUT/policy, OUT/critic, OUT/train_log.jsonl, OUT/metrics.json")
+    reward_model: str = opt("", "reward model directory (not needed for --reward dpo-only)")
+    ref: str = opt("", "reference model for the KL penalty (empty: --policy)")
+    critic: str = opt("", "critic initialisation (empty: --reward-model, else --policy with a new head)")
+    dpo_model: str = opt("", "DPO model directory (needed by the dense variants)")
+    dpo_ref: str = opt("", "the model DPO was trained from (empty: --ref)")
+    task: str = opt("", "task with a gold reward to log (empty: none)")
+    eval_prompts: str = opt("", "JSONL prompts for periodic evaluation (empty: none)")
+    # --- the reward ---
+    reward: RewardKind = opt("sparse", "where rewards go: sparse (PPO), rto, dpo-only, ddpo, semi, rs")
+    beta1: float = opt(0.05, "scale of the DPO token reward (0 switches it off)", ge=0)
+    dpo_clip: float | None = opt(0.05, "clamp of the scaled DPO term to [-clip, clip] (none: no clamp)", gt=0)
+    kl_coef: float = opt(0.01, "KL penalty coefficient (beta2)", ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "per-token KL estimator in the reward")
+    kl_target: float | None = opt(None, "target KL per response for the adaptive controller (none: fixed)", gt=0)
+    kl_horizon: int = opt(10000, "adaptive KL horizon (in responses)", ge=1)
+    rm_weight: float = opt(1.0, "weight of the RM score at the last token (beta3)")
+    normalize_reward: bool = opt(True, "standardise the RM score with the mean/std stored at RM training")
+    reward_clip: float | None = opt(10.0, "clamp of the normalised RM score", gt=0)
+    missing_eos_penalty: float | None = opt(None, "subtract this from the score of responses cut off without EOS")
+    segment_delimiters: list[str] = opt([], "tokens that end a segment for --reward semi (EOS always does)")
+    # --- advantages ---
+    estimator: Literal["gae", "reinforce++"] = opt("gae", "advantage estimator: gae (critic) or reinforce++")
+    gamma: float = opt(1.0, "discount", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda", ge=0, le=1)
+    whiten_advantages: bool = opt(True, "whiten advantages over the rollout")
+    # --- optimisation ---
+    iterations: int = opt(100, "rollout + update iterations", ge=1)
+    rollout_batch_size: int = opt(64, "prompts per rollout", ge=1)
+    mini_batch_size: int = opt(16, "responses per optimiser step", ge=1)
+    micro_batch_size: int = opt(0, "responses per forward/backward (0: = mini-batch)", ge=0)
+    ppo_epochs: int = opt(1, "passes over each rollout", ge=1)
+    actor_lr: float = opt(5e-7, "policy learning rate", gt=0)
+    critic_lr: float = opt(9e-6, "critic learning rate", gt=0)
+    adam_beta1: float = opt(0.9, "Adam beta1", ge=0, lt=1)
+    adam_beta2: float = opt(0.95, "Adam beta2", ge=0, lt=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warm-up (cosine to 10%)")
+    warmup_ratio: float = opt(0.03, "fraction of optimiser steps spent warming up", ge=0, lt=1)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0)
+    clip_range: float = opt(0.2, "PPO ratio clip", gt=0)
+    value_clip: float | None = opt(0.2, "value clip around rollout values (none: off)", gt=0)
+    # --- generation ---
+    max_new_tokens: int = opt(64, "response length limit", ge=1)
+    max_prompt_len: int = opt(512, "prompt length limit (longer prompts are cut from the left)", ge=1)
+    temperature: float = opt(1.0, "sampling temperature (log-probs use the same)", gt=0)
+    top_k: int = opt(0, "top-k sampling (0: off)", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling", gt=0, le=1)
+    # --- logging ---
+    eval_every: int = opt(10, "evaluate on --eval-prompts every N iterations (0: never)", ge=0)
+    n_eval: int = opt(128, "evaluation prompts used", ge=1)
+    save_critic: bool = opt(True, "also save the critic to OUT/critic")
+    seed: int = seed_field()
+    threads: int = threads_field()
+
+    @property
+    def uses_dpo(self) -> bool:
+        return self.reward in DENSE_KINDS and self.beta1 > 0
+
+    @property
+    def uses_rm(self) -> bool:
+        return self.reward != "dpo-only"
+
+    def validate(self):
+        for name in ("policy", "prompts", "out"):
+            if not getattr(self, name):
+                raise UserError(f"ppo: --{name} is required")
+        if self.uses_rm and not self.reward_model:
+            raise UserError(f"ppo: --reward {self.reward} needs --reward-model")
+        if self.uses_dpo and not self.dpo_model:
+            raise UserError(f"ppo: --reward {self.reward} needs --dpo-model (or --beta1 0)")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise UserError("ppo: --rollout-batch-size must be a multiple of --mini-batch-size")
+        if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
+            raise UserError("ppo: --mini-batch-size must be a multiple of --micro-batch-size")
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOStageConfig):
+        from rto.models import load_causal_lm, load_score_model, load_tokenizer, read_reward_stats
+
+        self.cfg = cfg
+        setup(cfg.seed, cfg.threads)
+        self.prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, PROMPT_FIELDS)]
+        self.eval_prompts = ([r["prompt"] for r in read_jsonl(cfg.eval_prompts, PROMPT_FIELDS)][:cfg.n_eval]
+                             if cfg.eval_prompts and cfg.eval_every else [])
+        self.tokenizer = load_tokenizer(cfg.policy)
+        self.policy = load_causal_lm(cfg.policy, "policy")
+        self.ref = load_causal_lm(cfg.ref or cfg.policy, "reference model")
+        self.dpo = self.dpo_ref = None
+        if cfg.uses_dpo:
+            self.dpo = load_causal_lm(cfg.dpo_model, "DPO model")
+            # --dpo-ref differs from --ref only when the DPO model came from another model.
+            if cfg.dpo_ref and Path(cfg.dpo_ref).resolve() != Path(cfg.ref or cfg.policy).resolve():
+                self.dpo_ref = load_causal_lm(cfg.dpo_ref, "DPO reference model")
+        self.rm, self.rm_stats = None, {"mean": 0.0, "std": 1.0}
+        if cfg.uses_rm:
+            self.rm = load_score_model(cfg.reward_model, "reward model")
+            if cfg.normalize_reward:
+                self.rm_stats = read_reward_stats(cfg.reward_model)
+        self.critic = None
+        if cfg.estimator == "gae":
+            self.critic = load_score_model(cfg.critic or cfg.reward_model or cfg.policy, "critic")
+        for frozen in (self.ref, self.dpo, self.dpo_ref, self.rm):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+        self.task = None
+        if cfg.task:
+            from rto.tasks import load_task
+
+            self.task = load_task(cfg.task)
+        self.delimiter_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in cfg.segment_delimiters]
+
+        steps_per_iteration = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+        self.total_steps = cfg.iterations * steps_per_iteration
+        self.policy_opt, self.policy_sched = self._optimiser(self.policy, cfg.actor_lr)
+        if self.critic is not None:
+            self.critic_opt, self.critic_sched = self._optimiser(self.critic, cfg.critic_lr)
+        self.kl_ctl = (AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                       else FixedKL(cfg.kl_coef))
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.order: list[int] = []
+        self.history: list[dict] = []
+        self.curve: list[dict] = []
+
+    # --- setup helpers -----------------------------------------------------------------
+    def _optimiser(self, model, lr):
+        from transformers import get_scheduler
+
+        cfg = self.cfg
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        name = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule]
+        extra = {"min_lr_rate": 0.1} if cfg.lr_schedule == "cosine" else None
+        sched = get_scheduler(name, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total_steps),
+                              num_training_steps=self.total_steps, scheduler_specific_kwargs=extra)
+        return opt, sched
+
+    def _next_prompts(self) -> list[str]:
+        """The next rollout's prompts: passes over the pool, reshuffled each pass."""
+        out = []
+        while len(out) < self.cfg.rollout_batch_size:
+            if not self.order:
+                self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+            out.append(self.prompts[self.order.pop()])
+        return out
+
+    # --- 1-4: rollout, scoring, rewards, advantages --------------------------------------
+    @torch.no_grad()
+    def make_experience(self, prompts: list[str]) -> dict:
+        from rto.rollout import (encode_prompts, generate, response_logits, sequence_scores, token_logprobs,
+                                 token_values)
+
+        cfg = self.cfg
+        ids, mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_len)
+        batch = generate(self.policy, self.tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        tokens, rmask = batch.response_ids, batch.response_mask
+        m = rmask.float()
+        old_logp = token_logprobs(response_logits(self.policy, batch), tokens, cfg.temperature)
+        ref_logits = response_logits(self.ref, batch)
+        ref_logp = token_logprobs(ref_logits, tokens, cfg.temperature)
+        kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * m
+
+        dpo_term = torch.zeros_like(m)
+        if cfg.uses_dpo:
+            # The DPO reward is the implicit reward of DPO: log-ratio at temperature 1.
+            dpo_logp = token_logprobs(response_logits(self.dpo, batch), tokens)
+            dpo_ref_logp = (token_logprobs(response_logits(self.dpo_ref, batch), tokens) if self.dpo_ref is not None
+                            else token_logprobs(ref_logits, tokens))
+            dpo_term = dpo_token_term(dpo_logp, dpo_ref_logp, cfg.beta1, cfg.dpo_clip) * m
+        raw_score = sequence_scores(self.rm, batch) if self.rm is not None else torch.zeros(len(prompts))
+        score = (normalise_score(raw_score, self.rm_stats["mean"], self.rm_stats["std"], cfg.reward_clip)
+                 if cfg.normalize_reward else raw_score)
+        has_eos = ((tokens == self.tokenizer.eos_token_id) & (rmask > 0)).any(-1)
+        if cfg.missing_eos_penalty is not None:
+            score = torch.where(has_eos, score, score - cfg.missing_eos_penalty)
+        segment_end = torch.isin(tokens, torch.tensor(self.delimiter_ids, dtype=tokens.dtype)) if self.delimiter_ids else None
+        rewards = token_rewards(cfg.reward, mask=rmask, kl=kl, kl_coef=self.kl_ctl.value, score=score,
+                                dpo_term=dpo_term, rm_weight=cfg.rm_weight, segment_end=segment_end)
+
+        if self.critic is not None:
+            values = token_values(self.critic, batch) * m
+            advantages, returns = gae(rewards, values, rmask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = whiten(advantages, rmask)
+        else:
+            values = torch.zeros_like(m)
+            advantages, returns = reinforce_pp(rewards, rmask, cfg.gamma)
+        clipped = (dpo_term.abs() >= cfg.dpo_clip - 1e-12) if (cfg.uses_dpo and cfg.dpo_clip) else torch.zeros_like(m).bool()
+        return {
+            "batch": batch, "old_logp": old_logp, "values": values, "advantages": advantages, "returns": returns,
+            "rewards": rewards, "kl": kl, "raw_score": raw_score, "score": score, "dpo_term": dpo_term,
+            "dpo_clip_frac": masked_mean(clipped.float(), rmask), "has_eos": has_eos, "prompts": prompts,
+        }
+
+    # --- 5: the PPO update ---------------------------------------------------------------
+    def train_on(self, exp: dict) -> dict:
+        from rto.rollout import response_logits, token_logprobs, token_values
+
+        cfg = self.cfg
+        n = len(exp["prompts"])
+        micro = cfg.micro_batch_size or cfg.mini_batch_size
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, cfg.mini_batch_size):
+                mini = perm[start:start + cfg.mini_batch_size]
+                self.policy_opt.zero_grad(set_to_none=True)
+                if self.critic is not None:
+                    self.critic_opt.zero_grad(set_to_none=True)
+                stats: dict[str, float] = {}
+                for part in mini.split(micro):
+                    weight = len(part) / len(mini)
+                    sub = exp["batch"].select(part)
+                    mask = sub.response_mask
+                    logits = response_logits(self.policy, sub)
+                    logp = token_logprobs(logits, sub.response_ids, cfg.temperature)
+                    loss, pstats = policy_loss(logp, exp["old_logp"][part], exp["advantages"][part], mask,
+                                               cfg.clip_range)
+                    (loss * weight).backward()
+                    pstats["policy/loss"] = loss.detach()
+                    with torch.no_grad():
+                        pstats["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach() / cfg.temperature), mask)
+                    if self.critic is not None:
+                        values = token_values(self.critic, sub)
+                        vloss, vstats = value_loss(values, exp["values"][part], exp["returns"][part], mask,
+                                                   cfg.value_clip)
+                        (vloss * weight).backward()
+                        pstats.update(vstats)
+                        pstats["critic/loss"] = vloss.detach()
+                    for k, v in pstats.items():
+                        stats[k] = stats.get(k, 0.0) + float(v) * weight
+                stats["policy/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
+                self.policy_opt.step()
+                self.policy_sched.step()
+                if self.critic is not None:
+                    stats["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm))
+                    self.critic_opt.step()
+                    self.critic_sched.step()
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    # --- 6: evaluation and logging --------------------------------------------------------
+    def evaluate(self, iteration: int) -> dict:
+        from rto.evaluate import gold_rewards, rm_scores, sample
+
+        texts, batches = sample(self.policy, self.tokenizer, self.eval_prompts, max_new_tokens=self.cfg.max_new_tokens,
+                                temperature=self.cfg.temperature, seed=self.cfg.seed + 7919)
+        point = {"iteration": iteration, "prompts_seen": iteration * self.cfg.rollout_batch_size}
+        if self.task is not None:
+            g = gold_rewards(self.task, self.eval_prompts, texts)
+            point["gold_reward"] = sum(g) / len(g)
+        if self.rm is not None:
+            s = rm_scores(self.rm, batches)
+            point["rm_score"] = sum(s) / len(s)
+        return point
+
+    def experience_metrics(self, exp: dict) -> dict:
+        from rto.rollout import decode_responses
+
+        mask = exp["batch"].response_mask
+        m = mask.float()
+        out = {
+            "rm_score": float(exp["raw_score"].mean()),
+            "reward/normalised_score": float(exp["score"].mean()),
+            "reward/total": float(exp["rewards"].sum(-1).mean()),
+            "kl": float(exp["kl"].sum(-1).mean()),
+            "kl_coef": self.kl_ctl.value,
+            "response_length": float(m.sum(-1).mean()),
+            "eos_fraction": float(exp["has_eos"].float().mean()),
+            "dpo_term/mean": float(masked_mean(exp["dpo_term"], mask)),
+            "dpo_term/clip_frac": float(exp["dpo_clip_frac"]),
+            "critic/explained_variance": float(explained_variance(exp["values"], exp["returns"], mask)),
+            "critic/value_mean": float(masked_mean(exp["values"], mask)),
+        }
+        if self.task is not None:
+            texts = decode_responses(self.tokenizer, exp["batch"])
+            g = [self.task.gold_reward(p, t) for p, t in zip(exp["prompts"], texts)]
+            out["gold_reward"] = sum(g) / len(g)
+        return out
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        log_path = out / "train_log.jsonl"
+        log = open(log_path, "w")
+        bar = tqdm(total=cfg.iterations, desc=f"ppo[{cfg.reward}]", disable=not progress_enabled(), dynamic_ncols=True)
+        start = time.time()
+        for it in range(cfg.iterations):
+            if self.eval_prompts and it % cfg.eval_every == 0:
+                self.curve.append(self.evaluate(it))
+            t0 = time.time()
+            exp = self.make_experience(self._next_prompts())
+            t1 = time.time()
+            train_stats = self.train_on(exp)
+            t2 = time.time()
+            metrics = {"iteration": it + 1, **self.experience_metrics(exp), **train_stats,
+                       "lr/policy": self.policy_sched.get_last_lr()[0],
+                       "time/rollout_s": t1 - t0, "time/train_s": t2 - t1,
+                       "tokens_per_s": float(exp["batch"].response_mask.sum()) / max(t2 - t0, 1e-9)}
+            self.kl_ctl.update(metrics["kl"], cfg.rollout_batch_size)
+            self.history.append(metrics)
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            bar.update(1)
+            progress.report(it + 1, cfg.iterations)
+            bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("gold_reward", "rm_score", "kl") if k in metrics})
+        if self.eval_prompts:
+            self.curve.append(self.evaluate(cfg.iterations))
+        bar.close()
+        log.close()
+        from rto.models import save_model
+
+        save_model(self.policy, self.tokenizer, out / "policy")
+        if self.critic is not None and cfg.save_critic:
+            save_model(self.critic, self.tokenizer, out / "critic")
+        summary = {"seconds": time.time() - start, "iterations": cfg.iterations, "reward": cfg.reward,
+                   "estimator": cfg.estimator, "curve": self.curve, "final": self.history[-1] if self.history else {}}
+        write_json(out / "metrics.json", summary)
+        return summary
+
+
+def run(cfg: PPOStageConfig) -> dict:
+    return PPOTrainer(cfg).train()

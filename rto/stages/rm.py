@@ -1,0 +1,86 @@
+"""`rto rm`: a Bradley-Terry reward model, initialised from the SFT model (TRL's RewardTrainer).
+
+The score is read at the last response token (EOS). After training, the mean and
+std of its scores on the training responses are stored beside the weights
+(`reward_stats.json`), so PPO can normalise rewards the same way every time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rto.config import opt
+from rto.data import PREFERENCE_FIELDS, read_jsonl, write_json
+from rto import progress
+from rto.errors import UserError
+from rto.stages.common import seed_field, setup, threads_field, trl_common_args
+
+
+@dataclass
+class RMStageConfig:
+    model: str = opt("", "SFT model directory to start from")
+    data: str = opt("", "JSONL file of {prompt, chosen, rejected} rows")
+    out: str = opt("", "output model directory")
+    eval_data: str = opt("", "held-out pairs to report accuracy on (empty: none)")
+    epochs: float = opt(3.0, "training epochs", gt=0)
+    learning_rate: float = opt(5e-4, "peak learning rate", gt=0)
+    batch_size: int = opt(32, "batch size (pairs)", ge=1)
+    max_length: int = opt(128, "longest prompt + response in tokens", ge=2)
+    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
+    seed: int = seed_field()
+    threads: int = threads_field()
+
+    def validate(self):
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise UserError(f"rm: --{name} is required")
+
+
+def pair_accuracy(model, tokenizer, rows: list[dict]) -> float:
+    """Fraction of pairs where the RM scores `chosen` above `rejected`."""
+    from rto.rollout import score_texts
+
+    prompts = [r["prompt"] for r in rows]
+    chosen = score_texts(model, tokenizer, prompts, [r["chosen"] for r in rows])
+    rejected = score_texts(model, tokenizer, prompts, [r["rejected"] for r in rows])
+    return float((chosen > rejected).float().mean())
+
+
+def run(cfg: RMStageConfig) -> dict:
+    setup(cfg.seed, cfg.threads)
+    rows = read_jsonl(cfg.data, PREFERENCE_FIELDS)
+    eval_rows = read_jsonl(cfg.eval_data, PREFERENCE_FIELDS) if cfg.eval_data else []
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from rto.models import RM_STATS_FILE, load_score_model, load_tokenizer, save_model
+    from rto.rollout import score_texts
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_score_model(cfg.model, what="SFT model")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    dataset = Dataset.from_list([{k: r[k] for k in PREFERENCE_FIELDS} for r in rows])
+    args = RewardConfig(**trl_common_args(cfg.out, cfg.seed, cfg.epochs, cfg.batch_size, cfg.learning_rate,
+                                          cfg.max_length, cfg.warmup_ratio))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[progress.trainer_callback()])
+    start = time.time()
+    result = trainer.train()
+    model = trainer.model
+    model.eval()
+    prompts = [r["prompt"] for r in rows]
+    with torch.no_grad():
+        scores = torch.cat([score_texts(model, tokenizer, prompts, [r["chosen"] for r in rows]),
+                            score_texts(model, tokenizer, prompts, [r["rejected"] for r in rows])])
+    stats = {"mean": float(scores.mean()), "std": float(scores.std())}
+    metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "pairs": len(rows),
+               "train_accuracy": pair_accuracy(model, tokenizer, rows), "score_mean": stats["mean"],
+               "score_std": stats["std"]}
+    if eval_rows:
+        metrics["eval_accuracy"] = pair_accuracy(model, tokenizer, eval_rows)
+    save_model(model, tokenizer, cfg.out, extra_files={RM_STATS_FILE: stats})
+    write_json(f"{cfg.out}/metrics.json", metrics)
+    return metrics

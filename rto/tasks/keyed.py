@@ -1,0 +1,153 @@
+"""`keyed`: the built-in testbed, a symbol task whose gold reward is exact code.
+
+Prompt: `prompt_len` distinct symbols out of `n_symbols`, then `<sep>`.
+Response: symbols, then `<eos>`.
+
+Gold reward = local + global, in [0, 1 + coverage_weight]:
+- local (sparse, localised credit): every `score_every`-th response position t
+  (t = 0, 3, 6, ...) is right when it equals key[prompt[t // score_every]], a
+  fixed secret permutation of the prompt symbol it points at. Local = hits /
+  number of scored positions. Only a third of the tokens matter, and which
+  ones matter is never said: the situation RTO's dense reward is meant for.
+- global (no single token decides it): coverage_weight x the fraction of the
+  distinct prompt symbols that appear anywhere in the response. The teacher
+  fills the unscored positions from its own bigram habit, so its samples
+  cover about a third of the prompt and almost never all of it.
+
+Teacher: right on a scored position with probability `teacher_accuracy`,
+otherwise a wrong symbol; elsewhere it follows a hidden bigram table. Its
+length varies between response_len - 2 and response_len. Its mean gold reward
+is about 0.8 of an achievable 2.0.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+from rto.tasks.base import Task
+
+PAD, EOS, SEP, UNK = "<pad>", "<eos>", "<sep>", "<unk>"
+_TOKEN = re.compile(r"<eos>|<sep>|<pad>|<unk>|s\d+")
+
+
+def split_tokens(text: str) -> list[str]:
+    """Token strings of a keyed text (special tokens may touch their neighbours)."""
+    return _TOKEN.findall(text)
+
+
+class KeyedTask(Task):
+    name = "keyed"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        n_symbols: int = 32,
+        prompt_len: int = 8,
+        response_len: int = 18,
+        score_every: int = 3,
+        teacher_accuracy: float = 0.5,
+        coverage_weight: float = 1.0,
+        teacher_habit: float = 0.8,
+    ):
+        super().__init__(seed)
+        if not 2 <= prompt_len <= n_symbols:
+            raise ValueError("need 2 <= prompt_len <= n_symbols")
+        self.n_symbols, self.prompt_len, self.response_len = n_symbols, prompt_len, response_len
+        self.score_every, self.teacher_accuracy = score_every, teacher_accuracy
+        self.coverage_weight, self.teacher_habit = coverage_weight, teacher_habit
+        self.symbols = [f"s{i}" for i in range(n_symbols)]
+        rng = random.Random(f"keyed-secret-{seed}")
+        shuffled = self.symbols[:]
+        rng.shuffle(shuffled)
+        self.key = dict(zip(self.symbols, shuffled))
+        # The teacher's habit: each symbol has 3 favourite successors.
+        self.successors = {s: rng.sample(self.symbols, 3) for s in self.symbols}
+        self.n_scored = math.ceil(response_len / score_every)
+
+    # --- vocabulary ------------------------------------------------------------
+    def tokenizer(self):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {tok: i for i, tok in enumerate([PAD, EOS, SEP, UNK, *self.symbols])}
+        core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        # <sep> and <eos> are special, so "...<sep>" + "s3" still splits in two.
+        return PreTrainedTokenizerFast(
+            tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+            additional_special_tokens=[SEP], model_max_length=128,
+        )
+
+    def model_config(self):
+        return dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=256, max_position_embeddings=64)
+
+    # --- prompts and teacher -----------------------------------------------------
+    def random_prompt(self, rng: random.Random) -> str:
+        return " ".join(rng.sample(self.symbols, self.prompt_len)) + " " + SEP
+
+    def _prompt_symbols(self, prompt: str) -> list[str]:
+        return [t for t in split_tokens(prompt) if t.startswith("s")]
+
+    def target(self, prompt_symbols: list[str], t: int) -> str | None:
+        """The right symbol at response position t, or None if t is not scored."""
+        if t % self.score_every or t >= self.response_len:
+            return None
+        return self.key[prompt_symbols[(t // self.score_every) % len(prompt_symbols)]]
+
+    def demonstration(self, prompt: str, rng: random.Random) -> str:
+        ps = self._prompt_symbols(prompt)
+        out: list[str] = []
+        for t in range(rng.randint(self.response_len - 2, self.response_len)):
+            want = self.target(ps, t)
+            if want is not None:
+                right = rng.random() < self.teacher_accuracy
+                out.append(want if right else rng.choice([s for s in self.symbols if s != want]))
+            elif out and rng.random() < self.teacher_habit:
+                out.append(rng.choice(self.successors[out[-1]]))
+            else:
+                out.append(rng.choice(self.symbols))
+        return " ".join(out) + " " + EOS
+
+    # --- gold reward -------------------------------------------------------------
+    def gold_token_rewards(self, prompt: str, response_tokens: list[str]) -> list[float]:
+        ps = self._prompt_symbols(prompt)
+        rewards = [0.0] * len(response_tokens)
+        for t, tok in enumerate(response_tokens):
+            if tok == EOS:
+                break
+            if tok == self.target(ps, t):
+                rewards[t] = 1.0 / self.n_scored
+        if rewards:
+            used = set(response_tokens)
+            coverage = sum(s in used for s in set(ps)) / len(set(ps))
+            rewards[-1] += self.coverage_weight * coverage
+        return rewards
+
+    def gold_reward(self, prompt: str, response: str) -> float:
+        return float(sum(self.gold_token_rewards(prompt, split_tokens(response))))
+
+    # Settings of each stage for this task; `rto pipeline --preset NAME` picks one.
+    presets = {
+        # CI-sized: proves the plumbing end to end in well under 2 minutes.
+        "smoke": {
+            "data": {"n_sft": 512, "n_rl_prompts": 64, "n_dev": 32, "n_test": 64},
+            "sft": {"epochs": 1},
+            "pairs": {"n_pairs": 256, "n_heldout": 64, "max_new_tokens": 24},
+            "rm": {"epochs": 1},
+            "dpo": {"epochs": 1},
+            "ppo": {"iterations": 2, "rollout_batch_size": 16, "mini_batch_size": 8, "eval_every": 1, "n_eval": 32,
+                    "max_new_tokens": 24, "actor_lr": 1e-4, "critic_lr": 1e-4},
+        },
+        "default": {
+            "data": {"n_sft": 4000, "n_rl_prompts": 2048, "n_dev": 128, "n_test": 512},
+            "sft": {"epochs": 3},
+            "pairs": {"n_pairs": 2000, "n_heldout": 500, "max_new_tokens": 24},
+            "rm": {"epochs": 3},
+            "dpo": {"epochs": 3},
+            "ppo": {"iterations": 100, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 2,
+                    "eval_every": 10, "n_eval": 128, "max_new_tokens": 24, "actor_lr": 1e-4, "critic_lr": 1e-4},
+        },
+    }

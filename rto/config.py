@@ -124,7 +124,10 @@ def build(cls, values: dict[str, Any], where: str):
         kwargs[name] = value
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
-        obj.validate()
+        try:
+            obj.validate()
+        except UserError as e:
+            raise UserError(f"{where}: {e}" if where else str(e)) from None
     return obj
 
 

@@ -23,6 +23,13 @@ from rto.errors import UserError
 RM_STATS_FILE = "reward_stats.json"
 
 
+def _quiet() -> None:
+    """Per-file 'Loading weights' / 'Writing model shards' bars drown the stage's own bar."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _check_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
@@ -52,6 +59,7 @@ def load_tokenizer(path: str | Path, what: str = "model"):
 
 def _load(cls, path: str | Path, what: str, **kwargs):
     path = _check_dir(path, what)
+    _quiet()
     try:
         model = cls.from_pretrained(path, trust_remote_code=False, use_safetensors=True, **kwargs)
     except Exception as e:
@@ -109,6 +117,7 @@ def save_model(model, tokenizer, out: str | Path, extra_files: dict[str, dict] |
 
     A crash mid-save leaves the previous checkpoint (if any) untouched.
     """
+    _quiet()
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():

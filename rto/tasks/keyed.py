@@ -3,21 +3,29 @@
 Prompt: `prompt_len` distinct symbols out of `n_symbols`, then `<sep>`.
 Response: symbols, then `<eos>`.
 
-Gold reward = local + global, in [0, 1 + coverage_weight]:
+Gold reward = local + global, in [0, 1 + bonus_weight]:
 - local (sparse, localised credit): every `score_every`-th response position t
   (t = 0, 3, 6, ...) is right when it equals key[prompt[t // score_every]], a
   fixed secret permutation of the prompt symbol it points at. Local = hits /
   number of scored positions. Only a third of the tokens matter, and which
   ones matter is never said: the situation RTO's dense reward is meant for.
-- global (no single token decides it): coverage_weight x the fraction of the
-  distinct prompt symbols that appear anywhere in the response. The teacher
-  fills the unscored positions from its own bigram habit, so its samples
-  cover about a third of the prompt and almost never all of it.
+- global (a count constraint no single token decides): bonus_weight x
+  min(n, bonus_target) / bonus_target, where n counts the response's tokens
+  from a secret set of `n_bonus` "bonus" symbols. Past the target, more bonus
+  symbols are worth nothing. The teacher writes about 4 of the 10 wanted and
+  almost never reaches the target, so offline data shows the direction but
+  not the optimum: that is what the reward model and online RL can add.
+
+Why these two parts: a last-token reward model on a small transformer learns
+a count easily (one attention hop) but hardly learns the positional key (it
+must compare each scored token with a prompt symbol, then aggregate); DPO's
+per-token log-ratio learns the key well. A prototype with only the local part
+found an RM near chance and offline DPO already near the optimum.
 
 Teacher: right on a scored position with probability `teacher_accuracy`,
-otherwise a wrong symbol; elsewhere it follows a hidden bigram table. Its
+otherwise a wrong symbol; elsewhere it follows a hidden bigram habit. Its
 length varies between response_len - 2 and response_len. Its mean gold reward
-is about 0.8 of an achievable 2.0.
+is about 0.9 of an achievable 2.0.
 """
 
 from __future__ import annotations
@@ -48,7 +56,9 @@ class KeyedTask(Task):
         response_len: int = 18,
         score_every: int = 3,
         teacher_accuracy: float = 0.5,
-        coverage_weight: float = 1.0,
+        n_bonus: int = 8,
+        bonus_target: int = 10,
+        bonus_weight: float = 1.0,
         teacher_habit: float = 0.8,
     ):
         super().__init__(seed)
@@ -56,7 +66,7 @@ class KeyedTask(Task):
             raise ValueError("need 2 <= prompt_len <= n_symbols")
         self.n_symbols, self.prompt_len, self.response_len = n_symbols, prompt_len, response_len
         self.score_every, self.teacher_accuracy = score_every, teacher_accuracy
-        self.coverage_weight, self.teacher_habit = coverage_weight, teacher_habit
+        self.bonus_target, self.bonus_weight, self.teacher_habit = bonus_target, bonus_weight, teacher_habit
         self.symbols = [f"s{i}" for i in range(n_symbols)]
         rng = random.Random(f"keyed-secret-{seed}")
         shuffled = self.symbols[:]
@@ -64,6 +74,7 @@ class KeyedTask(Task):
         self.key = dict(zip(self.symbols, shuffled))
         # The teacher's habit: each symbol has 3 favourite successors.
         self.successors = {s: rng.sample(self.symbols, 3) for s in self.symbols}
+        self.bonus = set(rng.sample(self.symbols, n_bonus))
         self.n_scored = math.ceil(response_len / score_every)
 
     # --- vocabulary ------------------------------------------------------------
@@ -121,9 +132,8 @@ class KeyedTask(Task):
             if tok == self.target(ps, t):
                 rewards[t] = 1.0 / self.n_scored
         if rewards:
-            used = set(response_tokens)
-            coverage = sum(s in used for s in set(ps)) / len(set(ps))
-            rewards[-1] += self.coverage_weight * coverage
+            n = sum(tok in self.bonus for tok in response_tokens)
+            rewards[-1] += self.bonus_weight * min(n, self.bonus_target) / self.bonus_target
         return rewards
 
     def gold_reward(self, prompt: str, response: str) -> float:
@@ -143,10 +153,10 @@ class KeyedTask(Task):
         },
         "default": {
             "data": {"n_sft": 4000, "n_rl_prompts": 2048, "n_dev": 128, "n_test": 512},
-            "sft": {"epochs": 3},
+            "sft": {"epochs": 8, "learning_rate": 3e-3},
             "pairs": {"n_pairs": 2000, "n_heldout": 500, "max_new_tokens": 24},
-            "rm": {"epochs": 3},
-            "dpo": {"epochs": 3},
+            "rm": {"epochs": 4, "learning_rate": 1e-3},
+            "dpo": {"epochs": 3, "learning_rate": 5e-4},
             "ppo": {"iterations": 100, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 2,
                     "eval_every": 10, "n_eval": 128, "max_new_tokens": 24, "actor_lr": 1e-4, "critic_lr": 1e-4},
         },

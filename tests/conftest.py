@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models on the keyed task's word-level tokenizer, saved to a temp dir."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RTO_PROGRESS", "0")
+torch.set_num_threads(1)
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def keyed():
+    from rto.tasks import load_task
+
+    return load_task("keyed")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, keyed):
+    """{"policy", "rm", "dpo"}: a random tiny causal LM, a score model from it, a perturbed copy."""
+    from rto.models import RM_STATS_FILE, build_causal_lm, load_score_model, save_model
+
+    root = tmp_path_factory.mktemp("models")
+    tok = keyed.tokenizer()
+    policy = build_causal_lm(tok, TINY, seed=0)
+    save_model(policy, tok, root / "policy")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(policy, tok, root / "dpo")
+    rm = load_score_model(root / "policy")
+    torch.manual_seed(2)
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 0.5)
+    save_model(rm, tok, root / "rm", extra_files={RM_STATS_FILE: {"mean": 0.1, "std": 2.0}})
+    return {k: str(root / k) for k in ("policy", "rm", "dpo")}
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory, keyed):
+    from rto.data import write_jsonl
+
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    write_jsonl(path, ({"prompt": p} for p in keyed.prompts("train", 32, seed=0)))
+    return str(path)

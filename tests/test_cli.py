@@ -1,0 +1,61 @@
+"""The `rto` command end to end: the smoke pipeline, and one-line errors with exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ENV = dict(os.environ, RTO_PROGRESS="0", OMP_NUM_THREADS="1")
+
+
+def rto(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "rto.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+def test_smoke_pipeline(tmp_path):
+    start = time.time()
+    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"))
+    elapsed = time.time() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["task"] == "keyed"
+    assert set(summary["methods"]) == {"sft", "dpo", "ppo", "rto"}
+    for m in summary["methods"].values():
+        for key in ("gold_reward", "gold_reward_ci", "win_rate_vs_sft", "kl_to_sft", "rm_score"):
+            assert key in m
+        lo, hi = m["gold_reward_ci"]
+        assert lo <= m["gold_reward"] <= hi
+    assert 0.0 <= summary["rm_accuracy"] <= 1.0
+    assert summary["methods"]["sft"]["win_rate_vs_sft"] == 0.5
+    assert abs(summary["methods"]["sft"]["kl_to_sft"]) < 1e-6
+    assert (tmp_path / "run" / "training_curve.png").stat().st_size > 1000
+    assert "gold reward" in proc.stdout and "RM held-out accuracy" in proc.stdout
+    assert elapsed < 120, f"smoke pipeline took {elapsed:.0f} s"
+    # Each stage's resolved config reruns the stage on its own.
+    assert (tmp_path / "run" / "configs" / "ppo.yaml").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ppo", "--policy", "nowhere", "--prompts", "p.jsonl", "--out", "o", "--reward-model", "rm"], "not found"),
+    (["ppo", "--actor-lr", "-1"], "actor_lr: must be > 0"),
+    (["pipeline", "--out", "x", "--preset", "huge"], "no preset 'huge'"),
+    (["pipeline", "--out", "x", "--methods", "sft,magic"], "unknown method 'magic'"),
+    (["sft", "--data", "missing.jsonl", "--out", "o"], "missing.jsonl: data file not found"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    proc = rto(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ppo_help_lists_rewards_and_estimators():
+    proc = rto("ppo", "--help")
+    assert proc.returncode == 0
+    for name in ("sparse", "rto", "dpo-only", "ddpo", "semi", "rs", "gae", "reinforce++"):
+        assert name in proc.stdout

@@ -1,0 +1,48 @@
+"""Config loading: YAML + flags, and one-line errors for bad values."""
+
+import pytest
+
+from rto.config import build, load_yaml
+from rto.errors import UserError
+from rto.stages.ppo import PPOStageConfig
+
+REQUIRED = {"policy": "p", "prompts": "x.jsonl", "out": "o", "reward_model": "rm"}
+
+
+def test_build_coerces_strings_from_the_command_line():
+    cfg = build(PPOStageConfig, {**REQUIRED, "actor_lr": "1e-5", "iterations": "7", "whiten_advantages": "false",
+                                 "dpo_clip": "none", "reward": "sparse"}, "cli")
+    assert cfg.actor_lr == 1e-5 and cfg.iterations == 7 and cfg.whiten_advantages is False and cfg.dpo_clip is None
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"actor_lr": -1.0}, "actor_lr: must be > 0"),
+    ({"clip_range": 0}, "clip_range: must be > 0"),
+    ({"beta1": -0.1}, "beta1: must be >= 0"),
+    ({"iterations": "ten"}, "iterations: expected int"),
+    ({"reward": "dense"}, "reward: must be one of"),
+    ({"actor_lrr": 1e-5}, "unknown setting 'actor_lrr'"),
+    ({"reward": "rto"}, "needs --dpo-model"),
+    ({"rollout_batch_size": 10, "mini_batch_size": 4}, "multiple of --mini-batch-size"),
+])
+def test_bad_values_raise_one_line(values, message):
+    with pytest.raises(UserError, match=message) as e:
+        build(PPOStageConfig, {**REQUIRED, **values}, "my.yaml")
+    assert "\n" not in str(e.value) and str(e.value).startswith("my.yaml")
+
+
+def test_load_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        load_yaml(bad)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"a: \xff\xfe\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_yaml(binary)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_yaml(lst)
+    with pytest.raises(UserError, match="not found"):
+        load_yaml(tmp_path / "missing.yaml")

@@ -1,0 +1,63 @@
+"""The keyed task: splits, gold reward by hand, teacher quality, loading user tasks."""
+
+import random
+
+import pytest
+
+from rto.errors import UserError
+from rto.tasks import KeyedTask, load_task
+from rto.tasks.keyed import split_tokens
+
+
+def test_splits_are_disjoint_and_seeded(keyed):
+    train = keyed.prompts("train", 300, seed=0)
+    dev = keyed.prompts("dev", 100, seed=0)
+    test = keyed.prompts("test", 100, seed=0)
+    assert not (set(train) & set(dev)) and not (set(train) & set(test)) and not (set(dev) & set(test))
+    assert keyed.prompts("test", 100, seed=0) == test
+    assert keyed.prompts("test", 100, seed=1) != test
+    assert len(set(train)) == 300
+
+
+def test_gold_reward_by_hand():
+    task = KeyedTask(prompt_len=4, response_len=6, score_every=3, n_bonus=8, bonus_target=4, bonus_weight=1.0)
+    prompt = "s1 s2 s3 s4 <sep>"
+    k1, k2 = task.key["s1"], task.key["s2"]
+    bonus = sorted(task.bonus)
+    plain = next(s for s in task.symbols if s not in task.bonus and s not in (k1, k2))
+    wrong = next(s for s in task.symbols if s not in task.bonus and s != k1)
+    # Positions 0 and 3 are scored, against key[s1] and key[s2].
+    right = f"{k1} {plain} {plain} {k2} {plain} {plain} <eos>"
+    n_bonus = (k1 in task.bonus) + (k2 in task.bonus)
+    assert task.gold_reward(prompt, right) == pytest.approx(1.0 + n_bonus / 4)
+    half = f"{wrong} {bonus[0]} {bonus[1]} {k2} {plain} {plain} <eos>"
+    assert task.gold_reward(prompt, half) == pytest.approx(0.5 + (2 + (k2 in task.bonus)) / 4)
+    # The count saturates at the target: six bonus symbols are worth no more than four.
+    capped = " ".join(bonus[:6]) + " <eos>"
+    hits = (bonus[0] == k1) + (bonus[3] == k2)
+    assert task.gold_reward(prompt, capped) == pytest.approx(hits / 2 + 1.0)
+    per_token = task.gold_token_rewards(prompt, split_tokens(right))
+    assert sum(per_token) == pytest.approx(task.gold_reward(prompt, right))
+    assert per_token[0] == pytest.approx(0.5) and per_token[1] == 0.0 and per_token[3] == pytest.approx(0.5)
+
+
+def test_teacher_is_imperfect(keyed):
+    rng = random.Random(0)
+    prompts = keyed.prompts("train", 400, seed=3)
+    mean = sum(keyed.gold_reward(p, keyed.demonstration(p, rng)) for p in prompts) / len(prompts)
+    best = 1.0 + keyed.bonus_weight
+    assert 0.3 * best < mean < 0.6 * best
+
+
+def test_load_user_task_from_file(tmp_path):
+    f = tmp_path / "mytask.py"
+    f.write_text("from rto.tasks import KeyedTask\nclass Short(KeyedTask):\n"
+                 "    def __init__(self, seed=0):\n        super().__init__(seed, response_len=6)\n")
+    task = load_task(f"{f}:Short")
+    assert task.response_len == 6
+    with pytest.raises(UserError, match="not a subclass"):
+        load_task(f"{f}:KeyedTaskX")
+    with pytest.raises(UserError, match="not a built-in"):
+        load_task("nonsense")
+    with pytest.raises(UserError, match="cannot import"):
+        load_task("no_such_module_xyz:Task")

@@ -169,6 +169,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         if choices:
             help_text += f" {{{', '.join(map(str, choices))}}}"
         help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         if inner is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)

@@ -20,7 +20,8 @@ def test_logprobs_match_unpadded_forward(tiny_dirs, keyed):
     assert (mask == 0).any()
     torch.manual_seed(0)
     batch = generate(model, tok, ids, mask, max_new_tokens=8, temperature=0.7)
-    assert ((batch.response_ids == tok.pad_token_id) == (batch.response_mask == 0)).all()
+    # Everything after a response's end is pad (a random model may also sample pad as a token).
+    assert (batch.response_ids[batch.response_mask == 0] == tok.pad_token_id).all()
     logp = token_logprobs(response_logits(model, batch), batch.response_ids, temperature=0.7)
     for b, prompt in enumerate(prompts):
         p_ids = tok(prompt, return_tensors="pt")["input_ids"][0]

@@ -43,7 +43,7 @@ def trl_common_args(out: str, seed: int, epochs: float, batch_size: int, learnin
     return dict(
         output_dir=os.path.join(out + ".trl"), report_to="none", save_strategy="no", bf16=False,
         gradient_checkpointing=False, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, max_length=max_length, seed=seed, data_seed=seed, logging_steps=10,
+        learning_rate=learning_rate, max_length=max_length, seed=seed, data_seed=seed, logging_steps=50,
         lr_scheduler_type="cosine", warmup_steps=warmup_ratio, disable_tqdm=not progress_enabled(),
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="warning",
     )

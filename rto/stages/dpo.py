@@ -5,6 +5,7 @@ Its per-token log-ratio against the model it started from is RTO's dense reward.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ def run(cfg: DPOStageConfig) -> dict:
                          callbacks=[progress.trainer_callback()])
     start = time.time()
     result = trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "pairs": len(rows)}
     save_model(trainer.model, tokenizer, cfg.out)
     write_json(f"{cfg.out}/metrics.json", metrics)

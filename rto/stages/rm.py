@@ -7,6 +7,7 @@ std of its scores on the training responses are stored beside the weights
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -69,6 +70,7 @@ def run(cfg: RMStageConfig) -> dict:
                          callbacks=[progress.trainer_callback()])
     start = time.time()
     result = trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     model = trainer.model
     model.eval()
     prompts = [r["prompt"] for r in rows]

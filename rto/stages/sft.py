@@ -7,6 +7,7 @@ The loss covers completion tokens only.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ def run(cfg: SFTStageConfig) -> dict:
                          callbacks=[progress.trainer_callback()])
     start = time.time()
     result = trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "rows": len(rows)}
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     save_model(trainer.model, tokenizer, cfg.out)

@@ -5,8 +5,6 @@ Used by `rto eval` and by the PPO trainer's periodic dev-set checks.
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 from rto.rollout import (Batch, decode_responses, encode_prompts, generate, response_logits, sequence_scores,
@@ -75,8 +73,3 @@ def win_rate(ours: list[float], baseline: list[float]) -> float:
 def gold_rewards(task, prompts: list[str], responses: list[str]) -> list[float]:
     return [task.gold_reward(p, r) for p, r in zip(prompts, responses)]
 
-
-def seeded_shuffle(items: list, seed: int) -> list:
-    out = list(items)
-    random.Random(seed).shuffle(out)
-    return out

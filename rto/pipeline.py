@@ -222,12 +222,11 @@ class Pipeline:
         eval_cfg = self.stage_config("eval", "eval", {
             "models": eval_models, "prompts": str(d / "test_prompts.jsonl"), "out": str(out / "eval.json"),
             "task": cfg.task, "baseline": "sft", "reward_model": str(out / "rm") if needs_rm else "",
-            "seed": cfg.seed, "threads": seq_threads},
-            {"max_new_tokens": rl_jobs[0][2].max_new_tokens} if rl_jobs else None)
+            "seed": cfg.seed, "threads": seq_threads})
         self.run_one("eval", "eval", eval_cfg)
-        return self.summarise(start, rl_jobs, eval_cfg)
+        return self.summarise(start, rl_jobs)
 
-    def summarise(self, start: float, rl_jobs: list, eval_cfg) -> dict:
+    def summarise(self, start: float, rl_jobs: list) -> dict:
         import json
 
         from rto.report import plot_training, results_table
@@ -242,13 +241,13 @@ class Pipeline:
             if "eval_accuracy" in rmm:
                 summary["rm_accuracy"] = rmm["eval_accuracy"]
             summary["rm_train_accuracy"] = rmm.get("train_accuracy")
-        for name, key, field in (("data", "data_info.json", "teacher_gold_reward"),
-                                 ("pairs", "pairs_info.json", "label_agreement_with_gold")):
-            f = out / "data" / key
+        for summary_key, info_file, field in (("teacher_gold_reward", "data_info.json", "teacher_gold_reward"),
+                                              ("label_agreement", "pairs_info.json", "label_agreement_with_gold")):
+            f = out / "data" / info_file
             if f.is_file():
-                summary["label_agreement" if name == "pairs" else field] = json.loads(f.read_text())[field]
+                summary[summary_key] = json.loads(f.read_text())[field]
         curves, refs = {}, {}
-        for name, _, cfg in rl_jobs:
+        for name, _, _ in rl_jobs:
             mf = out / name / "metrics.json"
             if mf.is_file():
                 curves[name] = json.loads(mf.read_text()).get("curve", [])

@@ -12,11 +12,14 @@ def _fmt(x, spec=".3f") -> str:
 def results_table(summary: dict) -> str:
     methods = summary["methods"]
     base = summary.get("baseline", "sft")
-    rows = [("method", "gold reward [95% CI]", f"win vs {base}", f"KL to {base}", "RM score", "length")]
+    part_names = list(next((m["gold_parts"] for m in methods.values() if m.get("gold_parts")), {}))
+    rows = [("method", "gold reward [95% CI]", *(f"gold:{p}" for p in part_names), f"win vs {base}",
+             f"KL to {base}", "RM score", "length")]
     for name, m in methods.items():
         ci = m.get("gold_reward_ci")
         gold = f"{_fmt(m.get('gold_reward'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(m.get("gold_reward"))
-        rows.append((name, gold, _fmt(m.get(f"win_rate_vs_{base}")), _fmt(m.get(f"kl_to_{base}"), ".2f"),
+        parts = [_fmt((m.get("gold_parts") or {}).get(p)) for p in part_names]
+        rows.append((name, gold, *parts, _fmt(m.get(f"win_rate_vs_{base}")), _fmt(m.get(f"kl_to_{base}"), ".2f"),
                      _fmt(m.get("rm_score")), _fmt(m.get("response_length"), ".1f")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]

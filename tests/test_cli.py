@@ -59,3 +59,14 @@ def test_ppo_help_lists_rewards_and_estimators():
     assert proc.returncode == 0
     for name in ("sparse", "rto", "dpo-only", "ddpo", "semi", "rs", "gae", "reinforce++"):
         assert name in proc.stdout
+
+
+def test_smoke_pipeline_every_variant(tmp_path):
+    methods = "sft,dpo,ppo,rto,dpo-only,ddpo,semi,rs,reinforce++,rto-reinforce++"
+    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"),
+               "--methods", methods)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert list(summary["methods"]) == methods.split(",")
+    ppo_cfgs = {m: (tmp_path / "run" / "configs" / f"{m}.yaml").read_text() for m in methods.split(",")[2:]}
+    assert "reward: ddpo" in ppo_cfgs["ddpo"] and "estimator: reinforce++" in ppo_cfgs["rto-reinforce++"]

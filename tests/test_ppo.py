@@ -59,3 +59,58 @@ def test_gradient_accumulation_invariance(tiny_dirs, prompt_file, tmp_path):
     for a, b in zip(results[0], results[1]):
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_custom_token_reward_is_added_with_its_weight(tiny_dirs, prompt_file, tmp_path):
+    f = tmp_path / "my_rewards.py"
+    f.write_text("import torch\n"
+                 "def first_token_bonus(prompt_ids, prompt_mask, response_ids, response_mask):\n"
+                 "    out = torch.zeros(response_ids.shape)\n"
+                 "    out[:, 0] = 1.0\n"
+                 "    return out\n")
+    base = _rewards(tiny_dirs, prompt_file, tmp_path, reward="sparse")
+    with_bonus = _rewards(tiny_dirs, prompt_file, tmp_path, reward="sparse",
+                          custom_rewards=[f"{f}:first_token_bonus=0.25"])
+    expected = base.clone()
+    expected[:, 0] += 0.25
+    assert torch.allclose(with_bonus, expected)
+
+
+def test_task_gold_token_reward_sums_to_gold(tiny_dirs, prompt_file, tmp_path, keyed):
+    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="dpo-only", beta1=0.0, kl_coef=0.0,
+                              task="keyed", custom_rewards=["task:gold"], estimator="reinforce++"))
+    assert trainer.rm is None and trainer.dpo is None and trainer.critic is None
+    torch.manual_seed(0)
+    exp = trainer.make_experience(trainer.prompts[:8])
+    from rto.rollout import decode_responses
+
+    texts = decode_responses(trainer.tokenizer, exp["batch"])
+    gold = torch.tensor([keyed.gold_reward(p, t) for p, t in zip(trainer.prompts[:8], texts)])
+    assert torch.allclose(exp["rewards"].sum(-1), gold, atol=1e-5)
+
+
+def test_same_seed_same_run(tiny_dirs, prompt_file, tmp_path):
+    runs = []
+    for i in range(2):
+        trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path / str(i), reward="rto", beta1=0.1, iterations=2))
+        trainer.train()
+        runs.append((_params(trainer.policy), _params(trainer.critic), trainer.history))
+    (p0, c0, h0), (p1, c1, h1) = runs
+    assert all(torch.equal(p0[k], p1[k]) for k in p0) and all(torch.equal(c0[k], c1[k]) for k in c0)
+    strip = lambda h: [{k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per_s"))} for m in h]
+    assert strip(h0) == strip(h1)
+
+
+def test_old_logprobs_equal_a_fresh_forward(tiny_dirs, prompt_file, tmp_path):
+    """The rollout's log-probs, used as 'old' in the ratio, equal an unpadded forward pass per response."""
+    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse", temperature=0.8))
+    exp = trainer.make_experience(trainer.prompts[:8])
+    batch = exp["batch"]
+    for b in range(8):
+        p_ids = batch.prompt_ids[b][batch.prompt_mask[b] > 0]
+        n = int(batch.response_mask[b].sum())
+        r_ids = batch.response_ids[b, :n]
+        with torch.no_grad():
+            logits = trainer.policy(torch.cat([p_ids, r_ids])[None]).logits[0, len(p_ids) - 1:-1] / 0.8
+        fresh = torch.log_softmax(logits, -1).gather(-1, r_ids[:, None]).squeeze(-1)
+        assert torch.allclose(exp["old_logp"][b, :n], fresh, atol=1e-5)

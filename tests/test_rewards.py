@@ -61,3 +61,61 @@ def test_kl_estimators():
 def test_normalise_score():
     out = normalise_score(torch.tensor([3.0, 1000.0]), mean=1.0, std=2.0, clip=10.0)
     assert out.tolist() == [1.0, 10.0]
+
+
+# --- every placement on one hand-computed example ---------------------------------------
+# Row 0: 4 tokens ending in EOS. Row 1: 2 tokens, then padding (whose values must vanish).
+# Row 2: 4 tokens cut off by the length limit (no EOS): the score still lands on its last token.
+M3 = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]])
+K3 = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 5.0, 5.0], [0, 0, 0, 2.0]])
+S3 = torch.tensor([1.0, 2.0, 3.0])
+D3 = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, -0.2, 9.0, 9.0], [-0.1, -0.2, 0.0, 0.5]])
+SEG3 = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0]])
+EXPECTED = {
+    "sparse": [[-0.1, 0, 0, 1.0], [0, 1.9, 0, 0], [0, 0, 0, 2.8]],
+    "rto": [[0.0, 0.2, 0.3, 1.4], [0.5, 1.7, 0, 0], [-0.1, -0.2, 0.0, 3.3]],
+    "dpo-only": [[0.0, 0.2, 0.3, 0.4], [0.5, -0.3, 0, 0], [-0.1, -0.2, 0.0, 0.3]],
+    "ddpo": [[-0.1, 0, 0, 2.0], [0, 2.2, 0, 0], [0, 0, 0, 3.0]],
+    "semi": [[-0.1, 0.3, 0, 1.7], [0, 2.2, 0, 0], [-0.1, 0, 0, 3.1]],
+    "rs": [[0.0, 0.2, 0.3, 0.4], [0.5, 1.4, 0, 0], [-0.1, -0.2, 0.0, 3.1]],
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_every_placement_by_hand(kind):
+    r = token_rewards(kind, mask=M3, kl=K3, kl_coef=0.1, score=S3, dpo_term=D3, segment_end=SEG3)
+    assert torch.allclose(r, torch.tensor(EXPECTED[kind]), atol=1e-6), r
+
+
+def test_semi_without_delimiters_is_ddpo():
+    a = token_rewards("semi", mask=M3, kl=K3, kl_coef=0.1, score=S3, dpo_term=D3)
+    b = token_rewards("ddpo", mask=M3, kl=K3, kl_coef=0.1, score=S3, dpo_term=D3)
+    assert torch.allclose(a, b)
+
+
+def test_rs_return_equals_sparse_return_by_construction():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        B, R = 5, 9
+        lengths = torch.randint(0, R + 1, (B,), generator=g)
+        mask = (torch.arange(R) < lengths[:, None]).long()
+        kl, dpo = torch.randn(B, R, generator=g), torch.randn(B, R, generator=g)
+        score = torch.randn(B, generator=g)
+        kw = dict(mask=mask, kl=kl, kl_coef=0.07, score=score, dpo_term=dpo)
+        rs, rto, sparse = (token_rewards(k, **kw).sum(-1) for k in ("rs", "rto", "sparse"))
+        assert torch.allclose(rs, sparse, atol=1e-5)  # the return is the RM score (minus KL)
+        assert torch.allclose(rto - rs, (dpo * mask).sum(-1), atol=1e-5)  # the DPO terms, shifted
+
+
+def test_eos_slot_convention():
+    """The sentence score lands on the last response token, EOS included - never one slot after."""
+    mask = torch.tensor([[1, 1, 1, 0, 0]])  # 2 symbols + EOS, then padding
+    r = token_rewards("sparse", mask=mask, kl=torch.zeros(1, 5), kl_coef=0.0, score=torch.tensor([7.0]))
+    assert r.tolist() == [[0.0, 0.0, 7.0, 0.0, 0.0]]
+
+
+def test_extra_token_rewards_are_added_on_real_tokens_only():
+    extra = torch.full((3, 4), 0.5)
+    r = token_rewards("sparse", mask=M3, kl=K3, kl_coef=0.1, score=S3, extra=extra)
+    base = token_rewards("sparse", mask=M3, kl=K3, kl_coef=0.1, score=S3)
+    assert torch.allclose(r - base, 0.5 * M3.float())

@@ -55,9 +55,20 @@ def test_load_user_task_from_file(tmp_path):
                  "    def __init__(self, seed=0):\n        super().__init__(seed, response_len=6)\n")
     task = load_task(f"{f}:Short")
     assert task.response_len == 6
-    with pytest.raises(UserError, match="not a subclass"):
+    with pytest.raises(UserError, match="has no KeyedTaskX"):
         load_task(f"{f}:KeyedTaskX")
+    with pytest.raises(UserError, match="not a subclass"):
+        load_task(f"{f}:__name__")
     with pytest.raises(UserError, match="not a built-in"):
         load_task("nonsense")
     with pytest.raises(UserError, match="cannot import"):
         load_task("no_such_module_xyz:Task")
+
+
+def test_gold_parts_sum_to_gold(keyed):
+    rng = random.Random(1)
+    for p in keyed.prompts("dev", 50, seed=0):
+        r = keyed.demonstration(p, rng)
+        parts = keyed.gold_parts(p, r)
+        assert set(parts) == {"local", "count"}
+        assert sum(parts.values()) == pytest.approx(keyed.gold_reward(p, r))

@@ -103,12 +103,19 @@ def token_rewards(
     dpo_term: torch.Tensor | None = None,
     rm_weight: float = 1.0,
     segment_end: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The [B, R] reward PPO optimises for reward placement `kind` (see module docstring)."""
+    """The [B, R] reward PPO optimises for reward placement `kind` (see module docstring).
+
+    `extra` is any further per-token reward (the weighted sum of custom token rewards),
+    added on real response tokens.
+    """
     if kind not in REWARD_KINDS:
         raise ValueError(f"unknown reward {kind!r}; expected one of {REWARD_KINDS}")
     m = mask.to(kl.dtype)
     rewards = -kl_coef * kl * m
+    if extra is not None:
+        rewards = rewards + extra.to(kl.dtype) * m
     if kind != "dpo-only":
         if score is None:
             raise ValueError(f"reward {kind!r} needs the RM score")

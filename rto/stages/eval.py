@@ -86,6 +86,9 @@ def run(cfg: EvalStageConfig) -> dict:
             m["gold_reward"] = sum(g) / len(g)
             m["gold_reward_ci"] = list(mean_ci(g, seed=cfg.seed))
             m[f"win_rate_vs_{cfg.baseline}"] = win_rate(g, golds[cfg.baseline])
+            parts = [task.gold_parts(p, t) for p, t in zip(prompts, texts)]
+            if parts and parts[0]:
+                m["gold_parts"] = {k: sum(x[k] for x in parts) / len(parts) for k in parts[0]}
         scores = rm_scores(rm, batches) if rm is not None else None
         if scores is not None:
             m["rm_score"] = sum(scores) / len(scores)

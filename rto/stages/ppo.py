@@ -31,6 +31,7 @@ from rto.config import opt
 from rto.core.advantages import gae, masked_mean, reinforce_pp, whiten
 from rto.core.kl_control import AdaptiveKL, FixedKL
 from rto.core.losses import entropy_from_logits, explained_variance, policy_loss, value_loss
+from rto.custom_rewards import CustomRewards
 from rto.core.rewards import dpo_token_term, kl_estimate, normalise_score, token_rewards
 from rto.data import PROMPT_FIELDS, read_jsonl, write_json
 from rto import progress
@@ -67,6 +68,7 @@ class PPOStageConfig:
     reward_clip: float | None = opt(10.0, "clamp of the normalised RM score", gt=0)
     missing_eos_penalty: float | None = opt(None, "subtract this from the score of responses cut off without EOS")
     segment_delimiters: list[str] = opt([], "tokens that end a segment for --reward semi (EOS always does)")
+    custom_rewards: list[str] = opt([], "extra per-token rewards, module:function=weight (see rto/custom_rewards.py)")
     # --- advantages ---
     estimator: Literal["gae", "reinforce++"] = opt("gae", "advantage estimator: gae (critic) or reinforce++")
     gamma: float = opt(1.0, "discount", ge=0, le=1)
@@ -107,7 +109,7 @@ class PPOStageConfig:
 
     @property
     def uses_rm(self) -> bool:
-        return self.reward != "dpo-only"
+        return self.reward != "dpo-only" and self.rm_weight != 0
 
     def validate(self):
         for name in ("policy", "prompts", "out"):
@@ -157,7 +159,12 @@ class PPOTrainer:
             from rto.tasks import load_task
 
             self.task = load_task(cfg.task)
-        self.delimiter_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in cfg.segment_delimiters]
+        vocab = self.tokenizer.get_vocab()
+        unknown = [t for t in cfg.segment_delimiters if t not in vocab]
+        if unknown:
+            raise UserError(f"ppo: --segment-delimiters {', '.join(map(repr, unknown))} not in the tokenizer's vocabulary")
+        self.delimiter_ids = [vocab[t] for t in cfg.segment_delimiters]
+        self.custom = CustomRewards(cfg.custom_rewards, self.tokenizer, self.task)
 
         steps_per_iteration = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
         self.total_steps = cfg.iterations * steps_per_iteration
@@ -224,8 +231,9 @@ class PPOTrainer:
         if cfg.missing_eos_penalty is not None:
             score = torch.where(has_eos, score, score - cfg.missing_eos_penalty)
         segment_end = torch.isin(tokens, torch.tensor(self.delimiter_ids, dtype=tokens.dtype)) if self.delimiter_ids else None
+        custom = self.custom(batch.prompt_ids, batch.prompt_mask, tokens, rmask) if self.custom else None
         rewards = token_rewards(cfg.reward, mask=rmask, kl=kl, kl_coef=self.kl_ctl.value, score=score,
-                                dpo_term=dpo_term, rm_weight=cfg.rm_weight, segment_end=segment_end)
+                                dpo_term=dpo_term, rm_weight=cfg.rm_weight, segment_end=segment_end, extra=custom)
 
         if self.critic is not None:
             values = token_values(self.critic, batch) * m
@@ -240,6 +248,7 @@ class PPOTrainer:
             "batch": batch, "old_logp": old_logp, "values": values, "advantages": advantages, "returns": returns,
             "rewards": rewards, "kl": kl, "raw_score": raw_score, "score": score, "dpo_term": dpo_term,
             "dpo_clip_frac": masked_mean(clipped.float(), rmask), "has_eos": has_eos, "prompts": prompts,
+            "custom": custom,
         }
 
     # --- 5: the PPO update ---------------------------------------------------------------
@@ -325,6 +334,8 @@ class PPOTrainer:
             "critic/explained_variance": float(explained_variance(exp["values"], exp["returns"], mask)),
             "critic/value_mean": float(masked_mean(exp["values"], mask)),
         }
+        if exp["custom"] is not None:
+            out["reward/custom"] = float(exp["custom"].sum(-1).mean())
         if self.task is not None:
             texts = decode_responses(self.tokenizer, exp["batch"])
             g = [self.task.gold_reward(p, t) for p, t in zip(exp["prompts"], texts)]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-from pathlib import Path
 
 from rto.errors import UserError
+from rto.plugins import import_object
 from rto.tasks.base import Task
 from rto.tasks.keyed import KeyedTask
 
@@ -20,25 +18,13 @@ def load_task(spec: str, seed: int = 0) -> Task:
         return BUILTIN[spec](seed=seed)
     if ":" not in spec:
         raise UserError(f"--task {spec!r}: not a built-in task ({', '.join(BUILTIN)}) and not of the form pkg.module:Class")
-    module_name, _, class_name = spec.rpartition(":")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise UserError(f"--task {spec!r}: file {path} does not exist")
-            loader_spec = importlib.util.spec_from_file_location(f"rto_user_task_{path.stem}", path)
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except UserError:
-        raise
-    except Exception as e:  # a user's module can fail in any way; report it in one line
-        raise UserError(f"--task {spec!r}: cannot import {module_name}: {type(e).__name__}: {e}") from e
-    cls = getattr(module, class_name, None)
+    cls = import_object(spec, "--task")
     if not (inspect.isclass(cls) and issubclass(cls, Task)):
-        raise UserError(f"--task {spec!r}: {class_name} is not a subclass of rto.tasks.Task in {module_name}")
-    return cls(seed=seed)
+        raise UserError(f"--task {spec!r}: {spec.rpartition(':')[2]} is not a subclass of rto.tasks.Task")
+    try:
+        return cls(seed=seed)
+    except Exception as e:
+        raise UserError(f"--task {spec!r}: cannot construct it: {type(e).__name__}: {e}") from None
 
 
 __all__ = ["Task", "KeyedTask", "load_task", "BUILTIN"]

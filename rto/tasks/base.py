@@ -70,6 +70,10 @@ class Task(ABC):
     def gold_reward(self, prompt: str, response: str) -> float:
         """The true reward of a response (decoded text, EOS included if generated)."""
 
+    def gold_parts(self, prompt: str, response: str) -> dict[str, float]:
+        """Named parts of the gold reward (summing to it), for reports; empty if not split."""
+        return {}
+
     def gold_token_rewards(self, prompt: str, response_tokens: list[str]) -> list[float] | None:
         """Per-token gold reward summing to `gold_reward`, or None where the task has none."""
         return None

@@ -37,6 +37,8 @@ import re
 from rto.tasks.base import Task
 
 PAD, EOS, SEP, UNK = "<pad>", "<eos>", "<sep>", "<unk>"
+# Keyed text has no sentences; for Semi-RTO these four symbols (1 token in 8) end a segment.
+SEGMENT_DELIMITERS = ["s0", "s1", "s2", "s3"]
 _TOKEN = re.compile(r"<eos>|<sep>|<pad>|<unk>|s\d+")
 
 
@@ -123,18 +125,28 @@ class KeyedTask(Task):
         return " ".join(out) + " " + EOS
 
     # --- gold reward -------------------------------------------------------------
-    def gold_token_rewards(self, prompt: str, response_tokens: list[str]) -> list[float]:
+    def _parts(self, prompt: str, response_tokens: list[str]) -> tuple[list[float], float]:
+        """(local reward of each token, global count reward)."""
         ps = self._prompt_symbols(prompt)
-        rewards = [0.0] * len(response_tokens)
+        local = [0.0] * len(response_tokens)
         for t, tok in enumerate(response_tokens):
             if tok == EOS:
                 break
             if tok == self.target(ps, t):
-                rewards[t] = 1.0 / self.n_scored
+                local[t] = 1.0 / self.n_scored
+        n = sum(tok in self.bonus for tok in response_tokens)
+        return local, self.bonus_weight * min(n, self.bonus_target) / self.bonus_target
+
+    def gold_token_rewards(self, prompt: str, response_tokens: list[str]) -> list[float]:
+        rewards, count = self._parts(prompt, response_tokens)
         if rewards:
-            n = sum(tok in self.bonus for tok in response_tokens)
-            rewards[-1] += self.bonus_weight * min(n, self.bonus_target) / self.bonus_target
+            rewards[-1] += count
         return rewards
+
+    def gold_parts(self, prompt: str, response: str) -> dict[str, float]:
+        tokens = split_tokens(response)
+        local, count = self._parts(prompt, tokens)
+        return {"local": sum(local), "count": count if tokens else 0.0}
 
     def gold_reward(self, prompt: str, response: str) -> float:
         return float(sum(self.gold_token_rewards(prompt, split_tokens(response))))
@@ -149,7 +161,9 @@ class KeyedTask(Task):
             "rm": {"epochs": 1},
             "dpo": {"epochs": 1},
             "ppo": {"iterations": 2, "rollout_batch_size": 16, "mini_batch_size": 8, "eval_every": 1, "n_eval": 32,
-                    "max_new_tokens": 24, "actor_lr": 1e-4, "critic_lr": 1e-4},
+                    "max_new_tokens": 24, "actor_lr": 1e-4, "critic_lr": 1e-4,
+                    "segment_delimiters": SEGMENT_DELIMITERS},
+            "eval": {"max_new_tokens": 24},
         },
         "default": {
             "data": {"n_sft": 4000, "n_rl_prompts": 2048, "n_dev": 128, "n_test": 512},
@@ -165,6 +179,7 @@ class KeyedTask(Task):
             # is clipped at +-1. The library defaults (0.05, 0.05, 0.01) are the reference code's.
             "ppo": {"iterations": 100, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 2,
                     "eval_every": 10, "n_eval": 128, "max_new_tokens": 24, "actor_lr": 1e-4, "critic_lr": 1e-4,
-                    "kl_coef": 0.05, "beta1": 0.3, "dpo_clip": 0.3},
+                    "kl_coef": 0.05, "beta1": 0.3, "dpo_clip": 0.3, "segment_delimiters": SEGMENT_DELIMITERS},
+            "eval": {"max_new_tokens": 24},
         },
     }

@@ -28,6 +28,13 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, gt: float | No
     return dataclasses.field(default=default, metadata=meta)
 
 
+def require(cfg, stage: str, *names: str) -> None:
+    """UserError for the first of `names` that is empty."""
+    for name in names:
+        if not getattr(cfg, name):
+            raise UserError(f"{stage}: --{name.replace('_', '-')} is required")
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

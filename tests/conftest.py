@@ -50,5 +50,7 @@ def prompt_file(tmp_path_factory, keyed):
     from rto.data import write_jsonl
 
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    write_jsonl(path, ({"prompt": p} for p in keyed.prompts("train", 32, seed=0)))
+    # Prompts of different lengths (2 to 8 symbols), so batches are left-padded.
+    prompts = [" ".join(p.split()[: 2 + i % 7]) + " <sep>" for i, p in enumerate(keyed.prompts("train", 32, seed=0))]
+    write_jsonl(path, ({"prompt": p} for p in prompts))
     return str(path)

@@ -114,3 +114,49 @@ def test_old_logprobs_equal_a_fresh_forward(tiny_dirs, prompt_file, tmp_path):
             logits = trainer.policy(torch.cat([p_ids, r_ids])[None]).logits[0, len(p_ids) - 1:-1] / 0.8
         fresh = torch.log_softmax(logits, -1).gather(-1, r_ids[:, None]).squeeze(-1)
         assert torch.allclose(exp["old_logp"][b, :n], fresh, atol=1e-5)
+
+
+def test_experience_rewards_with_padding_on_both_sides(tiny_dirs, prompt_file, tmp_path):
+    """Left-padded prompts, right-padded responses: the score lands on each response's last token."""
+    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.2, dpo_clip=None,
+                              kl_coef=0.1, max_new_tokens=10))
+    torch.manual_seed(4)
+    exp = trainer.make_experience(trainer.prompts[:8])
+    batch = exp["batch"]
+    assert (batch.prompt_mask == 0).any(), "the prompts should need left padding"
+    lengths = batch.response_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 1, "the responses should have different lengths"
+    m = batch.response_mask.float()
+    rest = exp["rewards"] - (-0.1 * exp["kl"] + exp["dpo_term"]) * m
+    for b in range(8):
+        last = int(lengths[b]) - 1
+        assert torch.allclose(rest[b, last], exp["score"][b], atol=1e-5)
+        rest[b, last] = 0
+    assert torch.allclose(rest, torch.zeros_like(rest), atol=1e-6)
+    assert (exp["rewards"][m == 0] == 0).all()
+
+
+def test_missing_eos_penalty(tiny_dirs, prompt_file, tmp_path):
+    kw = dict(reward="sparse", max_new_tokens=3)
+    scores = []
+    for penalty in (None, 2.0):
+        trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, missing_eos_penalty=penalty, **kw))
+        torch.manual_seed(6)
+        exp = trainer.make_experience(trainer.prompts[:8])
+        scores.append((exp["score"], exp["has_eos"]))
+    (s0, eos), (s1, _) = scores
+    assert (~eos).any()
+    assert torch.allclose(s1, torch.where(eos, s0, s0 - 2.0))
+
+
+def test_adaptive_kl_controller():
+    from rto.core.kl_control import AdaptiveKL, FixedKL
+
+    ctl = AdaptiveKL(0.1, target=6.0, horizon=100)
+    ctl.update(current_kl=12.0, n_steps=10)  # error clipped to +0.2 -> x1.02
+    assert abs(ctl.value - 0.102) < 1e-12
+    ctl.update(current_kl=3.0, n_steps=10)  # error -0.5 clipped to -0.2 -> x0.98
+    assert abs(ctl.value - 0.102 * 0.98) < 1e-12
+    fixed = FixedKL(0.1)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.1

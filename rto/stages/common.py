@@ -6,6 +6,7 @@ import os
 import random
 import sys
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,8 +32,29 @@ def progress_enabled() -> bool:
     return os.environ.get("RTO_PROGRESS", "1") != "0" and sys.stderr is not None
 
 
-def trl_common_args(out: str, seed: int, epochs: float, batch_size: int, learning_rate: float,
-                    max_length: int, warmup_ratio: float) -> dict:
+# Fields every stage config has.
+def seed_field():
+    return opt(0, "random seed", ge=0)
+
+
+def threads_field():
+    return opt(0, "torch threads (0 = torch's default; use 1 per process when processes share cores)", ge=0)
+
+
+@dataclass
+class TrainingFields:
+    """Settings every TRL-backed stage (SFT, RM, DPO) shares; each stage's config extends it."""
+
+    epochs: float = opt(3.0, "training epochs", gt=0)
+    learning_rate: float = opt(5e-4, "peak learning rate", gt=0)
+    batch_size: int = opt(32, "batch size (rows, or pairs)", ge=1)
+    max_length: int = opt(128, "longest prompt + response in tokens", ge=2)
+    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
+    seed: int = seed_field()
+    threads: int = threads_field()
+
+
+def trl_common_args(cfg: TrainingFields, out: str) -> dict:
     """TrainingArguments for TRL on any machine: no hub, no checkpoints, no reporting.
 
     bf16 and gradient checkpointing are off because the built-in models are tiny;
@@ -42,17 +64,9 @@ def trl_common_args(out: str, seed: int, epochs: float, batch_size: int, learnin
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     return dict(
         output_dir=os.path.join(out + ".trl"), report_to="none", save_strategy="no", bf16=False,
-        gradient_checkpointing=False, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, max_length=max_length, seed=seed, data_seed=seed, logging_steps=50,
-        lr_scheduler_type="cosine", warmup_steps=warmup_ratio, disable_tqdm=not progress_enabled(),
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), log_level="warning",
+        gradient_checkpointing=False, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, max_length=cfg.max_length, seed=cfg.seed, data_seed=cfg.seed,
+        logging_steps=50, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
+        disable_tqdm=not progress_enabled(), dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        log_level="warning",
     )
-
-
-# Fields every stage config has.
-def seed_field():
-    return opt(0, "random seed", ge=0)
-
-
-def threads_field():
-    return opt(0, "torch threads (0 = torch's default; use 1 per process when processes share cores)", ge=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rto.config import opt
+from rto.config import opt, require
 from rto.data import PROMPT_FIELDS, read_jsonl, write_json, write_jsonl
 from rto.errors import UserError
 from rto.stages.common import seed_field, setup, threads_field
@@ -42,9 +42,7 @@ class EvalStageConfig:
         return out
 
     def validate(self):
-        for name in ("prompts", "out"):
-            if not getattr(self, name):
-                raise UserError(f"eval: --{name} is required")
+        require(self, "eval", "prompts", "out")
         models = self.parsed_models()
         if not models:
             raise UserError("eval: --models is required")

@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from rto.config import opt
+from rto.config import opt, require
 from rto.core.advantages import gae, masked_mean, reinforce_pp, whiten
 from rto.core.kl_control import AdaptiveKL, FixedKL
 from rto.core.losses import entropy_from_logits, explained_variance, policy_loss, value_loss
@@ -112,9 +112,7 @@ class PPOStageConfig:
         return self.reward != "dpo-only" and self.rm_weight != 0
 
     def validate(self):
-        for name in ("policy", "prompts", "out"):
-            if not getattr(self, name):
-                raise UserError(f"ppo: --{name} is required")
+        require(self, "ppo", "policy", "prompts", "out")
         if self.uses_rm and not self.reward_model:
             raise UserError(f"ppo: --reward {self.reward} needs --reward-model")
         if self.uses_dpo and not self.dpo_model:

@@ -13,31 +13,21 @@ from dataclasses import dataclass
 
 import torch
 
-from rto.config import opt
+from rto.config import opt, require
 from rto.data import PREFERENCE_FIELDS, read_jsonl, write_json
 from rto import progress
-from rto.errors import UserError
-from rto.stages.common import seed_field, setup, threads_field, trl_common_args
+from rto.stages.common import TrainingFields, setup, trl_common_args
 
 
 @dataclass
-class RMStageConfig:
+class RMStageConfig(TrainingFields):
     model: str = opt("", "SFT model directory to start from")
     data: str = opt("", "JSONL file of {prompt, chosen, rejected} rows")
     out: str = opt("", "output model directory")
     eval_data: str = opt("", "held-out pairs to report accuracy on (empty: none)")
-    epochs: float = opt(3.0, "training epochs", gt=0)
-    learning_rate: float = opt(5e-4, "peak learning rate", gt=0)
-    batch_size: int = opt(32, "batch size (pairs)", ge=1)
-    max_length: int = opt(128, "longest prompt + response in tokens", ge=2)
-    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
-    seed: int = seed_field()
-    threads: int = threads_field()
 
     def validate(self):
-        for name in ("model", "data", "out"):
-            if not getattr(self, name):
-                raise UserError(f"rm: --{name} is required")
+        require(self, "rm", "model", "data", "out")
 
 
 def pair_accuracy(model, tokenizer, rows: list[dict]) -> float:
@@ -64,8 +54,7 @@ def run(cfg: RMStageConfig) -> dict:
     model = load_score_model(cfg.model, what="SFT model")
     model.config.pad_token_id = tokenizer.pad_token_id
     dataset = Dataset.from_list([{k: r[k] for k in PREFERENCE_FIELDS} for r in rows])
-    args = RewardConfig(**trl_common_args(cfg.out, cfg.seed, cfg.epochs, cfg.batch_size, cfg.learning_rate,
-                                          cfg.max_length, cfg.warmup_ratio))
+    args = RewardConfig(**trl_common_args(cfg, cfg.out))
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[progress.trainer_callback()])
     start = time.time()

@@ -11,31 +11,23 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from rto.config import opt
+from rto.config import opt, require
 from rto.data import SFT_FIELDS, read_jsonl, write_json
 from rto import progress
-from rto.errors import UserError
-from rto.stages.common import seed_field, setup, threads_field, trl_common_args
+from rto.stages.common import TrainingFields, setup, trl_common_args
 
 
 @dataclass
-class SFTStageConfig:
+class SFTStageConfig(TrainingFields):
     data: str = opt("", "JSONL file of {prompt, completion} rows")
     out: str = opt("", "output model directory")
     model: str = opt("", "model directory to start from (empty: a new model for --task)")
     task: str = opt("keyed", "task whose tokenizer and model size a new model uses")
-    epochs: float = opt(3.0, "training epochs", gt=0)
     learning_rate: float = opt(1e-3, "peak learning rate", gt=0)
     batch_size: int = opt(64, "batch size", ge=1)
-    max_length: int = opt(128, "longest prompt + completion in tokens", ge=2)
-    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
-    seed: int = seed_field()
-    threads: int = threads_field()
 
     def validate(self):
-        for name in ("data", "out"):
-            if not getattr(self, name):
-                raise UserError(f"sft: --{name} is required")
+        require(self, "sft", "data", "out")
 
 
 def run(cfg: SFTStageConfig) -> dict:
@@ -56,8 +48,7 @@ def run(cfg: SFTStageConfig) -> dict:
         tokenizer = task.tokenizer()
         model = build_causal_lm(tokenizer, task.model_config(), cfg.seed)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    args = SFTConfig(**trl_common_args(cfg.out, cfg.seed, cfg.epochs, cfg.batch_size, cfg.learning_rate,
-                                       cfg.max_length, cfg.warmup_ratio))
+    args = SFTConfig(**trl_common_args(cfg, cfg.out))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[progress.trainer_callback()])
     start = time.time()

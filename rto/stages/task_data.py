@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from rto.config import opt
+from rto.config import opt, require
 from rto.data import write_json, write_jsonl
-from rto.errors import UserError
 from rto.stages.common import seed_field, setup, threads_field
 
 
@@ -34,8 +33,7 @@ class DataStageConfig:
     seed: int = seed_field()
 
     def validate(self):
-        if not self.out:
-            raise UserError("data: --out is required")
+        require(self, "data", "out")
 
 
 def run_data(cfg: DataStageConfig) -> dict:
@@ -73,9 +71,7 @@ class PairsStageConfig:
     threads: int = threads_field()
 
     def validate(self):
-        for name in ("model", "out"):
-            if not getattr(self, name):
-                raise UserError(f"pairs: --{name} is required")
+        require(self, "pairs", "model", "out")
 
 
 def _sample_two(policy, tokenizer, prompts, cfg) -> tuple[list[str], list[str]]:

@@ -49,11 +49,15 @@ def load_tokenizer(path: str | Path, what: str = "model"):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
         raise UserError(f"{what} {path}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return check_tokenizer(tok, f"{what} {path}")
+
+
+def check_tokenizer(tok, where: str):
+    """EOS and a pad distinct from EOS: "last non-pad token" must be the response's end for the RM."""
     if tok.eos_token_id is None:
-        raise UserError(f"{what} {path}: the tokenizer has no EOS token")
+        raise UserError(f"{where}: the tokenizer has no EOS token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # A pad distinct from EOS keeps "last non-pad token" well defined for the RM.
-        raise UserError(f"{what} {path}: the tokenizer needs a pad token distinct from EOS")
+        raise UserError(f"{where}: the tokenizer needs a pad token distinct from EOS")
     return tok
 
 

@@ -70,3 +70,12 @@ def test_smoke_pipeline_every_variant(tmp_path):
     assert list(summary["methods"]) == methods.split(",")
     ppo_cfgs = {m: (tmp_path / "run" / "configs" / f"{m}.yaml").read_text() for m in methods.split(",")[2:]}
     assert "reward: ddpo" in ppo_cfgs["ddpo"] and "estimator: reinforce++" in ppo_cfgs["rto-reinforce++"]
+
+
+def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
+    task = os.path.join(os.path.dirname(__file__), "fixtures", "reverse_task.py") + ":ReverseTask"
+    proc = rto("pipeline", "--task", task, "--preset", "tiny", "--out", str(tmp_path / "run"), "--jobs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"sft", "dpo", "ppo", "rto"}
+    assert all(0.0 <= m["gold_reward"] <= 1.0 for m in summary["methods"].values())

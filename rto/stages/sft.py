@@ -36,7 +36,7 @@ def run(cfg: SFTStageConfig) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rto.models import build_causal_lm, load_causal_lm, load_tokenizer, save_model
+    from rto.models import build_causal_lm, check_tokenizer, load_causal_lm, load_tokenizer, save_model
 
     if cfg.model:
         tokenizer = load_tokenizer(cfg.model)
@@ -45,7 +45,7 @@ def run(cfg: SFTStageConfig) -> dict:
         from rto.tasks import load_task
 
         task = load_task(cfg.task)
-        tokenizer = task.tokenizer()
+        tokenizer = check_tokenizer(task.tokenizer(), f"task {cfg.task}")
         model = build_causal_lm(tokenizer, task.model_config(), cfg.seed)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     args = SFTConfig(**trl_common_args(cfg, cfg.out))

@@ -20,8 +20,9 @@ class Task(ABC):
     """Base class for a task. Subclass it and point `--task pkg.module:Class` at it."""
 
     name: str = "task"
-    # Stage overrides per preset, e.g. {"smoke": {"sft": {"epochs": 1}, "ppo": {...}}}.
-    presets: dict[str, dict[str, dict[str, Any]]] = {}
+    # Stage settings per preset, e.g. {"smoke": {"sft": {"epochs": 1}, "ppo": {...}}};
+    # "default" with no settings runs every stage with the library defaults.
+    presets: dict[str, dict[str, dict[str, Any]]] = {"default": {}}
 
     def __init__(self, seed: int = 0):
         self.seed = seed

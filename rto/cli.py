@@ -24,6 +24,7 @@ from rto.errors import UserError  # noqa: E402
 
 def _parser() -> argparse.ArgumentParser:
     from rto.pipeline import PipelineConfig
+    from rto.reproduce import ReproduceConfig
     from rto.stages import STAGES
 
     parser = argparse.ArgumentParser(prog="rto", description="Reinforced Token Optimization (RTO) for RLHF.")
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = {name: (stage.summary, lambda s=stage: s.load()) for name, stage in STAGES.items()}
     commands["pipeline"] = ("the whole pipeline: data, SFT, pairs, RM, DPO, PPO/RTO, eval, report",
                             lambda: (PipelineConfig, None))
+    commands["reproduce"] = ("the paper's claims over seeds: every method, ablation, data fraction and tuning grid",
+                             lambda: (ReproduceConfig, None))
     for name, (summary, load) in commands.items():
         cls, _ = load()
         p = sub.add_parser(name, help=summary, description=summary)
@@ -76,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "set_values")}
         yaml_values = load_yaml(args.config) if args.config else {}
+        if args.command == "reproduce":
+            from rto.reproduce import ReproduceConfig, run
+
+            run(from_sources(ReproduceConfig, yaml_values, str(args.config or ""), values))
+            return 0
         if args.command == "pipeline":
             from rto.pipeline import PipelineConfig, run
 

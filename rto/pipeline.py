@@ -47,6 +47,7 @@ class PipelineConfig:
     seed: int = opt(0, "random seed", ge=0)
     jobs: int = opt(2, "independent stages run at once as processes (1: one after another)", ge=1)
     threads: int = opt(0, "torch threads per process (0: cores / jobs)", ge=0)
+    resume: bool = opt(False, "skip stages that finished before with the same settings (OUT/configs/*.done)")
     data: dict = opt({}, "settings of `rto data`")
     sft: dict = opt({}, "settings of `rto sft`")
     pairs: dict = opt({}, "settings of `rto pairs`")
@@ -90,6 +91,7 @@ class Pipeline:
         self.preset = presets[cfg.preset]
         self.cores = os.cpu_count() or 1
         self.timings: dict[str, float] = {}
+        self.job_configs: dict[str, object] = {}
 
     # --- configs -------------------------------------------------------------------------
     def stage_config(self, stage: str, section: str, wiring: dict, extra: dict | None = None):
@@ -110,17 +112,36 @@ class Pipeline:
         path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return path
 
+    def _done_marker(self, name: str) -> Path:
+        return self.out / "configs" / f"{name}.done"
+
+    def already_done(self, name: str, cfg) -> bool:
+        """With `resume`: the stage finished before with exactly this config (its marker says so)."""
+        marker = self._done_marker(name)
+        if self.cfg.resume and marker.is_file() and marker.read_text() == yaml.safe_dump(to_dict(cfg), sort_keys=False):
+            print(f"[rto] {name}: finished before with the same settings, skipped", file=sys.stderr, flush=True)
+            return True
+        marker.unlink(missing_ok=True)
+        return False
+
+    def mark_done(self, name: str, cfg) -> None:
+        self._done_marker(name).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
     def run_one(self, name: str, stage: str, cfg) -> None:
         """In this process, with the stage's own progress bar."""
+        if self.already_done(name, cfg):
+            return
         self._write_config(name, cfg)
         _, run = STAGES[stage].load()
         print(f"[rto] {name}: {STAGES[stage].summary}", file=sys.stderr, flush=True)
         t = time.time()
         run(cfg)
         self.timings[name] = time.time() - t
+        self.mark_done(name, cfg)
 
     def run_group(self, jobs: list[tuple[str, str, object]]) -> None:
         """Independent stages: in parallel processes when jobs > 1, else one after another."""
+        jobs = [job for job in jobs if not self.already_done(job[0], job[2])]
         if self.cfg.jobs <= 1 or len(jobs) <= 1:
             for job in jobs:
                 self.run_one(*job)
@@ -138,9 +159,11 @@ class Pipeline:
                 name, stage, cfg = pending.pop(0)
                 cfg_path = self._write_config(name, cfg)
                 prog = logs / f"{name}.progress.json"
+                prog.parent.mkdir(parents=True, exist_ok=True)
                 prog.unlink(missing_ok=True)
                 env = dict(os.environ, RTO_PROGRESS="0", **{progress.ENV: str(prog)},
                            OMP_NUM_THREADS=str(getattr(cfg, "threads", 1) or 1))
+                (logs / f"{name}.log").parent.mkdir(parents=True, exist_ok=True)
                 log = open(logs / f"{name}.log", "w")
                 proc = subprocess.Popen([sys.executable, "-m", "rto.cli", stage, "--config", str(cfg_path)],
                                         stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -148,6 +171,7 @@ class Pipeline:
                            dynamic_ncols=True, disable=os.environ.get("RTO_PROGRESS", "1") == "0")
                 slot += 1
                 running[name] = (proc, bar, prog, time.time())
+                self.job_configs[name] = cfg
             time.sleep(0.5)
             for name in list(running):
                 proc, bar, prog, started = running[name]
@@ -165,6 +189,8 @@ class Pipeline:
                     if proc.returncode != 0:
                         failed.append(name)
                         pending.clear()
+                    else:
+                        self.mark_done(name, self.job_configs[name])
         if failed:
             name = failed[0]
             tail = (self.out / "logs" / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
@@ -172,18 +198,21 @@ class Pipeline:
                             f"full log: {self.out / 'logs' / (name + '.log')}")
 
     # --- the pipeline ----------------------------------------------------------------------
-    def run(self) -> dict:
-        cfg, out = self.cfg, self.out
-        start = time.time()
-        out.mkdir(parents=True, exist_ok=True)
-        d = out / "data"
-        rl_methods = [m for m in cfg.methods if m in RL_METHODS]
-        needs_dpo = "dpo" in cfg.methods or any(
-            _merge(self.preset.get("ppo", {}), cfg.ppo, RL_METHODS[m], cfg.method_overrides.get(m, {})).get("reward", "sparse")
-            != "sparse" for m in rl_methods)
-        needs_rm = bool(rl_methods)
-        seq_threads = self.threads_for(1)
+    def needs(self, methods: list[str]) -> tuple[bool, bool]:
+        """(needs an RM, needs a DPO model) for these methods."""
+        rl = [m for m in methods if m in RL_METHODS]
+        needs_dpo = "dpo" in methods or any(self.rl_settings(m).get("reward", "sparse") != "sparse" for m in rl)
+        return bool(rl), needs_dpo
 
+    def rl_settings(self, method: str, extra: dict | None = None) -> dict:
+        cfg = self.cfg
+        return _merge(self.preset.get("ppo", {}), cfg.ppo, RL_METHODS[method], cfg.method_overrides.get(method, {}),
+                      extra)
+
+    def offline(self, needs_rm: bool, needs_dpo: bool) -> None:
+        """data -> SFT -> pairs -> (RM, DPO): everything the RL methods share."""
+        cfg, out, d = self.cfg, self.out, self.out / "data"
+        seq_threads = self.threads_for(1)
         self.run_one("data", "data", self.stage_config("data", "data", {"out": str(d), "task": cfg.task, "seed": cfg.seed}))
         self.run_one("sft", "sft", self.stage_config("sft", "sft", {
             "data": str(d / "sft.jsonl"), "out": str(out / "sft"), "task": cfg.task, "seed": cfg.seed,
@@ -191,7 +220,6 @@ class Pipeline:
         if needs_rm or needs_dpo:
             self.run_one("pairs", "pairs", self.stage_config("pairs", "pairs", {
                 "model": str(out / "sft"), "out": str(d), "task": cfg.task, "seed": cfg.seed, "threads": seq_threads}))
-
         offline = []
         group_threads = self.threads_for(min(cfg.jobs, 2))
         if needs_rm:
@@ -206,24 +234,43 @@ class Pipeline:
                 "seed": cfg.seed, "threads": group_threads})))
         self.run_group(offline)
 
-        rl_threads = self.threads_for(min(cfg.jobs, len(rl_methods) or 1))
-        rl_jobs = []
-        for m in rl_methods:
-            wiring = {"policy": str(out / "sft"), "prompts": str(d / "rl_prompts.jsonl"), "out": str(out / m),
-                      "reward_model": str(out / "rm"), "dpo_model": str(out / "dpo") if needs_dpo else "",
-                      "eval_prompts": str(d / "dev_prompts.jsonl"), "task": cfg.task, "seed": cfg.seed,
-                      "threads": rl_threads}
-            extra = _merge(RL_METHODS[m], cfg.method_overrides.get(m, {}))
-            rl_jobs.append((m, "ppo", self.stage_config("ppo", "ppo", wiring, extra)))
-        self.run_group(rl_jobs)
+    def rl_job(self, name: str, method: str, extra: dict | None = None, prompts: Path | None = None,
+               threads: int = 1) -> tuple[str, str, object]:
+        """An `rto ppo` job for `method` (a key of RL_METHODS), written to OUT/name."""
+        cfg, out, d = self.cfg, self.out, self.out / "data"
+        wiring = {"policy": str(out / "sft"), "prompts": str(prompts or d / "rl_prompts.jsonl"), "out": str(out / name),
+                  "reward_model": str(out / "rm"),
+                  "dpo_model": str(out / "dpo") if (out / "dpo").is_dir() else "",
+                  "eval_prompts": str(d / "dev_prompts.jsonl"), "task": cfg.task, "seed": cfg.seed, "threads": threads}
+        values = _merge(self.rl_settings(method, extra), wiring)
+        cls, _ = STAGES["ppo"].load()
+        return name, "ppo", build(cls, values, f"pipeline {name}")
 
-        paths = {"sft": out / "sft", "dpo": out / "dpo"} | {m: out / m / "policy" for m in rl_methods}
-        eval_models = [f"{m}={paths[m]}" for m in cfg.methods]
+    def evaluate(self, models: dict[str, Path], out_file: Path, with_rm: bool) -> dict:
+        import json
+
+        cfg = self.cfg
         eval_cfg = self.stage_config("eval", "eval", {
-            "models": eval_models, "prompts": str(d / "test_prompts.jsonl"), "out": str(out / "eval.json"),
-            "task": cfg.task, "baseline": "sft", "reward_model": str(out / "rm") if needs_rm else "",
-            "seed": cfg.seed, "threads": seq_threads})
+            "models": [f"{name}={path}" for name, path in models.items()],
+            "prompts": str(self.out / "data" / "test_prompts.jsonl"), "out": str(out_file), "task": cfg.task,
+            "baseline": "sft", "reward_model": str(self.out / "rm") if with_rm else "", "seed": cfg.seed,
+            "threads": self.threads_for(1)})
+        self._done_marker("eval").unlink(missing_ok=True)  # cheap, and the models may have changed
         self.run_one("eval", "eval", eval_cfg)
+        return json.loads(Path(out_file).read_text())
+
+    def run(self) -> dict:
+        cfg, out = self.cfg, self.out
+        start = time.time()
+        out.mkdir(parents=True, exist_ok=True)
+        needs_rm, needs_dpo = self.needs(cfg.methods)
+        self.offline(needs_rm, needs_dpo)
+        rl_methods = [m for m in cfg.methods if m in RL_METHODS]
+        rl_threads = self.threads_for(min(cfg.jobs, len(rl_methods) or 1))
+        rl_jobs = [self.rl_job(m, m, threads=rl_threads) for m in rl_methods]
+        self.run_group(rl_jobs)
+        paths = {"sft": out / "sft", "dpo": out / "dpo"} | {m: out / m / "policy" for m in rl_methods}
+        self.evaluate({m: paths[m] for m in cfg.methods}, out / "eval.json", needs_rm)
         return self.summarise(start, rl_jobs)
 
     def summarise(self, start: float, rl_jobs: list) -> dict:

@@ -301,11 +301,12 @@ class PPOTrainer:
 
     # --- 6: evaluation and logging --------------------------------------------------------
     def evaluate(self, iteration: int) -> dict:
-        from rto.evaluate import gold_rewards, rm_scores, sample
+        from rto.evaluate import gold_rewards, kl_to, rm_scores, sample
 
         texts, batches = sample(self.policy, self.tokenizer, self.eval_prompts, max_new_tokens=self.cfg.max_new_tokens,
                                 temperature=self.cfg.temperature, seed=self.cfg.seed + 7919)
-        point = {"iteration": iteration, "prompts_seen": iteration * self.cfg.rollout_batch_size}
+        point = {"iteration": iteration, "prompts_seen": iteration * self.cfg.rollout_batch_size,
+                 "kl_to_ref": kl_to(self.policy, self.ref, batches)}
         if self.task is not None:
             g = gold_rewards(self.task, self.eval_prompts, texts)
             point["gold_reward"] = sum(g) / len(g)

@@ -103,6 +103,20 @@ def aggregate(per_seed: list[dict], out: Path, cfg) -> dict:
             m["gold_parts"] = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
         methods[name] = m
 
+    # Paired differences (same seed, same prompt), for the paper's claims.
+    def diff(a: str, b: str) -> dict:
+        if a not in methods or b not in methods:
+            return {}
+        d = [[x["gold_reward"] - y["gold_reward"] for x, y in zip(samples[s][a], samples[s][b])] for s in seeds]
+        flat_d = [x for v in d for x in v]
+        return {"mean": sum(flat_d) / len(flat_d), "ci": list(hierarchical_ci(d, seed=2))}
+
+    comparisons = {f"{a} - {b}": diff(a, b) for a, b in (
+        ("rto", "ppo"), ("ppo", "dpo"), ("dpo", "sft"), ("rto", "dpo"), ("rs", "rto"), ("semi", "ppo"),
+        ("rto", "semi"), ("ddpo", "ppo"), ("rto-reinforce++", "reinforce++"), ("rto-gold", "ppo-gold"),
+        ("ppo-dense-gold", "ppo-gold"))}
+    comparisons = {k: v for k, v in comparisons.items() if v}
+
     # Data efficiency: same number of optimiser steps on 1/16 ... 1/1 of the prompt pool.
     pool = per_seed[0]["prompt_pool"]
     eff = {"fractions": cfg.fractions, "prompts": [max(1, round(pool * f)) for f in cfg.fractions]}
@@ -134,7 +148,7 @@ def aggregate(per_seed: list[dict], out: Path, cfg) -> dict:
     rm_acc = [ps["rm_accuracy"] for ps in per_seed if ps.get("rm_accuracy") is not None]
     return {
         "task": cfg.task, "preset": cfg.preset, "seeds": seeds, "n_test_prompts": len(samples[seeds[0]]["sft"]),
-        "methods": methods, "data_efficiency": eff, "curves": curves, "reference_lines": refs,
+        "methods": methods, "comparisons": comparisons, "data_efficiency": eff, "curves": curves, "reference_lines": refs,
         "rm_accuracy": sum(rm_acc) / len(rm_acc) if rm_acc else None, "rm_accuracy_per_seed": rm_acc,
         "dpo_gold_reward": methods.get("dpo", {}).get("gold_reward"),
         "token_alignment": {str(ps["seed"]): ps.get("token_alignment", {}) for ps in per_seed},
@@ -268,3 +282,58 @@ def _save(fig, path: Path, plt) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _ci(m: dict, key: str = "gold_reward") -> str:
+    lo, hi = m[f"{key}_ci"]
+    return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def results_markdown(results: dict, command: str) -> str:
+    """The tables of a reproduction as Markdown (the claims paragraph is written by a person)."""
+    ms = results["methods"]
+    lines = [f"Command: `{command}`", "",
+             f"Machine: {results.get('machine', '?')}. Wall time: {results.get('wall_time_s', 0) / 60:.0f} min. "
+             f"Seeds: {results['seeds']}; {results['n_test_prompts']} test prompts per seed, one sample each. "
+             "Intervals: 95% hierarchical bootstrap over seeds and prompts.", ""]
+    lines += ["| method | gold reward [95% CI] | " + " | ".join(f"gold:{k}" for k in next(
+        (m["gold_parts"] for m in ms.values() if m.get("gold_parts")), {})) + " | win vs SFT [95% CI] | KL to SFT | RM score |"]
+    parts = list(next((m["gold_parts"] for m in ms.values() if m.get("gold_parts")), {}))
+    lines.append("|" + "---|" * (5 + len(parts)))
+    for name, m in ms.items():
+        if "@" in name:
+            continue
+        p = " | ".join(f"{m.get('gold_parts', {}).get(k, float('nan')):.3f}" for k in parts)
+        lines.append(f"| {name} | {_ci(m)} | {p} | {_ci(m, 'win_rate_vs_sft')} | {m['kl_to_sft']:.2f} | {m['rm_score']:.3f} |")
+    lines += ["", "Paired differences in gold reward (same seed, same prompt):", "",
+              "| comparison | mean [95% CI] |", "|---|---|"]
+    for k, v in results["comparisons"].items():
+        lines.append(f"| {k} | {v['mean']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}] |")
+    eff = results["data_efficiency"]
+    lines += ["", "Data efficiency (same number of optimiser steps; test gold reward):", "",
+              "| prompt pool | " + " | ".join(str(n) for n in eff["prompts"]) + " |",
+              "|---|" + "---|" * len(eff["prompts"])]
+    for m in ("ppo", "rto"):
+        lines.append(f"| {m} | " + " | ".join(_ci(r) for r in eff[m]) + " |")
+    ratio = eff["ratio"]
+    lines += ["", f"Data-efficiency ratio ({eff['definition']}): " +
+              ("RTO never reached it" if ratio is None else f"{'>= ' if eff['ratio_is_lower_bound'] else ''}{ratio:g}") + "."]
+    tuning = results.get("tuning", {})
+    for seed, grids in tuning.get("grids", {}).items():
+        lines += ["", f"Tuning on the dev split (seed {seed}; final dev gold reward):", "",
+                  "| actor/critic lr | KL coef | dev gold |", "|---|---|---|"]
+        lines += [f"| {r['actor_lr']:g} | {r['kl_coef']:g} | {r['dev_gold']:.3f} |" for r in grids["ppo_grid"]]
+        lines += ["", "| RTO beta1 | dpo_clip | dev gold |", "|---|---|---|"]
+        lines += [f"| {r['beta1']:g} | {r['dpo_clip']:g} | {r['dev_gold']:.3f} |" for r in grids["rto_grid"]]
+    if tuning.get("chosen"):
+        lines += ["", "Chosen: " + ", ".join(f"{k} = {v:g}" for k, v in tuning["chosen"].items()) + "."]
+    if results.get("rm_accuracy") is not None:
+        lines += ["", f"RM held-out accuracy against the gold order: {results['rm_accuracy']:.3f} "
+                      f"(per seed: {', '.join(f'{a:.3f}' for a in results['rm_accuracy_per_seed'])})."]
+    align = [a for a in results.get("token_alignment", {}).values() if a]
+    if align:
+        lines += [f"Pearson correlation of the DPO log-ratio with the true per-token gold reward on SFT samples: "
+                  f"{sum(a['pearson_all_tokens'] for a in align) / len(align):.3f} over all tokens, "
+                  f"{sum(a['pearson_before_last_token'] for a in align) / len(align):.3f} over all but the last "
+                  f"(the last token also carries the sequence-level part)."]
+    return "\n".join(lines) + "\n"

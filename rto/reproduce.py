@@ -56,6 +56,7 @@ class ReproduceConfig:
     tune: Literal["first-seed", "every-seed"] = opt("first-seed", "tune on the first seed only, or on each")
     gold_references: bool = opt(True, "also run the gold-reward reference points")
     resume: bool = opt(True, "skip runs that finished before with the same settings")
+    report_only: bool = opt(False, "only rebuild results.json, results.md and the figures from OUT/per_seed.json")
     ppo: dict = opt({}, "extra `rto ppo` settings for every RL run")
 
     def validate(self):
@@ -174,17 +175,28 @@ class Reproduction:
         start = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         seeds = [cfg.first_seed + i for i in range(cfg.seeds)]
-        per_seed = []
-        for i, seed in enumerate(seeds):
-            print(f"[rto] reproduce: seed {seed} ({i + 1} of {len(seeds)})", flush=True)
-            per_seed.append(self.run_seed(seed, tune=i == 0 or cfg.tune == "every-seed"))
-            write_json(self.out / "per_seed.json", per_seed)
+        if cfg.report_only:
+            per_seed = json.loads((self.out / "per_seed.json").read_text())
+            previous = json.loads((self.out / "results.json").read_text()) if (self.out / "results.json").is_file() else {}
+            self.tuning = previous.get("tuning", {}).get("grids", {})
+            self.chosen = previous.get("tuning", {}).get("chosen", {})
+            start -= previous.get("wall_time_s", 0.0)
+        else:
+            per_seed = []
+            for i, seed in enumerate(seeds):
+                print(f"[rto] reproduce: seed {seed} ({i + 1} of {len(seeds)})", flush=True)
+                per_seed.append(self.run_seed(seed, tune=i == 0 or cfg.tune == "every-seed"))
+                write_json(self.out / "per_seed.json", per_seed)
         results = aggregate(per_seed, self.out, cfg)
         results["tuning"] = {"grids": self.tuning, "chosen": self.chosen, "protocol": cfg.tune}
         results["wall_time_s"] = time.time() - start
         results["machine"] = _machine()
         write_json(self.out / "results.json", results)
         write_figures(results, per_seed, self.out, cfg)
+        from rto.report_reproduce import results_markdown
+
+        command = f"rto reproduce --task {cfg.task} --seeds {cfg.seeds}" + (" --quick" if cfg.quick else "")
+        (self.out / "results.md").write_text(results_markdown(results, command))
         from rto.report_reproduce import summary_table
 
         print(summary_table(results))

@@ -101,9 +101,11 @@ class Pipeline:
         return build(cls, values, f"pipeline {section}")
 
     def threads_for(self, parallel: int) -> int:
+        """Threads per process: the config's, else cores / processes, capped by OMP_NUM_THREADS if set."""
         if self.cfg.threads:
             return self.cfg.threads
-        return max(1, self.cores // max(1, parallel))
+        cap = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or self.cores
+        return max(1, min(cap, self.cores // max(1, parallel)))
 
     # --- running -------------------------------------------------------------------------
     def _write_config(self, name: str, cfg) -> Path:

@@ -46,3 +46,26 @@ def test_load_yaml_errors(tmp_path):
         load_yaml(lst)
     with pytest.raises(UserError, match="not found"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+def test_pipeline_set_overrides_and_bad_section_keys(tmp_path):
+    from rto.cli import _pipeline_sets
+    from rto.pipeline import Pipeline, PipelineConfig
+
+    sets = _pipeline_sets(["ppo.actor_lr=1e-5", "ppo.whiten_advantages=false", "method_overrides.rto.beta1=0.2"])
+    # YAML reads 1e-5 as a string; the config build coerces it like any command-line value.
+    assert float(sets["ppo"]["actor_lr"]) == 1e-5 and sets["ppo"]["whiten_advantages"] is False
+    assert sets["method_overrides"] == {"rto": {"beta1": 0.2}}
+    with pytest.raises(UserError, match="expected SECTION.KEY=VALUE"):
+        _pipeline_sets(["actor_lr=1"])
+    cfg = build(PipelineConfig, {"out": str(tmp_path), "ppo": {"actor_lrr": 1.0}}, "x.yaml")
+    pipe = Pipeline(cfg)
+    with pytest.raises(UserError, match="pipeline ppo: unknown setting 'actor_lrr'"):
+        pipe.rl_job("ppo", "ppo")
+    good = Pipeline(build(PipelineConfig, {"out": str(tmp_path), "ppo": sets["ppo"], "method_overrides":
+                                           sets["method_overrides"]}, "x.yaml"))
+    (tmp_path / "dpo").mkdir()  # the pipeline wires OUT/dpo in once DPO has run
+    _, _, rto_cfg = good.rl_job("rto", "rto")
+    assert rto_cfg.actor_lr == 1e-5 and rto_cfg.beta1 == 0.2 and rto_cfg.whiten_advantages is False
+    with pytest.raises(UserError, match="method_overrides names 'magic'"):
+        build(PipelineConfig, {"out": "o", "method_overrides": {"magic": {}}}, "x.yaml")

@@ -9,6 +9,14 @@ def _fmt(x, spec=".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def format_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Aligned text columns: the first left-aligned, the rest right-aligned, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def results_table(summary: dict) -> str:
     methods = summary["methods"]
     base = summary.get("baseline", "sft")
@@ -21,9 +29,7 @@ def results_table(summary: dict) -> str:
         parts = [_fmt((m.get("gold_parts") or {}).get(p)) for p in part_names]
         rows.append((name, gold, *parts, _fmt(m.get(f"win_rate_vs_{base}")), _fmt(m.get(f"kl_to_{base}"), ".2f"),
                      _fmt(m.get("rm_score")), _fmt(m.get("response_length"), ".1f")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = format_table(rows)
     notes = []
     if "rm_accuracy" in summary:
         notes.append(f"RM held-out accuracy against the gold order: {summary['rm_accuracy']:.3f}")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from rto.report import format_table
+
 
 def hierarchical_ci(values_by_seed: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     groups = [torch.tensor(v, dtype=torch.float64) for v in values_by_seed if v]
@@ -163,9 +165,7 @@ def summary_table(results: dict) -> str:
         rows.append((name, f"{m['gold_reward']:.3f} [{lo:.3f}, {hi:.3f}]",
                      f"{m['win_rate_vs_sft']:.3f} [{wlo:.3f}, {whi:.3f}]", f"{m['kl_to_sft']:.2f}",
                      f"{m['rm_score']:.3f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = format_table(rows)
     eff = results["data_efficiency"]
     ratio = eff["ratio"]
     lines.append("")

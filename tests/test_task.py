@@ -38,7 +38,11 @@ def test_gold_reward_by_hand():
     assert task.gold_reward(prompt, capped) == pytest.approx(hits / 2 + 1.0)
     per_token = task.gold_token_rewards(prompt, split_tokens(right))
     assert sum(per_token) == pytest.approx(task.gold_reward(prompt, right))
-    assert per_token[0] == pytest.approx(0.5) and per_token[1] == 0.0 and per_token[3] == pytest.approx(0.5)
+    assert per_token == pytest.approx([0.5 + (k1 in task.bonus) / 4, 0, 0, 0.5 + (k2 in task.bonus) / 4, 0, 0, 0])
+    # Bonus symbols past the target earn nothing: the count's credit is marginal.
+    per_token = task.gold_token_rewards(prompt, split_tokens(capped))
+    assert per_token[4] == pytest.approx(0.0) and per_token[5] == pytest.approx(0.0)
+    assert sum(per_token) == pytest.approx(task.gold_reward(prompt, capped))
 
 
 def test_teacher_is_imperfect(keyed):

@@ -16,6 +16,10 @@ Gold reward = local + global, in [0, 1 + bonus_weight]:
   almost never reaches the target, so offline data shows the direction but
   not the optimum: that is what the reward model and online RL can add.
 
+Per token (`gold_token_rewards`, used by the dense-gold reference and the token heat-map),
+each token gets its marginal credit: 1 / n_scored for a right scored symbol, bonus_weight /
+bonus_target for each of the first bonus_target bonus symbols.
+
 Why these two parts: a last-token reward model on a small transformer learns
 a count easily (one attention hop) but hardly learns the positional key (it
 must compare each scored token with a prompt symbol, then aggregate); DPO's
@@ -138,9 +142,14 @@ class KeyedTask(Task):
         return local, self.bonus_weight * min(n, self.bonus_target) / self.bonus_target
 
     def gold_token_rewards(self, prompt: str, response_tokens: list[str]) -> list[float]:
-        rewards, count = self._parts(prompt, response_tokens)
-        if rewards:
-            rewards[-1] += count
+        """Each token's marginal credit: a right scored symbol earns 1 / n_scored, and each of the
+        first `bonus_target` bonus symbols earns bonus_weight / bonus_target (later ones nothing)."""
+        rewards, _ = self._parts(prompt, response_tokens)
+        paid = 0
+        for t, tok in enumerate(response_tokens):
+            if tok in self.bonus and paid < self.bonus_target:
+                rewards[t] += self.bonus_weight / self.bonus_target
+                paid += 1
         return rewards
 
     def gold_parts(self, prompt: str, response: str) -> dict[str, float]:

@@ -91,7 +91,6 @@ class Pipeline:
         self.preset = presets[cfg.preset]
         self.cores = os.cpu_count() or 1
         self.timings: dict[str, float] = {}
-        self.job_configs: dict[str, object] = {}
 
     # --- configs -------------------------------------------------------------------------
     def stage_config(self, stage: str, section: str, wiring: dict, extra: dict | None = None):
@@ -153,7 +152,7 @@ class Pipeline:
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         pending = list(jobs)
-        running: dict[str, tuple[subprocess.Popen, tqdm, Path, float]] = {}
+        running: dict[str, tuple[subprocess.Popen, tqdm, Path, float, object]] = {}
         failed: list[str] = []
         slot = 0
         while pending or running:
@@ -172,11 +171,10 @@ class Pipeline:
                 bar = tqdm(total=1, desc=f"{name:>16}", position=slot % self.cfg.jobs, leave=True,
                            dynamic_ncols=True, disable=os.environ.get("RTO_PROGRESS", "1") == "0")
                 slot += 1
-                running[name] = (proc, bar, prog, time.time())
-                self.job_configs[name] = cfg
+                running[name] = (proc, bar, prog, time.time(), cfg)
             time.sleep(0.5)
             for name in list(running):
-                proc, bar, prog, started = running[name]
+                proc, bar, prog, started, cfg = running[name]
                 p = progress.read(prog)
                 if p and p.get("total"):
                     bar.total = p["total"]
@@ -192,7 +190,7 @@ class Pipeline:
                         failed.append(name)
                         pending.clear()
                     else:
-                        self.mark_done(name, self.job_configs[name])
+                        self.mark_done(name, cfg)
         if failed:
             name = failed[0]
             tail = (self.out / "logs" / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]

@@ -136,24 +136,18 @@ class Reproduction:
         pipe.offline(needs_rm=True, needs_dpo=True)
         runs: dict[str, Path] = self.tune(pipe) if tune else {}
         settings = dict(self.chosen)
-        jobs = []
-        for m in METHODS:
-            if m not in runs:
-                jobs.append(pipe.rl_job(m, m, settings))
+        specs: list[tuple[str, str, dict, Path | None]] = [(m, m, settings, None) for m in METHODS if m not in runs]
         d = pipe.out / "data"
         for f in cfg.fractions:
             if f < 1.0:
                 subset = _subset_prompts(d, f)
-                for m in ("ppo", "rto"):
-                    jobs.append(pipe.rl_job(f"{m}@{f:g}", m, settings, prompts=subset))
+                specs += [(f"{m}@{f:g}", m, settings, subset) for m in ("ppo", "rto")]
         has_gold = type(pipe.task).gold_token_rewards is not Task.gold_token_rewards
         if cfg.gold_references:
-            for name, (method, extra) in GOLD_REFERENCES.items():
-                if name == "ppo-dense-gold" and not has_gold:
-                    continue
-                jobs.append(pipe.rl_job(name, method, {**settings, **extra}))
-        t = self.rl_threads(pipe, len(jobs))
-        jobs = [(n, s, _with_threads(c, t)) for n, s, c in jobs]
+            specs += [(name, method, {**settings, **extra}, None) for name, (method, extra) in GOLD_REFERENCES.items()
+                      if name != "ppo-dense-gold" or has_gold]
+        t = self.rl_threads(pipe, len(specs))
+        jobs = [pipe.rl_job(name, method, extra, prompts=prompts, threads=t) for name, method, extra, prompts in specs]
         pipe.run_group(jobs)
         for name, _, _ in jobs:
             runs[name] = pipe.out / name
@@ -202,11 +196,6 @@ class Reproduction:
         print(summary_table(results))
         print(f"results: {self.out / 'results.json'}")
         return results
-
-
-def _with_threads(cfg, threads: int):
-    cfg.threads = threads
-    return cfg
 
 
 def _machine() -> str:

@@ -34,6 +34,12 @@ def _check_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{what} {path}: model directory not found")
+    from rto.lora import is_adapter_dir
+
+    if is_adapter_dir(path):
+        if not (path / "adapter_model.safetensors").is_file():
+            raise UserError(f"{what} {path}: no adapter_model.safetensors (only safetensors files are loaded)")
+        return path
     if not (path / "config.json").is_file():
         raise UserError(f"{what} {path}: no config.json (not a Hugging Face model directory)")
     if not any(path.glob("*.safetensors")):
@@ -73,8 +79,21 @@ def _load(cls, path: str | Path, what: str, **kwargs):
 
 
 def load_causal_lm(path: str | Path, what: str = "policy"):
+    """A causal LM; a LoRA adapter directory (`rto dpo --lora-r`) comes back merged into its base."""
     from transformers import AutoModelForCausalLM
 
+    from rto.lora import adapter_base, is_adapter_dir
+
+    if is_adapter_dir(_check_dir(path, what)):
+        from peft import PeftModel
+
+        base = _load(AutoModelForCausalLM, adapter_base(path), f"{what}'s base model")
+        try:
+            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        except Exception as e:
+            raise UserError(f"{what} {path}: cannot apply the adapter ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        disable_dropout(model)
+        return model
     return _load(AutoModelForCausalLM, path, what)
 
 
@@ -108,6 +127,8 @@ def disable_dropout(model: nn.Module) -> None:
 
 def score_parts(model) -> tuple[nn.Module, nn.Module]:
     """(backbone, head) of a sequence-classification model, for per-token scores."""
+    if hasattr(model, "score_parts"):  # the shared-base critic (rto.lora.CriticView)
+        return model.score_parts()
     backbone = getattr(model, model.base_model_prefix)
     for name in ("score", "classifier", "v_head"):
         head = getattr(model, name, None)

@@ -117,16 +117,16 @@ class Pipeline:
         return self.out / "configs" / f"{name}.done"
 
     def already_done(self, name: str, cfg) -> bool:
-        """With `resume`: the stage finished before with exactly this config (its marker says so)."""
+        """With `resume`: the stage finished before with exactly this config and these inputs."""
         marker = self._done_marker(name)
-        if self.cfg.resume and marker.is_file() and marker.read_text() == yaml.safe_dump(to_dict(cfg), sort_keys=False):
+        if self.cfg.resume and marker.is_file() and marker.read_text() == _marker_text(cfg):
             print(f"[rto] {name}: finished before with the same settings, skipped", file=sys.stderr, flush=True)
             return True
         marker.unlink(missing_ok=True)
         return False
 
     def mark_done(self, name: str, cfg) -> None:
-        self._done_marker(name).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self._done_marker(name).write_text(_marker_text(cfg))
 
     def run_one(self, name: str, stage: str, cfg) -> None:
         """In this process, with the stage's own progress bar."""
@@ -341,3 +341,20 @@ class Pipeline:
 
 def run(cfg: PipelineConfig) -> dict:
     return Pipeline(cfg).run()
+
+
+def _marker_text(cfg) -> str:
+    """A stage's config plus a fingerprint (size, mtime) of every input file it names: a stage
+    whose inputs were rewritten since - say SFT ran again - is not skipped, even when its own
+    settings, which only hold paths, are unchanged."""
+    values = to_dict(cfg)
+    inputs = {}
+    for key, value in values.items():
+        if key == "out" or not isinstance(value, str) or not value:
+            continue
+        path = Path(value)
+        if path.is_file() or path.is_dir():
+            files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+            inputs[key] = [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                           for p in files]
+    return yaml.safe_dump({"config": values, "inputs": inputs}, sort_keys=False)

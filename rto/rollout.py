@@ -5,13 +5,24 @@ Every per-token quantity is [B, R] and aligned with the response tokens:
 the log-prob of response token t comes from the logits at position P + t - 1,
 and the critic's value V(s_t) from the hidden state at the same position.
 Position ids come from the attention mask, so left padding never shifts them.
+
+Speed (docs/performance.md): the policy's log-probs of the sampled tokens are taken during
+generation (no second policy pass); a padded pass asks the model for logits of the response
+slots only (`logits_to_keep`); and `pack` turns a batch into padding-free rows - sequences
+side by side, position ids restarting at 0 for each, so the model's attention stays within a
+sequence - whose outputs are gathered back into the same [B, R] layout, so every per-token
+quantity (dense rewards included) is computed exactly as from the padded batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+import inspect
+
 import torch
+from transformers import LogitsProcessor
 
 from rto.models import score_parts
 
@@ -24,6 +35,8 @@ class Batch:
     prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
+    # log softmax(logits / T) of each sampled token under the generating policy, when recorded.
+    sampled_logprobs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -38,7 +51,15 @@ class Batch:
         return self.prompt_ids.shape[1]
 
     def select(self, idx: torch.Tensor) -> "Batch":
-        return Batch(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx])
+        return Batch(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx],
+                     None if self.sampled_logprobs is None else self.sampled_logprobs[idx])
+
+    def chunks(self, size: int) -> list["Batch"]:
+        """Consecutive sub-batches of at most `size` sequences (size 0: the whole batch)."""
+        n = self.response_ids.shape[0]
+        if not size or size >= n:
+            return [self]
+        return [self.select(torch.arange(i, min(i + size, n))) for i in range(0, n, size)]
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int | None = None):
@@ -55,11 +76,54 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> torch.Ten
     return (~after_eos).long()
 
 
+class SampledLogprobs(LogitsProcessor):
+    """Records log softmax(logits / T) of each sampled token while HF `generate` runs.
+
+    `generate` calls processors with the next-token logits before sampling; the token it picks
+    appears in `input_ids` at the next call, so one step's distribution is kept at a time
+    (O(B x V) memory; asking `generate` for every step's logits would hold O(B x R x V)).
+    Custom processors run before HF's temperature/top-k/top-p warpers, so `scores` are the raw
+    logits: the recorded log-prob is the full softmax at temperature T, the same quantity the
+    training pass computes, whatever truncation the sampler applied."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.last: torch.Tensor | None = None
+        self.picked: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:
+            self.picked.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, response_ids: torch.Tensor) -> torch.Tensor:
+        picked = [*self.picked, self.last.gather(-1, response_ids[:, -1:]).squeeze(-1)]
+        return torch.stack(picked, dim=1)
+
+
+@contextlib.contextmanager
+def plain_generation_config(model):
+    """Sample from the model's own distribution: a checkpoint's generation_config.json (say
+    repetition_penalty 1.05, top_k 20) would otherwise fill every field we leave unset, and
+    responses would come from a distribution the log-probs used for training do not describe."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 @torch.no_grad()
 def generate(policy, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> Batch:
-    """Sample responses (HF generate with a KV cache); tokens after EOS become pad."""
-    from transformers import GenerationConfig
+             top_k: int = 0, top_p: float = 1.0, greedy: bool = False, record_logprobs: bool = False) -> Batch:
+    """Sample responses (HF generate: KV cache, stops once every sequence hit EOS); tokens after
+    EOS become pad. `record_logprobs` also returns each sampled token's log-prob at `temperature`."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
     config = GenerationConfig(
         do_sample=not greedy, temperature=temperature if not greedy else None,
@@ -67,24 +131,114 @@ def generate(policy, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int,
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )
-    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    recorder = SampledLogprobs(temperature) if record_logprobs else None
+    with plain_generation_config(policy):
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                              logits_processor=LogitsProcessorList([recorder] if recorder else []))
     response_ids = out[:, prompt_ids.shape[1]:]
     mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    logprobs = recorder.finish(response_ids) * mask if recorder else None
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
-    return Batch(prompt_ids, prompt_mask, response_ids, mask)
+    return Batch(prompt_ids, prompt_mask, response_ids, mask, logprobs)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logits(model, batch: Batch) -> torch.Tensor:
+@dataclass
+class Packed:
+    """A batch as padding-free rows. Each sequence (its prompt without padding, then its response
+    up to EOS) sits whole in one row; `position_ids` restart at 0 per sequence, which is how HF
+    models tell packed sequences apart when no attention mask is given. `response_index` [B, R]
+    points, in the flattened rows, at the position whose output predicts response token t
+    (0 at padding slots: read, then masked); `last_index` [B] at each sequence's last token."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    response_index: torch.Tensor
+    last_index: torch.Tensor
+    n_tokens: int
+
+    @property
+    def fill(self) -> float:
+        """Fraction of row slots holding real tokens (a padded batch's is usually far lower)."""
+        return self.n_tokens / max(self.input_ids.numel(), 1)
+
+
+def pack(batch: Batch, row_tokens: int = 0, pad_id: int = 0) -> Packed:
+    """First-fit-decreasing packing into rows of max(row_tokens, longest sequence) tokens.
+
+    The default row length, the longest sequence, never makes a row's attention longer than the
+    padded batch's; longer rows suit kernels that skip masked blocks (flash-attention varlen)."""
+    P = batch.prompt_len
+    R = batch.response_ids.shape[1]
+    device = batch.response_ids.device
+    prompt_ids, response_ids = batch.prompt_ids.cpu(), batch.response_ids.cpu()  # built on CPU, moved once
+    p_len = [int(x) for x in batch.prompt_mask.sum(-1).tolist()]
+    r_len = [int(x) for x in batch.response_mask.sum(-1).tolist()]
+    lengths = [a + b for a, b in zip(p_len, r_len)]
+    capacity = max(row_tokens, max(lengths))
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # over sequences, never tokens
+        slot = next((r for r, u in enumerate(used) if u + lengths[i] <= capacity), None)
+        if slot is None:
+            rows.append([])
+            used.append(0)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        used[slot] += lengths[i]
+    width = max(used)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=batch.response_ids.dtype)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    response_index = torch.zeros((len(lengths), R), dtype=torch.long)
+    last_index = torch.zeros(len(lengths), dtype=torch.long)
+    for r, members in enumerate(rows):
+        off = 0
+        for i in members:
+            pl, rl = p_len[i], r_len[i]
+            input_ids[r, off:off + pl] = prompt_ids[i, P - pl:]
+            input_ids[r, off + pl:off + pl + rl] = response_ids[i, :rl]
+            pos[r, off:off + pl + rl] = torch.arange(pl + rl)
+            flat = r * width + off
+            # Response token t sits at flat + pl + t; the output that predicts it, one before.
+            response_index[i, :rl] = flat + pl - 1 + torch.arange(rl)
+            last_index[i] = flat + pl + rl - 1
+            off += pl + rl
+        # The row's tail restarts at 0 too: a separate sequence of padding nobody attends to.
+        pos[r, off:] = torch.arange(width - off)
+    return Packed(input_ids.to(device), pos.to(device), response_index.to(device), last_index.to(device),
+                  sum(lengths))
+
+
+def _gather(flat_outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[rows, L, ...] outputs at flat positions `index` ([B, R] or [B]) -> [B, R, ...] / [B, ...]."""
+    flat = flat_outputs.reshape(-1, *flat_outputs.shape[2:])
+    return flat[index]
+
+
+def _keeps_logits(model) -> bool:
+    fn = getattr(model, "forward", None)
+    try:
+        return "logits_to_keep" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def response_logits(model, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
     """Logits that predict each response token: [B, R, V]."""
+    if packed is not None:
+        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
+        return _gather(logits, packed.response_index)
     attn = batch.attention_mask
+    R = batch.response_ids.shape[1]
+    # Logits of the last R + 1 positions only: the LM head skips the prompt (a large saving
+    # for real vocabularies); models without `logits_to_keep` compute all and get sliced.
+    keep = {"logits_to_keep": R + 1} if _keeps_logits(model) else {}
     logits = model(input_ids=batch.input_ids, attention_mask=attn, position_ids=position_ids(attn),
-                   use_cache=False).logits
-    p = batch.prompt_len
-    return logits[:, p - 1:-1]
+                   use_cache=False, **keep).logits
+    return logits[:, -(R + 1):-1]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -96,27 +250,34 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def hidden_states(score_model, batch: Batch) -> torch.Tensor:
+def hidden_states(score_model, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
+    """The backbone's last hidden states: [B, P + R, H] padded, or [rows, L, H] packed."""
     backbone, _ = score_parts(score_model)
+    if packed is not None:
+        return backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                        use_cache=False).last_hidden_state
     attn = batch.attention_mask
     return backbone(input_ids=batch.input_ids, attention_mask=attn, position_ids=position_ids(attn),
                     use_cache=False).last_hidden_state
 
 
-def token_values(critic, batch: Batch) -> torch.Tensor:
+def token_values(critic, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
     """V(s_t) for every response slot t: [B, R]."""
     _, head = score_parts(critic)
-    h = hidden_states(critic, batch)
-    p = batch.prompt_len
-    return head(h[:, p - 1:-1]).squeeze(-1).float()
+    h = hidden_states(critic, batch, packed)
+    h = _gather(h, packed.response_index) if packed is not None else h[:, batch.prompt_len - 1:-1]
+    return head(h).squeeze(-1).float()
 
 
-def sequence_scores(reward_model, batch: Batch) -> torch.Tensor:
+def sequence_scores(reward_model, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
     """The RM's score read at each response's last token (EOS included): [B]."""
     _, head = score_parts(reward_model)
-    h = hidden_states(reward_model, batch)
-    last = batch.prompt_len + (batch.response_mask.sum(-1) - 1).clamp(min=0)
-    picked = h[torch.arange(h.shape[0]), last]
+    h = hidden_states(reward_model, batch, packed)
+    if packed is not None:
+        picked = _gather(h, packed.last_index)
+    else:
+        last = batch.prompt_len + (batch.response_mask.sum(-1) - 1).clamp(min=0)
+        picked = h[torch.arange(h.shape[0]), last]
     return head(picked).squeeze(-1).float()
 
 

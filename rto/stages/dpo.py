@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from rto.config import opt, require
 from rto.data import PREFERENCE_FIELDS, read_jsonl, write_json
 from rto import progress
+from rto.errors import UserError
 from rto.stages.common import TrainingFields, setup, trl_common_args
 
 
@@ -22,6 +23,10 @@ class DPOStageConfig(TrainingFields):
     out: str = opt("", "output model directory")
     ref_model: str = opt("", "reference model (empty: a frozen copy of --model)")
     beta: float = opt(0.1, "DPO beta (KL strength)", gt=0)
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning); the output is then an adapter on --model, "
+                         "which `rto ppo --lora-r` shares with the policy", ge=0)
+    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0)
+    lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
 
     def validate(self):
         require(self, "dpo", "model", "data", "out")
@@ -37,12 +42,21 @@ def run(cfg: DPOStageConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model)
-    ref = load_causal_lm(cfg.ref_model or cfg.model, what="DPO reference model")
+    peft_config = None
+    if cfg.lora_r:
+        from rto.lora import lora_config
+
+        if cfg.ref_model:
+            raise UserError("dpo: with --lora-r the reference is --model with the adapter off; drop --ref-model")
+        targets = cfg.lora_target_modules if cfg.lora_target_modules != ["all-linear"] else "all-linear"
+        peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, targets)
+    # With LoRA, TRL uses the model with its adapter off as the reference: no second copy.
+    ref = None if peft_config else load_causal_lm(cfg.ref_model or cfg.model, what="DPO reference model")
     dataset = Dataset.from_list([{k: r[k] for k in PREFERENCE_FIELDS} for r in rows])
     args = DPOConfig(beta=cfg.beta, loss_type=["sigmoid"],
                      **trl_common_args(cfg, cfg.out))
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[progress.trainer_callback()])
+                         callbacks=[progress.trainer_callback()], peft_config=peft_config)
     start = time.time()
     result = trainer.train()
     shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept

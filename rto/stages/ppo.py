@@ -2,8 +2,9 @@
 
 One iteration:
  1. rollout: sample `rollout_batch_size` prompts, generate with the policy;
- 2. score, no grad, each model once: policy log-probs (old), reference log-probs,
-    DPO-model log-probs (RTO variants), RM score, critic values;
+ 2. score, no grad, each model once: the policy's (old) log-probs come from generation
+    itself; reference log-probs, DPO-model log-probs (RTO variants), RM score, critic values
+    from one pass each (padded, or packed without padding: `--packing`);
  3. rewards: `rto.core.rewards.token_rewards` (KL penalty + RM at the last token
     + the DPO term where the variant puts it);
  4. advantages: GAE (or REINFORCE++), whitened over the rollout;
@@ -96,6 +97,15 @@ class PPOStageConfig:
     temperature: float = opt(1.0, "sampling temperature (log-probs use the same)", gt=0)
     top_k: int = opt(0, "top-k sampling (0: off)", ge=0)
     top_p: float = opt(1.0, "nucleus sampling", gt=0, le=1)
+    # --- memory ---
+    lora_r: int = opt(0, "LoRA rank; > 0: policy and critic are adapters on one frozen shared base, the "
+                         "reference is that base, a DPO adapter (rto dpo --lora-r) joins it", ge=0)
+    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0)
+    lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
+    # --- speed ---
+    packing: bool = opt(False, "padding-free scoring and training passes (sequences packed into rows)")
+    pack_row_tokens: int = opt(0, "row length when packing (0: the longest sequence)", ge=0)
+    score_batch_size: int = opt(0, "sequences per scoring pass (0: the whole rollout at once)", ge=0)
     # --- logging ---
     eval_every: int = opt(10, "evaluate on --eval-prompts every N iterations (0: never)", ge=0)
     n_eval: int = opt(128, "evaluation prompts used", ge=1)
@@ -133,22 +143,27 @@ class PPOTrainer:
         self.eval_prompts = ([r["prompt"] for r in read_jsonl(cfg.eval_prompts, PROMPT_FIELDS)][:cfg.n_eval]
                              if cfg.eval_prompts and cfg.eval_every else [])
         self.tokenizer = load_tokenizer(cfg.policy)
-        self.policy = load_causal_lm(cfg.policy, "policy")
-        self.ref = load_causal_lm(cfg.ref or cfg.policy, "reference model")
+        self.shared = None
         self.dpo = self.dpo_ref = None
-        if cfg.uses_dpo:
-            self.dpo = load_causal_lm(cfg.dpo_model, "DPO model")
-            # --dpo-ref differs from --ref only when the DPO model came from another model.
-            if cfg.dpo_ref and Path(cfg.dpo_ref).resolve() != Path(cfg.ref or cfg.policy).resolve():
-                self.dpo_ref = load_causal_lm(cfg.dpo_ref, "DPO reference model")
+        if cfg.lora_r:
+            self._shared_base_models()
+        else:
+            self.policy = load_causal_lm(cfg.policy, "policy")
+            self.ref = load_causal_lm(cfg.ref or cfg.policy, "reference model")
+            if cfg.uses_dpo:
+                self.dpo = load_causal_lm(cfg.dpo_model, "DPO model")
+        # --dpo-ref differs from --ref only when the DPO model came from another model.
+        if cfg.uses_dpo and cfg.dpo_ref and Path(cfg.dpo_ref).resolve() != Path(cfg.ref or cfg.policy).resolve():
+            self.dpo_ref = load_causal_lm(cfg.dpo_ref, "DPO reference model")
         self.rm, self.rm_stats = None, {"mean": 0.0, "std": 1.0}
         if cfg.uses_rm:
             self.rm = load_score_model(cfg.reward_model, "reward model")
             if cfg.normalize_reward:
                 self.rm_stats = read_reward_stats(cfg.reward_model)
-        self.critic = None
-        if cfg.estimator == "gae":
+        if cfg.estimator == "gae" and self.shared is None:
             self.critic = load_score_model(cfg.critic or cfg.reward_model or cfg.policy, "critic")
+        elif cfg.estimator != "gae":
+            self.critic = None
         for frozen in (self.ref, self.dpo, self.dpo_ref, self.rm):
             if frozen is not None:
                 frozen.requires_grad_(False)
@@ -177,6 +192,29 @@ class PPOTrainer:
         self.curve: list[dict] = []
 
     # --- setup helpers -----------------------------------------------------------------
+    def _shared_base_models(self) -> None:
+        """--lora-r: one frozen SFT model; policy and critic adapters; reference = no adapter."""
+        from rto.lora import SharedBase, adapter_base, is_adapter_dir, same_path
+        from rto.models import load_causal_lm
+
+        cfg = self.cfg
+        if cfg.ref and not same_path(cfg.ref, cfg.policy):
+            raise UserError("ppo: with --lora-r the reference is the shared base (--policy); drop --ref")
+        if cfg.critic:
+            raise UserError("ppo: with --lora-r the critic is an adapter on the shared base; drop --critic")
+        dpo_adapter = None
+        if cfg.uses_dpo and is_adapter_dir(cfg.dpo_model) and same_path(adapter_base(cfg.dpo_model), cfg.policy):
+            dpo_adapter = cfg.dpo_model
+        self.shared = SharedBase(load_causal_lm(cfg.policy, "policy"), cfg.lora_r, cfg.lora_alpha,
+                                 cfg.lora_target_modules if cfg.lora_target_modules != ["all-linear"] else "all-linear",
+                                 dpo_adapter)
+        self.policy = self.shared.view("policy")
+        self.ref = self.shared.view(None)
+        if cfg.uses_dpo:
+            # A DPO model trained as an adapter on this base joins it; any other is loaded whole.
+            self.dpo = self.shared.view("dpo") if dpo_adapter else load_causal_lm(cfg.dpo_model, "DPO model")
+        self.critic = self.shared.critic() if cfg.estimator == "gae" else None
+
     def _optimiser(self, model, lr):
         from transformers import get_scheduler
 
@@ -207,22 +245,33 @@ class PPOTrainer:
         cfg = self.cfg
         ids, mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_len)
         batch = generate(self.policy, self.tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, record_logprobs=True)
         tokens, rmask = batch.response_ids, batch.response_mask
         m = rmask.float()
-        old_logp = token_logprobs(response_logits(self.policy, batch), tokens, cfg.temperature)
-        ref_logits = response_logits(self.ref, batch)
-        ref_logp = token_logprobs(ref_logits, tokens, cfg.temperature)
+        old_logp = batch.sampled_logprobs  # recorded while sampling: no second policy pass
+
+        def ref_pass(b, pk):
+            # One reference pass serves the KL (at the sampling temperature) and, when the DPO
+            # model came from the same reference, the DPO log-ratio (at temperature 1).
+            logits = response_logits(self.ref, b, pk)
+            at_t = token_logprobs(logits, b.response_ids, cfg.temperature)
+            at_1 = token_logprobs(logits, b.response_ids) if cfg.temperature != 1.0 else at_t
+            return torch.stack([at_t, at_1], dim=1)
+
+        ref_both = self._score(ref_pass, batch)
+        ref_logp = ref_both[:, 0]
         kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * m
 
         dpo_term = torch.zeros_like(m)
         if cfg.uses_dpo:
             # The DPO reward is the implicit reward of DPO: log-ratio at temperature 1.
-            dpo_logp = token_logprobs(response_logits(self.dpo, batch), tokens)
-            dpo_ref_logp = (token_logprobs(response_logits(self.dpo_ref, batch), tokens) if self.dpo_ref is not None
-                            else token_logprobs(ref_logits, tokens))
+            dpo_logp = self._score(lambda b, pk: token_logprobs(response_logits(self.dpo, b, pk), b.response_ids), batch)
+            dpo_ref_logp = (self._score(lambda b, pk: token_logprobs(response_logits(self.dpo_ref, b, pk),
+                                                                     b.response_ids), batch)
+                            if self.dpo_ref is not None else ref_both[:, 1])
             dpo_term = dpo_token_term(dpo_logp, dpo_ref_logp, cfg.beta1, cfg.dpo_clip) * m
-        raw_score = sequence_scores(self.rm, batch) if self.rm is not None else torch.zeros(len(prompts))
+        raw_score = (self._score(lambda b, pk: sequence_scores(self.rm, b, pk), batch) if self.rm is not None
+                     else torch.zeros(len(prompts)))
         score = (normalise_score(raw_score, self.rm_stats["mean"], self.rm_stats["std"], cfg.reward_clip)
                  if cfg.normalize_reward else raw_score)
         has_eos = ((tokens == self.tokenizer.eos_token_id) & (rmask > 0)).any(-1)
@@ -234,7 +283,7 @@ class PPOTrainer:
                                 dpo_term=dpo_term, rm_weight=cfg.rm_weight, segment_end=segment_end, extra=custom)
 
         if self.critic is not None:
-            values = token_values(self.critic, batch) * m
+            values = self._score(lambda b, pk: token_values(self.critic, b, pk), batch) * m
             advantages, returns = gae(rewards, values, rmask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 advantages = whiten(advantages, rmask)
@@ -249,9 +298,17 @@ class PPOTrainer:
             "custom": custom,
         }
 
+    def _score(self, fn, batch):
+        """fn(sub_batch, packed_or_None) over the rollout in chunks of --score-batch-size, concatenated."""
+        from rto.rollout import pack
+
+        outs = [fn(b, pack(b, self.cfg.pack_row_tokens, self.tokenizer.pad_token_id) if self.cfg.packing else None)
+                for b in batch.chunks(self.cfg.score_batch_size)]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
     # --- 5: the PPO update ---------------------------------------------------------------
     def train_on(self, exp: dict) -> dict:
-        from rto.rollout import response_logits, token_logprobs, token_values
+        from rto.rollout import pack, response_logits, token_logprobs, token_values
 
         cfg = self.cfg
         n = len(exp["prompts"])
@@ -270,7 +327,8 @@ class PPOTrainer:
                     weight = len(part) / len(mini)
                     sub = exp["batch"].select(part)
                     mask = sub.response_mask
-                    logits = response_logits(self.policy, sub)
+                    packed = pack(sub, cfg.pack_row_tokens, self.tokenizer.pad_token_id) if cfg.packing else None
+                    logits = response_logits(self.policy, sub, packed)
                     logp = token_logprobs(logits, sub.response_ids, cfg.temperature)
                     loss, pstats = policy_loss(logp, exp["old_logp"][part], exp["advantages"][part], mask,
                                                cfg.clip_range)
@@ -279,7 +337,7 @@ class PPOTrainer:
                     with torch.no_grad():
                         pstats["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach() / cfg.temperature), mask)
                     if self.critic is not None:
-                        values = token_values(self.critic, sub)
+                        values = token_values(self.critic, sub, packed)
                         vloss, vstats = value_loss(values, exp["values"][part], exp["returns"][part], mask,
                                                    cfg.value_clip)
                         (vloss * weight).backward()
@@ -377,7 +435,7 @@ class PPOTrainer:
         from rto.models import save_model
 
         save_model(self.policy, self.tokenizer, out / "policy")
-        if self.critic is not None and cfg.save_critic:
+        if self.critic is not None and cfg.save_critic and self.shared is None:
             save_model(self.critic, self.tokenizer, out / "critic")
         summary = {"seconds": time.time() - start, "iterations": cfg.iterations, "reward": cfg.reward,
                    "estimator": cfg.estimator, "curve": self.curve, "final": self.history[-1] if self.history else {}}

@@ -1,0 +1,186 @@
+"""LoRA through peft, and the shared-base mode of `rto ppo --lora-r N`.
+
+Full RTO holds five networks: policy, reference, DPO model, reward model and critic, the
+trained ones with optimiser state. In the shared-base mode one frozen copy of the SFT model
+serves four of them: the policy and the critic are LoRA adapters on it (the critic adds a
+value head), the DPO model is the adapter `rto dpo --lora-r N` trained on the same base, and
+the reference is the base with every adapter switched off. Only the reward model, usually
+smaller, stays a model of its own.
+
+`AdapterView` makes one adapter look like a model to the trainer: calling it, `generate`,
+and `parameters()` (its own adapter weights only, for its optimiser and gradient clipping).
+Only one adapter is active at a time, so the trainer must finish a backward pass before it
+calls another view - which PPO's policy-then-critic order does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rto.errors import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_config(r: int, alpha: float, target: list[str] | str, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target, bias="none", task_type=task_type)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> Path:
+    """The base model an adapter directory was trained on (relative paths: from the adapter's parent)."""
+    cfg_file = Path(path) / ADAPTER_CONFIG
+    try:
+        base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{cfg_file}: unreadable adapter config ({e})") from None
+    base_path = Path(base)
+    if not base_path.is_absolute() and not base_path.exists():
+        base_path = Path(path).parent / base_path
+    return base_path
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def merged_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
+    """The base model's weights with one adapter's update added, under the base's own names,
+    computed without touching the shared base (merging in place and back would drift it)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    out: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            w = module.get_base_layer().weight
+            out[f"{name}.weight"] = (w + module.get_delta_weight(adapter).to(w.dtype)).detach().clone()
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        clean = key.replace(".base_layer.", ".")
+        out.setdefault(clean, value.detach().clone())
+    return out
+
+
+class SharedBase:
+    """One frozen base (the SFT model) with adapters `policy`, `critic` and optionally `dpo`."""
+
+    def __init__(self, base, r: int, alpha: float, target: list[str] | str, dpo_adapter: str | None = None):
+        from peft import get_peft_model
+
+        base.requires_grad_(False)
+        config = lora_config(r, alpha, target)
+        self.model = get_peft_model(base, config, adapter_name="policy")
+        self.model.add_adapter("critic", config)
+        self.has_dpo = dpo_adapter is not None
+        if dpo_adapter is not None:
+            self.model.load_adapter(dpo_adapter, adapter_name="dpo", is_trainable=False)
+        # Both trained adapters hold requires_grad from the start, so their optimisers see them;
+        # switching adapters later toggles it, which is harmless between backward passes.
+        for adapter, trainable in (("policy", True), ("critic", True), ("dpo", False)):
+            for p in self.adapter_parameters(adapter):
+                p.requires_grad_(trainable)
+        hidden = base.config.get_text_config().hidden_size
+        # A fresh value head: the RM's head reads the RM's features, not the SFT model's.
+        self.value_head = nn.Linear(hidden, 1, bias=False)
+        nn.init.zeros_(self.value_head.weight)
+        self._active = "policy"
+        self.model.eval()
+
+    @contextlib.contextmanager
+    def active(self, adapter: str | None):
+        """Run the base with one adapter (None: with none, i.e. the reference model)."""
+        if adapter is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        if self._active != adapter:
+            self.model.set_adapter(adapter)  # also makes only this adapter require grad
+            if adapter == "dpo":
+                for p in self.adapter_parameters("dpo"):
+                    p.requires_grad_(False)
+            self._active = adapter
+        yield
+
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if "lora_" in n and f".{adapter}." in n]
+
+    def view(self, adapter: str | None) -> "AdapterView":
+        return AdapterView(self, adapter)
+
+    def critic(self) -> "CriticView":
+        return CriticView(self)
+
+
+class AdapterView(nn.Module):
+    """The shared base seen through one adapter; a causal LM to its caller."""
+
+    def __init__(self, shared: SharedBase, adapter: str | None):
+        super().__init__()
+        object.__setattr__(self, "shared", shared)  # not a submodule: parameters() stays this adapter's
+        self.adapter = adapter
+
+    def forward(self, **kwargs):
+        with self.shared.active(self.adapter):
+            return self.shared.model(**kwargs)
+
+    def generate(self, **kwargs):
+        with self.shared.active(self.adapter):
+            return self.shared.model.generate(**kwargs)
+
+    def get_base_model(self):
+        return self.shared.model.get_base_model()
+
+    @property
+    def config(self):
+        return self.shared.model.config
+
+    def parameters(self, recurse: bool = True):
+        return iter(self.shared.adapter_parameters(self.adapter) if self.adapter else [])
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return iter([(n, p) for n, p in self.shared.model.named_parameters()
+                     if self.adapter and "lora_" in n and f".{self.adapter}." in n])
+
+    def save_pretrained(self, out, **kwargs):
+        """A plain checkpoint with the adapter merged in: every stage and tool reads it as is."""
+        base = self.shared.model.get_base_model()
+        state = merged_state_dict(self.shared.model, self.adapter) if self.adapter else None
+        base.save_pretrained(out, state_dict=state, **kwargs)
+
+
+class _ActiveBackbone(nn.Module):
+    def __init__(self, shared: SharedBase):
+        super().__init__()
+        object.__setattr__(self, "shared", shared)
+
+    def forward(self, **kwargs):
+        with self.shared.active("critic"):
+            return self.shared.model.get_base_model().base_model(**kwargs)
+
+
+class CriticView(nn.Module):
+    """The critic: the `critic` adapter's hidden states and a value head (see `score_parts`)."""
+
+    def __init__(self, shared: SharedBase):
+        super().__init__()
+        object.__setattr__(self, "shared", shared)
+        self.value_head = shared.value_head
+        self.backbone = _ActiveBackbone(shared)
+
+    def score_parts(self):
+        return self.backbone, self.value_head
+
+    def parameters(self, recurse: bool = True):
+        return iter([*self.shared.adapter_parameters("critic"), self.value_head.weight])

@@ -48,8 +48,8 @@ def task_gold(task, tokenizer, per_token: bool) -> TokenReward:
     """The task's gold reward as a token reward (decodes the tokens, then asks the task)."""
 
     def reward(prompt_ids, prompt_mask, response_ids, response_mask):
-        out = torch.zeros(response_ids.shape, dtype=torch.float32)
-        totals = torch.zeros(response_ids.shape[0])
+        out = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
+        totals = torch.zeros(response_ids.shape[0], device=response_ids.device)
         for b in range(response_ids.shape[0]):
             prompt = tokenizer.decode(prompt_ids[b][prompt_mask[b] > 0], skip_special_tokens=False)
             n = int(response_mask[b].sum())

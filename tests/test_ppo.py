@@ -236,3 +236,17 @@ def test_lora_dpo_adapter_joins_the_shared_base(tiny_dirs, prompt_file, tmp_path
         terms.append(trainer.make_experience(trainer.prompts[:8])["dpo_term"])
     assert terms[0].abs().sum() > 0
     assert torch.allclose(terms[0], terms[1], atol=1e-5)
+
+
+def test_bf16_mixed_precision_step(tiny_dirs, prompt_file, tmp_path):
+    """--precision bf16 (the GPU default, exercised here on CPU autocast): frozen models in bf16,
+    trained weights stay fp32, the step is finite, in both the full and the shared-base modes."""
+    for lora_r in (0, 4):
+        trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1, precision="bf16",
+                                  lora_r=lora_r))
+        assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+        assert all(p.dtype == torch.bfloat16 for p in trainer.rm.parameters())
+        exp = trainer.make_experience(trainer._next_prompts())
+        stats = trainer.train_on(exp)
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+        assert torch.isfinite(exp["rewards"]).all()

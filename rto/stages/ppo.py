@@ -103,6 +103,10 @@ class PPOStageConfig:
     lora_alpha: float = opt(16.0, "LoRA alpha", gt=0)
     lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
     # --- speed ---
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    precision: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "bf16: frozen models stored in bf16, trained ones in fp32 under bf16 autocast (auto: bf16 on a "
+                "GPU that supports it, else fp32)")
     packing: bool = opt(False, "padding-free scoring and training passes (sequences packed into rows)")
     pack_row_tokens: int = opt(0, "row length when packing (0: the longest sequence)", ge=0)
     score_batch_size: int = opt(0, "sequences per scoring pass (0: the whole rollout at once)", ge=0)
@@ -139,6 +143,7 @@ class PPOTrainer:
 
         self.cfg = cfg
         setup(cfg.seed, cfg.threads)
+        self.device, self.bf16 = _device_and_precision(cfg.device, cfg.precision)
         self.prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, PROMPT_FIELDS)]
         self.eval_prompts = ([r["prompt"] for r in read_jsonl(cfg.eval_prompts, PROMPT_FIELDS)][:cfg.n_eval]
                              if cfg.eval_prompts and cfg.eval_every else [])
@@ -167,6 +172,7 @@ class PPOTrainer:
         for frozen in (self.ref, self.dpo, self.dpo_ref, self.rm):
             if frozen is not None:
                 frozen.requires_grad_(False)
+        self._place_models()
         self.task = None
         if cfg.task:
             from rto.tasks import load_task
@@ -192,6 +198,33 @@ class PPOTrainer:
         self.curve: list[dict] = []
 
     # --- setup helpers -----------------------------------------------------------------
+    def _place_models(self) -> None:
+        """Everything on the device; frozen full models in bf16 when asked (trained ones keep fp32
+        master weights and run under autocast, so Adam's updates are not rounded away)."""
+        frozen = [m for m in (self.ref, self.dpo, self.dpo_ref, self.rm) if m is not None and
+                  not hasattr(m, "shared")]
+        if self.shared is not None:
+            base = self.shared.model
+            if self.bf16:
+                base.get_base_model().to(torch.bfloat16)
+            base.to(self.device)
+            self.shared.value_head.to(self.device)
+        else:
+            self.policy.to(self.device)
+            if self.critic is not None:
+                self.critic.to(self.device)
+        for m in frozen:
+            m.to(self.device)
+            if self.bf16:
+                m.to(torch.bfloat16)
+        if self.shared is not None and self.bf16:
+            for adapter in ("policy", "critic"):  # adapters train in fp32 on the bf16 base
+                for p in self.shared.adapter_parameters(adapter):
+                    p.data = p.data.float()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
     def _shared_base_models(self) -> None:
         """--lora-r: one frozen SFT model; policy and critic adapters; reference = no adapter."""
         from rto.lora import SharedBase, adapter_base, is_adapter_dir, same_path
@@ -239,11 +272,16 @@ class PPOTrainer:
     # --- 1-4: rollout, scoring, rewards, advantages --------------------------------------
     @torch.no_grad()
     def make_experience(self, prompts: list[str]) -> dict:
+        with self.autocast():
+            return self._make_experience(prompts)
+
+    def _make_experience(self, prompts: list[str]) -> dict:
         from rto.rollout import (encode_prompts, generate, response_logits, sequence_scores, token_logprobs,
                                  token_values)
 
         cfg = self.cfg
         ids, mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_len)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         batch = generate(self.policy, self.tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, record_logprobs=True)
         tokens, rmask = batch.response_ids, batch.response_mask
@@ -271,13 +309,13 @@ class PPOTrainer:
                             if self.dpo_ref is not None else ref_both[:, 1])
             dpo_term = dpo_token_term(dpo_logp, dpo_ref_logp, cfg.beta1, cfg.dpo_clip) * m
         raw_score = (self._score(lambda b, pk: sequence_scores(self.rm, b, pk), batch) if self.rm is not None
-                     else torch.zeros(len(prompts)))
+                     else torch.zeros(len(prompts), device=self.device))
         score = (normalise_score(raw_score, self.rm_stats["mean"], self.rm_stats["std"], cfg.reward_clip)
                  if cfg.normalize_reward else raw_score)
         has_eos = ((tokens == self.tokenizer.eos_token_id) & (rmask > 0)).any(-1)
         if cfg.missing_eos_penalty is not None:
             score = torch.where(has_eos, score, score - cfg.missing_eos_penalty)
-        segment_end = torch.isin(tokens, torch.tensor(self.delimiter_ids, dtype=tokens.dtype)) if self.delimiter_ids else None
+        segment_end = torch.isin(tokens, torch.tensor(self.delimiter_ids, dtype=tokens.dtype, device=tokens.device)) if self.delimiter_ids else None
         custom = self.custom(batch.prompt_ids, batch.prompt_mask, tokens, rmask) if self.custom else None
         rewards = token_rewards(cfg.reward, mask=rmask, kl=kl, kl_coef=self.kl_ctl.value, score=score,
                                 dpo_term=dpo_term, rm_weight=cfg.rm_weight, segment_end=segment_end, extra=custom)
@@ -316,7 +354,7 @@ class PPOTrainer:
         sums: dict[str, float] = {}
         count = 0
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(n, generator=self.generator)
+            perm = torch.randperm(n, generator=self.generator).to(self.device)
             for start in range(0, n, cfg.mini_batch_size):
                 mini = perm[start:start + cfg.mini_batch_size]
                 self.policy_opt.zero_grad(set_to_none=True)
@@ -328,7 +366,8 @@ class PPOTrainer:
                     sub = exp["batch"].select(part)
                     mask = sub.response_mask
                     packed = pack(sub, cfg.pack_row_tokens, self.tokenizer.pad_token_id) if cfg.packing else None
-                    logits = response_logits(self.policy, sub, packed)
+                    with self.autocast():
+                        logits = response_logits(self.policy, sub, packed)
                     logp = token_logprobs(logits, sub.response_ids, cfg.temperature)
                     loss, pstats = policy_loss(logp, exp["old_logp"][part], exp["advantages"][part], mask,
                                                cfg.clip_range)
@@ -337,7 +376,8 @@ class PPOTrainer:
                     with torch.no_grad():
                         pstats["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach() / cfg.temperature), mask)
                     if self.critic is not None:
-                        values = token_values(self.critic, sub, packed)
+                        with self.autocast():
+                            values = token_values(self.critic, sub, packed)
                         vloss, vstats = value_loss(values, exp["values"][part], exp["returns"][part], mask,
                                                    cfg.value_clip)
                         (vloss * weight).backward()
@@ -359,6 +399,10 @@ class PPOTrainer:
 
     # --- 6: evaluation and logging --------------------------------------------------------
     def evaluate(self, iteration: int) -> dict:
+        with self.autocast():
+            return self._evaluate(iteration)
+
+    def _evaluate(self, iteration: int) -> dict:
         from rto.evaluate import gold_rewards, kl_to, rm_scores, sample
 
         texts, batches = sample(self.policy, self.tokenizer, self.eval_prompts, max_new_tokens=self.cfg.max_new_tokens,
@@ -441,6 +485,20 @@ class PPOTrainer:
                    "estimator": cfg.estimator, "curve": self.curve, "final": self.history[-1] if self.history else {}}
         write_json(out / "metrics.json", summary)
         return summary
+
+
+def _device_and_precision(device: str, precision: str) -> tuple[torch.device, bool]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"ppo: --device {device!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"ppo: --device {device}: no CUDA device here")
+    if precision == "auto":
+        return dev, dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    return dev, precision == "bf16"
 
 
 def run(cfg: PPOStageConfig) -> dict:

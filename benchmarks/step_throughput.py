@@ -10,6 +10,9 @@ mini-batches. Each side runs in its own process (one at a time, all cores), so p
 memory is its own. TRL 1.12 - the last TRL with PPO - lives in its own virtual environment,
 created once in benchmarks/.venv-trl112 (TRL 1.12 cannot live beside the TRL the project uses).
 
+Also timed: RTO in the LoRA shared-base mode (`--lora-r 16`: policy, critic and DPO model are
+adapters on one frozen base, the reference is the base), with its own peak memory.
+
 The floor: floating-point operations of the iteration (2 x params x tokens per forward-only
 pass - generation, reference, DPO model, RM, critic, old log-probs - and 6 x per trained
 forward+backward, policy and critic) divided by the fp32 matrix-multiply rate measured here.
@@ -66,12 +69,31 @@ def build_models(root: Path, arch: dict) -> None:
     rm.config.pad_token_id = 0
     rm.save_pretrained(root / "rm")
     tok.save_pretrained(root / "rm")
+    build_dpo_adapter(root)
     import random
 
     rng = random.Random(0)
     with open(root / "prompts.jsonl", "w") as fh:
         for _ in range(WORK["prompts"] * 4):
             fh.write(json.dumps({"prompt": " ".join(rng.sample(symbols, 8)) + " <sep>"}) + "\n")
+
+
+def build_dpo_adapter(root: Path) -> None:
+    """A LoRA adapter on the policy (random B), standing in for `rto dpo --lora-r` in the shared mode."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rto.lora import lora_config
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "policy"), lora_config(16, 32, "all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    model.save_pretrained(root / "dpo_lora")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "dpo_lora" / name).write_text((root / "policy" / name).read_text())
 
 
 def count_params(model_dir: Path) -> int:
@@ -113,9 +135,11 @@ def child_ours(root: Path, reward: str, reps: int, warmup: int) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     n = WORK["prompts"]
+    lora = reward == "rto-lora"
     cfg = build(PPOStageConfig, dict(
-        policy=str(root / "policy"), reward_model=str(root / "rm"), dpo_model=str(root / "dpo"),
-        prompts=str(root / "prompts.jsonl"), out=str(root / f"ours-{reward}"), reward=reward, beta1=0.1,
+        policy=str(root / "policy"), reward_model=str(root / "rm"), dpo_model=str(root / ("dpo_lora" if lora else "dpo")),
+        lora_r=16 if lora else 0, lora_alpha=32,
+        prompts=str(root / "prompts.jsonl"), out=str(root / f"ours-{reward}"), reward="rto" if lora else reward, beta1=0.1,
         iterations=reps + warmup, rollout_batch_size=n, mini_batch_size=n // WORK["mini_batches"],
         ppo_epochs=WORK["ppo_epochs"], max_new_tokens=WORK["response_len"], actor_lr=WORK["lr"],
         critic_lr=WORK["lr"], kl_coef=WORK["kl_coef"], eval_every=0, threads=os.cpu_count() or 1), "benchmark")
@@ -175,7 +199,7 @@ def main() -> None:
             params = count_params(root / "policy")
             common = ["--root", str(root), "--reps", str(args.reps), "--warmup", str(args.warmup)]
             ours = {r: run_child([__file__, "--child", "ours", "--reward", r, *common, "--out", "-"])
-                    for r in ("sparse", "rto")}
+                    for r in ("sparse", "rto", "rto-lora")}
             trl = (run_child([str(HERE / "trl_ppo_child.py"), *common, "--lr", str(WORK["lr"]),
                               "--kl-coef", str(WORK["kl_coef"])], python=trl_python) if trl_python else None)
             rate = matmul_rate()
@@ -185,7 +209,9 @@ def main() -> None:
                    "floor_ppo_s": floor_seconds(params, False, rate),
                    "floor_rto_s": floor_seconds(params, True, rate),
                    "matmul_gflops": rate / 1e9,
-                   "ours_peak_rss_mb": max(o["peak_rss_mb"] for o in ours.values())}
+                   "ours_peak_rss_mb": max(ours[r]["peak_rss_mb"] for r in ("sparse", "rto")),
+                   "ours_lora_rto_s": statistics.median(ours["rto-lora"]["times"]),
+                   "ours_lora_peak_rss_mb": ours["rto-lora"]["peak_rss_mb"]}
             row["rto_overhead"] = row["ours_rto_s"] / row["ours_ppo_s"]
             row["ours_vs_floor"] = row["ours_rto_s"] / row["floor_rto_s"]
             if trl is not None:

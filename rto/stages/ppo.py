@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,10 @@ class PPOStageConfig:
     score_batch_size: int = opt(0, "sequences per scoring pass (0: the whole rollout at once)", ge=0)
     # --- logging ---
     eval_every: int = opt(10, "evaluate on --eval-prompts every N iterations (0: never)", ge=0)
+    # --- checkpoints ---
+    save_every: int = opt(0, "write a resumable checkpoint to OUT/checkpoints every N iterations (0: never)", ge=0)
+    keep_last: int = opt(2, "checkpoints kept (older ones are deleted; 0: keep all)", ge=0)
+    resume: str = opt("", "resume from a checkpoint: auto (the latest in OUT/checkpoints, if any) or its path")
     n_eval: int = opt(128, "evaluation prompts used", ge=1)
     save_critic: bool = opt(True, "also save the critic to OUT/critic")
     seed: int = seed_field()
@@ -443,17 +448,114 @@ class PPOTrainer:
             out["gold_reward"] = sum(g) / len(g)
         return out
 
+    # --- checkpoints: everything the next iteration depends on ------------------------------
+    # Settings that may change between a run and its resumption without changing its result.
+    RESUMABLE_CHANGES = ("iterations", "save_every", "keep_last", "resume", "eval_every", "n_eval")
+
+    def _trained(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        """Trained weights by model: all of a full model's, only the adapters (and value head) with LoRA."""
+        if self.shared is not None:
+            named = dict(self.shared.model.named_parameters())
+            out = {"policy": {n: p for n, p in named.items() if "lora_" in n and ".policy." in n}}
+            if self.critic is not None:
+                out["critic"] = {n: p for n, p in named.items() if "lora_" in n and ".critic." in n}
+                out["critic"]["value_head.weight"] = self.shared.value_head.weight
+            return out
+        out = {"policy": dict(self.policy.named_parameters())}
+        if self.critic is not None:
+            out["critic"] = dict(self.critic.named_parameters())
+        return out
+
+    def state(self, iteration: int) -> tuple[dict, dict]:
+        from rto.checkpoint import optimizer_state, rng_state
+        from rto.config import to_dict
+
+        tensors: dict[str, torch.Tensor] = {}
+        for model, params in self._trained().items():
+            tensors.update({f"{model}.weights.{n}": p for n, p in params.items()})
+        meta: dict = {"iteration": iteration, "config": to_dict(self.cfg), "order": self.order,
+                      "history": self.history, "curve": self.curve, "kl_coef": self.kl_ctl.value}
+        opts = [("policy", self.policy_opt, self.policy_sched)]
+        if self.critic is not None:
+            opts.append(("critic", self.critic_opt, self.critic_sched))
+        for name, opt, sched in opts:
+            t, m = optimizer_state(opt, f"{name}.adam")
+            tensors.update(t)
+            meta[f"{name}_optimizer"] = m
+            meta[f"{name}_scheduler"] = sched.state_dict()
+        t, m = rng_state(self.generator)
+        tensors.update(t)
+        meta["rng"] = m
+        return tensors, meta
+
+    def load_state(self, path: Path) -> int:
+        """Restore a checkpoint; returns the number of iterations it had completed."""
+        from rto.checkpoint import load_checkpoint, load_optimizer_state, load_rng_state
+        from rto.config import to_dict
+
+        tensors, meta = load_checkpoint(path)
+        mine, theirs = to_dict(self.cfg), meta.get("config", {})
+        changed = sorted(k for k in set(mine) | set(theirs)
+                         if k not in self.RESUMABLE_CHANGES and mine.get(k) != theirs.get(k))
+        if changed:
+            raise UserError(f"ppo: checkpoint {path} was written with other settings ({', '.join(changed)}); "
+                            "resume with the same ones or start a new --out")
+        with torch.no_grad():
+            for model, params in self._trained().items():
+                for n, p in params.items():
+                    key = f"{model}.weights.{n}"
+                    if key not in tensors or tensors[key].shape != p.shape:
+                        raise UserError(f"ppo: checkpoint {path} does not match the models ({key})")
+                    p.copy_(tensors[key])
+        opts = [("policy", self.policy_opt, self.policy_sched)]
+        if self.critic is not None:
+            opts.append(("critic", self.critic_opt, self.critic_sched))
+        for name, opt, sched in opts:
+            load_optimizer_state(opt, tensors, meta[f"{name}_optimizer"], f"{name}.adam")
+            sched.load_state_dict(meta[f"{name}_scheduler"])
+        load_rng_state(tensors, meta["rng"], self.generator)
+        self.order = list(meta["order"])
+        self.history = list(meta["history"])
+        self.curve = list(meta["curve"])
+        self.kl_ctl.value = float(meta["kl_coef"])
+        return int(meta["iteration"])
+
+    def _resume_point(self) -> int:
+        from rto.checkpoint import list_checkpoints
+
+        cfg = self.cfg
+        if not cfg.resume:
+            return 0
+        if cfg.resume == "auto":
+            found = list_checkpoints(Path(cfg.out) / "checkpoints")
+            if not found:
+                return 0
+            path = found[-1]
+        else:
+            path = Path(cfg.resume)
+            if not path.is_dir():
+                raise UserError(f"ppo: --resume {path}: no such checkpoint directory")
+        done = self.load_state(path)
+        print(f"[rto] ppo: resumed from {path} after iteration {done}", file=sys.stderr, flush=True)
+        return done
+
     def train(self) -> dict:
         from tqdm.auto import tqdm
+
+        from rto.checkpoint import save_checkpoint
 
         cfg = self.cfg
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
+        first = self._resume_point()
         log_path = out / "train_log.jsonl"
         log = open(log_path, "w")
-        bar = tqdm(total=cfg.iterations, desc=f"ppo[{cfg.reward}]", disable=not progress_enabled(), dynamic_ncols=True)
+        for metrics in self.history:  # a resumed run's log holds exactly the iterations it kept
+            log.write(json.dumps(metrics) + "\n")
+        bar = tqdm(total=cfg.iterations, initial=first, desc=f"ppo[{cfg.reward}]", disable=not progress_enabled(),
+                   dynamic_ncols=True)
         start = time.time()
-        for it in range(cfg.iterations):
+        for it in range(first, cfg.iterations):
             if self.eval_prompts and it % cfg.eval_every == 0:
                 self.curve.append(self.evaluate(it))
             t0 = time.time()
@@ -472,6 +574,9 @@ class PPOTrainer:
             bar.update(1)
             progress.report(it + 1, cfg.iterations)
             bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("gold_reward", "rm_score", "kl") if k in metrics})
+            if cfg.save_every and (it + 1) % cfg.save_every == 0:
+                tensors, meta = self.state(it + 1)
+                save_checkpoint(out / "checkpoints", it + 1, tensors, meta, cfg.keep_last)
         if self.eval_prompts:
             self.curve.append(self.evaluate(cfg.iterations))
         bar.close()

@@ -113,6 +113,10 @@ class PPOStageConfig:
     score_batch_size: int = opt(0, "sequences per scoring pass (0: the whole rollout at once)", ge=0)
     # --- logging ---
     eval_every: int = opt(10, "evaluate on --eval-prompts every N iterations (0: never)", ge=0)
+    # --- guards ---
+    max_bad_steps: int = opt(3, "consecutive non-finite updates (loss, gradient, reward, log-prob) skipped "
+                                "before the run stops", ge=0)
+    kl_alert: float | None = opt(None, "report iterations whose KL to the reference per response exceeds this", gt=0)
     # --- checkpoints ---
     save_every: int = opt(0, "write a resumable checkpoint to OUT/checkpoints every N iterations (0: never)", ge=0)
     keep_last: int = opt(2, "checkpoints kept (older ones are deleted; 0: keep all)", ge=0)
@@ -198,6 +202,8 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                        else FixedKL(cfg.kl_coef))
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.bad_steps = 0
+        self.skipped_total = 0
         self.order: list[int] = []
         self.history: list[dict] = []
         self.curve: list[dict] = []
@@ -391,16 +397,42 @@ class PPOTrainer:
                     for k, v in pstats.items():
                         stats[k] = stats.get(k, 0.0) + float(v) * weight
                 stats["policy/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
-                self.policy_opt.step()
-                self.policy_sched.step()
                 if self.critic is not None:
                     stats["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm))
-                    self.critic_opt.step()
+                # Guard: a non-finite loss or gradient skips this optimiser step (both networks);
+                # the schedules still advance, so the run's length and learning rates stay as planned.
+                finite = all(math.isfinite(v) for v in stats.values())
+                self._note_step(finite, "loss or gradient")
+                if finite:
+                    self.policy_opt.step()
+                    if self.critic is not None:
+                        self.critic_opt.step()
+                self.policy_sched.step()
+                if self.critic is not None:
                     self.critic_sched.step()
+                if not finite:
+                    stats = {"guard/skipped_steps": 1.0}
+                    sums["guard/skipped_steps"] = sums.get("guard/skipped_steps", 0.0) + 1.0
+                    continue
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-        return {k: v / count for k, v in sums.items()}
+        out = {k: v / count for k, v in sums.items() if k != "guard/skipped_steps"} if count else {}
+        out["guard/skipped_steps"] = sums.get("guard/skipped_steps", 0.0)
+        return out
+
+    def _note_step(self, finite: bool, what: str) -> None:
+        """Count consecutive non-finite updates; too many in a row end the run with a clear message."""
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        if not finite:
+            self.skipped_total += 1
+        if self.bad_steps > self.cfg.max_bad_steps:
+            from rto.checkpoint import list_checkpoints
+
+            last = list_checkpoints(Path(self.cfg.out) / "checkpoints")
+            where = f"; the last good checkpoint is {last[-1]}" if last else ""
+            raise UserError(f"ppo: {self.bad_steps} consecutive non-finite updates ({what}) at iteration "
+                            f"{len(self.history) + 1}: the run stopped{where}")
 
     # --- 6: evaluation and logging --------------------------------------------------------
     def evaluate(self, iteration: int) -> dict:
@@ -474,7 +506,8 @@ class PPOTrainer:
         for model, params in self._trained().items():
             tensors.update({f"{model}.weights.{n}": p for n, p in params.items()})
         meta: dict = {"iteration": iteration, "config": to_dict(self.cfg), "order": self.order,
-                      "history": self.history, "curve": self.curve, "kl_coef": self.kl_ctl.value}
+                      "history": self.history, "curve": self.curve, "kl_coef": self.kl_ctl.value,
+                      "bad_steps": self.bad_steps, "skipped_total": self.skipped_total}
         opts = [("policy", self.policy_opt, self.policy_sched)]
         if self.critic is not None:
             opts.append(("critic", self.critic_opt, self.critic_sched))
@@ -518,6 +551,7 @@ class PPOTrainer:
         self.history = list(meta["history"])
         self.curve = list(meta["curve"])
         self.kl_ctl.value = float(meta["kl_coef"])
+        self.bad_steps, self.skipped_total = int(meta["bad_steps"]), int(meta["skipped_total"])
         return int(meta["iteration"])
 
     def _resume_point(self) -> int:
@@ -561,13 +595,24 @@ class PPOTrainer:
             t0 = time.time()
             exp = self.make_experience(self._next_prompts())
             t1 = time.time()
-            train_stats = self.train_on(exp)
+            bad = [k for k in ("rewards", "old_logp", "values", "returns", "advantages") if not torch.isfinite(exp[k]).all()]
+            if bad:  # Guard: a rollout with non-finite rewards or log-probs teaches nothing; skip its update.
+                self._note_step(False, ", ".join(bad))
+                train_stats = {"guard/skipped_steps": float(cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)),
+                               "guard/nonfinite_rollout": 1.0}
+            else:
+                train_stats = self.train_on(exp)
             t2 = time.time()
             metrics = {"iteration": it + 1, **self.experience_metrics(exp), **train_stats,
                        "lr/policy": self.policy_sched.get_last_lr()[0],
                        "time/rollout_s": t1 - t0, "time/train_s": t2 - t1,
                        "tokens_per_s": float(exp["batch"].response_mask.sum()) / max(t2 - t0, 1e-9)}
-            self.kl_ctl.update(metrics["kl"], cfg.rollout_batch_size)
+            if cfg.kl_alert is not None and metrics["kl"] > cfg.kl_alert:
+                metrics["guard/kl_alert"] = 1.0
+                print(f"[rto] ppo: iteration {it + 1}: KL to the reference {metrics['kl']:.3f} per response exceeds "
+                      f"--kl-alert {cfg.kl_alert:g}", file=sys.stderr, flush=True)
+            if math.isfinite(metrics["kl"]):
+                self.kl_ctl.update(metrics["kl"], cfg.rollout_batch_size)
             self.history.append(metrics)
             log.write(json.dumps(metrics) + "\n")
             log.flush()

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=summary)
         p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of settings (flags override it)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.add_argument("--allow-bin-weights", action="store_true",
+                       help="also load pickle-format .bin weights (with torch.load(weights_only=True)); "
+                            "by default only safetensors files are loaded")
         if name == "pipeline":
             p.add_argument("--set", dest="set_values", action="append", default=[], metavar="SECTION.KEY=VALUE",
                            help="override a stage setting, e.g. --set ppo.actor_lr=1e-5 (repeatable)")
@@ -77,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = _parser()
         args = parser.parse_args(argv)
-        values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "set_values")}
+        values = {k: v for k, v in vars(args).items()
+                  if k not in ("command", "config", "debug", "set_values", "allow_bin_weights")}
+        if args.allow_bin_weights:
+            os.environ["RTO_ALLOW_BIN_WEIGHTS"] = "1"  # an environment variable reaches the pipeline's processes
         yaml_values = load_yaml(args.config) if args.config else {}
         if args.command == "reproduce":
             from rto.reproduce import ReproduceConfig, run

@@ -43,8 +43,17 @@ def _check_dir(path: str | Path, what: str) -> Path:
     if not (path / "config.json").is_file():
         raise UserError(f"{what} {path}: no config.json (not a Hugging Face model directory)")
     if not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")):
+            if not bin_weights_allowed():
+                raise UserError(f"{what} {path}: only pickle-format .bin weights; convert them to safetensors or pass "
+                                "--allow-bin-weights to load them with torch.load(weights_only=True)")
+            return path
         raise UserError(f"{what} {path}: no .safetensors weights (only safetensors files are loaded)")
     return path
+
+
+def bin_weights_allowed() -> bool:
+    return os.environ.get("RTO_ALLOW_BIN_WEIGHTS") == "1"
 
 
 def load_tokenizer(path: str | Path, what: str = "model"):
@@ -56,6 +65,25 @@ def load_tokenizer(path: str | Path, what: str = "model"):
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
         raise UserError(f"{what} {path}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return check_tokenizer(tok, f"{what} {path}")
+
+
+def check_same_tokenizer(tok, where: str, path: str | Path, what: str) -> None:
+    """Models that score the policy's token ids must read them as the policy does: same vocabulary,
+    same special tokens. A directory without tokenizer files is taken on trust."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+        return
+    other = load_tokenizer(path, what)
+    a, b = tok.get_vocab(), other.get_vocab()
+    if a != b:
+        differing = sorted(t for t in set(a) | set(b) if a.get(t) != b.get(t))
+        shown = ", ".join(f"{t!r}: {a.get(t)} vs {b.get(t)}" for t in differing[:3])
+        raise UserError(f"{what} {path}: its tokenizer differs from the policy's ({where}): {len(differing)} tokens "
+                        f"have other ids ({shown}{', ...' if len(differing) > 3 else ''})")
+    for name in ("eos_token_id", "pad_token_id"):
+        if getattr(tok, name) != getattr(other, name):
+            raise UserError(f"{what} {path}: its tokenizer's {name} is {getattr(other, name)}, the policy's "
+                            f"{getattr(tok, name)} ({where})")
 
 
 def check_tokenizer(tok, where: str):
@@ -71,7 +99,10 @@ def _load(cls, path: str | Path, what: str, **kwargs):
     path = _check_dir(path, what)
     _quiet()
     try:
-        model = cls.from_pretrained(path, trust_remote_code=False, use_safetensors=True, **kwargs)
+        # .bin only when allowed and there is no safetensors file; transformers then reads it with
+        # torch.load(weights_only=True), which refuses anything but tensors.
+        safetensors_only = not (bin_weights_allowed() and not any(path.glob("*.safetensors")))
+        model = cls.from_pretrained(path, trust_remote_code=False, use_safetensors=safetensors_only or None, **kwargs)
     except Exception as e:
         raise UserError(f"{what} {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     disable_dropout(model)

@@ -63,9 +63,10 @@ class Batch:
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int | None = None):
-    """Left-padded prompt ids and mask."""
+    """Left-padded prompt ids and mask; a prompt over `max_prompt_len` keeps its end (where the
+    instruction and any chat-template header that the response follows sit)."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                    truncation=max_prompt_len is not None, max_length=max_prompt_len)
+                    truncation=max_prompt_len is not None, max_length=max_prompt_len, truncation_side="left")
     return enc["input_ids"], enc["attention_mask"]
 
 

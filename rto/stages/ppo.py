@@ -94,7 +94,9 @@ class PPOStageConfig:
     value_clip: float | None = opt(0.2, "value clip around rollout values (none: off)", gt=0)
     # --- generation ---
     max_new_tokens: int = opt(64, "response length limit", ge=1)
-    max_prompt_len: int = opt(512, "prompt length limit (longer prompts are cut from the left)", ge=1)
+    max_prompt_len: int = opt(512, "prompt length limit in tokens", ge=1)
+    long_prompts: Literal["error", "skip", "truncate"] = opt(
+        "error", "a prompt over --max-prompt-len: error (naming its row), skip (counted), or truncate (keep its end)")
     temperature: float = opt(1.0, "sampling temperature (log-probs use the same)", gt=0)
     top_k: int = opt(0, "top-k sampling (0: off)", ge=0)
     top_p: float = opt(1.0, "nucleus sampling", gt=0, le=1)
@@ -148,15 +150,22 @@ class PPOStageConfig:
 
 class PPOTrainer:
     def __init__(self, cfg: PPOStageConfig):
-        from rto.models import load_causal_lm, load_score_model, load_tokenizer, read_reward_stats
+        from rto.models import (check_same_tokenizer, load_causal_lm, load_score_model, load_tokenizer,
+                                read_reward_stats)
 
         self.cfg = cfg
         setup(cfg.seed, cfg.threads)
         self.device, self.bf16 = _device_and_precision(cfg.device, cfg.precision)
-        self.prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, PROMPT_FIELDS)]
-        self.eval_prompts = ([r["prompt"] for r in read_jsonl(cfg.eval_prompts, PROMPT_FIELDS)][:cfg.n_eval]
-                             if cfg.eval_prompts and cfg.eval_every else [])
         self.tokenizer = load_tokenizer(cfg.policy)
+        # Every model reads the policy's token ids: their tokenizers must agree with it, up front.
+        for path, what in ((cfg.ref, "reference model"), (cfg.dpo_model if cfg.uses_dpo else "", "DPO model"),
+                           (cfg.dpo_ref if cfg.uses_dpo else "", "DPO reference model"),
+                           (cfg.reward_model if cfg.uses_rm else "", "reward model"), (cfg.critic, "critic")):
+            if path:
+                check_same_tokenizer(self.tokenizer, f"policy {cfg.policy}", path, what)
+        self.prompts = self._read_prompts(cfg.prompts)
+        self.eval_prompts = (self._read_prompts(cfg.eval_prompts)[:cfg.n_eval] if cfg.eval_prompts and cfg.eval_every
+                             else [])
         self.shared = None
         self.dpo = self.dpo_ref = None
         if cfg.lora_r:
@@ -209,6 +218,27 @@ class PPOTrainer:
         self.curve: list[dict] = []
 
     # --- setup helpers -----------------------------------------------------------------
+    def _read_prompts(self, path: str) -> list[str]:
+        """Prompt rows, with the length limit applied as --long-prompts says."""
+        cfg = self.cfg
+        prompts = [r["prompt"] for r in read_jsonl(path, PROMPT_FIELDS)]
+        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        long_rows = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_len]
+        if long_rows and cfg.long_prompts == "error":
+            i = long_rows[0]
+            raise UserError(f"{path}: row {i + 1}: field 'prompt' is {lengths[i]} tokens, longer than --max-prompt-len "
+                            f"{cfg.max_prompt_len} ({len(long_rows)} such rows; --long-prompts skip or truncate "
+                            "to accept them)")
+        if long_rows and cfg.long_prompts == "skip":
+            drop = set(long_rows)
+            prompts = [p for i, p in enumerate(prompts) if i not in drop]
+            if not prompts:
+                raise UserError(f"{path}: no prompts left: all {len(drop)} are longer than --max-prompt-len "
+                                f"{cfg.max_prompt_len}")
+            print(f"[rto] ppo: {path}: skipped {len(drop)} of {len(lengths)} prompts longer than --max-prompt-len "
+                  f"{cfg.max_prompt_len}", file=sys.stderr, flush=True)
+        return prompts
+
     def _place_models(self) -> None:
         """Everything on the device; frozen full models in bf16 when asked (trained ones keep fp32
         master weights and run under autocast, so Adam's updates are not rounded away)."""

@@ -1,0 +1,166 @@
+"""Every class of bad input ends with one line naming what and where, exit code 2, no traceback,
+and nothing already written is lost. Runs the real `rto` entry point in-process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rto.cli import main
+from rto.data import PREFERENCE_FIELDS, PROMPT_FIELDS, SFT_FIELDS, read_jsonl
+from rto.errors import UserError
+
+
+def _fails(capsys, args, *messages):
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for m in messages:
+        assert m in err, err
+    return err
+
+
+@pytest.fixture
+def ppo_args(tiny_dirs, prompt_file, tmp_path):
+    def make(**over):
+        base = {"--policy": tiny_dirs["policy"], "--reward-model": tiny_dirs["rm"], "--dpo-model": tiny_dirs["dpo"],
+                "--prompts": prompt_file, "--out": str(tmp_path / "out"), "--reward": "rto", "--iterations": "1",
+                "--rollout-batch-size": "4", "--mini-batch-size": "4", "--max-new-tokens": "4", "--eval-every": "0",
+                "--threads": "1"}
+        base.update(over)
+        return ["ppo", *[x for kv in base.items() for x in kv]]
+    return make
+
+
+def test_unknown_config_key(capsys, tmp_path, ppo_args):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("actor_lrr: 0.1\n")
+    _fails(capsys, [*ppo_args(), "--config", cfg], str(cfg), "unknown setting 'actor_lrr'", "actor_lr")
+
+
+def test_wrong_type(capsys, tmp_path, ppo_args):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ppo_epochs: many\n")
+    _fails(capsys, [*ppo_args(), "--config", cfg], str(cfg), "ppo_epochs")
+    _fails(capsys, ppo_args(**{"--actor-lr": "fast"}), "actor_lr")
+
+
+@pytest.mark.parametrize("flag, value, field", [("--actor-lr", "-1", "actor_lr"), ("--clip-range", "0", "clip_range"),
+                                                ("--beta1", "-0.5", "beta1"), ("--rollout-batch-size", "0",
+                                                                              "rollout_batch_size")])
+def test_out_of_range_values(capsys, ppo_args, flag, value, field):
+    _fails(capsys, ppo_args(**{flag: value}), field)
+
+
+def test_missing_and_empty_fields(capsys, tmp_path, ppo_args):
+    for row, message in (({"text": "s1 <sep>"}, "missing field 'prompt'"), ({"prompt": "  "}, "field 'prompt' is empty"),
+                         ({"prompt": 3}, "field 'prompt' must be a string")):
+        f = tmp_path / "p.jsonl"
+        f.write_text(json.dumps({"prompt": "s1 <sep>"}) + "\n" + json.dumps(row) + "\n")
+        _fails(capsys, ppo_args(**{"--prompts": str(f)}), f"{f}: row 2: {message}")
+
+
+def test_non_utf8_bytes(capsys, tmp_path, ppo_args):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'{"prompt": "s1 <sep>"}\n{"prompt": "s2 \xff\xfe"}\n')
+    _fails(capsys, ppo_args(**{"--prompts": str(f)}), f"{f}: row 2: not UTF-8")
+
+
+def test_prompt_longer_than_the_limit(capsys, tmp_path, ppo_args):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "s1 <sep>"}) + "\n" + json.dumps({"prompt": "s1 s2 s3 s4 s5 s6 <sep>"}) + "\n")
+    _fails(capsys, ppo_args(**{"--prompts": str(f), "--max-prompt-len": "4"}),
+           f"{f}: row 2: field 'prompt' is 7 tokens", "--max-prompt-len 4")
+
+
+def test_empty_data_after_filtering(capsys, tmp_path, ppo_args):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "s1 s2 s3 s4 s5 s6 <sep>"}) + "\n")
+    _fails(capsys, ppo_args(**{"--prompts": str(f), "--max-prompt-len": "4", "--long-prompts": "skip"}),
+           f"{f}: no prompts left", "all 1 are longer than --max-prompt-len 4")
+
+
+def test_truncated_safetensors(capsys, tmp_path, tiny_dirs, ppo_args):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dirs["policy"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _fails(capsys, ppo_args(**{"--policy": str(broken)}), str(broken), "cannot load")
+
+
+def test_model_directory_without_tokenizer(capsys, tmp_path, tiny_dirs, ppo_args):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dirs["policy"], bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    _fails(capsys, ppo_args(**{"--policy": str(bare)}), str(bare), "tokenizer")
+
+
+def test_mismatched_tokenizers_between_policy_and_dpo_model(capsys, tmp_path, tiny_dirs, ppo_args):
+    other = tmp_path / "other_dpo"
+    shutil.copytree(tiny_dirs["dpo"], other)
+    tok_file = other / "tokenizer.json"
+    tok = json.loads(tok_file.read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(k for k in vocab if k.startswith("s"))[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    tok_file.write_text(json.dumps(tok))
+    _fails(capsys, ppo_args(**{"--dpo-model": str(other)}), str(other), "tokenizer differs from the policy's", repr(a))
+
+
+def test_bin_weights_are_refused_unless_allowed(capsys, tmp_path, tiny_dirs, ppo_args):
+    import torch
+    from safetensors.torch import load_file
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_dirs["policy"], legacy)
+    torch.save(load_file(str(legacy / "model.safetensors")), legacy / "pytorch_model.bin")
+    (legacy / "model.safetensors").unlink()
+    _fails(capsys, ppo_args(**{"--policy": str(legacy)}), str(legacy), "--allow-bin-weights")
+    from rto.models import load_causal_lm
+
+    import os
+    os.environ["RTO_ALLOW_BIN_WEIGHTS"] = "1"
+    try:
+        assert load_causal_lm(legacy) is not None
+    finally:
+        del os.environ["RTO_ALLOW_BIN_WEIGHTS"]
+
+
+def test_a_failed_run_keeps_what_was_written(capsys, tmp_path, ppo_args):
+    """A bad input found when a run starts never touches the previous run's outputs."""
+    out = tmp_path / "out"
+    (out / "policy").mkdir(parents=True)
+    (out / "policy" / "model.safetensors").write_bytes(b"previous result")
+    (out / "train_log.jsonl").write_text('{"iteration": 1}\n')
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "s1 <sep>"}\n{oops\n')
+    _fails(capsys, ppo_args(**{"--prompts": str(bad)}), f"{bad}: row 2: invalid JSON")
+    assert (out / "policy" / "model.safetensors").read_bytes() == b"previous result"
+    assert (out / "train_log.jsonl").read_text() == '{"iteration": 1}\n'
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=40).map(str.encode),
+                          st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "completion", "x"]),
+                                          st.one_of(st.none(), st.integers(), st.text(max_size=8), st.lists(st.integers())),
+                                          max_size=4).map(lambda d: json.dumps(d).encode())),
+                min_size=1, max_size=6),
+       st.sampled_from([PROMPT_FIELDS, SFT_FIELDS, PREFERENCE_FIELDS]))
+def test_random_malformed_rows_get_a_clear_error_or_load(tmp_path_factory, lines, fields):
+    """Any bytes at all: the loader returns rows whose fields are non-empty strings, or raises a
+    UserError that names the file (and the row, when one is at fault) - never anything else."""
+    path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
+    try:
+        rows = read_jsonl(path, fields)
+    except UserError as e:
+        assert str(e).startswith(str(path))
+        assert "\n" not in str(e)
+        return
+    assert rows and all(isinstance(r[f], str) and r[f].strip() for r in rows for f in fields)

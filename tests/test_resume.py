@@ -57,18 +57,19 @@ def _resume(tiny_dirs, prompt_file, out):
 def test_killed_at_a_random_point_resumes_exactly(reference, tiny_dirs, prompt_file, tmp_path):
     rng = random.Random(os.getpid())
     out = tmp_path / "run"
-    wanted = rng.randint(1, ITERATIONS - 2)  # let this many checkpoints land, then kill at a random moment
+    wanted = rng.randint(1, ITERATIONS - 3)  # let this many checkpoints land, then kill at a random moment
     proc = subprocess.Popen(_ppo_args(tiny_dirs, prompt_file, out), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (out / "checkpoints" / f"step_{wanted:08d}").is_dir():
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.15))
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    _resume(tiny_dirs, prompt_file, out)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert "resumed from" in _resume(tiny_dirs, prompt_file, out).stderr
     _same_run(reference, out)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == [f"step_{ITERATIONS - 1:08d}", f"step_{ITERATIONS:08d}"]  # --keep-last 2
@@ -91,3 +92,34 @@ def test_resume_refuses_a_checkpoint_from_other_settings(reference, tiny_dirs, p
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 2
     assert "other settings (actor_lr)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sft_killed_and_resumed_matches_the_uninterrupted_run(prompt_file, tmp_path):
+    """The TRL-backed stages resume from their own checkpoints: the same final weights, bit for bit."""
+    from rto.data import read_jsonl, write_jsonl
+
+    data = tmp_path / "sft.jsonl"
+    prompts = [r["prompt"] for r in read_jsonl(prompt_file, ("prompt",))]
+    write_jsonl(data, ({"prompt": p, "completion": " " + " ".join(reversed(p.split()[:-1]))} for p in prompts * 2))
+
+    def args(out):
+        return [sys.executable, "-m", "rto.cli", "sft", "--data", str(data), "--out", str(out), "--task", "keyed",
+                "--epochs", "3", "--batch-size", "8", "--threads", "1", "--save-every", "2", "--keep-last", "2"]
+
+    ref = tmp_path / "ref"
+    assert subprocess.run(args(ref), capture_output=True, env=ENV, timeout=300).returncode == 0
+    out = tmp_path / "run"
+    proc = subprocess.Popen(args(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any((out.parent / "run.trl").glob("checkpoint-4/trainer_state.json")):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = subprocess.run([*args(out), "--resume", "auto"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "[rto] resuming from" in resumed.stderr and "checkpoint-" in resumed.stderr
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

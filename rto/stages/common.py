@@ -52,6 +52,40 @@ class TrainingFields:
     warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
     seed: int = seed_field()
     threads: int = threads_field()
+    save_every: int = opt(0, "write a resumable checkpoint every N optimiser steps into OUT.trl/ (0: never)", ge=0)
+    keep_last: int = opt(2, "checkpoints kept (0: all)", ge=0)
+    resume: str = opt("", "auto (the latest complete checkpoint in OUT.trl/, if any) or a checkpoint directory")
+
+
+def resume_checkpoint(cfg: TrainingFields, scratch: str) -> str | None:
+    """The checkpoint to resume from, or None (then any stale scratch directory is cleared).
+
+    transformers writes a checkpoint's files in place and its trainer_state.json last, so a
+    checkpoint whose trainer_state.json parses is complete; a half-written one is skipped."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from rto.errors import UserError
+
+    if cfg.resume and cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if not (path / "trainer_state.json").is_file():
+            raise UserError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+        print(f"[rto] resuming from {path}", file=sys.stderr, flush=True)
+        return str(path)
+    complete = []
+    for ck in Path(scratch).glob("checkpoint-*") if cfg.resume == "auto" else []:
+        try:
+            json.loads((ck / "trainer_state.json").read_text())
+            complete.append((int(ck.name.split("-")[-1]), ck))
+        except (OSError, ValueError):
+            continue
+    if complete:
+        print(f"[rto] resuming from {max(complete)[1]}", file=sys.stderr, flush=True)
+        return str(max(complete)[1])
+    shutil.rmtree(scratch, ignore_errors=True)
+    return None
 
 
 def trl_common_args(cfg: TrainingFields, out: str) -> dict:
@@ -63,7 +97,9 @@ def trl_common_args(cfg: TrainingFields, out: str) -> dict:
     # TRL turns gradient checkpointing on by default; turning it off through the old name warns.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     return dict(
-        output_dir=os.path.join(out + ".trl"), report_to="none", save_strategy="no", bf16=False,
+        output_dir=os.path.join(out + ".trl"), report_to="none", bf16=False,
+        save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
+        save_total_limit=cfg.keep_last or None,
         gradient_checkpointing=False, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, max_length=cfg.max_length, seed=cfg.seed, data_seed=cfg.seed,
         logging_steps=50, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,

@@ -13,7 +13,7 @@ from rto.config import opt, require
 from rto.data import PREFERENCE_FIELDS, read_jsonl, write_json
 from rto import progress
 from rto.errors import UserError
-from rto.stages.common import TrainingFields, setup, trl_common_args
+from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args
 
 
 @dataclass
@@ -58,7 +58,7 @@ def run(cfg: DPOStageConfig) -> dict:
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[progress.trainer_callback()], peft_config=peft_config)
     start = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
     shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "pairs": len(rows)}
     save_model(trainer.model, tokenizer, cfg.out)

@@ -16,7 +16,7 @@ import torch
 from rto.config import opt, require
 from rto.data import PREFERENCE_FIELDS, read_jsonl, write_json
 from rto import progress
-from rto.stages.common import TrainingFields, setup, trl_common_args
+from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args
 
 
 @dataclass
@@ -58,7 +58,7 @@ def run(cfg: RMStageConfig) -> dict:
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[progress.trainer_callback()])
     start = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
     shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     model = trainer.model
     model.eval()

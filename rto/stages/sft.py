@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from rto.config import opt, require
 from rto.data import SFT_FIELDS, read_jsonl, write_json
 from rto import progress
-from rto.stages.common import TrainingFields, setup, trl_common_args
+from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args
 
 
 @dataclass
@@ -52,7 +52,7 @@ def run(cfg: SFTStageConfig) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[progress.trainer_callback()])
     start = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
     shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "rows": len(rows)}
     model.generation_config.pad_token_id = tokenizer.pad_token_id

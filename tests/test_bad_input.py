@@ -164,3 +164,21 @@ def test_random_malformed_rows_get_a_clear_error_or_load(tmp_path_factory, lines
         assert "\n" not in str(e)
         return
     assert rows and all(isinstance(r[f], str) and r[f].strip() for r in rows for f in fields)
+
+
+@pytest.mark.parametrize("task, message", [
+    ("nowhere/task.py:MyTask", "file nowhere/task.py does not exist"),
+    ("{broken}:MyTask", "cannot import"),
+    ("{good}:Missing", "has no Missing"),
+    ("{raises}:MyTask", "cannot import"),
+    ("no_such_task", "no_such_task"),
+])
+def test_bad_task_plugins(capsys, tmp_path, task, message):
+    good = tmp_path / "good.py"
+    good.write_text("X = 1\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def oops(:\n")
+    raises = tmp_path / "raises.py"
+    raises.write_text("raise RuntimeError('plug-in failed on import')\n")
+    task = task.format(good=good, broken=broken, raises=raises)
+    _fails(capsys, ["pipeline", "--task", task, "--out", tmp_path / "out"], message)

@@ -1,8 +1,15 @@
-"""Data files: JSONL in TRL's formats, read with one-line errors naming file, row and field.
+"""Data files in TRL's formats, read with one-line errors naming file, row and field.
 
-- SFT: {"prompt": str, "completion": str}
-- preferences: {"prompt": str, "chosen": str, "rejected": str}
-- prompts (PPO, evaluation): {"prompt": str}
+- SFT: {"prompt", "completion"}
+- preferences: {"prompt", "chosen", "rejected"}; the prompt may be implicit (left out, and then
+  the common beginning of `chosen` and `rejected`)
+- prompts (PPO, evaluation): {"prompt"} or {"messages"}
+
+Each value is plain text or conversational: a list of {"role", "content"} messages, which the
+stage renders with the tokenizer's chat template (TRL's trainers do it themselves). Files are
+JSONL, JSON (a list of objects), Parquet or CSV; `columns` maps our field names to a file's own
+(`{"prompt": "question"}`). A row that cannot be used is an error naming file, row and field, or,
+with `skip_bad_rows`, skipped and counted.
 """
 
 from __future__ import annotations
@@ -19,38 +26,160 @@ PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 PROMPT_FIELDS = ("prompt",)
 
 
-def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL file; every row must have every field as a non-empty string."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found")
-    rows = []
-    with open(path, "rb") as fh:
+class RowError(UserError):
+    """A row that cannot be used (skippable with skip_bad_rows)."""
+
+
+def _records(path: Path):
+    """(row number, record) pairs of a JSONL, JSON, Parquet or CSV file; unreadable rows raise RowError."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's errors for a bad file vary
+            raise UserError(f"{path}: unreadable Parquet file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        yield from enumerate(table.to_pylist(), start=1)
+        return
+    if suffix == ".csv":
+        import csv
+
+        try:
+            with open(path, encoding="utf-8", newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 (byte {e.start})") from None
+        except csv.Error as e:
+            raise UserError(f"{path}: unreadable CSV ({e})") from None
+        yield from enumerate(rows, start=2)  # row 1 is the header
+        return
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of objects")
+        yield from enumerate(data, start=1)
+        return
+    with open(path, "rb") as fh:  # JSONL (any other suffix)
         for lineno, raw in enumerate(fh, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}: row {lineno}: not UTF-8 (byte {e.start})") from None
+                yield lineno, RowError(f"{path}: row {lineno}: not UTF-8 (byte {e.start})")
+                continue
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}: row {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}: row {lineno}: expected a JSON object")
-            for field in fields:
-                value = row.get(field)
-                if value is None:
-                    raise UserError(f"{path}: row {lineno}: missing field {field!r}")
-                if not isinstance(value, str):
-                    raise UserError(f"{path}: row {lineno}: field {field!r} must be a string, got {type(value).__name__}")
-                if not value.strip():
-                    raise UserError(f"{path}: row {lineno}: field {field!r} is empty")
-            rows.append(row)
+                yield lineno, RowError(f"{path}: row {lineno}: invalid JSON ({e.msg})")
+
+
+def is_conversation(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def _check_value(value, where: str, field: str):
+    if value is None:
+        raise RowError(f"{where}: missing field {field!r}")
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(f"{where}: field {field!r} is empty")
+        return value
+    if isinstance(value, list):
+        if not is_conversation(value):
+            raise RowError(f"{where}: field {field!r} must be text or a list of {{role, content}} messages")
+        if not any(m["content"].strip() for m in value):
+            raise RowError(f"{where}: field {field!r} is empty")
+        return value
+    raise RowError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+
+
+def _implicit_prompt(chosen, rejected):
+    """TRL's implicit prompt: the common beginning of chosen and rejected (messages, or text cut
+    at a space) becomes the prompt; the rest, the two responses."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        cut = chosen.rfind(" ", 0, n + 1) if n < len(chosen) else n
+        cut = max(cut, 0)
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    return None, chosen, rejected
+
+
+def read_rows(path: str | Path, fields: tuple[str, ...], columns: dict[str, str] | None = None,
+              skip_bad_rows: bool = False) -> list[dict]:
+    """Rows with every field present and usable (non-empty text or a conversation).
+
+    `columns` renames: {our field: the file's column}. Prompt-only data may give `messages`
+    instead of `prompt` (a final assistant turn, if any, is dropped). Preference data may leave
+    the prompt implicit. With `skip_bad_rows`, unusable rows are skipped and counted on stderr."""
+    import sys
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found")
+    columns = dict(columns or {})
+    rows, skipped, first_error = [], 0, None
+    for lineno, record in _records(path):
+        where = f"{path}: row {lineno}"
+        try:
+            if isinstance(record, RowError):
+                raise record
+            if not isinstance(record, dict):
+                raise RowError(f"{where}: expected a JSON object with fields {', '.join(fields)}")
+            row = {**record, **{f: record.get(columns.get(f, f)) for f in fields}}  # other columns kept
+            if "prompt" in fields and row["prompt"] is None:
+                if fields == PROMPT_FIELDS and record.get(columns.get("messages", "messages")) is not None:
+                    messages = _check_value(record.get(columns.get("messages", "messages")), where, "messages")
+                    if isinstance(messages, list) and messages[-1]["role"] == "assistant" and len(messages) > 1:
+                        messages = messages[:-1]
+                    row["prompt"] = messages
+                elif fields == PREFERENCE_FIELDS and row["chosen"] is not None and row["rejected"] is not None:
+                    row["prompt"], row["chosen"], row["rejected"] = _implicit_prompt(row["chosen"], row["rejected"])
+                    if not row["prompt"]:
+                        raise RowError(f"{where}: no field 'prompt', and chosen and rejected share no beginning "
+                                       "to take as an implicit prompt")
+            for f in fields:
+                row[f] = _check_value(row[f], where, columns.get(f, f))
+        except RowError as e:
+            if not skip_bad_rows:
+                raise
+            skipped += 1
+            first_error = first_error or str(e)
+            continue
+        rows.append(row)
+    if skipped:
+        print(f"[rto] {path}: skipped {skipped} unusable rows (first: {first_error})", file=sys.stderr, flush=True)
     if not rows:
-        raise UserError(f"{path}: no rows")
+        raise UserError(f"{path}: no rows" + (f" left ({skipped} unusable rows skipped)" if skipped else ""))
     return rows
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+    """Rows of one of our own files (and of any format `read_rows` reads)."""
+    return read_rows(path, fields)
+
+
+def render(value, tokenizer=None, *, generation_prompt: bool = False) -> str:
+    """Text as is; a conversation through the tokenizer's chat template."""
+    if isinstance(value, str):
+        return value
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError("conversational data needs a tokenizer with a chat template; this one has none")
+    return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
@@ -72,3 +201,20 @@ def write_json(path: str | Path, obj) -> Path:
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
     return path
+
+
+def as_texts(rows: list[dict], tokenizer) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, chosen, rejected) as text: a conversation's prompt rendered up to the assistant's
+    turn, each response as the text the template adds after it."""
+    prompts, chosen, rejected = [], [], []
+    for r in rows:
+        prompt = render(r["prompt"], tokenizer, generation_prompt=not isinstance(r["prompt"], str))
+        prompts.append(prompt)
+        for key, out in (("chosen", chosen), ("rejected", rejected)):
+            value = r[key]
+            if isinstance(value, str):
+                out.append(value)
+                continue
+            full = render((r["prompt"] if isinstance(r["prompt"], list) else []) + value, tokenizer)
+            out.append(full[len(prompt):] if full.startswith(prompt) else full)
+    return prompts, chosen, rejected

@@ -52,9 +52,24 @@ class TrainingFields:
     warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
     seed: int = seed_field()
     threads: int = threads_field()
+    columns: dict = opt({}, "the data file's column names, e.g. {prompt: question, chosen: good}")
+    skip_bad_rows: bool = opt(False, "skip (and count) data rows that cannot be used instead of stopping")
     save_every: int = opt(0, "write a resumable checkpoint every N optimiser steps into OUT.trl/ (0: never)", ge=0)
     keep_last: int = opt(2, "checkpoints kept (0: all)", ge=0)
     resume: str = opt("", "auto (the latest complete checkpoint in OUT.trl/, if any) or a checkpoint directory")
+
+
+def uniform_rows(rows: list[dict], fields: tuple[str, ...], path: str) -> list[dict]:
+    """TRL's datasets need one kind per column: all text or all conversations."""
+    from rto.errors import UserError
+
+    for f in fields:
+        kinds = {isinstance(r[f], str) for r in rows}
+        if len(kinds) > 1:
+            i = next(i for i, r in enumerate(rows) if isinstance(r[f], str) != isinstance(rows[0][f], str))
+            raise UserError(f"{path}: field {f!r} mixes text and conversations (row {i + 1} of the usable rows differs "
+                            "from the first)")
+    return [{f: r[f] for f in fields} for r in rows]
 
 
 def resume_checkpoint(cfg: TrainingFields, scratch: str) -> str | None:

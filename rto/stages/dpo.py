@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass
 
 from rto.config import opt, require
-from rto.data import PREFERENCE_FIELDS, read_jsonl, write_json
+from rto.data import PREFERENCE_FIELDS, read_rows, write_json
 from rto import progress
 from rto.errors import UserError
-from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args
+from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args, uniform_rows
 
 
 @dataclass
@@ -34,7 +34,7 @@ class DPOStageConfig(TrainingFields):
 
 def run(cfg: DPOStageConfig) -> dict:
     setup(cfg.seed, cfg.threads)
-    rows = read_jsonl(cfg.data, PREFERENCE_FIELDS)
+    rows = uniform_rows(read_rows(cfg.data, PREFERENCE_FIELDS, cfg.columns, cfg.skip_bad_rows), PREFERENCE_FIELDS, cfg.data)
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -52,7 +52,7 @@ def run(cfg: DPOStageConfig) -> dict:
         peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, targets)
     # With LoRA, TRL uses the model with its adapter off as the reference: no second copy.
     ref = None if peft_config else load_causal_lm(cfg.ref_model or cfg.model, what="DPO reference model")
-    dataset = Dataset.from_list([{k: r[k] for k in PREFERENCE_FIELDS} for r in rows])
+    dataset = Dataset.from_list(rows)
     args = DPOConfig(beta=cfg.beta, loss_type=["sigmoid"],
                      **trl_common_args(cfg, cfg.out))
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,

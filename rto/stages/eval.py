@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rto.config import opt, require
-from rto.data import PROMPT_FIELDS, read_jsonl, write_json, write_jsonl
+from rto.data import PROMPT_FIELDS, read_rows, render, write_json, write_jsonl
 from rto.errors import UserError
 from rto.stages.common import seed_field, setup, threads_field
 
@@ -55,9 +55,9 @@ def run(cfg: EvalStageConfig) -> dict:
     from rto.evaluate import gold_rewards, kl_to, mean_ci, rm_scores, sample, win_rate
     from rto.models import load_causal_lm, load_score_model, load_tokenizer
 
-    prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, PROMPT_FIELDS)]
+    raw_prompts = [r["prompt"] for r in read_rows(cfg.prompts, PROMPT_FIELDS)]
     if cfg.n_prompts:
-        prompts = prompts[:cfg.n_prompts]
+        raw_prompts = raw_prompts[:cfg.n_prompts]
     models = cfg.parsed_models()
     task = None
     if cfg.task:
@@ -67,6 +67,7 @@ def run(cfg: EvalStageConfig) -> dict:
     rm = load_score_model(cfg.reward_model) if cfg.reward_model else None
     baseline_path = models[cfg.baseline]
     tokenizer = load_tokenizer(baseline_path)
+    prompts = [render(p, tokenizer, generation_prompt=True) for p in raw_prompts]
     baseline = load_causal_lm(baseline_path, f"model {cfg.baseline}")
 
     results, samples, golds = {}, [], {}

@@ -35,7 +35,7 @@ from rto.core.kl_control import AdaptiveKL, FixedKL
 from rto.core.losses import entropy_from_logits, explained_variance, policy_loss, value_loss
 from rto.custom_rewards import CustomRewards
 from rto.core.rewards import dpo_token_term, kl_estimate, normalise_score, token_rewards
-from rto.data import PROMPT_FIELDS, read_jsonl, write_json
+from rto.data import PROMPT_FIELDS, read_rows, render, write_json
 from rto import progress
 from rto.errors import UserError
 from rto.stages.common import progress_enabled, seed_field, setup, threads_field
@@ -48,7 +48,7 @@ DENSE_KINDS = ("rto", "dpo-only", "ddpo", "semi", "rs")
 class PPOStageConfig:
     # --- models and data ---
     policy: str = opt("", "SFT model directory: the policy starts here")
-    prompts: str = opt("", "JSONL file of {prompt} rows to train on")
+    prompts: str = opt("", "prompt file ({prompt} or {messages} rows; JSONL, JSON, Parquet or CSV)")
     out: str = opt("", "output directory: OUT/policy, OUT/critic, OUT/train_log.jsonl, OUT/metrics.json")
     reward_model: str = opt("", "reward model directory (not needed for --reward dpo-only)")
     ref: str = opt("", "reference model for the KL penalty (empty: --policy)")
@@ -95,6 +95,8 @@ class PPOStageConfig:
     # --- generation ---
     max_new_tokens: int = opt(64, "response length limit", ge=1)
     max_prompt_len: int = opt(512, "prompt length limit in tokens", ge=1)
+    columns: dict = opt({}, "the prompt file's column names, e.g. {prompt: question}")
+    skip_bad_rows: bool = opt(False, "skip (and count) prompt rows that cannot be used instead of stopping")
     long_prompts: Literal["error", "skip", "truncate"] = opt(
         "error", "a prompt over --max-prompt-len: error (naming its row), skip (counted), or truncate (keep its end)")
     temperature: float = opt(1.0, "sampling temperature (log-probs use the same)", gt=0)
@@ -221,7 +223,9 @@ class PPOTrainer:
     def _read_prompts(self, path: str) -> list[str]:
         """Prompt rows, with the length limit applied as --long-prompts says."""
         cfg = self.cfg
-        prompts = [r["prompt"] for r in read_jsonl(path, PROMPT_FIELDS)]
+        # Conversational prompts go through the chat template, ending where the assistant speaks.
+        prompts = [render(r["prompt"], self.tokenizer, generation_prompt=True)
+                   for r in read_rows(path, PROMPT_FIELDS, cfg.columns, cfg.skip_bad_rows)]
         lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
         long_rows = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_len]
         if long_rows and cfg.long_prompts == "error":

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from rto.config import opt, require
-from rto.data import PREFERENCE_FIELDS, read_jsonl, write_json
+from rto.data import PREFERENCE_FIELDS, as_texts, read_rows, write_json
 from rto import progress
-from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args
+from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args, uniform_rows
 
 
 @dataclass
@@ -34,16 +34,17 @@ def pair_accuracy(model, tokenizer, rows: list[dict]) -> float:
     """Fraction of pairs where the RM scores `chosen` above `rejected`."""
     from rto.rollout import score_texts
 
-    prompts = [r["prompt"] for r in rows]
-    chosen = score_texts(model, tokenizer, prompts, [r["chosen"] for r in rows])
-    rejected = score_texts(model, tokenizer, prompts, [r["rejected"] for r in rows])
+    prompts, chosen_texts, rejected_texts = as_texts(rows, tokenizer)
+    chosen = score_texts(model, tokenizer, prompts, chosen_texts)
+    rejected = score_texts(model, tokenizer, prompts, rejected_texts)
     return float((chosen > rejected).float().mean())
 
 
 def run(cfg: RMStageConfig) -> dict:
     setup(cfg.seed, cfg.threads)
-    rows = read_jsonl(cfg.data, PREFERENCE_FIELDS)
-    eval_rows = read_jsonl(cfg.eval_data, PREFERENCE_FIELDS) if cfg.eval_data else []
+    rows = uniform_rows(read_rows(cfg.data, PREFERENCE_FIELDS, cfg.columns, cfg.skip_bad_rows), PREFERENCE_FIELDS,
+                        cfg.data)
+    eval_rows = read_rows(cfg.eval_data, PREFERENCE_FIELDS, cfg.columns, cfg.skip_bad_rows) if cfg.eval_data else []
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -53,7 +54,7 @@ def run(cfg: RMStageConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = load_score_model(cfg.model, what="SFT model")
     model.config.pad_token_id = tokenizer.pad_token_id
-    dataset = Dataset.from_list([{k: r[k] for k in PREFERENCE_FIELDS} for r in rows])
+    dataset = Dataset.from_list(rows)
     args = RewardConfig(**trl_common_args(cfg, cfg.out))
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[progress.trainer_callback()])
@@ -62,10 +63,10 @@ def run(cfg: RMStageConfig) -> dict:
     shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     model = trainer.model
     model.eval()
-    prompts = [r["prompt"] for r in rows]
+    prompts, chosen, rejected = as_texts(rows, tokenizer)
     with torch.no_grad():
-        scores = torch.cat([score_texts(model, tokenizer, prompts, [r["chosen"] for r in rows]),
-                            score_texts(model, tokenizer, prompts, [r["rejected"] for r in rows])])
+        scores = torch.cat([score_texts(model, tokenizer, prompts, chosen),
+                            score_texts(model, tokenizer, prompts, rejected)])
     stats = {"mean": float(scores.mean()), "std": float(scores.std())}
     metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "pairs": len(rows),
                "train_accuracy": pair_accuracy(model, tokenizer, rows), "score_mean": stats["mean"],

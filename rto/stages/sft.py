@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 
 from rto.config import opt, require
-from rto.data import SFT_FIELDS, read_jsonl, write_json
+from rto.data import SFT_FIELDS, read_rows, write_json
 from rto import progress
-from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args
+from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args, uniform_rows
 
 
 @dataclass
@@ -32,7 +32,7 @@ class SFTStageConfig(TrainingFields):
 
 def run(cfg: SFTStageConfig) -> dict:
     setup(cfg.seed, cfg.threads)
-    rows = read_jsonl(cfg.data, SFT_FIELDS)
+    rows = uniform_rows(read_rows(cfg.data, SFT_FIELDS, cfg.columns, cfg.skip_bad_rows), SFT_FIELDS, cfg.data)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -47,7 +47,7 @@ def run(cfg: SFTStageConfig) -> dict:
         task = load_task(cfg.task)
         tokenizer = check_tokenizer(task.tokenizer(), f"task {cfg.task}")
         model = build_causal_lm(tokenizer, task.model_config(), cfg.seed)
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    dataset = Dataset.from_list(rows)
     args = SFTConfig(**trl_common_args(cfg, cfg.out))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[progress.trainer_callback()])

@@ -109,30 +109,34 @@ def _load(cls, path: str | Path, what: str, **kwargs):
     return model
 
 
-def load_causal_lm(path: str | Path, what: str = "policy"):
-    """A causal LM; a LoRA adapter directory (`rto dpo --lora-r`) comes back merged into its base."""
-    from transformers import AutoModelForCausalLM
-
+def _load_any(cls, path: str | Path, what: str, **kwargs):
+    """A model directory, or a LoRA adapter directory (`--lora-r`) merged into its base."""
     from rto.lora import adapter_base, is_adapter_dir
 
-    if is_adapter_dir(_check_dir(path, what)):
-        from peft import PeftModel
+    if not is_adapter_dir(_check_dir(path, what)):
+        return _load(cls, path, what, **kwargs)
+    from peft import PeftModel
 
-        base = _load(AutoModelForCausalLM, adapter_base(path), f"{what}'s base model")
-        try:
-            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-        except Exception as e:
-            raise UserError(f"{what} {path}: cannot apply the adapter ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-        disable_dropout(model)
-        return model
-    return _load(AutoModelForCausalLM, path, what)
+    base = _load(cls, adapter_base(path), f"{what}'s base model", **kwargs)
+    try:
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    except Exception as e:
+        raise UserError(f"{what} {path}: cannot apply the adapter ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    disable_dropout(model)
+    return model
+
+
+def load_causal_lm(path: str | Path, what: str = "policy"):
+    from transformers import AutoModelForCausalLM
+
+    return _load_any(AutoModelForCausalLM, path, what)
 
 
 def load_score_model(path: str | Path, what: str = "reward model"):
     """A sequence-classification model with one output (RM, or the critic made from it)."""
     from transformers import AutoModelForSequenceClassification
 
-    return _load(AutoModelForSequenceClassification, path, what, num_labels=1)
+    return _load_any(AutoModelForSequenceClassification, path, what, num_labels=1)
 
 
 def build_causal_lm(tokenizer, config_overrides: dict, seed: int):

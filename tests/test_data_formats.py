@@ -100,7 +100,12 @@ def test_stages_run_on_conversational_data_from_the_command_line(tiny_dirs, tmp_
 
     common = ["--threads", "1", "--epochs", "1", "--batch-size", "8"]
     rto("sft", "--model", model, "--data", files["sft"], "--out", tmp_path / "sft", *common)
-    rto("rm", "--model", tmp_path / "sft", "--data", files["prefs"], "--out", tmp_path / "rm", *common)
+    rto("rm", "--model", tmp_path / "sft", "--data", files["prefs"], "--out", tmp_path / "rm", "--lora-r", "4", *common)
+    rto("sft", "--model", model, "--data", files["sft"], "--out", tmp_path / "sft_lora", "--lora-r", "4", *common)
+    from rto.lora import is_adapter_dir
+    from rto.models import load_causal_lm
+
+    assert is_adapter_dir(tmp_path / "sft_lora") and load_causal_lm(tmp_path / "sft_lora") is not None
     rto("dpo", "--model", tmp_path / "sft", "--data", files["prefs"], "--out", tmp_path / "dpo", "--lora-r", "4", *common)
     rto("ppo", "--policy", tmp_path / "sft", "--reward-model", tmp_path / "rm", "--dpo-model", tmp_path / "dpo",
         "--prompts", files["prompts"], "--out", tmp_path / "ppo", "--reward", "rto", "--lora-r", "4", "--iterations", "2",

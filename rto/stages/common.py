@@ -52,11 +52,24 @@ class TrainingFields:
     warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
     seed: int = seed_field()
     threads: int = threads_field()
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning); the output is then a peft adapter on --model", ge=0)
+    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0)
+    lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
     columns: dict = opt({}, "the data file's column names, e.g. {prompt: question, chosen: good}")
     skip_bad_rows: bool = opt(False, "skip (and count) data rows that cannot be used instead of stopping")
     save_every: int = opt(0, "write a resumable checkpoint every N optimiser steps into OUT.trl/ (0: never)", ge=0)
     keep_last: int = opt(2, "checkpoints kept (0: all)", ge=0)
     resume: str = opt("", "auto (the latest complete checkpoint in OUT.trl/, if any) or a checkpoint directory")
+
+
+def stage_lora_config(cfg: TrainingFields, task_type: str = "CAUSAL_LM"):
+    """peft's LoraConfig for a TRL trainer, or None for full fine-tuning."""
+    if not cfg.lora_r:
+        return None
+    from rto.lora import lora_config
+
+    targets = cfg.lora_target_modules if cfg.lora_target_modules != ["all-linear"] else "all-linear"
+    return lora_config(cfg.lora_r, cfg.lora_alpha, targets, task_type)
 
 
 def uniform_rows(rows: list[dict], fields: tuple[str, ...], path: str) -> list[dict]:

@@ -13,7 +13,8 @@ from rto.config import opt, require
 from rto.data import PREFERENCE_FIELDS, read_rows, write_json
 from rto import progress
 from rto.errors import UserError
-from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args, uniform_rows
+from rto.stages.common import (TrainingFields, resume_checkpoint, setup, stage_lora_config, trl_common_args,
+                               uniform_rows)
 
 
 @dataclass
@@ -23,10 +24,6 @@ class DPOStageConfig(TrainingFields):
     out: str = opt("", "output model directory")
     ref_model: str = opt("", "reference model (empty: a frozen copy of --model)")
     beta: float = opt(0.1, "DPO beta (KL strength)", gt=0)
-    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning); the output is then an adapter on --model, "
-                         "which `rto ppo --lora-r` shares with the policy", ge=0)
-    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0)
-    lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
 
     def validate(self):
         require(self, "dpo", "model", "data", "out")
@@ -42,14 +39,9 @@ def run(cfg: DPOStageConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model)
-    peft_config = None
-    if cfg.lora_r:
-        from rto.lora import lora_config
-
-        if cfg.ref_model:
-            raise UserError("dpo: with --lora-r the reference is --model with the adapter off; drop --ref-model")
-        targets = cfg.lora_target_modules if cfg.lora_target_modules != ["all-linear"] else "all-linear"
-        peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, targets)
+    if cfg.lora_r and cfg.ref_model:
+        raise UserError("dpo: with --lora-r the reference is --model with the adapter off; drop --ref-model")
+    peft_config = stage_lora_config(cfg)  # its output is then an adapter that `rto ppo --lora-r` mounts
     # With LoRA, TRL uses the model with its adapter off as the reference: no second copy.
     ref = None if peft_config else load_causal_lm(cfg.ref_model or cfg.model, what="DPO reference model")
     dataset = Dataset.from_list(rows)

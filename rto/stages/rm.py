@@ -16,7 +16,8 @@ import torch
 from rto.config import opt, require
 from rto.data import PREFERENCE_FIELDS, as_texts, read_rows, write_json
 from rto import progress
-from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args, uniform_rows
+from rto.stages.common import (TrainingFields, resume_checkpoint, setup, stage_lora_config, trl_common_args,
+                               uniform_rows)
 
 
 @dataclass
@@ -57,11 +58,13 @@ def run(cfg: RMStageConfig) -> dict:
     dataset = Dataset.from_list(rows)
     args = RewardConfig(**trl_common_args(cfg, cfg.out))
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[progress.trainer_callback()])
+                         callbacks=[progress.trainer_callback()], peft_config=stage_lora_config(cfg, "SEQ_CLS"))
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
     shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     model = trainer.model
+    if cfg.lora_r:  # the RM is used whole (it shares nothing): merge its adapter and saved head
+        model = model.merge_and_unload()
     model.eval()
     prompts, chosen, rejected = as_texts(rows, tokenizer)
     with torch.no_grad():

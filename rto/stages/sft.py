@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from rto.config import opt, require
 from rto.data import SFT_FIELDS, read_rows, write_json
 from rto import progress
-from rto.stages.common import TrainingFields, resume_checkpoint, setup, trl_common_args, uniform_rows
+from rto.stages.common import (TrainingFields, resume_checkpoint, setup, stage_lora_config, trl_common_args,
+                               uniform_rows)
 
 
 @dataclass
@@ -50,7 +51,7 @@ def run(cfg: SFTStageConfig) -> dict:
     dataset = Dataset.from_list(rows)
     args = SFTConfig(**trl_common_args(cfg, cfg.out))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[progress.trainer_callback()])
+                         callbacks=[progress.trainer_callback()], peft_config=stage_lora_config(cfg, "CAUSAL_LM"))
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
     shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept

@@ -208,3 +208,31 @@ def read_reward_stats(path: str | Path) -> dict[str, float]:
         return {"mean": float(stats["mean"]), "std": float(stats["std"])}
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{f}: unreadable reward statistics ({e})") from None
+
+
+def write_model_card(model_dir: str | Path, stage: str, cfg, metrics: dict) -> Path:
+    """README.md beside a saved model: what it was trained from, on what, how, and how it ended."""
+    import yaml
+
+    from rto import __version__
+    from rto.config import to_dict
+
+    settings = to_dict(cfg)
+    base = settings.get("model") or settings.get("policy") or "(a new model for the task)"
+    data = settings.get("data") or settings.get("prompts") or ""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    final = metrics.get("final") or {}
+    scalars.update({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
+    lines = [
+        "---", yaml.safe_dump({"library_name": "transformers", "tags": ["rto-rlhf", f"rto-{stage}"],
+                               "base_model": str(base)}, sort_keys=False).strip(), "---", "",
+        f"# {Path(model_dir).name}: `rto {stage}` (rto-rlhf {__version__})", "",
+        f"- base model: `{base}`", f"- data: `{data}`", "", "## Final metrics", "",
+        *[f"- {k}: {v:.6g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(scalars.items())],
+        "", "## Settings", "", "```yaml", yaml.safe_dump(settings, sort_keys=False).strip(), "```", "",
+    ]
+    path = Path(model_dir) / "README.md"
+    tmp = path.with_name("README.md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path

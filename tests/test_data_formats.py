@@ -113,3 +113,5 @@ def test_stages_run_on_conversational_data_from_the_command_line(tiny_dirs, tmp_
         "--threads", "1")
     log = [json.loads(line) for line in (tmp_path / "ppo" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[-1]["dpo_term/mean"] != 0.0
+    for stage in ("sft", "rm", "dpo", "ppo/policy"):
+        assert "## Final metrics" in (tmp_path / stage / "README.md").read_text()

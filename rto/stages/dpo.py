@@ -55,4 +55,7 @@ def run(cfg: DPOStageConfig) -> dict:
     metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "pairs": len(rows)}
     save_model(trainer.model, tokenizer, cfg.out)
     write_json(f"{cfg.out}/metrics.json", metrics)
+    from rto.models import write_model_card
+
+    write_model_card(cfg.out, "dpo", cfg, metrics)
     return metrics

@@ -668,6 +668,9 @@ class PPOTrainer:
         summary = {"seconds": time.time() - start, "iterations": cfg.iterations, "reward": cfg.reward,
                    "estimator": cfg.estimator, "curve": self.curve, "final": self.history[-1] if self.history else {}}
         write_json(out / "metrics.json", summary)
+        from rto.models import write_model_card
+
+        write_model_card(out / "policy", "ppo", cfg, summary)
         return summary
 
 

@@ -78,4 +78,7 @@ def run(cfg: RMStageConfig) -> dict:
         metrics["eval_accuracy"] = pair_accuracy(model, tokenizer, eval_rows)
     save_model(model, tokenizer, cfg.out, extra_files={RM_STATS_FILE: stats})
     write_json(f"{cfg.out}/metrics.json", metrics)
+    from rto.models import write_model_card
+
+    write_model_card(cfg.out, "rm", cfg, metrics)
     return metrics

@@ -59,4 +59,7 @@ def run(cfg: SFTStageConfig) -> dict:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     save_model(trainer.model, tokenizer, cfg.out)
     write_json(f"{cfg.out}/metrics.json", metrics)
+    from rto.models import write_model_card
+
+    write_model_card(cfg.out, "sft", cfg, metrics)
     return metrics

@@ -39,6 +39,7 @@ from rto.data import PROMPT_FIELDS, read_rows, render, write_json
 from rto import progress
 from rto.errors import UserError
 from rto.stages.common import progress_enabled, seed_field, setup, threads_field
+from rto.stages.ppo_checkpoint import CheckpointMixin
 
 RewardKind = Literal["sparse", "rto", "dpo-only", "ddpo", "semi", "rs"]
 DENSE_KINDS = ("rto", "dpo-only", "ddpo", "semi", "rs")
@@ -150,7 +151,7 @@ class PPOStageConfig:
             raise UserError("ppo: --mini-batch-size must be a multiple of --micro-batch-size")
 
 
-class PPOTrainer:
+class PPOTrainer(CheckpointMixin):
     def __init__(self, cfg: PPOStageConfig):
         from rto.models import (check_same_tokenizer, load_causal_lm, load_score_model, load_tokenizer,
                                 read_reward_stats)
@@ -513,99 +514,6 @@ class PPOTrainer:
             g = [self.task.gold_reward(p, t) for p, t in zip(exp["prompts"], texts)]
             out["gold_reward"] = sum(g) / len(g)
         return out
-
-    # --- checkpoints: everything the next iteration depends on ------------------------------
-    # Settings that may change between a run and its resumption without changing its result.
-    RESUMABLE_CHANGES = ("iterations", "save_every", "keep_last", "resume", "eval_every", "n_eval")
-
-    def _trained(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        """Trained weights by model: all of a full model's, only the adapters (and value head) with LoRA."""
-        if self.shared is not None:
-            named = dict(self.shared.model.named_parameters())
-            out = {"policy": {n: p for n, p in named.items() if "lora_" in n and ".policy." in n}}
-            if self.critic is not None:
-                out["critic"] = {n: p for n, p in named.items() if "lora_" in n and ".critic." in n}
-                out["critic"]["value_head.weight"] = self.shared.value_head.weight
-            return out
-        out = {"policy": dict(self.policy.named_parameters())}
-        if self.critic is not None:
-            out["critic"] = dict(self.critic.named_parameters())
-        return out
-
-    def state(self, iteration: int) -> tuple[dict, dict]:
-        from rto.checkpoint import optimizer_state, rng_state
-        from rto.config import to_dict
-
-        tensors: dict[str, torch.Tensor] = {}
-        for model, params in self._trained().items():
-            tensors.update({f"{model}.weights.{n}": p for n, p in params.items()})
-        meta: dict = {"iteration": iteration, "config": to_dict(self.cfg), "order": self.order,
-                      "history": self.history, "curve": self.curve, "kl_coef": self.kl_ctl.value,
-                      "bad_steps": self.bad_steps, "skipped_total": self.skipped_total}
-        opts = [("policy", self.policy_opt, self.policy_sched)]
-        if self.critic is not None:
-            opts.append(("critic", self.critic_opt, self.critic_sched))
-        for name, opt, sched in opts:
-            t, m = optimizer_state(opt, f"{name}.adam")
-            tensors.update(t)
-            meta[f"{name}_optimizer"] = m
-            meta[f"{name}_scheduler"] = sched.state_dict()
-        t, m = rng_state(self.generator)
-        tensors.update(t)
-        meta["rng"] = m
-        return tensors, meta
-
-    def load_state(self, path: Path) -> int:
-        """Restore a checkpoint; returns the number of iterations it had completed."""
-        from rto.checkpoint import load_checkpoint, load_optimizer_state, load_rng_state
-        from rto.config import to_dict
-
-        tensors, meta = load_checkpoint(path)
-        mine, theirs = to_dict(self.cfg), meta.get("config", {})
-        changed = sorted(k for k in set(mine) | set(theirs)
-                         if k not in self.RESUMABLE_CHANGES and mine.get(k) != theirs.get(k))
-        if changed:
-            raise UserError(f"ppo: checkpoint {path} was written with other settings ({', '.join(changed)}); "
-                            "resume with the same ones or start a new --out")
-        with torch.no_grad():
-            for model, params in self._trained().items():
-                for n, p in params.items():
-                    key = f"{model}.weights.{n}"
-                    if key not in tensors or tensors[key].shape != p.shape:
-                        raise UserError(f"ppo: checkpoint {path} does not match the models ({key})")
-                    p.copy_(tensors[key])
-        opts = [("policy", self.policy_opt, self.policy_sched)]
-        if self.critic is not None:
-            opts.append(("critic", self.critic_opt, self.critic_sched))
-        for name, opt, sched in opts:
-            load_optimizer_state(opt, tensors, meta[f"{name}_optimizer"], f"{name}.adam")
-            sched.load_state_dict(meta[f"{name}_scheduler"])
-        load_rng_state(tensors, meta["rng"], self.generator)
-        self.order = list(meta["order"])
-        self.history = list(meta["history"])
-        self.curve = list(meta["curve"])
-        self.kl_ctl.value = float(meta["kl_coef"])
-        self.bad_steps, self.skipped_total = int(meta["bad_steps"]), int(meta["skipped_total"])
-        return int(meta["iteration"])
-
-    def _resume_point(self) -> int:
-        from rto.checkpoint import list_checkpoints
-
-        cfg = self.cfg
-        if not cfg.resume:
-            return 0
-        if cfg.resume == "auto":
-            found = list_checkpoints(Path(cfg.out) / "checkpoints")
-            if not found:
-                return 0
-            path = found[-1]
-        else:
-            path = Path(cfg.resume)
-            if not path.is_dir():
-                raise UserError(f"ppo: --resume {path}: no such checkpoint directory")
-        done = self.load_state(path)
-        print(f"[rto] ppo: resumed from {path} after iteration {done}", file=sys.stderr, flush=True)
-        return done
 
     def train(self) -> dict:
         from tqdm.auto import tqdm

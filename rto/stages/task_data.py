@@ -15,7 +15,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from rto.config import opt, require
 from rto.data import write_json, write_jsonl

@@ -103,8 +103,10 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _check_range(value: Any, meta: dict, where: str) -> None:
     if value is None or isinstance(value, (bool, str, list, dict)):
-        if meta.get("choices") and value not in meta["choices"]:
-            raise UserError(f"{where}: must be one of {', '.join(meta['choices'])}; got {value!r}")
+        items = value if isinstance(value, list) else [value]
+        bad = [v for v in items if meta.get("choices") and v not in meta["choices"]]
+        if bad:
+            raise UserError(f"{where}: must be one of {', '.join(meta['choices'])}; got {bad[0]!r}")
         return
     for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
                           ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):

@@ -60,6 +60,8 @@ def load_tokenizer(path: str | Path, what: str = "model"):
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{what} {path}: model directory not found")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer

@@ -79,3 +79,18 @@ def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["methods"]) == {"sft", "dpo", "ppo", "rto"}
     assert all(0.0 <= m["gold_reward"] <= 1.0 for m in summary["methods"].values())
+
+
+def test_eval_exports_for_alpaca_eval_and_arena_hard(tiny_dirs, prompt_file, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = rto("eval", "--models", f"sft={tiny_dirs['policy']},rl={tiny_dirs['dpo']}", "--prompts", prompt_file,
+               "--out", str(out), "--n-prompts", "4", "--max-new-tokens", "4", "--export", "alpaca_eval,arena_hard",
+               "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    alpaca = json.loads((tmp_path / "eval_alpaca_eval_rl.json").read_text())
+    assert len(alpaca) == 4 and set(alpaca[0]) >= {"instruction", "output", "generator"} and alpaca[0]["generator"] == "rl"
+    assert "<eos>" not in "".join(r["output"] for r in alpaca)
+    arena = [json.loads(line) for line in (tmp_path / "eval_arena_hard_sft.jsonl").read_text().splitlines()]
+    assert arena[0]["model_id"] == "sft" and arena[0]["choices"][0]["turns"][0]["content"] is not None
+    assert rto("eval", "--models", "a=x", "--prompts", prompt_file, "--out", str(out), "--baseline", "a",
+               "--export", "judge").returncode == 2

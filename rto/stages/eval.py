@@ -29,6 +29,8 @@ class EvalStageConfig:
     n_prompts: int = opt(0, "use only the first N prompts (0: all)", ge=0)
     max_new_tokens: int = opt(64, "response length limit", ge=1)
     temperature: float = opt(1.0, "sampling temperature", gt=0)
+    export: list[str] = opt([], "also write the responses for external judges: alpaca_eval, arena_hard "
+                                "(files beside --out, one per model)", choices=["alpaca_eval", "arena_hard"])
     seed: int = seed_field()
     threads: int = threads_field()
 
@@ -101,6 +103,47 @@ def run(cfg: EvalStageConfig) -> dict:
             samples.append(row)
     out = Path(cfg.out)
     write_jsonl(out.with_name(out.stem + "_samples.jsonl"), samples)
+    if cfg.export:
+        export_for_judges(cfg.export, out, raw_prompts, samples, tokenizer)
     report = {"baseline": cfg.baseline, "n_prompts": len(prompts), "methods": results}
     write_json(out, report)
     return report
+
+
+def _instruction(prompt) -> str:
+    """What a judge reads as the instruction: the text, or a conversation's last user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+
+
+def export_for_judges(formats: list[str], out: Path, raw_prompts: list, samples: list[dict], tokenizer) -> list[Path]:
+    """Responses in the files AlpacaEval (`alpaca_eval --model_outputs FILE`) and Arena-Hard-Auto
+    (data/<bench>/model_answer/<model>.jsonl) read, special tokens removed."""
+    import time as _time
+
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    by_model: dict[str, list[dict]] = {}
+    for row in samples:
+        by_model.setdefault(row["model"], []).append(row)
+    written = []
+    for name, rows in by_model.items():
+        outputs = []
+        for row in rows:
+            text = row["response"]
+            for t in specials:
+                text = text.replace(t, "")
+            outputs.append(text.strip())
+        instructions = [_instruction(p) for p in raw_prompts]
+        if "alpaca_eval" in formats:
+            path = out.with_name(f"{out.stem}_alpaca_eval_{name}.json")
+            write_json(path, [{"instruction": i, "output": o, "generator": name, "dataset": "rto-eval"}
+                              for i, o in zip(instructions, outputs)])
+            written.append(path)
+        if "arena_hard" in formats:
+            path = out.with_name(f"{out.stem}_arena_hard_{name}.jsonl")
+            write_jsonl(path, ({"question_id": str(k), "answer_id": f"{name}-{k}", "model_id": name,
+                                "choices": [{"index": 0, "turns": [{"content": o, "token_len": len(tokenizer(o)["input_ids"])}]}],
+                                "tstamp": _time.time()} for k, o in enumerate(outputs)))
+            written.append(path)
+    return written

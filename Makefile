@@ -32,7 +32,7 @@ smoke: $(STAMP)
 	$(VENV)/bin/rto pipeline --task keyed --preset smoke --out runs/smoke
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 clean:
 	rm -rf runs .pytest_cache

@@ -14,8 +14,8 @@ Also timed: RTO in the LoRA shared-base mode (`--lora-r 16`: policy, critic and 
 adapters on one frozen base, the reference is the base), with its own peak memory.
 
 The floor: floating-point operations of the iteration (2 x params x tokens per forward-only
-pass - generation, reference, DPO model, RM, critic, old log-probs - and 6 x per trained
-forward+backward, policy and critic) divided by the fp32 matrix-multiply rate measured here.
+pass - generation, reference, DPO model, RM, critic - and 6 x per trained forward+backward,
+policy and critic) divided by the fp32 matrix-multiply rate measured here.
 """
 
 from __future__ import annotations
@@ -120,9 +120,13 @@ def matmul_rate(seconds: float = 2.0) -> float:
 
 
 def floor_seconds(params: int, dense: bool, rate: float) -> float:
+    """The iteration's necessary arithmetic: generation (one forward over every token, the KV
+    cache never recomputing the prompt), one forward each for the reference, RM and critic (and
+    the DPO model for RTO) - the sampled tokens' log-probs come out of generation itself, as
+    TRL's do - and forward + backward of policy and critic per PPO epoch."""
     tokens = WORK["prompts"] * (9 + WORK["response_len"])
-    forward_only = 1 + 4 + (1 if dense else 0)  # generation; old log-probs, ref, RM, critic values; DPO model
-    trained = 2 * WORK["ppo_epochs"]  # policy and critic, forward + backward
+    forward_only = 1 + 3 + (1 if dense else 0)
+    trained = 2 * WORK["ppo_epochs"]
     return (2 * params * tokens * forward_only + 6 * params * tokens * trained) / rate
 
 
@@ -181,6 +185,7 @@ def main() -> None:
     parser.add_argument("--configs", default="small,large")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate ours and TRL this many times")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--child", choices=["ours"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -190,7 +195,8 @@ def main() -> None:
         print(json.dumps(child_ours(Path(args.root), args.reward, args.reps, args.warmup)))
         return
 
-    results = {"machine": f"{os.cpu_count()} CPU cores", "work": WORK, "configs": {}}
+    results = {"machine": f"{os.cpu_count()} CPU cores", "work": WORK, "reps": args.reps, "rounds": args.rounds,
+               "configs": {}}
     trl_python = None if args.skip_trl else ensure_trl_venv()
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -198,11 +204,22 @@ def main() -> None:
             build_models(root, CONFIGS[name])
             params = count_params(root / "policy")
             common = ["--root", str(root), "--reps", str(args.reps), "--warmup", str(args.warmup)]
-            ours = {r: run_child([__file__, "--child", "ours", "--reward", r, *common, "--out", "-"])
-                    for r in ("sparse", "rto", "rto-lora")}
-            trl = (run_child([str(HERE / "trl_ppo_child.py"), *common, "--lr", str(WORK["lr"]),
-                              "--kl-coef", str(WORK["kl_coef"])], python=trl_python) if trl_python else None)
-            rate = matmul_rate()
+            # Rounds alternate the sides, so a machine whose speed drifts (a shared VM) slows both
+            # alike; each side's times are pooled over the rounds before taking the median.
+            ours = {r: {"times": [], "peak_rss_mb": 0.0} for r in ("sparse", "rto", "rto-lora")}
+            trl = {"times": [], "peak_rss_mb": 0.0} if trl_python else None
+            rate = 0.0
+            for _ in range(args.rounds):
+                rate = max(rate, matmul_rate())
+                for r in ours:
+                    got = run_child([__file__, "--child", "ours", "--reward", r, *common, "--out", "-"])
+                    ours[r]["times"] += got["times"]
+                    ours[r]["peak_rss_mb"] = max(ours[r]["peak_rss_mb"], got["peak_rss_mb"])
+                if trl is not None:
+                    got = run_child([str(HERE / "trl_ppo_child.py"), *common, "--lr", str(WORK["lr"]),
+                                     "--kl-coef", str(WORK["kl_coef"])], python=trl_python)
+                    trl["times"] += got["times"]
+                    trl["peak_rss_mb"] = max(trl["peak_rss_mb"], got["peak_rss_mb"])
             row = {"params": params,
                    "ours_ppo_s": statistics.median(ours["sparse"]["times"]),
                    "ours_rto_s": statistics.median(ours["rto"]["times"]),

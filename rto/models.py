@@ -30,8 +30,18 @@ def _quiet() -> None:
     logging.disable_progress_bar()
 
 
+def is_hub_id(path: str | Path) -> bool:
+    """`org/name` that is not a local path: a Hugging Face hub model id (used where a network exists)."""
+    import re
+
+    text = str(path)
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not Path(text).exists()
+
+
 def _check_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
+    if is_hub_id(path):
+        return path  # from_pretrained fetches it (safetensors only) or fails with a one-line error
     if not path.is_dir():
         raise UserError(f"{what} {path}: model directory not found")
     from rto.lora import is_adapter_dir
@@ -59,11 +69,12 @@ def bin_weights_allowed() -> bool:
 def load_tokenizer(path: str | Path, what: str = "model"):
     from transformers import AutoTokenizer
 
+    hub = is_hub_id(path)
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() and not hub:
         raise UserError(f"{what} {path}: model directory not found")
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(path) if hub else path, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
         raise UserError(f"{what} {path}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return check_tokenizer(tok, f"{what} {path}")
@@ -103,8 +114,9 @@ def _load(cls, path: str | Path, what: str, **kwargs):
     try:
         # .bin only when allowed and there is no safetensors file; transformers then reads it with
         # torch.load(weights_only=True), which refuses anything but tensors.
-        safetensors_only = not (bin_weights_allowed() and not any(path.glob("*.safetensors")))
-        model = cls.from_pretrained(path, trust_remote_code=False, use_safetensors=safetensors_only or None, **kwargs)
+        safetensors_only = is_hub_id(path) or not (bin_weights_allowed() and not any(path.glob("*.safetensors")))
+        model = cls.from_pretrained(str(path) if is_hub_id(path) else path, trust_remote_code=False,
+                                    use_safetensors=safetensors_only or None, **kwargs)
     except Exception as e:
         raise UserError(f"{what} {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     disable_dropout(model)

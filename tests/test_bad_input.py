@@ -181,3 +181,9 @@ def test_bad_task_plugins(capsys, tmp_path, task, message):
     raises.write_text("raise RuntimeError('plug-in failed on import')\n")
     task = task.format(good=good, broken=broken, raises=raises)
     _fails(capsys, ["pipeline", "--task", task, "--out", tmp_path / "out"], message)
+
+
+def test_a_hub_id_without_a_network_is_one_line(capsys, ppo_args, monkeypatch):
+    """`org/name` goes to the hub; here (offline) that fails in one line naming it, not a traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fails(capsys, ppo_args(**{"--policy": "someone/some-model"}), "someone/some-model")

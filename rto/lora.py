@@ -86,6 +86,10 @@ class SharedBase:
         self.has_dpo = dpo_adapter is not None
         if dpo_adapter is not None:
             self.model.load_adapter(dpo_adapter, adapter_name="dpo", is_trainable=False)
+        # Each adapter's parameters, found once: the views, the optimisers, gradient clipping and
+        # checkpoints all read them, some every step. (Moving to a device or dtype keeps these objects.)
+        self._adapter_params = {a: {n: p for n, p in self.model.named_parameters() if "lora_" in n and f".{a}." in n}
+                                for a in ("policy", "critic", "dpo")}
         # Both trained adapters hold requires_grad from the start, so their optimisers see them;
         # switching adapters later toggles it, which is harmless between backward passes.
         for adapter, trainable in (("policy", True), ("critic", True), ("dpo", False)):
@@ -113,8 +117,11 @@ class SharedBase:
             self._active = adapter
         yield
 
+    def named_adapter_parameters(self, adapter: str) -> dict[str, nn.Parameter]:
+        return dict(self._adapter_params[adapter])
+
     def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
-        return [p for n, p in self.model.named_parameters() if "lora_" in n and f".{adapter}." in n]
+        return list(self._adapter_params[adapter].values())
 
     def view(self, adapter: str | None) -> "AdapterView":
         return AdapterView(self, adapter)
@@ -150,8 +157,7 @@ class AdapterView(nn.Module):
         return iter(self.shared.adapter_parameters(self.adapter) if self.adapter else [])
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        return iter([(n, p) for n, p in self.shared.model.named_parameters()
-                     if self.adapter and "lora_" in n and f".{self.adapter}." in n])
+        return iter(self.shared.named_adapter_parameters(self.adapter).items() if self.adapter else [])
 
     def save_pretrained(self, out, **kwargs):
         """A plain checkpoint with the adapter merged in: every stage and tool reads it as is."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -220,10 +221,17 @@ def _gather(flat_outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _keeps_logits(model) -> bool:
-    fn = getattr(model, "forward", None)
+    """Whether the model underneath (through a peft wrapper or an adapter view) takes `logits_to_keep`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls) -> bool:
+    # Read once per class: this sits on every scoring and training pass.
     try:
-        return "logits_to_keep" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError, AttributeError):
         return False
 
 

@@ -22,10 +22,9 @@ class CheckpointMixin:
     def _trained(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         """Trained weights by model: all of a full model's, only the adapters (and value head) with LoRA."""
         if self.shared is not None:
-            named = dict(self.shared.model.named_parameters())
-            out = {"policy": {n: p for n, p in named.items() if "lora_" in n and ".policy." in n}}
+            out = {"policy": self.shared.named_adapter_parameters("policy")}
             if self.critic is not None:
-                out["critic"] = {n: p for n, p in named.items() if "lora_" in n and ".critic." in n}
+                out["critic"] = self.shared.named_adapter_parameters("critic")
                 out["critic"]["value_head.weight"] = self.shared.value_head.weight
             return out
         out = {"policy": dict(self.policy.named_parameters())}

@@ -63,7 +63,7 @@ def outcome(out: Path) -> tuple:
     from safetensors.torch import load_file
 
     log = [{k: v for k, v in json.loads(line).items() if not k.startswith("time/") and k != "tokens_per_s"}
-           for line in (out / "train_log.jsonl").read_text().splitlines()]
+           for line in (out / "metrics.jsonl").read_text().splitlines()]
     weights = {}
     for part in ("policy", "critic"):
         w = load_file(str(out / part / "model.safetensors"))
@@ -98,7 +98,7 @@ def main() -> None:
         start = time.time()
         proc = subprocess.Popen(args_for(d, root, root / "reference"), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        startup_s = wait_for(root / "reference" / "train_log.jsonl", proc) - start
+        startup_s = wait_for(root / "reference" / "metrics.jsonl", proc) - start
         if proc.wait() != 0:
             sys.exit("the reference run failed")
         train_s = time.time() - start - startup_s
@@ -112,7 +112,7 @@ def main() -> None:
             # Uniform over the training part (model loading excluded), a little past its end too.
             delay = rng.uniform(0.0, 1.05) * train_s
             if not in_save:
-                wait_for(out / "train_log.jsonl", proc)
+                wait_for(out / "metrics.jsonl", proc)
                 try:
                     proc.wait(timeout=delay)
                 except subprocess.TimeoutExpired:

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         cls, run = STAGES[args.command].load()
         cfg = from_sources(cls, yaml_values, str(args.config or ""), values)
         result = run(cfg)
-        if isinstance(result, dict):
+        if isinstance(result, dict) and os.environ.get("RANK", "0") == "0":  # one summary per run, not per process
             import json
 
             short = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}

@@ -71,5 +71,5 @@ def win_rate(ours: list[float], baseline: list[float]) -> float:
 
 
 def gold_rewards(task, prompts: list[str], responses: list[str]) -> list[float]:
-    return [task.gold_reward(p, r) for p, r in zip(prompts, responses)]
+    return list(task.gold_rewards(prompts, responses))
 

@@ -209,6 +209,12 @@ def _machine() -> str:
 
 
 def run(cfg: ReproduceConfig) -> dict:
+    from rto.distributed import launched_world_size
+    from rto.errors import UserError
+
+    if launched_world_size() > 1:
+        raise UserError("reproduce: it starts its runs as processes of its own; do not launch it with accelerate "
+                        "launch or torchrun")
     return Reproduction(cfg).run()
 
 

@@ -54,3 +54,24 @@ def prompt_file(tmp_path_factory, keyed):
     prompts = [" ".join(p.split()[: 2 + i % 7]) + " <sep>" for i, p in enumerate(keyed.prompts("train", 32, seed=0))]
     write_jsonl(path, ({"prompt": p} for p in prompts))
     return str(path)
+
+
+# A chat template for the keyed task's word-level vocabulary: a user turn ends with <sep>, an
+# assistant turn with <eos>.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %} <sep>{% else %} <eos>{% endif %}"
+                 "{% if not loop.last %} {% endif %}{% endfor %}{% if add_generation_prompt %} {% endif %}")
+
+
+@pytest.fixture
+def chat_model(tiny_dirs, tmp_path):
+    """The tiny policy saved with a chat template (a directory like a real instruction model's)."""
+    import json
+    import shutil
+
+    model = tmp_path / "chat_model"
+    shutil.copytree(tiny_dirs["policy"], model)
+    cfg_file = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg_file.write_text(json.dumps(cfg))
+    return model

@@ -136,12 +136,12 @@ def test_a_failed_run_keeps_what_was_written(capsys, tmp_path, ppo_args):
     out = tmp_path / "out"
     (out / "policy").mkdir(parents=True)
     (out / "policy" / "model.safetensors").write_bytes(b"previous result")
-    (out / "train_log.jsonl").write_text('{"iteration": 1}\n')
+    (out / "metrics.jsonl").write_text('{"iteration": 1}\n')
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "s1 <sep>"}\n{oops\n')
     _fails(capsys, ppo_args(**{"--prompts": str(bad)}), f"{bad}: row 2: invalid JSON")
     assert (out / "policy" / "model.safetensors").read_bytes() == b"previous result"
-    assert (out / "train_log.jsonl").read_text() == '{"iteration": 1}\n'
+    assert (out / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
 
 
 @settings(max_examples=200, deadline=None)

@@ -2,7 +2,6 @@
 implicit prompts, renamed columns, bad rows skipped and counted - and the stages run on them."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -67,19 +66,10 @@ def test_bad_rows_are_named_or_skipped_and_counted(tmp_path, capsys):
     assert "skipped 2 unusable rows" in capsys.readouterr().err
 
 
-TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %} <sep>{% else %} <eos>{% endif %}"
-            "{% if not loop.last %} {% endif %}{% endfor %}{% if add_generation_prompt %} {% endif %}")
-
-
-def test_stages_run_on_conversational_data_from_the_command_line(tiny_dirs, tmp_path):
+def test_stages_run_on_conversational_data_from_the_command_line(chat_model, tmp_path):
     """A tiny model with a chat template, saved to disk; conversational JSONL through
     `rto sft`, `rto rm`, `rto dpo --lora-r` and `rto ppo --reward rto --lora-r` as a user runs them."""
-    model = tmp_path / "chat_model"
-    shutil.copytree(tiny_dirs["policy"], model)
-    cfg_file = model / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["chat_template"] = TEMPLATE
-    cfg_file.write_text(json.dumps(cfg))
+    model = chat_model
 
     def user(text):
         return {"role": "user", "content": text}
@@ -111,7 +101,10 @@ def test_stages_run_on_conversational_data_from_the_command_line(tiny_dirs, tmp_
         "--prompts", files["prompts"], "--out", tmp_path / "ppo", "--reward", "rto", "--lora-r", "4", "--iterations", "2",
         "--rollout-batch-size", "8", "--mini-batch-size", "4", "--max-new-tokens", "4", "--eval-every", "0",
         "--threads", "1")
-    log = [json.loads(line) for line in (tmp_path / "ppo" / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[-1]["dpo_term/mean"] != 0.0
     for stage in ("sft", "rm", "dpo", "ppo/policy"):
         assert "## Final metrics" in (tmp_path / stage / "README.md").read_text()
+    for stage in ("sft", "rm", "dpo"):  # every stage logs to OUT/metrics.jsonl (TRL's logs, step by step)
+        rows = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows and "step" in rows[-1] and "train_loss" in rows[-1]

@@ -20,7 +20,7 @@ def test_a_nonfinite_rollout_is_skipped_and_counted(tiny_dirs, prompt_file, tmp_
     out = tmp_path / "run"
     proc = _run(tiny_dirs, prompt_file, out, "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert log[1]["guard/nonfinite_rollout"] == 1.0 and log[1]["guard/skipped_steps"] == 2.0
     assert all(r["guard/skipped_steps"] == 0.0 for i, r in enumerate(log) if i != 1)
 

@@ -27,7 +27,7 @@ def _ppo_args(tiny_dirs, prompt_file, out, *extra):
 
 
 def _log(out: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
 
 

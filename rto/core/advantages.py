@@ -7,7 +7,17 @@ token is terminal (value 0).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+# Sums a tensor over all training processes (identity in one process): whitening statistics
+# then cover the global rollout, exactly as if one process held it all.
+AllSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 ESTIMATORS = ("gae", "reinforce++")
 
@@ -28,10 +38,15 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var * n / (n - 1).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked elements of the whole batch; padding stays 0."""
-    mean = masked_mean(x, mask)
-    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum: AllSum = _local) -> torch.Tensor:
+    """(x - mean) / std over the masked elements of the whole batch - of every process's batch
+    when `all_sum` sums over processes; padding stays 0. The variance is unbiased, as `masked_var`."""
+    m = mask.to(x.dtype)
+    totals = all_sum(torch.stack([(x * m).sum(), m.sum()]))
+    n = totals[1]
+    mean = totals[0] / n.clamp(min=1)
+    var = all_sum(((x - mean).square() * m).sum()) / n.clamp(min=1) * n / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
     return out * mask.to(x.dtype)
@@ -70,10 +85,11 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     return out
 
 
-def reinforce_pp(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def reinforce_pp(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                 all_sum: AllSum = _local) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++ (critic-free): discounted return of the token rewards, whitened over the batch.
 
     Returns (advantages, returns); the returns are the un-whitened return-to-go.
     """
     returns = discounted_returns(rewards, mask, gamma)
-    return whiten(returns, mask), returns
+    return whiten(returns, mask, all_sum=all_sum), returns

@@ -37,6 +37,11 @@ def seed_field():
     return opt(0, "random seed", ge=0)
 
 
+def report_to_field():
+    return opt(["none"], "experiment trackers besides OUT/metrics.jsonl: none, tensorboard, wandb, trackio, mlflow",
+               choices=["none", "tensorboard", "wandb", "trackio", "mlflow"])
+
+
 def threads_field():
     return opt(0, "torch threads (0 = torch's default; use 1 per process when processes share cores)", ge=0)
 
@@ -60,6 +65,7 @@ class TrainingFields:
     save_every: int = opt(0, "write a resumable checkpoint every N optimiser steps into OUT.trl/ (0: never)", ge=0)
     keep_last: int = opt(2, "checkpoints kept (0: all)", ge=0)
     resume: str = opt("", "auto (the latest complete checkpoint in OUT.trl/, if any) or a checkpoint directory")
+    report_to: list[str] = report_to_field()
 
 
 def stage_lora_config(cfg: TrainingFields, task_type: str = "CAUSAL_LM"):
@@ -125,7 +131,7 @@ def trl_common_args(cfg: TrainingFields, out: str) -> dict:
     # TRL turns gradient checkpointing on by default; turning it off through the old name warns.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     return dict(
-        output_dir=os.path.join(out + ".trl"), report_to="none", bf16=False,
+        output_dir=os.path.join(out + ".trl"), report_to=_trl_report_to(cfg), bf16=False,
         save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
         save_total_limit=cfg.keep_last or None,
         gradient_checkpointing=False, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
@@ -134,3 +140,61 @@ def trl_common_args(cfg: TrainingFields, out: str) -> dict:
         disable_tqdm=not progress_enabled(), dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         log_level="warning",
     )
+
+
+_USER_TB_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a user's own setting wins
+
+
+def _trl_report_to(cfg: TrainingFields) -> list[str] | str:
+    from rto.tracking import trackers
+
+    names = trackers(cfg.report_to, "--report-to")
+    # TensorBoard files go to the scratch directory and move to OUT/trackers once the model is saved.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TB_DIR or os.path.join(cfg.out + ".trl", "trackers", "tensorboard")
+    return names or "none"
+
+
+def trl_callbacks(cfg: TrainingFields) -> list:
+    """Progress reporting and the live OUT.trl/metrics.jsonl."""
+    from rto import progress
+    from rto.tracking import jsonl_callback
+
+    return [progress.trainer_callback(), jsonl_callback(os.path.join(cfg.out + ".trl", "metrics.jsonl"))]
+
+
+def finish_trl_stage(trainer, cfg, stage: str, metrics: dict, save, extra_files: dict | None = None) -> dict:
+    """After training: the model is saved, then OUT/metrics.json, OUT/metrics.jsonl (every log of
+    the run, resumed parts included) and the model card are written by the main process; the
+    other processes of a multi-process run wait for it, so none ends before the model is on disk.
+
+    Under FSDP or DeepSpeed the weights are sharded over the processes: every process takes part
+    in TRL's `save_model` (it gathers them), into a temporary directory renamed into place."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from rto.data import write_json, write_jsonl
+    from rto.models import write_model_card
+
+    accelerator = trainer.accelerator
+    sharded = str(accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED")
+    if sharded:
+        tmp = Path(cfg.out + ".tmp")
+        trainer.save_model(str(tmp))
+        if accelerator.is_main_process:
+            for name, content in (extra_files or {}).items():
+                (tmp / name).write_text(json.dumps(content, indent=2))
+            if Path(cfg.out).exists():
+                shutil.rmtree(cfg.out)
+            os.replace(tmp, cfg.out)
+    if accelerator.is_main_process:
+        if not sharded:
+            save()
+        write_json(f"{cfg.out}/metrics.json", metrics)
+        write_jsonl(f"{cfg.out}/metrics.jsonl", trainer.state.log_history)
+        write_model_card(cfg.out, stage, cfg, metrics)
+        if Path(cfg.out + ".trl", "trackers").is_dir():
+            shutil.move(Path(cfg.out + ".trl", "trackers"), Path(cfg.out, "trackers"))
+        shutil.rmtree(cfg.out + ".trl", ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
+    accelerator.wait_for_everyone()
+    return metrics

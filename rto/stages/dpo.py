@@ -5,16 +5,14 @@ Its per-token log-ratio against the model it started from is RTO's dense reward.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 
 from rto.config import opt, require
-from rto.data import PREFERENCE_FIELDS, read_rows, write_json
-from rto import progress
+from rto.data import PREFERENCE_FIELDS, read_rows
 from rto.errors import UserError
-from rto.stages.common import (TrainingFields, resume_checkpoint, setup, stage_lora_config, trl_common_args,
-                               uniform_rows)
+from rto.stages.common import (TrainingFields, finish_trl_stage, resume_checkpoint, setup, stage_lora_config,
+                               trl_callbacks, trl_common_args, uniform_rows)
 
 
 @dataclass
@@ -27,6 +25,9 @@ class DPOStageConfig(TrainingFields):
 
     def validate(self):
         require(self, "dpo", "model", "data", "out")
+        from rto.tracking import trackers
+
+        trackers(self.report_to, "dpo")  # a missing tracker package stops the run before any work
 
 
 def run(cfg: DPOStageConfig) -> dict:
@@ -48,14 +49,8 @@ def run(cfg: DPOStageConfig) -> dict:
     args = DPOConfig(beta=cfg.beta, loss_type=["sigmoid"],
                      **trl_common_args(cfg, cfg.out))
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[progress.trainer_callback()], peft_config=peft_config)
+                         callbacks=trl_callbacks(cfg), peft_config=peft_config)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
-    shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "pairs": len(rows)}
-    save_model(trainer.model, tokenizer, cfg.out)
-    write_json(f"{cfg.out}/metrics.json", metrics)
-    from rto.models import write_model_card
-
-    write_model_card(cfg.out, "dpo", cfg, metrics)
-    return metrics
+    return finish_trl_stage(trainer, cfg, "dpo", metrics, lambda: save_model(trainer.model, tokenizer, cfg.out))

@@ -19,7 +19,6 @@ All models stay in eval mode (dropout off); only policy and critic get gradients
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -38,7 +37,8 @@ from rto.core.rewards import dpo_token_term, kl_estimate, normalise_score, token
 from rto.data import PROMPT_FIELDS, read_rows, render, write_json
 from rto import progress
 from rto.errors import UserError
-from rto.stages.common import progress_enabled, seed_field, setup, threads_field
+from rto.distributed import Dist, is_collective_failure
+from rto.stages.common import progress_enabled, report_to_field, seed_field, setup, threads_field
 from rto.stages.ppo_checkpoint import CheckpointMixin
 
 RewardKind = Literal["sparse", "rto", "dpo-only", "ddpo", "semi", "rs"]
@@ -50,7 +50,7 @@ class PPOStageConfig:
     # --- models and data ---
     policy: str = opt("", "SFT model directory: the policy starts here")
     prompts: str = opt("", "prompt file ({prompt} or {messages} rows; JSONL, JSON, Parquet or CSV)")
-    out: str = opt("", "output directory: OUT/policy, OUT/critic, OUT/train_log.jsonl, OUT/metrics.json")
+    out: str = opt("", "output directory: OUT/policy, OUT/critic, OUT/metrics.jsonl (per iteration), OUT/metrics.json")
     reward_model: str = opt("", "reward model directory (not needed for --reward dpo-only)")
     ref: str = opt("", "reference model for the KL penalty (empty: --policy)")
     critic: str = opt("", "critic initialisation (empty: --reward-model, else --policy with a new head)")
@@ -116,7 +116,15 @@ class PPOStageConfig:
     packing: bool = opt(False, "padding-free scoring and training passes (sequences packed into rows)")
     pack_row_tokens: int = opt(0, "row length when packing (0: the longest sequence)", ge=0)
     score_batch_size: int = opt(0, "sequences per scoring pass (0: the whole rollout at once)", ge=0)
+    generation_backend: Literal["hf", "vllm"] = opt("hf", "rollout sampling: hf (transformers generate) or vllm "
+                                                         "(GPU; weights synced after every update)")
+    vllm_gpu_memory_utilization: float = opt(0.3, "GPU memory share vLLM may take (--generation-backend vllm)",
+                                             gt=0, le=1)
+    # --- many processes (accelerate launch / torchrun) ---
+    dist_timeout: float = opt(600.0, "seconds a process waits for the others in a collective before the run "
+                                     "stops with an error (a dead process is noticed sooner)", gt=0)
     # --- logging ---
+    report_to: list[str] = report_to_field()
     eval_every: int = opt(10, "evaluate on --eval-prompts every N iterations (0: never)", ge=0)
     # --- guards ---
     max_bad_steps: int = opt(3, "consecutive non-finite updates (loss, gradient, reward, log-prob) skipped "
@@ -141,6 +149,9 @@ class PPOStageConfig:
 
     def validate(self):
         require(self, "ppo", "policy", "prompts", "out")
+        from rto.tracking import trackers
+
+        trackers(self.report_to, "ppo")  # a missing tracker package stops the run before any work
         if self.uses_rm and not self.reward_model:
             raise UserError(f"ppo: --reward {self.reward} needs --reward-model")
         if self.uses_dpo and not self.dpo_model:
@@ -149,6 +160,16 @@ class PPOStageConfig:
             raise UserError("ppo: --rollout-batch-size must be a multiple of --mini-batch-size")
         if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
             raise UserError("ppo: --mini-batch-size must be a multiple of --micro-batch-size")
+        from rto.distributed import launched_world_size
+
+        world = launched_world_size()
+        if world > 1 and (self.rollout_batch_size % world or self.mini_batch_size % world):
+            raise UserError(f"ppo: with {world} processes --rollout-batch-size ({self.rollout_batch_size}) and "
+                            f"--mini-batch-size ({self.mini_batch_size}) must be multiples of {world}: each "
+                            "process takes an equal share of both")
+        if self.micro_batch_size and world > 1 and (self.mini_batch_size // world) % self.micro_batch_size:
+            raise UserError(f"ppo: --micro-batch-size must divide each process's share of the mini-batch "
+                            f"({self.mini_batch_size // world})")
 
 
 class PPOTrainer(CheckpointMixin):
@@ -159,6 +180,13 @@ class PPOTrainer(CheckpointMixin):
         self.cfg = cfg
         setup(cfg.seed, cfg.threads)
         self.device, self.bf16 = _device_and_precision(cfg.device, cfg.precision)
+        # Data parallelism: each process samples and trains on its share of every rollout.
+        self.dist = Dist(cpu=self.device.type == "cpu", timeout_s=cfg.dist_timeout)
+        if self.dist.active:
+            self.device = self.dist.device
+            _warn_unused_engine(self.dist)
+        self.local_rollout = cfg.rollout_batch_size // self.dist.world
+        self.local_mini = cfg.mini_batch_size // self.dist.world
         self.tokenizer = load_tokenizer(cfg.policy)
         # Every model reads the policy's token ids: their tokenizers must agree with it, up front.
         for path, what in ((cfg.ref, "reference model"), (cfg.dpo_model if cfg.uses_dpo else "", "DPO model"),
@@ -166,10 +194,15 @@ class PPOTrainer(CheckpointMixin):
                            (cfg.reward_model if cfg.uses_rm else "", "reward model"), (cfg.critic, "critic")):
             if path:
                 check_same_tokenizer(self.tokenizer, f"policy {cfg.policy}", path, what)
+        if cfg.generation_backend == "vllm":  # before loading anything: it may not be here at all
+            from rto.vllm_backend import require_vllm
+
+            require_vllm(self.device)
         self.prompts = self._read_prompts(cfg.prompts)
         self.eval_prompts = (self._read_prompts(cfg.eval_prompts)[:cfg.n_eval] if cfg.eval_prompts and cfg.eval_every
                              else [])
         self.shared = None
+        self.vllm = None
         self.dpo = self.dpo_ref = None
         if cfg.lora_r:
             self._shared_base_models()
@@ -194,6 +227,14 @@ class PPOTrainer(CheckpointMixin):
             if frozen is not None:
                 frozen.requires_grad_(False)
         self._place_models()
+        # Every process starts from process 0's trained weights (a new value head is random).
+        self.dist.broadcast_([p for params in self._trained().values() for p in params.values()])
+        if cfg.generation_backend == "vllm":
+            from rto.vllm_backend import VLLMRollout
+
+            self.vllm = VLLMRollout(cfg.policy, self.tokenizer, self.device, max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
         self.task = None
         if cfg.task:
             from rto.tasks import load_task
@@ -307,29 +348,48 @@ class PPOTrainer(CheckpointMixin):
         return opt, sched
 
     def _next_prompts(self) -> list[str]:
-        """The next rollout's prompts: passes over the pool, reshuffled each pass."""
+        """This process's share of the next rollout's prompts: the global rollout passes over the
+        pool, reshuffled each pass (the same order in every process), process r takes block r."""
         out = []
         while len(out) < self.cfg.rollout_batch_size:
             if not self.order:
                 self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
             out.append(self.prompts[self.order.pop()])
-        return out
+        return out[self.dist.rank * self.local_rollout:(self.dist.rank + 1) * self.local_rollout]
+
+    def _trained_parameters(self, opt) -> list[torch.nn.Parameter]:
+        return [p for group in opt.param_groups for p in group["params"]]
 
     # --- 1-4: rollout, scoring, rewards, advantages --------------------------------------
     @torch.no_grad()
     def make_experience(self, prompts: list[str]) -> dict:
         with self.autocast():
-            return self._make_experience(prompts)
+            return self.score_rollout(prompts, self.rollout(prompts))
 
-    def _make_experience(self, prompts: list[str]) -> dict:
-        from rto.rollout import (encode_prompts, generate, response_logits, sequence_scores, token_logprobs,
-                                 token_values)
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]):
+        """1: sample responses (a Batch with the sampled tokens' log-probs)."""
+        from rto.rollout import encode_prompts, generate, response_logits, token_logprobs
 
         cfg = self.cfg
         ids, mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_len)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        batch = generate(self.policy, self.tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, record_logprobs=True)
+        if self.vllm is not None:
+            batch = self.vllm.generate(ids, mask)
+            # vLLM's log-probs come from other kernels than the trained model's; PPO's ratio
+            # needs the trainer's own, so they are computed again (one policy pass).
+            batch.sampled_logprobs = self._score(lambda b, pk: token_logprobs(response_logits(self.policy, b, pk),
+                                                                              b.response_ids, cfg.temperature), batch)
+            return batch
+        return generate(self.policy, self.tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, record_logprobs=True)
+
+    @torch.no_grad()
+    def score_rollout(self, prompts: list[str], batch) -> dict:
+        """2-4: scoring passes, token rewards, advantages (whitened over every process's rollout)."""
+        from rto.rollout import response_logits, sequence_scores, token_logprobs, token_values
+
+        cfg = self.cfg
         tokens, rmask = batch.response_ids, batch.response_mask
         m = rmask.float()
         old_logp = batch.sampled_logprobs  # recorded while sampling: no second policy pass
@@ -370,10 +430,10 @@ class PPOTrainer(CheckpointMixin):
             values = self._score(lambda b, pk: token_values(self.critic, b, pk), batch) * m
             advantages, returns = gae(rewards, values, rmask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
-                advantages = whiten(advantages, rmask)
+                advantages = whiten(advantages, rmask, all_sum=self.dist.all_sum)
         else:
             values = torch.zeros_like(m)
-            advantages, returns = reinforce_pp(rewards, rmask, cfg.gamma)
+            advantages, returns = reinforce_pp(rewards, rmask, cfg.gamma, all_sum=self.dist.all_sum)
         clipped = (dpo_term.abs() >= cfg.dpo_clip - 1e-12) if (cfg.uses_dpo and cfg.dpo_clip) else torch.zeros_like(m).bool()
         return {
             "batch": batch, "old_logp": old_logp, "values": values, "advantages": advantages, "returns": returns,
@@ -399,10 +459,13 @@ class PPOTrainer(CheckpointMixin):
         micro = cfg.micro_batch_size or cfg.mini_batch_size
         sums: dict[str, float] = {}
         count = 0
+        micro = min(micro, self.local_mini)
         for _ in range(cfg.ppo_epochs):
+            # Each process draws the same permutation of its own share: a global mini-batch is
+            # every process's next `local_mini` responses.
             perm = torch.randperm(n, generator=self.generator).to(self.device)
-            for start in range(0, n, cfg.mini_batch_size):
-                mini = perm[start:start + cfg.mini_batch_size]
+            for start in range(0, n, self.local_mini):
+                mini = perm[start:start + self.local_mini]
                 self.policy_opt.zero_grad(set_to_none=True)
                 if self.critic is not None:
                     self.critic_opt.zero_grad(set_to_none=True)
@@ -431,12 +494,17 @@ class PPOTrainer(CheckpointMixin):
                         pstats["critic/loss"] = vloss.detach()
                     for k, v in pstats.items():
                         stats[k] = stats.get(k, 0.0) + float(v) * weight
-                stats["policy/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
+                policy_params = self._trained_parameters(self.policy_opt)
+                self.dist.average_gradients(policy_params)
+                stats["policy/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
                 if self.critic is not None:
-                    stats["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm))
-                # Guard: a non-finite loss or gradient skips this optimiser step (both networks);
-                # the schedules still advance, so the run's length and learning rates stay as planned.
-                finite = all(math.isfinite(v) for v in stats.values())
+                    critic_params = self._trained_parameters(self.critic_opt)
+                    self.dist.average_gradients(critic_params)
+                    stats["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm))
+                # Guard: a non-finite loss or gradient skips this optimiser step (both networks, in
+                # every process); the schedules still advance, so the run's length and learning
+                # rates stay as planned.
+                finite = self.dist.all_true(all(math.isfinite(v) for v in stats.values()), self.device)
                 self._note_step(finite, "loss or gradient")
                 if finite:
                     self.policy_opt.step()
@@ -511,75 +579,127 @@ class PPOTrainer(CheckpointMixin):
             out["reward/custom"] = float(exp["custom"].sum(-1).mean())
         if self.task is not None:
             texts = decode_responses(self.tokenizer, exp["batch"])
-            g = [self.task.gold_reward(p, t) for p, t in zip(exp["prompts"], texts)]
+            g = self.task.gold_rewards(exp["prompts"], texts)
             out["gold_reward"] = sum(g) / len(g)
         return out
 
     def train(self) -> dict:
+        try:
+            return self._train()
+        except Exception as e:
+            if self.dist.active and is_collective_failure(e):
+                raise self.dist.failure(e) from None
+            raise
+
+    def _train(self) -> dict:
         from tqdm.auto import tqdm
 
         from rto.checkpoint import save_checkpoint
+        from rto.config import to_dict
+        from rto.tracking import MetricsLog
 
         cfg = self.cfg
         out = Path(cfg.out)
+        main = self.dist.is_main
         out.mkdir(parents=True, exist_ok=True)
         first = self._resume_point()
-        log_path = out / "train_log.jsonl"
-        log = open(log_path, "w")
-        for metrics in self.history:  # a resumed run's log holds exactly the iterations it kept
-            log.write(json.dumps(metrics) + "\n")
-        bar = tqdm(total=cfg.iterations, initial=first, desc=f"ppo[{cfg.reward}]", disable=not progress_enabled(),
-                   dynamic_ncols=True)
+        if self.vllm is not None and first:
+            self.vllm.sync_weights(self.policy)  # vLLM loaded the starting weights, not the checkpoint's
+        log = MetricsLog(out, f"rto-ppo-{cfg.reward}", to_dict(cfg), cfg.report_to, "ppo", main, self.history)
+        bar = tqdm(total=cfg.iterations, initial=first, desc=f"ppo[{cfg.reward}]",
+                   disable=not (progress_enabled() and main), dynamic_ncols=True)
         start = time.time()
         for it in range(first, cfg.iterations):
-            if self.eval_prompts and it % cfg.eval_every == 0:
+            _fault_die(self.dist.rank, it + 1)
+            if self.eval_prompts and it % cfg.eval_every == 0 and main:
                 self.curve.append(self.evaluate(it))
+            # Sampling randomness per (seed, process, iteration): processes draw different
+            # responses, and a resumed run draws what the uninterrupted one would have.
+            torch.manual_seed(_sampling_seed(cfg.seed, self.dist.rank, it))
             t0 = time.time()
             exp = self.make_experience(self._next_prompts())
             t1 = time.time()
             bad = [k for k in ("rewards", "old_logp", "values", "returns", "advantages") if not torch.isfinite(exp[k]).all()]
-            if bad:  # Guard: a rollout with non-finite rewards or log-probs teaches nothing; skip its update.
-                self._note_step(False, ", ".join(bad))
+            if not self.dist.all_true(not bad, self.device):
+                # Guard: a rollout with non-finite rewards or log-probs (in any process) teaches
+                # nothing; every process skips its update.
+                self._note_step(False, ", ".join(bad) or "in another process")
                 train_stats = {"guard/skipped_steps": float(cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)),
                                "guard/nonfinite_rollout": 1.0}
             else:
                 train_stats = self.train_on(exp)
+            if self.vllm is not None:
+                self.vllm.sync_weights(self.policy)
             t2 = time.time()
             metrics = {"iteration": it + 1, **self.experience_metrics(exp), **train_stats,
                        "lr/policy": self.policy_sched.get_last_lr()[0],
                        "time/rollout_s": t1 - t0, "time/train_s": t2 - t1,
                        "tokens_per_s": float(exp["batch"].response_mask.sum()) / max(t2 - t0, 1e-9)}
-            if cfg.kl_alert is not None and metrics["kl"] > cfg.kl_alert:
+            metrics = self.dist.mean_metrics(metrics, self.device)
+            metrics["tokens_per_s"] *= self.dist.world  # every process's tokens, in the same time
+            metrics["iteration"] = it + 1
+            if cfg.kl_alert is not None and metrics["kl"] > cfg.kl_alert and main:
                 metrics["guard/kl_alert"] = 1.0
                 print(f"[rto] ppo: iteration {it + 1}: KL to the reference {metrics['kl']:.3f} per response exceeds "
                       f"--kl-alert {cfg.kl_alert:g}", file=sys.stderr, flush=True)
             if math.isfinite(metrics["kl"]):
                 self.kl_ctl.update(metrics["kl"], cfg.rollout_batch_size)
             self.history.append(metrics)
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+            log.log(metrics, it + 1)
             bar.update(1)
-            progress.report(it + 1, cfg.iterations)
+            if main:
+                progress.report(it + 1, cfg.iterations)
             bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("gold_reward", "rm_score", "kl") if k in metrics})
-            if cfg.save_every and (it + 1) % cfg.save_every == 0:
+            if cfg.save_every and (it + 1) % cfg.save_every == 0 and main:
                 tensors, meta = self.state(it + 1)
                 save_checkpoint(out / "checkpoints", it + 1, tensors, meta, cfg.keep_last)
-        if self.eval_prompts:
+        if self.eval_prompts and main:
             self.curve.append(self.evaluate(cfg.iterations))
         bar.close()
         log.close()
-        from rto.models import save_model
+        summary = {"seconds": time.time() - start, "iterations": cfg.iterations, "reward": cfg.reward,
+                   "estimator": cfg.estimator, "processes": self.dist.world, "curve": self.curve,
+                   "final": self.history[-1] if self.history else {}}
+        if not main:  # the weights are the same in every process: process 0 saves them
+            return summary
+        from rto.models import save_model, write_model_card
 
         save_model(self.policy, self.tokenizer, out / "policy")
         if self.critic is not None and cfg.save_critic and self.shared is None:
             save_model(self.critic, self.tokenizer, out / "critic")
-        summary = {"seconds": time.time() - start, "iterations": cfg.iterations, "reward": cfg.reward,
-                   "estimator": cfg.estimator, "curve": self.curve, "final": self.history[-1] if self.history else {}}
         write_json(out / "metrics.json", summary)
-        from rto.models import write_model_card
-
         write_model_card(out / "policy", "ppo", cfg, summary)
         return summary
+
+
+def _sampling_seed(seed: int, rank: int, iteration: int) -> int:
+    import zlib
+
+    return zlib.crc32(f"sample/{seed}/{rank}/{iteration}".encode())
+
+
+def _fault_die(rank: int, iteration: int) -> None:
+    """Fault injection for the tests: RTO_FAULT_DIE=RANK:ITERATION ends that process abruptly when
+    it starts that iteration, as a crash or an out-of-memory kill would; RTO_FAULT_HANG=RANK:ITERATION
+    makes it stop responding instead (a hung device, a deadlock)."""
+    import os
+
+    if os.environ.get("RTO_FAULT_DIE", "") == f"{rank}:{iteration}":
+        print(f"[rto] fault injection: process {rank} dies at iteration {iteration}", file=sys.stderr, flush=True)
+        os._exit(17)
+    if os.environ.get("RTO_FAULT_HANG", "") == f"{rank}:{iteration}":
+        print(f"[rto] fault injection: process {rank} hangs at iteration {iteration}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+
+
+def _warn_unused_engine(dist: Dist) -> None:
+    """FSDP and DeepSpeed configs shard the TRL stages; `rto ppo` keeps a full copy per process."""
+    if "FSDP" in dist.distributed_type or "DEEPSPEED" in dist.distributed_type:
+        if dist.is_main:
+            print(f"[rto] ppo: the accelerate config asks for {dist.distributed_type.split('.')[-1]}; rto ppo runs "
+                  "data-parallel with a full copy of each model per process (use --lora-r to share one frozen base "
+                  "and --precision bf16 to halve it)", file=sys.stderr, flush=True)
 
 
 def _device_and_precision(device: str, precision: str) -> tuple[torch.device, bool]:

@@ -7,17 +7,15 @@ std of its scores on the training responses are stored beside the weights
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 
 import torch
 
 from rto.config import opt, require
-from rto.data import PREFERENCE_FIELDS, as_texts, read_rows, write_json
-from rto import progress
-from rto.stages.common import (TrainingFields, resume_checkpoint, setup, stage_lora_config, trl_common_args,
-                               uniform_rows)
+from rto.data import PREFERENCE_FIELDS, as_texts, read_rows
+from rto.stages.common import (TrainingFields, finish_trl_stage, resume_checkpoint, setup, stage_lora_config,
+                               trl_callbacks, trl_common_args, uniform_rows)
 
 
 @dataclass
@@ -29,6 +27,9 @@ class RMStageConfig(TrainingFields):
 
     def validate(self):
         require(self, "rm", "model", "data", "out")
+        from rto.tracking import trackers
+
+        trackers(self.report_to, "rm")  # a missing tracker package stops the run before any work
 
 
 def pair_accuracy(model, tokenizer, rows: list[dict]) -> float:
@@ -58,10 +59,9 @@ def run(cfg: RMStageConfig) -> dict:
     dataset = Dataset.from_list(rows)
     args = RewardConfig(**trl_common_args(cfg, cfg.out))
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[progress.trainer_callback()], peft_config=stage_lora_config(cfg, "SEQ_CLS"))
+                         callbacks=trl_callbacks(cfg), peft_config=stage_lora_config(cfg, "SEQ_CLS"))
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
-    shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     model = trainer.model
     if cfg.lora_r:  # the RM is used whole (it shares nothing): merge its adapter and saved head
         model = model.merge_and_unload()
@@ -76,9 +76,5 @@ def run(cfg: RMStageConfig) -> dict:
                "score_std": stats["std"]}
     if eval_rows:
         metrics["eval_accuracy"] = pair_accuracy(model, tokenizer, eval_rows)
-    save_model(model, tokenizer, cfg.out, extra_files={RM_STATS_FILE: stats})
-    write_json(f"{cfg.out}/metrics.json", metrics)
-    from rto.models import write_model_card
-
-    write_model_card(cfg.out, "rm", cfg, metrics)
-    return metrics
+    return finish_trl_stage(trainer, cfg, "rm", metrics, lambda: save_model(model, tokenizer, cfg.out, extra_files={RM_STATS_FILE: stats}),
+                            extra_files={RM_STATS_FILE: stats})

@@ -7,15 +7,13 @@ The loss covers completion tokens only.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 
 from rto.config import opt, require
-from rto.data import SFT_FIELDS, read_rows, write_json
-from rto import progress
-from rto.stages.common import (TrainingFields, resume_checkpoint, setup, stage_lora_config, trl_common_args,
-                               uniform_rows)
+from rto.data import SFT_FIELDS, read_rows
+from rto.stages.common import (TrainingFields, finish_trl_stage, resume_checkpoint, setup, stage_lora_config,
+                               trl_callbacks, trl_common_args, uniform_rows)
 
 
 @dataclass
@@ -29,6 +27,9 @@ class SFTStageConfig(TrainingFields):
 
     def validate(self):
         require(self, "sft", "data", "out")
+        from rto.tracking import trackers
+
+        trackers(self.report_to, "sft")  # a missing tracker package stops the run before any work
 
 
 def run(cfg: SFTStageConfig) -> dict:
@@ -51,15 +52,9 @@ def run(cfg: SFTStageConfig) -> dict:
     dataset = Dataset.from_list(rows)
     args = SFTConfig(**trl_common_args(cfg, cfg.out))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[progress.trainer_callback()], peft_config=stage_lora_config(cfg, "CAUSAL_LM"))
+                         callbacks=trl_callbacks(cfg), peft_config=stage_lora_config(cfg, "CAUSAL_LM"))
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
-    shutil.rmtree(args.output_dir, ignore_errors=True)  # TRL's scratch dir; nothing in it is kept
     metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "rows": len(rows)}
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    save_model(trainer.model, tokenizer, cfg.out)
-    write_json(f"{cfg.out}/metrics.json", metrics)
-    from rto.models import write_model_card
-
-    write_model_card(cfg.out, "sft", cfg, metrics)
-    return metrics
+    return finish_trl_stage(trainer, cfg, "sft", metrics, lambda: save_model(trainer.model, tokenizer, cfg.out))

@@ -71,6 +71,10 @@ class Task(ABC):
     def gold_reward(self, prompt: str, response: str) -> float:
         """The true reward of a response (decoded text, EOS included if generated)."""
 
+    def gold_rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """Gold rewards of many responses; override where scoring in batches is cheaper (a model judge)."""
+        return [self.gold_reward(p, r) for p, r in zip(prompts, responses)]
+
     def gold_parts(self, prompt: str, response: str) -> dict[str, float]:
         """Named parts of the gold reward (summing to it), for reports; empty if not split."""
         return {}

@@ -1,0 +1,142 @@
+"""Data parallelism for `rto ppo`, under `accelerate launch` (or torchrun): every process holds
+the models, samples its shard of the rollout, and the processes agree through a few collectives.
+
+accelerate (its PartialState) reads the launcher's environment, sets up the process group and
+picks each process's device; this module adds what PPO needs on top:
+- `all_sum` for whitening advantages over the global rollout (rto.core.advantages.whiten);
+- `average_gradients`: after a mini-batch's micro-batches, each model's gradients are averaged
+  over processes in one flat all-reduce. DDP's wrapper does this during backward, but it
+  follows only calls that go through its own forward, and PPO calls the critic's backbone and
+  head apart and trains two LoRA adapters of one shared module in separate backward passes;
+  one reduce after accumulation is what DDP's no_sync + final sync amounts to;
+- `broadcast_` of the trained weights at start (a new value head is random per process);
+- `all_true` so every guard decision (skip a step, stop) is taken by all processes alike;
+- `mean_metrics` for logging and the adaptive KL controller;
+- `failure`: a collective that fails because a process died or stopped answering becomes one
+  clear line (a timeout bounds how long the others wait: --dist-timeout).
+One process: every method is the identity and nothing is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from datetime import timedelta
+
+import torch
+
+from rto.errors import UserError
+
+
+def launched_world_size() -> int:
+    """Processes the launcher started (accelerate launch / torchrun set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Dist:
+    def __init__(self, cpu: bool, timeout_s: float, what: str = "ppo"):
+        self.what = what
+        self.world = launched_world_size()
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = None
+        self.distributed_type = "NO"
+        if self.world > 1:
+            from accelerate import PartialState
+
+            state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
+            self.world, self.rank, self.device = state.num_processes, state.process_index, state.device
+            self.distributed_type = str(state.distributed_type)
+            # The launcher stops the remaining processes with SIGTERM when one fails: say so in one
+            # line instead of dying silently (or with a traceback from inside a collective).
+            signal.signal(signal.SIGTERM, self._stopped_by_launcher)
+
+    def _stopped_by_launcher(self, signum, frame):
+        raise UserError(f"{self.what}: process {self.rank} of {self.world}: stopped by the launcher because another "
+                        "process failed (its output says why)")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    # --- collectives (identity in one process) ---------------------------------------------
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return t
+        import torch.distributed as dist
+
+        out = t.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    def all_true(self, flag: bool, device) -> bool:
+        if not self.active:
+            return flag
+        return bool(self.all_sum(torch.tensor([0.0 if flag else 1.0], device=device)).item() == 0)
+
+    def mean_metrics(self, metrics: dict[str, float], device) -> dict[str, float]:
+        """Mean over processes of each numeric metric (every process logs the same keys)."""
+        if not self.active:
+            return metrics
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+        total = self.all_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device))
+        return {**metrics, **{k: float(v) / self.world for k, v in zip(keys, total.tolist())}}
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Mean gradient over processes, in one flat all-reduce per dtype (a parameter without a
+        gradient counts as zero, so every process sends the same layout)."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        for p in params:
+            if p.requires_grad:
+                by_dtype.setdefault(p.dtype, []).append(p)
+        for group in by_dtype.values():
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for p in group:
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p).clone()
+                offset += n
+
+    def broadcast_(self, params: list[torch.Tensor]) -> None:
+        """Process 0's values into every process (in place)."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            dist.broadcast(p.data, 0)
+
+    def gather_objects(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def failure(self, error: BaseException) -> UserError:
+        """The one-line error for a collective that failed because another process went away."""
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return UserError(f"{self.what}: process {self.rank} of {self.world}: another process died or stopped "
+                         f"responding ({first[:200]}); stopping. The failed process's own output says why.")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A distributed-backend error: a peer closed its connection, or a collective timed out."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(error, dist_error):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(s in text for s in (
+        "connection closed by peer", "connection reset", "timed out", "timeout", "broken pipe",
+        "gloo", "nccl", "socket"))

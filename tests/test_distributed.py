@@ -1,0 +1,153 @@
+"""Two CPU processes (gloo) under `accelerate launch`: PPO and RTO stay in step across processes,
+equal a one-process run of the same global batch, and a dead process stops the run quickly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+FIXTURE = Path(__file__).parent / "fixtures" / "dist_step.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], env_extra: dict | None = None, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+    # CPU processes, one thread each (two processes share two cores).
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "RTO_PROGRESS": "0", **(env_extra or {})}
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=Path(__file__).parent.parent)
+    return proc, time.time() - start
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int):
+    """One global Batch from the processes' batches: prompts left-padded, responses right-padded."""
+    from rto.rollout import Batch
+
+    p_len = max(t["batch.prompt_ids"].shape[1] for t in parts)
+    r_len = max(t["batch.response_ids"].shape[1] for t in parts)
+
+    def left(x, fill):
+        return torch.nn.functional.pad(x, (p_len - x.shape[1], 0), value=fill)
+
+    def right(x, fill):
+        return torch.nn.functional.pad(x, (0, r_len - x.shape[1]), value=fill)
+
+    return Batch(torch.cat([left(t["batch.prompt_ids"], pad_id) for t in parts]),
+                 torch.cat([left(t["batch.prompt_mask"], 0) for t in parts]),
+                 torch.cat([right(t["batch.response_ids"], pad_id) for t in parts]),
+                 torch.cat([right(t["batch.response_mask"], 0) for t in parts]),
+                 torch.cat([right(t["batch.sampled_logprobs"], 0.0) for t in parts]))
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny_dirs, prompt_file, tmp_path):
+    sys.path.insert(0, str(FIXTURE.parent))
+    from dist_step import config
+
+    from rto.stages.ppo import PPOTrainer
+
+    out = tmp_path / "two"
+    proc, _ = launch([str(FIXTURE), str(out), tiny_dirs["policy"], tiny_dirs["rm"], tiny_dirs["dpo"], prompt_file])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for reward in ("sparse", "rto"):
+        (r0, meta0), (r1, meta1) = _load(out / f"{reward}.rank0.safetensors"), _load(out / f"{reward}.rank1.safetensors")
+        assert meta0["world"] == "2"
+        # The processes sampled different responses (their own prompts, their own seeds) ...
+        assert meta0["prompts"] != meta1["prompts"]
+        weights = [k for k in r0 if ".weight." in k]
+        grads = [k for k in r0 if ".grad." in k]
+        assert any(k.startswith("critic.") for k in weights) and len(grads) > 10
+        # ... and hold identical weights after the update.
+        for k in weights:
+            assert torch.equal(r0[k], r1[k]), f"{reward}: {k} differs between the processes"
+
+        # One process, the same global batch (both processes' responses), the same settings.
+        trainer = PPOTrainer(config(tmp_path / "one", reward, tiny_dirs["policy"], tiny_dirs["rm"], tiny_dirs["dpo"],
+                                    prompt_file))
+        assert trainer.dist.world == 1
+        prompts = meta0["prompts"].split("\x1f") + meta1["prompts"].split("\x1f")
+        batch = _concat([r0, r1], trainer.tokenizer.pad_token_id)
+        trainer.train_on(trainer.score_rollout(prompts, batch))
+        initial = _initial(tiny_dirs)
+        for model, params in trainer._trained().items():
+            for name, p in params.items():
+                # Float tolerance, in norms: the gradient (of the second optimiser step) within 1e-3
+                # of its size, the weights within 1e-3 of how far the update moved them.
+                if f"{model}.grad.{name}" in r0:
+                    g2, g1 = r0[f"{model}.grad.{name}"], p.grad
+                    assert float((g2 - g1).norm()) <= 1e-3 * float(g1.norm()) + 1e-9, f"{reward}: {model} grad {name}"
+                w2, w1 = r0[f"{model}.weight.{name}"], p.detach()
+                moved = (w1 - initial[model][name]).norm() if name in initial.get(model, {}) else w1.norm()
+                assert float((w2 - w1).norm()) <= 1e-3 * float(moved) + 1e-9, f"{reward}: {model} weight {name}"
+        policy_moved = sum(float((p.detach() - initial["policy"][n]).norm())
+                           for n, p in trainer._trained()["policy"].items())
+        assert policy_moved > 1e-3, "the update did not move the weights: the comparison would prove nothing"
+
+
+def _initial(tiny_dirs) -> dict[str, dict[str, torch.Tensor]]:
+    """The starting weights: the policy's file; the critic starts from the RM's."""
+    from safetensors.torch import load_file
+
+    return {"policy": load_file(str(Path(tiny_dirs["policy"]) / "model.safetensors")),
+            "critic": load_file(str(Path(tiny_dirs["rm"]) / "model.safetensors"))}
+
+
+def _ppo_args(tiny_dirs, prompt_file, out: Path, iterations: int) -> list[str]:
+    return ["-m", "rto", "ppo", "--reward", "rto", "--policy", tiny_dirs["policy"], "--reward-model", tiny_dirs["rm"],
+            "--dpo-model", tiny_dirs["dpo"], "--prompts", prompt_file, "--out", str(out), "--iterations",
+            str(iterations), "--rollout-batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6",
+            "--save-every", "1", "--threads", "1", "--eval-every", "0", "--dist-timeout", "60"]
+
+
+def test_two_process_cli_run_and_a_dead_process(tiny_dirs, prompt_file, tmp_path):
+    # A whole run: process 0 writes the log, the checkpoints and the models.
+    out = tmp_path / "ok"
+    proc, _ = launch(_ppo_args(tiny_dirs, prompt_file, out, 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert json.loads((out / "metrics.json").read_text())["processes"] == 2
+    assert (out / "policy" / "model.safetensors").is_file() and (out / "checkpoints").is_dir()
+
+    # Process 1 dies as it starts iteration 2: process 0 must stop with a clear error, not hang.
+    out = tmp_path / "dead"
+    proc, seconds = launch(_ppo_args(tiny_dirs, prompt_file, out, 6), {"RTO_FAULT_DIE": "1:2"}, timeout=180)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "process 1 dies at iteration 2" in text
+    # Process 0 notices the broken collective itself (or is stopped by the launcher): one line each.
+    assert ("another process died or stopped responding" in text or "stopped by the launcher" in text), text[-3000:]
+    assert "[rank0]:" not in text  # no traceback from process 0 (the launcher prints its own)
+    assert seconds < 60, f"took {seconds:.0f} s to stop"
+    assert (out / "checkpoints").is_dir()  # iteration 1's checkpoint, to resume from
+
+    # Process 1 stops responding (alive, silent): process 0 gives up after --dist-timeout.
+    args = _ppo_args(tiny_dirs, prompt_file, tmp_path / "hung", 6)
+    args[args.index("--dist-timeout") + 1] = "10"
+    proc, seconds = launch(args, {"RTO_FAULT_HANG": "1:2"}, timeout=180)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "process 0 of 2: another process died or stopped responding" in text, text[-3000:]
+    assert "[rank0]:" not in text  # no traceback from process 0 (the launcher prints its own)
+    assert seconds < 75, f"took {seconds:.0f} s to stop"

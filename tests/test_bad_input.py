@@ -187,3 +187,23 @@ def test_a_hub_id_without_a_network_is_one_line(capsys, ppo_args, monkeypatch):
     """`org/name` goes to the hub; here (offline) that fails in one line naming it, not a traceback."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _fails(capsys, ppo_args(**{"--policy": "someone/some-model"}), "someone/some-model")
+
+
+def test_rows_over_max_length_are_named_or_skipped_and_counted(capsys, tmp_path, tiny_dirs):
+    from rto.config import build
+    from rto.models import load_tokenizer
+    from rto.stages.common import drop_long_rows
+    from rto.stages.dpo import DPOStageConfig
+
+    f = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": "s1 <sep>", "chosen": " s2 <eos>", "rejected": " s3 <eos>"},
+            {"prompt": "s1 s2 s3 s4 <sep>", "chosen": " s1 s2 s3 s4 s5 s6 <eos>", "rejected": " s2 <eos>"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _fails(capsys, ["dpo", "--model", tiny_dirs["policy"], "--data", f, "--out", tmp_path / "o", "--max-length", "8",
+                    "--long-rows", "error", "--threads", "1"],
+           f"{f}: row 2: prompt + response is", "longer than --max-length 8")
+    cfg = build(DPOStageConfig, {"model": tiny_dirs["policy"], "data": str(f), "out": str(tmp_path / "o"),
+                                 "max_length": 8}, "test")
+    kept = drop_long_rows(rows, load_tokenizer(tiny_dirs["policy"]), cfg, str(f), "dpo")
+    assert kept == rows[:1]
+    assert "skipped 1 of 2 rows longer than --max-length 8" in capsys.readouterr().err

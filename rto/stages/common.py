@@ -7,6 +7,7 @@ import random
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -65,6 +66,9 @@ class TrainingFields:
     save_every: int = opt(0, "write a resumable checkpoint every N optimiser steps into OUT.trl/ (0: never)", ge=0)
     keep_last: int = opt(2, "checkpoints kept (0: all)", ge=0)
     resume: str = opt("", "auto (the latest complete checkpoint in OUT.trl/, if any) or a checkpoint directory")
+    long_rows: Literal["skip", "error", "truncate"] = opt(
+        "skip", "rows over --max-length tokens: skip (and count), error (naming the row), or truncate (TRL cuts "
+                "the end, which can cut off a response's EOS)")
     report_to: list[str] = report_to_field()
 
 
@@ -89,6 +93,37 @@ def uniform_rows(rows: list[dict], fields: tuple[str, ...], path: str) -> list[d
             raise UserError(f"{path}: field {f!r} mixes text and conversations (row {i + 1} of the usable rows differs "
                             "from the first)")
     return [{f: r[f] for f in fields} for r in rows]
+
+
+def drop_long_rows(rows: list[dict], tokenizer, cfg: TrainingFields, path: str, stage: str) -> list[dict]:
+    """Rows whose prompt + response (the longer of chosen and rejected) exceed --max-length tokens,
+    handled as --long-rows says; the count of skipped rows is printed."""
+    from rto.data import as_texts
+    from rto.errors import UserError
+
+    if cfg.long_rows == "truncate":
+        return rows
+    pairs = [r if "chosen" in r else {"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]}
+             for r in rows]
+    prompts, chosen, rejected = as_texts(pairs, tokenizer)
+    # +1: the EOS token the trainers append to a response that lacks one.
+    with_chosen = tokenizer([p + c for p, c in zip(prompts, chosen)])["input_ids"]
+    with_rejected = tokenizer([p + r for p, r in zip(prompts, rejected)])["input_ids"]
+    lengths = [max(len(a), len(b)) + 1 for a, b in zip(with_chosen, with_rejected)]
+    long = [i for i, n in enumerate(lengths) if n > cfg.max_length]
+    if not long:
+        return rows
+    if cfg.long_rows == "error":
+        i = long[0]
+        which = "usable row" if cfg.skip_bad_rows else "row"
+        raise UserError(f"{path}: {which} {i + 1}: prompt + response is {lengths[i]} tokens, longer than --max-length "
+                        f"{cfg.max_length} ({len(long)} such rows; --long-rows skip or truncate to accept them)")
+    if len(long) == len(rows):
+        raise UserError(f"{path}: no rows left: all {len(rows)} are longer than --max-length {cfg.max_length}")
+    print(f"[rto] {stage}: {path}: skipped {len(long)} of {len(rows)} rows longer than --max-length {cfg.max_length}",
+          file=sys.stderr, flush=True)
+    drop = set(long)
+    return [r for i, r in enumerate(rows) if i not in drop]
 
 
 def resume_checkpoint(cfg: TrainingFields, scratch: str) -> str | None:

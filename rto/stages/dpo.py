@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from rto.config import opt, require
 from rto.data import PREFERENCE_FIELDS, read_rows
 from rto.errors import UserError
-from rto.stages.common import (TrainingFields, finish_trl_stage, resume_checkpoint, setup, stage_lora_config,
+from rto.stages.common import (TrainingFields, drop_long_rows, finish_trl_stage, resume_checkpoint, setup, stage_lora_config,
                                trl_callbacks, trl_common_args, uniform_rows)
 
 
@@ -45,6 +45,7 @@ def run(cfg: DPOStageConfig) -> dict:
     peft_config = stage_lora_config(cfg)  # its output is then an adapter that `rto ppo --lora-r` mounts
     # With LoRA, TRL uses the model with its adapter off as the reference: no second copy.
     ref = None if peft_config else load_causal_lm(cfg.ref_model or cfg.model, what="DPO reference model")
+    rows = drop_long_rows(rows, tokenizer, cfg, cfg.data, "dpo")
     dataset = Dataset.from_list(rows)
     args = DPOConfig(beta=cfg.beta, loss_type=["sigmoid"],
                      **trl_common_args(cfg, cfg.out))

@@ -14,7 +14,7 @@ import torch
 
 from rto.config import opt, require
 from rto.data import PREFERENCE_FIELDS, as_texts, read_rows
-from rto.stages.common import (TrainingFields, finish_trl_stage, resume_checkpoint, setup, stage_lora_config,
+from rto.stages.common import (TrainingFields, drop_long_rows, finish_trl_stage, resume_checkpoint, setup, stage_lora_config,
                                trl_callbacks, trl_common_args, uniform_rows)
 
 
@@ -56,6 +56,7 @@ def run(cfg: RMStageConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = load_score_model(cfg.model, what="SFT model")
     model.config.pad_token_id = tokenizer.pad_token_id
+    rows = drop_long_rows(rows, tokenizer, cfg, cfg.data, "rm")
     dataset = Dataset.from_list(rows)
     args = RewardConfig(**trl_common_args(cfg, cfg.out))
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,

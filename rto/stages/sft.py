@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from rto.config import opt, require
 from rto.data import SFT_FIELDS, read_rows
-from rto.stages.common import (TrainingFields, finish_trl_stage, resume_checkpoint, setup, stage_lora_config,
+from rto.stages.common import (TrainingFields, drop_long_rows, finish_trl_stage, resume_checkpoint, setup, stage_lora_config,
                                trl_callbacks, trl_common_args, uniform_rows)
 
 
@@ -49,6 +49,7 @@ def run(cfg: SFTStageConfig) -> dict:
         task = load_task(cfg.task)
         tokenizer = check_tokenizer(task.tokenizer(), f"task {cfg.task}")
         model = build_causal_lm(tokenizer, task.model_config(), cfg.seed)
+    rows = drop_long_rows(rows, tokenizer, cfg, cfg.data, "sft")
     dataset = Dataset.from_list(rows)
     args = SFTConfig(**trl_common_args(cfg, cfg.out))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,

@@ -122,7 +122,8 @@ class PPOStageConfig:
                                              gt=0, le=1)
     # --- many processes (accelerate launch / torchrun) ---
     dist_timeout: float = opt(600.0, "seconds a process waits for the others in a collective before the run "
-                                     "stops with an error (a dead process is noticed sooner)", gt=0)
+                                     "stops with an error (a dead process is noticed sooner); more than process 0 "
+                                     "takes to evaluate and save a checkpoint, while the others wait", gt=0)
     # --- logging ---
     report_to: list[str] = report_to_field()
     eval_every: int = opt(10, "evaluate on --eval-prompts every N iterations (0: never)", ge=0)

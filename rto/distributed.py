@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -40,6 +41,7 @@ class Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = None
         self.distributed_type = "NO"
+        self._reported = False
         if self.world > 1:
             from accelerate import PartialState
 
@@ -51,8 +53,12 @@ class Dist:
             signal.signal(signal.SIGTERM, self._stopped_by_launcher)
 
     def _stopped_by_launcher(self, signum, frame):
-        raise UserError(f"{self.what}: process {self.rank} of {self.world}: stopped by the launcher because another "
-                        "process failed (its output says why)")
+        # Exit at once, whatever this process was doing (a collective, or already its own exit
+        # after reporting a failure, when raising would print a traceback from atexit handlers).
+        if not self._reported:
+            print(f"rto: error: {self.what}: process {self.rank} of {self.world}: stopped by the launcher because "
+                  "another process failed (its output says why)", file=sys.stderr, flush=True)
+        os._exit(2)
 
     @property
     def is_main(self) -> bool:
@@ -126,6 +132,7 @@ class Dist:
 
     def failure(self, error: BaseException) -> UserError:
         """The one-line error for a collective that failed because another process went away."""
+        self._reported = True
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return UserError(f"{self.what}: process {self.rank} of {self.world}: another process died or stopped "
                          f"responding ({first[:200]}); stopping. The failed process's own output says why.")

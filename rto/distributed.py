@@ -34,6 +34,15 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def refuse_launcher(what: str) -> None:
+    """For commands that start their own processes (pipeline, reproduce): a multi-process launch
+    would run each of them once per process, all writing the same files."""
+    if launched_world_size() > 1:
+        raise UserError(f"{what}: it starts its stages as processes of its own; do not launch it with accelerate "
+                        "launch or torchrun - launch single stages instead (accelerate launch -m rto ppo ...; "
+                        "see examples/accelerate)")
+
+
 class Dist:
     def __init__(self, cpu: bool, timeout_s: float, what: str = "ppo"):
         self.what = what
@@ -120,15 +129,6 @@ class Dist:
 
         for p in params:
             dist.broadcast(p.data, 0)
-
-    def gather_objects(self, obj) -> list:
-        if not self.active:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
 
     def failure(self, error: BaseException) -> UserError:
         """The one-line error for a collective that failed because another process went away."""

@@ -340,11 +340,9 @@ class Pipeline:
 
 
 def run(cfg: PipelineConfig) -> dict:
-    from rto.distributed import launched_world_size
+    from rto.distributed import refuse_launcher
 
-    if launched_world_size() > 1:
-        raise UserError("pipeline: it starts its stages as processes of its own; under accelerate launch or torchrun "
-                        "launch each stage instead (accelerate launch -m rto ppo ...; see examples/accelerate)")
+    refuse_launcher("pipeline")
     return Pipeline(cfg).run()
 
 

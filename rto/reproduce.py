@@ -209,12 +209,9 @@ def _machine() -> str:
 
 
 def run(cfg: ReproduceConfig) -> dict:
-    from rto.distributed import launched_world_size
-    from rto.errors import UserError
+    from rto.distributed import refuse_launcher
 
-    if launched_world_size() > 1:
-        raise UserError("reproduce: it starts its runs as processes of its own; do not launch it with accelerate "
-                        "launch or torchrun")
+    refuse_launcher("reproduce")
     return Reproduction(cfg).run()
 
 

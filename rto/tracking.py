@@ -13,8 +13,7 @@ from pathlib import Path
 
 from rto.errors import UserError
 
-TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # each is also the name of its pip package
 
 
 def trackers(report_to: list[str], what: str) -> list[str]:
@@ -27,8 +26,7 @@ def trackers(report_to: list[str], what: str) -> list[str]:
     for name in names:
         available = getattr(au, f"is_{name}_available")()
         if not available:
-            raise UserError(f"{what}: --report-to {name}: the {PACKAGES[name]} package is not installed "
-                            f"(pip install {PACKAGES[name]})")
+            raise UserError(f"{what}: --report-to {name}: the {name} package is not installed (pip install {name})")
     return names
 
 
@@ -80,13 +78,11 @@ def jsonl_callback(out: str | Path):
     class JsonlCallback(TrainerCallback):
         def __init__(self):
             self.path = Path(out)
-            self.rows: list[dict] = []
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
             row = {"step": state.global_step, "epoch": state.epoch, **logs}
-            self.rows.append(row)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -29,23 +29,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Variance over the masked elements (unbiased, as in the reference implementations)."""
-    m = mask.to(x.dtype)
-    n = m.sum()
-    mean = (x * m).sum() / n.clamp(min=1)
-    var = ((x - mean).square() * m).sum() / n.clamp(min=1)
-    return var * n / (n - 1).clamp(min=1)
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum: AllSum = _local) -> torch.Tensor:
-    """(x - mean) / std over the masked elements of the whole batch - of every process's batch
-    when `all_sum` sums over processes; padding stays 0. The variance is unbiased, as `masked_var`."""
+def masked_mean_var(x: torch.Tensor, mask: torch.Tensor, all_sum: AllSum = _local) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance over the masked elements (the variance unbiased, as in the reference
+    implementations) - over every process's elements when `all_sum` sums over processes."""
     m = mask.to(x.dtype)
     totals = all_sum(torch.stack([(x * m).sum(), m.sum()]))
     n = totals[1]
     mean = totals[0] / n.clamp(min=1)
-    var = all_sum(((x - mean).square() * m).sum()) / n.clamp(min=1) * n / (n - 1).clamp(min=1)
+    var = all_sum(((x - mean).square() * m).sum()) / n.clamp(min=1)
+    return mean, var * n / (n - 1).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum: AllSum = _local) -> torch.Tensor:
+    """(x - mean) / std over the masked elements of the whole batch - of every process's batch
+    when `all_sum` sums over processes; padding stays 0."""
+    mean, var = masked_mean_var(x, mask, all_sum)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

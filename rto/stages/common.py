@@ -39,8 +39,10 @@ def seed_field():
 
 
 def report_to_field():
-    return opt(["none"], "experiment trackers besides OUT/metrics.jsonl: none, tensorboard, wandb, trackio, mlflow",
-               choices=["none", "tensorboard", "wandb", "trackio", "mlflow"])
+    from rto.tracking import TRACKERS
+
+    return opt(["none"], f"experiment trackers besides OUT/metrics.jsonl: none, {', '.join(TRACKERS)}",
+               choices=["none", *TRACKERS])
 
 
 def threads_field():
@@ -197,8 +199,8 @@ def trl_callbacks(cfg: TrainingFields) -> list:
     return [progress.trainer_callback(), jsonl_callback(os.path.join(cfg.out + ".trl", "metrics.jsonl"))]
 
 
-def finish_trl_stage(trainer, cfg, stage: str, metrics: dict, save, extra_files: dict | None = None) -> dict:
-    """After training: the model is saved, then OUT/metrics.json, OUT/metrics.jsonl (every log of
+def finish_trl_stage(trainer, cfg, stage: str, metrics: dict, model, tokenizer, extra_files: dict | None = None) -> dict:
+    """After training: `model` is saved (with `extra_files` beside it), then OUT/metrics.json, OUT/metrics.jsonl (every log of
     the run, resumed parts included) and the model card are written by the main process; the
     other processes of a multi-process run wait for it, so none ends before the model is on disk.
 
@@ -209,7 +211,7 @@ def finish_trl_stage(trainer, cfg, stage: str, metrics: dict, save, extra_files:
     from pathlib import Path
 
     from rto.data import write_json, write_jsonl
-    from rto.models import write_model_card
+    from rto.models import save_model, write_model_card
 
     accelerator = trainer.accelerator
     sharded = str(accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED")
@@ -224,7 +226,7 @@ def finish_trl_stage(trainer, cfg, stage: str, metrics: dict, save, extra_files:
             os.replace(tmp, cfg.out)
     if accelerator.is_main_process:
         if not sharded:
-            save()
+            save_model(model, tokenizer, cfg.out, extra_files=extra_files)
         write_json(f"{cfg.out}/metrics.json", metrics)
         write_jsonl(f"{cfg.out}/metrics.jsonl", trainer.state.log_history)
         write_model_card(cfg.out, stage, cfg, metrics)

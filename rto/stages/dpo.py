@@ -36,7 +36,7 @@ def run(cfg: DPOStageConfig) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from rto.models import load_causal_lm, load_tokenizer, save_model
+    from rto.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model)
@@ -54,4 +54,4 @@ def run(cfg: DPOStageConfig) -> dict:
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
     metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "pairs": len(rows)}
-    return finish_trl_stage(trainer, cfg, "dpo", metrics, lambda: save_model(trainer.model, tokenizer, cfg.out))
+    return finish_trl_stage(trainer, cfg, "dpo", metrics, trainer.model, tokenizer)

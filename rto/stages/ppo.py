@@ -457,10 +457,9 @@ class PPOTrainer(CheckpointMixin):
 
         cfg = self.cfg
         n = len(exp["prompts"])
-        micro = cfg.micro_batch_size or cfg.mini_batch_size
+        micro = cfg.micro_batch_size or self.local_mini  # validate(): it divides each process's mini-batch
         sums: dict[str, float] = {}
         count = 0
-        micro = min(micro, self.local_mini)
         for _ in range(cfg.ppo_epochs):
             # Each process draws the same permutation of its own share: a global mini-batch is
             # every process's next `local_mini` responses.

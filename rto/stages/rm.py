@@ -50,7 +50,7 @@ def run(cfg: RMStageConfig) -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from rto.models import RM_STATS_FILE, load_score_model, load_tokenizer, save_model
+    from rto.models import RM_STATS_FILE, load_score_model, load_tokenizer
     from rto.rollout import score_texts
 
     tokenizer = load_tokenizer(cfg.model)
@@ -77,5 +77,4 @@ def run(cfg: RMStageConfig) -> dict:
                "score_std": stats["std"]}
     if eval_rows:
         metrics["eval_accuracy"] = pair_accuracy(model, tokenizer, eval_rows)
-    return finish_trl_stage(trainer, cfg, "rm", metrics, lambda: save_model(model, tokenizer, cfg.out, extra_files={RM_STATS_FILE: stats}),
-                            extra_files={RM_STATS_FILE: stats})
+    return finish_trl_stage(trainer, cfg, "rm", metrics, model, tokenizer, extra_files={RM_STATS_FILE: stats})

@@ -38,7 +38,7 @@ def run(cfg: SFTStageConfig) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rto.models import build_causal_lm, check_tokenizer, load_causal_lm, load_tokenizer, save_model
+    from rto.models import build_causal_lm, check_tokenizer, load_causal_lm, load_tokenizer
 
     if cfg.model:
         tokenizer = load_tokenizer(cfg.model)
@@ -58,4 +58,4 @@ def run(cfg: SFTStageConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
     metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "rows": len(rows)}
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return finish_trl_stage(trainer, cfg, "sft", metrics, lambda: save_model(trainer.model, tokenizer, cfg.out))
+    return finish_trl_stage(trainer, cfg, "sft", metrics, trainer.model, tokenizer)

@@ -102,15 +102,18 @@ class Dist:
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Mean gradient over processes, in one flat all-reduce per dtype (a parameter without a
-        gradient counts as zero, so every process sends the same layout)."""
+        gradient counts as zero, so every process sends the same layout).
+
+        Every parameter passed is reduced, whatever its `requires_grad` at this moment: in the LoRA
+        shared base, activating the critic's adapter switches the policy adapter's flag off while
+        its accumulated gradient waits here to be averaged."""
         if not self.active:
             return
         import torch.distributed as dist
 
         by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
         for p in params:
-            if p.requires_grad:
-                by_dtype.setdefault(p.dtype, []).append(p)
+            by_dtype.setdefault(p.dtype, []).append(p)
         for group in by_dtype.values():
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
             dist.all_reduce(flat)

@@ -40,9 +40,10 @@ def sequence_logprob(model, batch: Batch, temperature: float = 1.0) -> torch.Ten
 
 
 @torch.no_grad()
-def kl_to(policy, reference, batches: list[Batch]) -> float:
-    """Monte-Carlo KL(policy || reference) per response, from samples of the policy (nats)."""
-    diffs = [sequence_logprob(policy, b) - sequence_logprob(reference, b) for b in batches]
+def kl_to(policy, reference, batches: list[Batch], temperature: float = 1.0) -> float:
+    """Monte-Carlo KL(policy || reference) per response, from samples of the policy (nats); both
+    at the temperature the samples were drawn at, so the policy term is the sampling distribution's."""
+    diffs = [sequence_logprob(policy, b, temperature) - sequence_logprob(reference, b, temperature) for b in batches]
     return float(torch.cat(diffs).mean()) if diffs else 0.0
 
 

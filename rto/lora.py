@@ -7,6 +7,13 @@ value head), the DPO model is the adapter `rto dpo --lora-r N` trained on the sa
 the reference is the base with every adapter switched off. Only the reward model, usually
 smaller, stays a model of its own.
 
+The critic starts from the reward model, as a full critic does: its value head is the RM's
+score head, and when the RM is itself a LoRA adapter on this same base (a SEQ_CLS adapter of
+peft), the critic's adapter starts as the RM's adapter - then the critic's value at the last
+token equals the RM's score exactly. With a full-model RM only the head carries over, reading
+the base's features through a new (zero-effect) adapter: the RM's fine-tuned features cannot be
+expressed by a fresh adapter. Without an RM (dpo-only) the head starts at zero.
+
 `AdapterView` makes one adapter look like a model to the trainer: calling it, `generate`,
 and `parameters()` (its own adapter weights only, for its optimiser and gradient clipping).
 Only one adapter is active at a time, so the trainer must finish a backward pass before it
@@ -73,17 +80,53 @@ def merged_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
     return out
 
 
-class SharedBase:
-    """One frozen base (the SFT model) with adapters `policy`, `critic` and optionally `dpo`."""
+def rm_adapter_weights(path: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """A reward model saved as a peft SEQ_CLS adapter: its LoraConfig as a causal-LM adapter, and
+    its LoRA tensors under peft's saved names (its score head comes with the merged RM)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
 
-    def __init__(self, base, r: int, alpha: float, target: list[str] | str, dpo_adapter: str | None = None):
+    config = LoraConfig.from_pretrained(str(path))
+    config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, False
+    tensors = load_file(str(Path(path) / "adapter_model.safetensors"))
+    return config, {k: v for k, v in tensors.items() if "lora_" in k}
+
+
+def rm_value_head(rm) -> nn.Linear:
+    """A trainable copy of a reward model's score head (a linear layer to one output)."""
+    from rto.models import score_parts
+
+    _, head = score_parts(rm)
+    if not isinstance(head, nn.Linear) or head.out_features != 1:
+        raise UserError(f"reward model: its score head is a {type(head).__name__}, not a linear layer to one "
+                        "output; the LoRA critic cannot start from it")
+    copy = nn.Linear(head.in_features, 1, bias=head.bias is not None)
+    with torch.no_grad():
+        copy.weight.copy_(head.weight.float())
+        if head.bias is not None:
+            copy.bias.copy_(head.bias.float())
+    return copy
+
+
+class SharedBase:
+    """One frozen base (the SFT model) with adapters `policy`, `critic` and optionally `dpo`.
+
+    `critic_adapter`: a reward model saved as an adapter on this base, whose adapter the critic's
+    starts from; `value_head`: the critic's head (an `nn.Linear` to 1 output; default: zeros)."""
+
+    def __init__(self, base, r: int, alpha: float, target: list[str] | str, dpo_adapter: str | None = None,
+                 critic_adapter: str | None = None, value_head: nn.Linear | None = None):
         from peft import get_peft_model
 
         base.requires_grad_(False)
         config = lora_config(r, alpha, target)
         self.model = get_peft_model(base, config, adapter_name="policy")
-        self.model.add_adapter("critic", config)
-        self.has_dpo = dpo_adapter is not None
+        rm_lora = None
+        if critic_adapter is not None:
+            critic_config, rm_lora = rm_adapter_weights(critic_adapter)
+            self.model.add_adapter("critic", critic_config)
+        else:
+            self.model.add_adapter("critic", config)
         if dpo_adapter is not None:
             self.model.load_adapter(dpo_adapter, adapter_name="dpo", is_trainable=False)
         # Each adapter's parameters, found once: the views, the optimisers, gradient clipping and
@@ -95,12 +138,33 @@ class SharedBase:
         for adapter, trainable in (("policy", True), ("critic", True), ("dpo", False)):
             for p in self.adapter_parameters(adapter):
                 p.requires_grad_(trainable)
+        if rm_lora is not None:
+            self._load_adapter_tensors("critic", rm_lora, critic_adapter)
         hidden = base.config.get_text_config().hidden_size
-        # A fresh value head: the RM's head reads the RM's features, not the SFT model's.
-        self.value_head = nn.Linear(hidden, 1, bias=False)
-        nn.init.zeros_(self.value_head.weight)
+        if value_head is None:
+            value_head = nn.Linear(hidden, 1, bias=False)
+            nn.init.zeros_(value_head.weight)
+        elif value_head.in_features != hidden or value_head.out_features != 1:
+            raise UserError(f"the reward model's score head is {value_head.in_features} -> {value_head.out_features}; "
+                            f"the critic needs {hidden} -> 1")
+        self.value_head = value_head
         self._active = "policy"
         self.model.eval()
+
+    def _load_adapter_tensors(self, adapter: str, saved: dict[str, torch.Tensor], source) -> None:
+        """Copy a saved adapter's LoRA tensors (peft's names without the adapter name) into `adapter`."""
+        params = self._adapter_params[adapter]
+        copied = set()
+        with torch.no_grad():
+            for key, value in saved.items():
+                head, last = key.rsplit(".", 1)
+                name = f"{head}.{adapter}.{last}"
+                if name not in params or params[name].shape != value.shape:
+                    raise UserError(f"{source}: adapter tensor {key} does not fit the base model")
+                params[name].copy_(value)
+                copied.add(name)
+        if copied != set(params):
+            raise UserError(f"{source}: the adapter lacks {len(set(params) - copied)} of the base's LoRA tensors")
 
     @contextlib.contextmanager
     def active(self, adapter: str | None):
@@ -189,4 +253,4 @@ class CriticView(nn.Module):
         return self.backbone, self.value_head
 
     def parameters(self, recurse: bool = True):
-        return iter([*self.shared.adapter_parameters("critic"), self.value_head.weight])
+        return iter([*self.shared.adapter_parameters("critic"), *self.value_head.parameters()])

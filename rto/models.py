@@ -140,17 +140,24 @@ def _load_any(cls, path: str | Path, what: str, **kwargs):
     return model
 
 
-def load_causal_lm(path: str | Path, what: str = "policy"):
+# Models load in fp32 whatever dtype the checkpoint was saved in (most hub models: bf16, which
+# transformers' default dtype "auto" would keep): trained models then hold fp32 master weights, so
+# small updates are not rounded away, and frozen ones are cast to bf16 only where a stage's
+# precision setting asks for it.
+LOAD_DTYPE = torch.float32
+
+
+def load_causal_lm(path: str | Path, what: str = "policy", dtype: torch.dtype = LOAD_DTYPE):
     from transformers import AutoModelForCausalLM
 
-    return _load_any(AutoModelForCausalLM, path, what)
+    return _load_any(AutoModelForCausalLM, path, what, dtype=dtype)
 
 
-def load_score_model(path: str | Path, what: str = "reward model"):
+def load_score_model(path: str | Path, what: str = "reward model", dtype: torch.dtype = LOAD_DTYPE):
     """A sequence-classification model with one output (RM, or the critic made from it)."""
     from transformers import AutoModelForSequenceClassification
 
-    return _load_any(AutoModelForSequenceClassification, path, what, num_labels=1)
+    return _load_any(AutoModelForSequenceClassification, path, what, num_labels=1, dtype=dtype)
 
 
 def build_causal_lm(tokenizer, config_overrides: dict, seed: int):

@@ -78,25 +78,45 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> torch.Ten
     return (~after_eos).long()
 
 
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The logits sampling draws from: divided by the temperature, then top-k, then top-p - the
+    warpers HF `generate` applies, in its order, by its own classes - with removed tokens at -inf."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k or top_p < 1.0:
+        from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+        flat = logits.reshape(-1, logits.shape[-1])
+        if top_k:
+            flat = TopKLogitsWarper(top_k)(None, flat)
+        if top_p < 1.0:
+            flat = TopPLogitsWarper(top_p)(None, flat)
+        logits = flat.view_as(logits)
+    return logits
+
+
 class SampledLogprobs(LogitsProcessor):
-    """Records log softmax(logits / T) of each sampled token while HF `generate` runs.
+    """Records the log-prob of each sampled token under the distribution it was sampled from,
+    while HF `generate` runs.
 
     `generate` calls processors with the next-token logits before sampling; the token it picks
     appears in `input_ids` at the next call, so one step's distribution is kept at a time
     (O(B x V) memory; asking `generate` for every step's logits would hold O(B x R x V)).
     Custom processors run before HF's temperature/top-k/top-p warpers, so `scores` are the raw
-    logits: the recorded log-prob is the full softmax at temperature T, the same quantity the
-    training pass computes, whatever truncation the sampler applied."""
+    logits and the recorder applies the same warpers itself (`sampling_logits`): with --top-k or
+    --top-p the recorded log-prob is the truncated, renormalised distribution's, the one the
+    token was drawn from - the same quantity the training pass computes (`token_logprobs`)."""
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.last: torch.Tensor | None = None
         self.picked: list[torch.Tensor] = []
 
     def __call__(self, input_ids, scores):
         if self.last is not None:
             self.picked.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.last = torch.log_softmax(sampling_logits(scores, self.temperature, self.top_k, self.top_p), dim=-1)
         return scores
 
     def finish(self, response_ids: torch.Tensor) -> torch.Tensor:
@@ -124,7 +144,8 @@ def plain_generation_config(model):
 def generate(policy, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False, record_logprobs: bool = False) -> Batch:
     """Sample responses (HF generate: KV cache, stops once every sequence hit EOS); tokens after
-    EOS become pad. `record_logprobs` also returns each sampled token's log-prob at `temperature`."""
+    EOS become pad. `record_logprobs` also returns each sampled token's log-prob under the
+    distribution it was drawn from (`temperature`, `top_k`, `top_p`)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     config = GenerationConfig(
@@ -133,7 +154,7 @@ def generate(policy, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int,
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )
-    recorder = SampledLogprobs(temperature) if record_logprobs else None
+    recorder = SampledLogprobs(temperature, top_k, top_p) if record_logprobs else None
     with plain_generation_config(policy):
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
                               logits_processor=LogitsProcessorList([recorder] if recorder else []))
@@ -250,8 +271,23 @@ def response_logits(model, batch: Batch, packed: Packed | None = None) -> torch.
     return logits[:, -(R + 1):-1]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[token], without materialising the full log-softmax."""
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """log-prob of `tokens` under softmax(logits / temperature), or under the top-k/top-p truncated
+    distribution sampling draws from (`sampling_logits`).
+
+    Truncated: the support is the warpers' kept set for these logits plus the token itself, so a
+    sampled token is never impossible - at rollout time it is always in the kept set and this is
+    exactly the sampling distribution's log-prob; after an update moved it just out of the kept
+    set, its log-prob stays finite (the PPO ratio then clips as for any improbable token)."""
+    if top_k or top_p < 1.0:
+        raw = logits.float() / temperature if temperature != 1.0 else logits.float()
+        kept = sampling_logits(logits, temperature, top_k, top_p)
+        index = tokens.unsqueeze(-1)
+        kept = kept.scatter(-1, index, raw.gather(-1, index))
+        return torch.log_softmax(kept, dim=-1).gather(-1, index).squeeze(-1)
+    # Without truncation: the picked logit minus the log-normaliser, without materialising the
+    # full log-softmax.
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature

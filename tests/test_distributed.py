@@ -61,56 +61,67 @@ def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int):
                  torch.cat([right(t["batch.sampled_logprobs"], 0.0) for t in parts]))
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tiny_dirs, prompt_file, tmp_path):
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_dirs, prompt_file, tmp_path_factory) -> Path:
+    """One launch, two processes: a PPO and an RTO iteration with full models, then with the LoRA shared base."""
+    out = tmp_path_factory.mktemp("two")
+    proc, _ = launch([str(FIXTURE), str(out), tiny_dirs["policy"], tiny_dirs["rm"], tiny_dirs["dpo"], prompt_file,
+                      "0", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_two_processes_match_one_process_on_the_same_global_batch(two_process_runs, tiny_dirs, prompt_file, tmp_path,
+                                                                  lora_r):
     sys.path.insert(0, str(FIXTURE.parent))
     from dist_step import config
 
     from rto.stages.ppo import PPOTrainer
 
-    out = tmp_path / "two"
-    proc, _ = launch([str(FIXTURE), str(out), tiny_dirs["policy"], tiny_dirs["rm"], tiny_dirs["dpo"], prompt_file])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = two_process_runs
     for reward in ("sparse", "rto"):
-        (r0, meta0), (r1, meta1) = _load(out / f"{reward}.rank0.safetensors"), _load(out / f"{reward}.rank1.safetensors")
+        run = f"{reward}-r{lora_r}"
+        (r0, meta0), (r1, meta1) = _load(out / f"{run}.rank0.safetensors"), _load(out / f"{run}.rank1.safetensors")
         assert meta0["world"] == "2"
         # The processes sampled different responses (their own prompts, their own seeds) ...
         assert meta0["prompts"] != meta1["prompts"]
-        weights = [k for k in r0 if ".weight." in k]
+        weights = [k for k in r0 if k.startswith(("policy.weight.", "critic.weight."))]
         grads = [k for k in r0 if ".grad." in k]
         assert any(k.startswith("critic.") for k in weights) and len(grads) > 10
+        if lora_r:  # the trained weights are the adapters (and the value head)
+            assert all("lora_" in k or "value_head" in k for k in weights)
+            assert any(k.startswith("policy.grad.") for k in grads)
         # ... and hold identical weights after the update.
         for k in weights:
-            assert torch.equal(r0[k], r1[k]), f"{reward}: {k} differs between the processes"
+            assert torch.equal(r0[k], r1[k]), f"{run}: {k} differs between the processes"
 
-        # One process, the same global batch (both processes' responses), the same settings.
+        # One process, the same global batch (both processes' responses), the same settings and
+        # the same starting weights.
         trainer = PPOTrainer(config(tmp_path / "one", reward, tiny_dirs["policy"], tiny_dirs["rm"], tiny_dirs["dpo"],
-                                    prompt_file))
+                                    prompt_file, lora_r))
         assert trainer.dist.world == 1
+        with torch.no_grad():
+            for model, params in trainer._trained().items():
+                for name, p in params.items():
+                    p.copy_(r0[f"{model}.init.{name}"])
         prompts = meta0["prompts"].split("\x1f") + meta1["prompts"].split("\x1f")
         batch = _concat([r0, r1], trainer.tokenizer.pad_token_id)
         trainer.train_on(trainer.score_rollout(prompts, batch))
-        initial = _initial(tiny_dirs)
         for model, params in trainer._trained().items():
             for name, p in params.items():
                 # Float tolerance, in norms: the gradient (of the second optimiser step) within 1e-3
                 # of its size, the weights within 1e-3 of how far the update moved them.
                 if f"{model}.grad.{name}" in r0:
                     g2, g1 = r0[f"{model}.grad.{name}"], p.grad
-                    assert float((g2 - g1).norm()) <= 1e-3 * float(g1.norm()) + 1e-9, f"{reward}: {model} grad {name}"
+                    assert float((g2 - g1).norm()) <= 1e-3 * float(g1.norm()) + 1e-9, f"{run}: {model} grad {name}"
                 w2, w1 = r0[f"{model}.weight.{name}"], p.detach()
-                moved = (w1 - initial[model][name]).norm() if name in initial.get(model, {}) else w1.norm()
-                assert float((w2 - w1).norm()) <= 1e-3 * float(moved) + 1e-9, f"{reward}: {model} weight {name}"
-        policy_moved = sum(float((p.detach() - initial["policy"][n]).norm())
-                           for n, p in trainer._trained()["policy"].items())
-        assert policy_moved > 1e-3, "the update did not move the weights: the comparison would prove nothing"
-
-
-def _initial(tiny_dirs) -> dict[str, dict[str, torch.Tensor]]:
-    """The starting weights: the policy's file; the critic starts from the RM's."""
-    from safetensors.torch import load_file
-
-    return {"policy": load_file(str(Path(tiny_dirs["policy"]) / "model.safetensors")),
-            "critic": load_file(str(Path(tiny_dirs["rm"]) / "model.safetensors"))}
+                moved = (w1 - r0[f"{model}.init.{name}"]).norm()
+                assert float((w2 - w1).norm()) <= 1e-3 * float(moved) + 1e-9, f"{run}: {model} weight {name}"
+        for model in trainer._trained():
+            moved = sum(float((p.detach() - r0[f"{model}.init.{n}"]).norm())
+                        for n, p in trainer._trained()[model].items())
+            assert moved > 1e-3, f"{run}: the update did not move the {model}: the comparison would prove nothing"
 
 
 def _ppo_args(tiny_dirs, prompt_file, out: Path, iterations: int) -> list[str]:

@@ -29,8 +29,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     with torch.no_grad():
         stats = {
             "policy/clip_frac": masked_mean((clipped > unclipped).float(), mask),
-            # k3 estimate of KL(old || new) over the sampled tokens (always >= 0).
-            "policy/approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+            # k3 estimate of KL(old || new) from tokens sampled from the old policy: with
+            # r = new / old, E_old[(r - 1) - log r] = KL(old || new) (unbiased, each term >= 0).
+            "policy/approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
         }
     return loss, stats
 
@@ -51,9 +52,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax over the last dimension."""
+    """Entropy of the softmax over the last dimension (tokens at -inf, cut by top-k/top-p, add 0)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ def run(cfg: EvalStageConfig) -> dict:
                                 temperature=cfg.temperature, seed=cfg.seed)
         m: dict = {"path": models[name],
                    "response_length": sum(float(b.response_mask.sum()) for b in batches) / len(prompts)}
-        m[f"kl_to_{cfg.baseline}"] = kl_to(model, baseline, batches)
+        m[f"kl_to_{cfg.baseline}"] = kl_to(model, baseline, batches, cfg.temperature)
         if task is not None:
             g = gold_rewards(task, prompts, texts)
             golds[name] = g

@@ -205,6 +205,11 @@ class PPOTrainer(CheckpointMixin):
         self.shared = None
         self.vllm = None
         self.dpo = self.dpo_ref = None
+        self.rm, self.rm_stats = None, {"mean": 0.0, "std": 1.0}
+        if cfg.uses_rm:
+            self.rm = load_score_model(cfg.reward_model, "reward model")
+            if cfg.normalize_reward:
+                self.rm_stats = read_reward_stats(cfg.reward_model)
         if cfg.lora_r:
             self._shared_base_models()
         else:
@@ -215,11 +220,6 @@ class PPOTrainer(CheckpointMixin):
         # --dpo-ref differs from --ref only when the DPO model came from another model.
         if cfg.uses_dpo and cfg.dpo_ref and Path(cfg.dpo_ref).resolve() != Path(cfg.ref or cfg.policy).resolve():
             self.dpo_ref = load_causal_lm(cfg.dpo_ref, "DPO reference model")
-        self.rm, self.rm_stats = None, {"mean": 0.0, "std": 1.0}
-        if cfg.uses_rm:
-            self.rm = load_score_model(cfg.reward_model, "reward model")
-            if cfg.normalize_reward:
-                self.rm_stats = read_reward_stats(cfg.reward_model)
         if cfg.estimator == "gae" and self.shared is None:
             self.critic = load_score_model(cfg.critic or cfg.reward_model or cfg.policy, "critic")
         elif cfg.estimator != "gae":
@@ -315,7 +315,7 @@ class PPOTrainer(CheckpointMixin):
 
     def _shared_base_models(self) -> None:
         """--lora-r: one frozen SFT model; policy and critic adapters; reference = no adapter."""
-        from rto.lora import SharedBase, adapter_base, is_adapter_dir, same_path
+        from rto.lora import SharedBase, adapter_base, is_adapter_dir, rm_value_head, same_path
         from rto.models import load_causal_lm
 
         cfg = self.cfg
@@ -326,9 +326,14 @@ class PPOTrainer(CheckpointMixin):
         dpo_adapter = None
         if cfg.uses_dpo and is_adapter_dir(cfg.dpo_model) and same_path(adapter_base(cfg.dpo_model), cfg.policy):
             dpo_adapter = cfg.dpo_model
+        # The critic starts from the RM (rto.lora): its head, and its adapter when the RM is an
+        # adapter on this same base.
+        rm_adapter = (cfg.reward_model if self.rm is not None and is_adapter_dir(cfg.reward_model)
+                      and same_path(adapter_base(cfg.reward_model), cfg.policy) else None)
+        head = rm_value_head(self.rm) if self.rm is not None and cfg.estimator == "gae" else None
         self.shared = SharedBase(load_causal_lm(cfg.policy, "policy"), cfg.lora_r, cfg.lora_alpha,
                                  cfg.lora_target_modules if cfg.lora_target_modules != ["all-linear"] else "all-linear",
-                                 dpo_adapter)
+                                 dpo_adapter, critic_adapter=rm_adapter, value_head=head)
         self.policy = self.shared.view("policy")
         self.ref = self.shared.view(None)
         if cfg.uses_dpo:
@@ -379,8 +384,8 @@ class PPOTrainer(CheckpointMixin):
             batch = self.vllm.generate(ids, mask)
             # vLLM's log-probs come from other kernels than the trained model's; PPO's ratio
             # needs the trainer's own, so they are computed again (one policy pass).
-            batch.sampled_logprobs = self._score(lambda b, pk: token_logprobs(response_logits(self.policy, b, pk),
-                                                                              b.response_ids, cfg.temperature), batch)
+            batch.sampled_logprobs = self._score(lambda b, pk: token_logprobs(
+                response_logits(self.policy, b, pk), b.response_ids, cfg.temperature, cfg.top_k, cfg.top_p), batch)
             return batch
         return generate(self.policy, self.tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, record_logprobs=True)
@@ -453,7 +458,7 @@ class PPOTrainer(CheckpointMixin):
 
     # --- 5: the PPO update ---------------------------------------------------------------
     def train_on(self, exp: dict) -> dict:
-        from rto.rollout import pack, response_logits, token_logprobs, token_values
+        from rto.rollout import pack, response_logits, sampling_logits, token_logprobs, token_values
 
         cfg = self.cfg
         n = len(exp["prompts"])
@@ -477,13 +482,14 @@ class PPOTrainer(CheckpointMixin):
                     packed = pack(sub, cfg.pack_row_tokens, self.tokenizer.pad_token_id) if cfg.packing else None
                     with self.autocast():
                         logits = response_logits(self.policy, sub, packed)
-                    logp = token_logprobs(logits, sub.response_ids, cfg.temperature)
+                    logp = token_logprobs(logits, sub.response_ids, cfg.temperature, cfg.top_k, cfg.top_p)
                     loss, pstats = policy_loss(logp, exp["old_logp"][part], exp["advantages"][part], mask,
                                                cfg.clip_range)
                     (loss * weight).backward()
                     pstats["policy/loss"] = loss.detach()
                     with torch.no_grad():
-                        pstats["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach() / cfg.temperature), mask)
+                        pstats["policy/entropy"] = masked_mean(entropy_from_logits(
+                            sampling_logits(logits.detach(), cfg.temperature, cfg.top_k, cfg.top_p)), mask)
                     if self.critic is not None:
                         with self.autocast():
                             values = token_values(self.critic, sub, packed)
@@ -548,7 +554,7 @@ class PPOTrainer(CheckpointMixin):
         texts, batches = sample(self.policy, self.tokenizer, self.eval_prompts, max_new_tokens=self.cfg.max_new_tokens,
                                 temperature=self.cfg.temperature, seed=self.cfg.seed + 7919)
         point = {"iteration": iteration, "prompts_seen": iteration * self.cfg.rollout_batch_size,
-                 "kl_to_ref": kl_to(self.policy, self.ref, batches)}
+                 "kl_to_ref": kl_to(self.policy, self.ref, batches, self.cfg.temperature)}
         if self.task is not None:
             g = gold_rewards(self.task, self.eval_prompts, texts)
             point["gold_reward"] = sum(g) / len(g)
@@ -624,8 +630,12 @@ class PPOTrainer(CheckpointMixin):
                 # Guard: a rollout with non-finite rewards or log-probs (in any process) teaches
                 # nothing; every process skips its update.
                 self._note_step(False, ", ".join(bad) or "in another process")
-                train_stats = {"guard/skipped_steps": float(cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)),
-                               "guard/nonfinite_rollout": 1.0}
+                skipped = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+                for _ in range(skipped):  # the schedules advance as if the steps were taken
+                    self.policy_sched.step()
+                    if self.critic is not None:
+                        self.critic_sched.step()
+                train_stats = {"guard/skipped_steps": float(skipped), "guard/nonfinite_rollout": 1.0}
             else:
                 train_stats = self.train_on(exp)
             if self.vllm is not None:

@@ -25,7 +25,7 @@ class CheckpointMixin:
             out = {"policy": self.shared.named_adapter_parameters("policy")}
             if self.critic is not None:
                 out["critic"] = self.shared.named_adapter_parameters("critic")
-                out["critic"]["value_head.weight"] = self.shared.value_head.weight
+                out["critic"].update(self.shared.value_head.named_parameters(prefix="value_head"))
             return out
         out = {"policy": dict(self.policy.named_parameters())}
         if self.critic is not None:

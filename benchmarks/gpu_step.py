@@ -113,7 +113,7 @@ def child_ours(root: Path, mode: str, args) -> dict:
         if args.device != "cpu":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        assert int(exp["batch"].response_mask.sum()) == n * args.response_len
+        assert int(exp.batch.response_mask.sum()) == n * args.response_len
     out = {"times": times[args.warmup:], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if args.device != "cpu":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -3,7 +3,7 @@
 A checkpoint is a directory `step_XXXXXXXX/` holding `state.safetensors` and `meta.json`. It is
 written under a temporary name, flushed to disk, then renamed into place, so a kill at any
 moment leaves either the new checkpoint whole or the previous ones untouched; a leftover
-temporary directory is ignored and cleared by the next save. Optimiser state is flattened into
+temporary directory is ignored and cleared by the next save. Optimizer state is flattened into
 named tensors plus JSON scalars, so loading never unpickles anything.
 
 Fault injection for the tests: RTO_FAULT_KILL_IN_SAVE=N kills the process (SIGKILL) in the

@@ -30,13 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rto", description="Reinforced Token Optimization (RTO) for RLHF.")
     parser.add_argument("--version", action="version", version=f"rto-rlhf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = {name: (stage.summary, lambda s=stage: s.load()) for name, stage in STAGES.items()}
+    commands = {name: (stage.summary, stage.config_class) for name, stage in STAGES.items()}
     commands["pipeline"] = ("the whole pipeline: data, SFT, pairs, RM, DPO, PPO/RTO, eval, report",
-                            lambda: (PipelineConfig, None))
+                            lambda: PipelineConfig)
     commands["reproduce"] = ("the paper's claims over seeds: every method, ablation, data fraction and tuning grid",
-                             lambda: (ReproduceConfig, None))
-    for name, (summary, load) in commands.items():
-        cls, _ = load()
+                             lambda: ReproduceConfig)
+    for name, (summary, config_class) in commands.items():
+        cls = config_class()
         p = sub.add_parser(name, help=summary, description=summary)
         p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of settings (flags override it)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")

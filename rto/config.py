@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -121,9 +122,14 @@ def build(cls, values: dict[str, Any], where: str):
         raise UserError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
     hints = _hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
+    renamed = getattr(cls, "RENAMED", {})  # old name -> new name, still accepted
     kwargs = {}
     for key, raw in values.items():
         name = str(key).replace("-", "_")
+        if name in renamed:
+            print(f"[rto] {where}: setting {name!r} is now called {renamed[name]!r}; the old name still works",
+                  file=sys.stderr, flush=True)
+            name = renamed[name]
         if name not in known:
             close = [k for k in known if k.startswith(name[:3])][:3]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -185,6 +191,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         else:
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 help=help_text)
+    for old, new in getattr(cls, "RENAMED", {}).items():  # old flags still parse (hidden); build() maps them
+        inner, _ = _base_type(hints[new])
+        action = argparse.BooleanOptionalAction if inner is bool else "store"
+        parser.add_argument("--" + old.replace("_", "-"), dest=old, action=action, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
 
 
 def from_sources(cls, yaml_values: dict[str, Any], yaml_where: str, cli_values: dict[str, Any]):

@@ -218,3 +218,28 @@ def as_texts(rows: list[dict], tokenizer) -> tuple[list[str], list[str], list[st
             full = render((r["prompt"] if isinstance(r["prompt"], list) else []) + value, tokenizer)
             out.append(full[len(prompt):] if full.startswith(prompt) else full)
     return prompts, chosen, rejected
+
+
+def read_prompts(path: str | Path, tokenizer, *, max_len: int, long_prompts: str = "error", columns: dict | None = None,
+                 skip_bad_rows: bool = False, what: str = "ppo") -> list[str]:
+    """Prompt texts as the policy reads them (conversations through the chat template, ending where
+    the assistant speaks), with the length limit applied as `long_prompts` says: error (naming the
+    first long row), skip (counted on stderr) or truncate (left to the encoder, which keeps the end)."""
+    import sys
+
+    prompts = [render(r["prompt"], tokenizer, generation_prompt=True)
+               for r in read_rows(path, PROMPT_FIELDS, columns, skip_bad_rows)]
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    long_rows = [i for i, n in enumerate(lengths) if n > max_len]
+    if long_rows and long_prompts == "error":
+        i = long_rows[0]
+        raise UserError(f"{path}: row {i + 1}: field 'prompt' is {lengths[i]} tokens, longer than --max-prompt-len "
+                        f"{max_len} ({len(long_rows)} such rows; --long-prompts skip or truncate to accept them)")
+    if long_rows and long_prompts == "skip":
+        drop = set(long_rows)
+        prompts = [p for i, p in enumerate(prompts) if i not in drop]
+        if not prompts:
+            raise UserError(f"{path}: no prompts left: all {len(drop)} are longer than --max-prompt-len {max_len}")
+        print(f"[rto] {what}: {path}: skipped {len(drop)} of {len(lengths)} prompts longer than --max-prompt-len "
+              f"{max_len}", file=sys.stderr, flush=True)
+    return prompts

@@ -1,6 +1,7 @@
 """Evaluation: sample on held-out prompts, score by gold reward, RM and KL to a reference.
 
-Used by `rto eval` and by the PPO trainer's periodic dev-set checks.
+Used by `rto eval`, by the PPO trainer's periodic dev-set checks and by the pipeline's SFT and
+DPO reference lines on the same dev prompts (`dev_point`, one function for both).
 """
 
 from __future__ import annotations
@@ -74,3 +75,26 @@ def win_rate(ours: list[float], baseline: list[float]) -> float:
 def gold_rewards(task, prompts: list[str], responses: list[str]) -> list[float]:
     return list(task.gold_rewards(prompts, responses))
 
+
+# Dev-set samples draw from a stream of their own (seed + this), the same for every model and
+# every evaluation point: curves and reference lines differ by the models, not by the draw.
+DEV_SEED_OFFSET = 7919
+
+
+@torch.no_grad()
+def dev_point(policy, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int,
+              ref=None, task=None, rm=None) -> dict[str, float]:
+    """One response per dev prompt, scored: `kl_to_ref` (with `ref`), `gold_reward` (with a task),
+    `rm_score` (with an RM); means over the prompts."""
+    texts, batches = sample(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                            seed=seed + DEV_SEED_OFFSET)
+    point = {}
+    if ref is not None:
+        point["kl_to_ref"] = kl_to(policy, ref, batches, temperature)
+    if task is not None:
+        g = gold_rewards(task, prompts, texts)
+        point["gold_reward"] = sum(g) / len(g)
+    if rm is not None:
+        s = rm_scores(rm, batches)
+        point["rm_score"] = sum(s) / len(s)
+    return point

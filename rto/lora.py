@@ -1,7 +1,7 @@
 """LoRA through peft, and the shared-base mode of `rto ppo --lora-r N`.
 
 Full RTO holds five networks: policy, reference, DPO model, reward model and critic, the
-trained ones with optimiser state. In the shared-base mode one frozen copy of the SFT model
+trained ones with optimizer state. In the shared-base mode one frozen copy of the SFT model
 serves four of them: the policy and the critic are LoRA adapters on it (the critic adds a
 value head), the DPO model is the adapter `rto dpo --lora-r N` trained on the same base, and
 the reference is the base with every adapter switched off. Only the reward model, usually
@@ -15,7 +15,7 @@ the base's features through a new (zero-effect) adapter: the RM's fine-tuned fea
 expressed by a fresh adapter. Without an RM (dpo-only) the head starts at zero.
 
 `AdapterView` makes one adapter look like a model to the trainer: calling it, `generate`,
-and `parameters()` (its own adapter weights only, for its optimiser and gradient clipping).
+and `parameters()` (its own adapter weights only, for its optimizer and gradient clipping).
 Only one adapter is active at a time, so the trainer must finish a backward pass before it
 calls another view - which PPO's policy-then-critic order does.
 """
@@ -129,11 +129,11 @@ class SharedBase:
             self.model.add_adapter("critic", config)
         if dpo_adapter is not None:
             self.model.load_adapter(dpo_adapter, adapter_name="dpo", is_trainable=False)
-        # Each adapter's parameters, found once: the views, the optimisers, gradient clipping and
+        # Each adapter's parameters, found once: the views, the optimizers, gradient clipping and
         # checkpoints all read them, some every step. (Moving to a device or dtype keeps these objects.)
         self._adapter_params = {a: {n: p for n, p in self.model.named_parameters() if "lora_" in n and f".{a}." in n}
                                 for a in ("policy", "critic", "dpo")}
-        # Both trained adapters hold requires_grad from the start, so their optimisers see them;
+        # Both trained adapters hold requires_grad from the start, so their optimizers see them;
         # switching adapters later toggles it, which is harmless between backward passes.
         for adapter, trainable in (("policy", True), ("critic", True), ("dpo", False)):
             for p in self.adapter_parameters(adapter):

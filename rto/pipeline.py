@@ -19,19 +19,16 @@ import yaml
 
 from rto import progress
 from rto.config import build, opt, to_dict
+from rto.core.rewards import PLACEMENTS
 from rto.data import write_json
 from rto.errors import UserError
 from rto.stages import STAGES
 
-# RL methods: overrides of the shared `ppo` settings. Every method shares the
-# same SFT model, RM, DPO model, data and settings; only these differ.
+# RL methods: overrides of the shared `ppo` settings. Every method shares the same SFT model,
+# RM, DPO model, data and settings; only these differ. One per reward placement (named by the
+# registry in rto.core.rewards), and the critic-free REINFORCE++ for PPO and RTO.
 RL_METHODS: dict[str, dict] = {
-    "ppo": {"reward": "sparse"},
-    "rto": {"reward": "rto"},
-    "dpo-only": {"reward": "dpo-only"},
-    "ddpo": {"reward": "ddpo"},
-    "semi": {"reward": "semi"},
-    "rs": {"reward": "rs"},
+    **{p.method: {"reward": p.name} for p in PLACEMENTS.values()},
     "reinforce++": {"reward": "sparse", "estimator": "reinforce++"},
     "rto-reinforce++": {"reward": "rto", "estimator": "reinforce++"},
 }
@@ -95,7 +92,7 @@ class Pipeline:
     # --- configs -------------------------------------------------------------------------
     def stage_config(self, stage: str, section: str, wiring: dict, extra: dict | None = None):
         """preset <- user's section <- extra <- wiring (paths the pipeline decides)."""
-        cls, _ = STAGES[stage].load()
+        cls = STAGES[stage].config_class()
         values = _merge(self.preset.get(section, {}), getattr(self.cfg, section, {}), extra, wiring)
         return build(cls, values, f"pipeline {section}")
 
@@ -201,7 +198,8 @@ class Pipeline:
     def needs(self, methods: list[str]) -> tuple[bool, bool]:
         """(needs an RM, needs a DPO model) for these methods."""
         rl = [m for m in methods if m in RL_METHODS]
-        needs_dpo = "dpo" in methods or any(self.rl_settings(m).get("reward", "sparse") != "sparse" for m in rl)
+        needs_dpo = "dpo" in methods or any(PLACEMENTS[self.rl_settings(m).get("reward", "sparse")].uses_dpo
+                                            for m in rl)
         return bool(rl), needs_dpo
 
     def rl_settings(self, method: str, extra: dict | None = None) -> dict:
@@ -243,8 +241,7 @@ class Pipeline:
                   "dpo_model": str(out / "dpo") if (out / "dpo").is_dir() else "",
                   "eval_prompts": str(d / "dev_prompts.jsonl"), "task": cfg.task, "seed": cfg.seed, "threads": threads}
         values = _merge(self.rl_settings(method, extra), wiring)
-        cls, _ = STAGES["ppo"].load()
-        return name, "ppo", build(cls, values, f"pipeline {name}")
+        return name, "ppo", build(STAGES["ppo"].config_class(), values, f"pipeline {name}")
 
     def evaluate(self, models: dict[str, Path], out_file: Path, with_rm: bool) -> dict:
         import json
@@ -315,27 +312,25 @@ class Pipeline:
         return summary
 
     def reference_lines(self, ppo_cfg) -> dict:
-        """SFT and DPO on the same dev prompts, with the same sampling as the RL curves."""
-        from rto.evaluate import gold_rewards, rm_scores, sample
+        """SFT and DPO on the same dev prompts, evaluated as the RL curves are (rto.evaluate.dev_point)."""
+        from rto.data import PROMPT_FIELDS, read_rows, render
+        from rto.evaluate import dev_point
         from rto.models import load_causal_lm, load_score_model, load_tokenizer
 
         if not ppo_cfg.eval_prompts or not ppo_cfg.eval_every:
             return {}
-        from rto.data import PROMPT_FIELDS, read_jsonl
-
-        prompts = [r["prompt"] for r in read_jsonl(ppo_cfg.eval_prompts, PROMPT_FIELDS)][:ppo_cfg.n_eval]
         tokenizer = load_tokenizer(self.out / "sft")
-        rm = load_score_model(self.out / "rm") if (self.out / "rm").is_dir() else None
+        prompts = [render(r["prompt"], tokenizer, generation_prompt=True)
+                   for r in read_rows(ppo_cfg.eval_prompts, PROMPT_FIELDS)][:ppo_cfg.n_eval]
+        rm = load_score_model(self.out / "rm") if (self.out / "rm").is_dir() and self.task is None else None
         lines = {}
         for name in ("sft", "dpo"):
             if name not in self.cfg.methods:
                 continue
-            texts, batches = sample(load_causal_lm(self.out / name), tokenizer, prompts,
-                                    max_new_tokens=ppo_cfg.max_new_tokens, temperature=ppo_cfg.temperature,
-                                    seed=ppo_cfg.seed + 7919)
-            values = gold_rewards(self.task, prompts, texts) if self.task is not None else (rm_scores(rm, batches) if rm else [])
-            if values:
-                lines[name] = sum(values) / len(values)
+            point = dev_point(load_causal_lm(self.out / name), tokenizer, prompts, max_new_tokens=ppo_cfg.max_new_tokens,
+                              temperature=ppo_cfg.temperature, seed=ppo_cfg.seed, task=self.task, rm=rm)
+            if point:
+                lines[name] = point.get("gold_reward", point.get("rm_score"))
         return lines
 
 

@@ -181,12 +181,7 @@ class Packed:
     position_ids: torch.Tensor
     response_index: torch.Tensor
     last_index: torch.Tensor
-    n_tokens: int
-
-    @property
-    def fill(self) -> float:
-        """Fraction of row slots holding real tokens (a padded batch's is usually far lower)."""
-        return self.n_tokens / max(self.input_ids.numel(), 1)
+    n_tokens: int  # real tokens in the rows (the rest is padding)
 
 
 def pack(batch: Batch, row_tokens: int = 0, pad_id: int = 0) -> Packed:

@@ -53,7 +53,6 @@ def _fake_vllm(eos: int):
 
 
 def test_vllm_backend_batches_logprobs_and_weight_sync(tiny_dirs, prompt_file, tmp_path, monkeypatch):
-    from rto.rollout import response_logits, token_logprobs
     from rto.vllm_backend import VLLMRollout
 
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path))
@@ -69,13 +68,22 @@ def test_vllm_backend_batches_logprobs_and_weight_sync(tiny_dirs, prompt_file, t
     assert trainer.vllm.llm.prompts[0]["prompt_token_ids"] == ids
     assert batch.response_mask.sum(-1).tolist() == [1, 2, 3, 1]
     assert batch.response_ids[0, 0] == eos and batch.response_ids[0, 1] == trainer.tokenizer.pad_token_id
-    # Old log-probs come from the trained policy, not from vLLM.
-    fresh = token_logprobs(response_logits(trainer.policy, batch), batch.response_ids)
-    torch.testing.assert_close(batch.sampled_logprobs * batch.response_mask, fresh * batch.response_mask)
+    # Old log-probs come from the trained policy, not from vLLM: each response checked against a
+    # plain forward of its own unpadded prompt + response, with a full log-softmax indexed by hand.
+    assert (batch.prompt_mask == 0).any(), "the prompts should need left padding"
+    for b in range(len(prompts)):
+        p_ids = batch.prompt_ids[b][batch.prompt_mask[b] > 0]
+        n = int(batch.response_mask[b].sum())
+        r_ids = batch.response_ids[b, :n]
+        with torch.no_grad():
+            logits = trainer.models.policy(torch.cat([p_ids, r_ids])[None]).logits[0].float()
+        full = torch.log_softmax(logits, dim=-1)
+        fresh = torch.stack([full[len(p_ids) - 1 + t, r_ids[t]] for t in range(n)])
+        torch.testing.assert_close(batch.sampled_logprobs[b, :n], fresh, atol=1e-5, rtol=1e-5)
     # After an update, vLLM holds the policy's new weights.
     trainer.train()
     loaded = trainer.vllm.llm.loaded
-    state = trainer.policy.state_dict()
+    state = trainer.models.policy.state_dict()
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
     assert trainer.vllm.llm.resets == 1
 

@@ -38,14 +38,14 @@ def test_bf16_checkpoints_load_and_train_in_fp32(tiny_dirs, prompt_file, tmp_pat
 
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse", policy=policy, reward_model=rm,
                               precision="fp32"))
-    for model in (trainer.policy, trainer.critic, trainer.ref, trainer.rm):
+    for model in (trainer.models.policy, trainer.models.critic, trainer.models.ref, trainer.models.rm):
         assert {p.dtype for p in model.parameters()} == {torch.float32}
     # --precision bf16: frozen models in bf16, trained ones still fp32.
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse", policy=policy, reward_model=rm,
                               precision="bf16"))
-    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
-    assert {p.dtype for p in trainer.critic.parameters()} == {torch.float32}
-    assert {p.dtype for p in trainer.ref.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.models.policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.models.critic.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.models.ref.parameters()} == {torch.bfloat16}
 
 
 def test_sft_from_a_bf16_checkpoint_trains_fp32_weights(tiny_dirs, tmp_path):

@@ -27,9 +27,16 @@ def test_smoke_pipeline(tmp_path):
     for m in summary["methods"].values():
         for key in ("gold_reward", "gold_reward_ci", "win_rate_vs_sft", "kl_to_sft", "rm_score"):
             assert key in m
-        lo, hi = m["gold_reward_ci"]
-        assert lo <= m["gold_reward"] <= hi
-    assert 0.0 <= summary["rm_accuracy"] <= 1.0
+    # Each method's gold reward and interval, recomputed from its saved samples with the task's gold.
+    from rto.tasks import load_task
+
+    _check_gold_from_samples(summary, tmp_path / "run" / "eval_samples.jsonl", load_task("keyed"))
+    # The RM's held-out accuracy, recomputed with plain forwards of the unpadded texts.
+    from rto.models import load_score_model, load_tokenizer
+
+    heldout = [json.loads(line) for line in (tmp_path / "run" / "data" / "prefs_heldout.jsonl").read_text().splitlines()]
+    rm, tok = load_score_model(tmp_path / "run" / "rm"), load_tokenizer(tmp_path / "run" / "rm")
+    assert summary["rm_accuracy"] == pytest.approx(_pair_accuracy_by_hand(rm, tok, heldout), abs=1e-6)  # float32 mean
     assert summary["methods"]["sft"]["win_rate_vs_sft"] == 0.5
     assert abs(summary["methods"]["sft"]["kl_to_sft"]) < 1e-6
     assert (tmp_path / "run" / "training_curve.png").stat().st_size > 1000
@@ -37,6 +44,83 @@ def test_smoke_pipeline(tmp_path):
     assert elapsed < 120, f"smoke pipeline took {elapsed:.0f} s"
     # Each stage's resolved config reruns the stage on its own.
     assert (tmp_path / "run" / "configs" / "ppo.yaml").is_file()
+
+
+def _check_gold_from_samples(summary, samples_file, task):
+    """Each method's mean gold reward equals its samples' gold recomputed by `task`, and its 95%
+    interval is about the normal one, mean +- 1.96 sd / sqrt(n) (a percentile bootstrap of the mean)."""
+    import math
+
+    rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    for name, m in summary["methods"].items():
+        g = [task.gold_reward(r["prompt"], r["response"]) for r in rows if r["model"] == name]
+        assert len(g) == summary["n_test_prompts"]
+        mean = sum(g) / len(g)
+        assert m["gold_reward"] == pytest.approx(mean, abs=1e-9), name
+        sd = math.sqrt(sum((x - mean) ** 2 for x in g) / len(g))
+        lo, hi = m["gold_reward_ci"]
+        if sd == 0:  # every sample scored the same: so does every resample
+            assert lo == pytest.approx(mean) and hi == pytest.approx(mean), name
+            continue
+        width = 2 * 1.96 * sd / math.sqrt(len(g))
+        assert 0.7 * width < hi - lo < 1.3 * width, (name, lo, hi, width)
+        assert abs((lo + hi) / 2 - mean) < 0.15 * width, (name, lo, hi, mean)
+
+
+def _score_by_hand(rm, tokenizer, prompt, response):
+    """The RM's score of one text: a plain forward of the unpadded prompt + response, last token
+    (EOS appended to a response cut off without one, as TRL's reward trainer does)."""
+    import torch
+
+    if not response.endswith(tokenizer.eos_token):
+        response += tokenizer.eos_token
+    ids = tokenizer(prompt)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return float(rm(input_ids=torch.tensor([ids])).logits.reshape(-1)[0])
+
+
+def _pair_accuracy_by_hand(rm, tokenizer, rows):
+    return sum(_score_by_hand(rm, tokenizer, r["prompt"], r["chosen"]) > _score_by_hand(rm, tokenizer, r["prompt"], r["rejected"])
+               for r in rows) / len(rows)
+
+
+def test_mean_ci_width_is_the_standard_error():
+    """95% bootstrap interval of a mean: about mean +- 1.96 sd / sqrt(n), centred on the mean."""
+    import math
+
+    import torch
+
+    from rto.evaluate import mean_ci
+
+    for seed, n in ((0, 400), (1, 100)):
+        x = 5.0 + 2.0 * torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        lo, hi = mean_ci(x.tolist(), seed=seed)
+        width = 2 * 1.959964 * float(x.std(unbiased=False)) / math.sqrt(n)
+        assert 0.9 * width < hi - lo < 1.1 * width, (lo, hi, width)
+        assert abs((lo + hi) / 2 - float(x.mean())) < 0.05 * width, (lo, hi, float(x.mean()))
+    assert mean_ci([3.0] * 10) == (3.0, 3.0)
+
+
+def test_rm_pair_accuracy_on_constructed_pairs(tiny_dirs, keyed):
+    """Pairs built so that the RM (its scores taken by hand) prefers `chosen` in exactly 5 of 8."""
+    import random
+
+    from rto.models import load_score_model, load_tokenizer
+    from rto.stages.rm import pair_accuracy
+
+    rm, tok = load_score_model(tiny_dirs["rm"]), load_tokenizer(tiny_dirs["rm"])
+    rng = random.Random(0)
+    pairs = []
+    for i, p in enumerate(keyed.prompts("dev", 8, seed=0)):
+        p = " ".join(p.split()[: 2 + i % 6]) + " <sep>"  # prompts and responses of different lengths
+        a = keyed.demonstration(p, rng)
+        b = " ".join(keyed.demonstration(p, rng).split()[: 3 + i]) + " <eos>"
+        sa, sb = _score_by_hand(rm, tok, p, a), _score_by_hand(rm, tok, p, b)
+        assert abs(sa - sb) > 1e-4
+        better, worse = (a, b) if sa > sb else (b, a)
+        right = i < 5
+        pairs.append({"prompt": p, "chosen": better if right else worse, "rejected": worse if right else better})
+    assert pair_accuracy(rm, tok, pairs) == 5 / 8
 
 
 @pytest.mark.parametrize("args, message", [
@@ -78,7 +162,10 @@ def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["methods"]) == {"sft", "dpo", "ppo", "rto"}
-    assert all(0.0 <= m["gold_reward"] <= 1.0 for m in summary["methods"].values())
+    # The user task's own gold reward (not keyed's), recomputed from the saved samples.
+    from rto.tasks import load_task
+
+    _check_gold_from_samples(summary, tmp_path / "run" / "eval_samples.jsonl", load_task(task))
 
 
 def test_eval_exports_for_alpaca_eval_and_arena_hard(tiny_dirs, prompt_file, tmp_path):

@@ -50,8 +50,8 @@ def test_a_nonfinite_loss_skips_the_optimiser_step(tiny_dirs, prompt_file, tmp_p
 
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse"))
     exp = trainer.make_experience(trainer._next_prompts())
-    exp["advantages"] = torch.full_like(exp["advantages"], float("nan"))
-    before = _params(trainer.policy)
+    exp.advantages = torch.full_like(exp.advantages, float("nan"))
+    before = _params(trainer.models.policy)
     stats = trainer.train_on(exp)
     assert stats["guard/skipped_steps"] == 2.0 and trainer.bad_steps == 2
-    assert all(torch.equal(before[k], v) for k, v in _params(trainer.policy).items())
+    assert all(torch.equal(before[k], v) for k, v in _params(trainer.models.policy).items())

@@ -12,11 +12,11 @@ from tests.test_ppo import _cfg
 
 def test_lora_critic_head_starts_from_a_full_reward_model(tiny_dirs, prompt_file, tmp_path):
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse", lora_r=4))
-    head = trainer.shared.value_head
+    head = trainer.models.shared.value_head
     assert head.weight.abs().sum() > 0
-    assert torch.equal(head.weight.detach(), trainer.rm.score.weight.detach().float())
+    assert torch.equal(head.weight.detach(), trainer.models.rm.score.weight.detach().float())
     # A copy: training the critic must not move the frozen RM's head.
-    assert head.weight.data_ptr() != trainer.rm.score.weight.data_ptr() and head.weight.requires_grad
+    assert head.weight.data_ptr() != trainer.models.rm.score.weight.data_ptr() and head.weight.requires_grad
 
 
 def _rm_adapter(tiny_dirs, out):
@@ -50,10 +50,10 @@ def test_lora_critic_starts_as_an_rm_adapter_on_the_same_base(tiny_dirs, prompt_
     torch.manual_seed(0)
     batch = trainer.rollout(trainer.prompts[:6])
     with torch.no_grad():
-        critic_scores = sequence_scores(trainer.critic, batch)
-        rm_scores = sequence_scores(trainer.rm, batch)
-        policy_logits = trainer.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        ref_logits = trainer.ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        critic_scores = sequence_scores(trainer.models.critic, batch)
+        rm_scores = sequence_scores(trainer.models.rm, batch)
+        policy_logits = trainer.models.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        ref_logits = trainer.models.ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     # The critic, read where the RM reads its score, is the RM (the adapter's rank 8, not --lora-r 4).
     assert rm_scores.abs().max() > 0.1
     assert torch.allclose(critic_scores, rm_scores, atol=1e-4), (critic_scores, rm_scores)

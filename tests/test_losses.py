@@ -20,11 +20,23 @@ def test_policy_loss_by_hand():
 
 def test_policy_loss_sequence_mean_then_batch_mean():
     old = torch.zeros(2, 2)
-    logp = torch.zeros(2, 2)
-    adv = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
+    logp = torch.zeros(2, 2)  # ratio 1: the loss is -advantage on each real token
+    adv = torch.tensor([[1.0, 3.0], [4.0, 9.0]])  # 9.0 sits on padding
     mask = torch.tensor([[1, 1], [1, 0]])
     loss, _ = policy_loss(logp, old, adv, mask)
-    assert torch.allclose(loss, torch.tensor(-(2.0 + 2.0) / 2))
+    # Sequence mean: rows (1 + 3) / 2 = 2 and 4 / 1 = 4, then (2 + 4) / 2 = 3. A token mean over
+    # the batch would give (1 + 3 + 4) / 3 = 8/3 instead; including padding, 17/4.
+    assert torch.allclose(loss, torch.tensor(-3.0))
+
+
+def test_value_loss_sequence_mean_then_batch_mean():
+    values = torch.tensor([[1.0, 3.0], [2.0, 5.0]])
+    returns = torch.zeros(2, 2)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, _ = value_loss(values, values, returns, mask, clip=None)
+    # 0.5 x squared error: rows (1 + 9) / 2 = 5 and 4 / 1 = 4 -> 0.5 x (5 + 4) / 2 = 2.25
+    # (a token mean would give 0.5 x 14 / 3).
+    assert torch.allclose(loss, torch.tensor(2.25))
 
 
 def test_value_loss_clipped_by_hand():

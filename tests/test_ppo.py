@@ -21,21 +21,21 @@ def _params(model):
 
 def test_one_step_changes_policy_and_critic(tiny_dirs, prompt_file, tmp_path):
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1))
-    before_p, before_c = _params(trainer.policy), _params(trainer.critic)
+    before_p, before_c = _params(trainer.models.policy), _params(trainer.models.critic)
     exp = trainer.make_experience(trainer._next_prompts())
     stats = trainer.train_on(exp)
-    after_p, after_c = _params(trainer.policy), _params(trainer.critic)
+    after_p, after_c = _params(trainer.models.policy), _params(trainer.models.critic)
     assert any(not torch.equal(before_p[k], after_p[k]) for k in before_p)
     assert any(not torch.equal(before_c[k], after_c[k]) for k in before_c)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     # Frozen models never change.
-    assert all(not p.requires_grad for p in trainer.ref.parameters())
+    assert all(not p.requires_grad for p in trainer.models.ref.parameters())
 
 
 def _rewards(tiny_dirs, prompt_file, tmp_path, **kw):
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, **kw))
     torch.manual_seed(123)
-    return trainer.make_experience(trainer.prompts[:8])["rewards"]
+    return trainer.make_experience(trainer.prompts[:8]).rewards
 
 
 def test_beta1_zero_gives_identical_token_rewards(tiny_dirs, prompt_file, tmp_path):
@@ -47,18 +47,39 @@ def test_beta1_zero_gives_identical_token_rewards(tiny_dirs, prompt_file, tmp_pa
 
 
 def test_gradient_accumulation_invariance(tiny_dirs, prompt_file, tmp_path):
-    """One optimiser step over the mini-batch equals accumulated micro-batches."""
-    results = []
-    for micro in (0, 2):
+    """The gradient accumulated over micro-batches equals the whole mini-batch's gradient (not
+    just the weights after an Adam step, which hardly depend on the gradient's scale)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    runs = []
+    for micro in (0, 2, 1):
+        # No clipping: a clipped gradient of norm > max_grad_norm would hide a wrong scale.
         trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse", rollout_batch_size=4,
-                                  mini_batch_size=4, micro_batch_size=micro))
+                                  mini_batch_size=4, micro_batch_size=micro, max_grad_norm=1e9))
         torch.manual_seed(5)
         exp = trainer.make_experience(trainer.prompts[:4])
-        trainer.train_on(exp)
-        results.append((_params(trainer.policy), _params(trainer.critic)))
-    for a, b in zip(results[0], results[1]):
-        for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-6), k
+        grads = []  # per optimiser step: the gradients it is about to apply (policy, then critic)
+        hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: grads.append(
+            [p.grad.detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None]))
+        try:
+            trainer.train_on(exp)
+        finally:
+            hook.remove()
+        runs.append((grads, _params(trainer.models.policy), _params(trainer.models.critic)))
+    base_grads, base_p, base_c = runs[0]
+    assert len(set(exp.batch.response_mask.sum(-1).tolist())) > 1  # unequal lengths: the mean matters
+    assert len(base_grads) == 2 and all(len(g) > 0 for g in base_grads)  # one policy and one critic step
+    assert all(any(t.abs().sum() > 0 for t in g) for g in base_grads)
+    for grads, p, c in runs[1:]:
+        assert len(grads) == len(base_grads)
+        for a, b in zip(base_grads, grads):
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                assert float((y - x).norm()) <= 1e-4 * float(x.norm()) + 1e-8
+        for k in base_p:
+            assert torch.allclose(p[k], base_p[k], atol=1e-6), k
+        for k in base_c:
+            assert torch.allclose(c[k], base_c[k], atol=1e-6), k
 
 
 def test_custom_token_reward_is_added_with_its_weight(tiny_dirs, prompt_file, tmp_path):
@@ -79,14 +100,14 @@ def test_custom_token_reward_is_added_with_its_weight(tiny_dirs, prompt_file, tm
 def test_task_gold_token_reward_sums_to_gold(tiny_dirs, prompt_file, tmp_path, keyed):
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="dpo-only", beta1=0.0, kl_coef=0.0,
                               task="keyed", custom_rewards=["task:gold"], estimator="reinforce++"))
-    assert trainer.rm is None and trainer.dpo is None and trainer.critic is None
+    assert trainer.models.rm is None and trainer.models.dpo is None and trainer.models.critic is None
     torch.manual_seed(0)
     exp = trainer.make_experience(trainer.prompts[:8])
     from rto.rollout import decode_responses
 
-    texts = decode_responses(trainer.tokenizer, exp["batch"])
+    texts = decode_responses(trainer.tokenizer, exp.batch)
     gold = torch.tensor([keyed.gold_reward(p, t) for p, t in zip(trainer.prompts[:8], texts)])
-    assert torch.allclose(exp["rewards"].sum(-1), gold, atol=1e-5)
+    assert torch.allclose(exp.rewards.sum(-1), gold, atol=1e-5)
 
 
 def test_same_seed_same_run(tiny_dirs, prompt_file, tmp_path):
@@ -94,7 +115,7 @@ def test_same_seed_same_run(tiny_dirs, prompt_file, tmp_path):
     for i in range(2):
         trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path / str(i), reward="rto", beta1=0.1, iterations=2))
         trainer.train()
-        runs.append((_params(trainer.policy), _params(trainer.critic), trainer.history))
+        runs.append((_params(trainer.models.policy), _params(trainer.models.critic), trainer.history))
     (p0, c0, h0), (p1, c1, h1) = runs
     assert all(torch.equal(p0[k], p1[k]) for k in p0) and all(torch.equal(c0[k], c1[k]) for k in c0)
     strip = lambda h: [{k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per_s"))} for m in h]
@@ -105,15 +126,15 @@ def test_old_logprobs_equal_a_fresh_forward(tiny_dirs, prompt_file, tmp_path):
     """The rollout's log-probs, used as 'old' in the ratio, equal an unpadded forward pass per response."""
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse", temperature=0.8))
     exp = trainer.make_experience(trainer.prompts[:8])
-    batch = exp["batch"]
+    batch = exp.batch
     for b in range(8):
         p_ids = batch.prompt_ids[b][batch.prompt_mask[b] > 0]
         n = int(batch.response_mask[b].sum())
         r_ids = batch.response_ids[b, :n]
         with torch.no_grad():
-            logits = trainer.policy(torch.cat([p_ids, r_ids])[None]).logits[0, len(p_ids) - 1:-1] / 0.8
+            logits = trainer.models.policy(torch.cat([p_ids, r_ids])[None]).logits[0, len(p_ids) - 1:-1] / 0.8
         fresh = torch.log_softmax(logits, -1).gather(-1, r_ids[:, None]).squeeze(-1)
-        assert torch.allclose(exp["old_logp"][b, :n], fresh, atol=1e-5)
+        assert torch.allclose(exp.old_logp[b, :n], fresh, atol=1e-5)
 
 
 def test_experience_rewards_with_padding_on_both_sides(tiny_dirs, prompt_file, tmp_path):
@@ -122,18 +143,18 @@ def test_experience_rewards_with_padding_on_both_sides(tiny_dirs, prompt_file, t
                               kl_coef=0.1, max_new_tokens=10))
     torch.manual_seed(4)
     exp = trainer.make_experience(trainer.prompts[:8])
-    batch = exp["batch"]
+    batch = exp.batch
     assert (batch.prompt_mask == 0).any(), "the prompts should need left padding"
     lengths = batch.response_mask.sum(-1)
     assert len(set(lengths.tolist())) > 1, "the responses should have different lengths"
     m = batch.response_mask.float()
-    rest = exp["rewards"] - (-0.1 * exp["kl"] + exp["dpo_term"]) * m
+    rest = exp.rewards - (-0.1 * exp.kl + exp.dpo_term) * m
     for b in range(8):
         last = int(lengths[b]) - 1
-        assert torch.allclose(rest[b, last], exp["score"][b], atol=1e-5)
+        assert torch.allclose(rest[b, last], exp.score[b], atol=1e-5)
         rest[b, last] = 0
     assert torch.allclose(rest, torch.zeros_like(rest), atol=1e-6)
-    assert (exp["rewards"][m == 0] == 0).all()
+    assert (exp.rewards[m == 0] == 0).all()
 
 
 def test_missing_eos_penalty(tiny_dirs, prompt_file, tmp_path):
@@ -143,7 +164,7 @@ def test_missing_eos_penalty(tiny_dirs, prompt_file, tmp_path):
         trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, missing_eos_penalty=penalty, **kw))
         torch.manual_seed(6)
         exp = trainer.make_experience(trainer.prompts[:8])
-        scores.append((exp["score"], exp["has_eos"]))
+        scores.append((exp.score, exp.has_eos))
     (s0, eos), (s1, _) = scores
     assert (~eos).any()
     assert torch.allclose(s1, torch.where(eos, s0, s0 - 2.0))
@@ -172,12 +193,12 @@ def test_packed_and_chunked_training_equals_padded(tiny_dirs, prompt_file, tmp_p
         torch.manual_seed(11)
         exp = trainer.make_experience(trainer.prompts[:8])
         trainer.train_on(exp)
-        runs.append((exp, _params(trainer.policy), _params(trainer.critic)))
+        runs.append((exp, _params(trainer.models.policy), _params(trainer.models.critic)))
     base_exp, base_p, base_c = runs[0]
-    assert len(set(base_exp["batch"].response_mask.sum(-1).tolist())) > 1
+    assert len(set(base_exp.batch.response_mask.sum(-1).tolist())) > 1
     for exp, p, c in runs[1:]:
         for key in ("rewards", "dpo_term", "kl", "values", "advantages", "returns"):
-            assert torch.allclose(exp[key], base_exp[key], atol=1e-5), key
+            assert torch.allclose(getattr(exp, key), getattr(base_exp, key), atol=1e-5), key
         for k in base_p:
             assert torch.allclose(p[k], base_p[k], atol=1e-5), k
         for k in base_c:
@@ -192,23 +213,23 @@ def test_lora_shared_base_trains_adapters_only(tiny_dirs, prompt_file, tmp_path)
 
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1, lora_r=4,
                               iterations=1))
-    base = {k: v.clone() for k, v in trainer.shared.model.get_base_model().state_dict().items() if "lora_" not in k}
+    base = {k: v.clone() for k, v in trainer.models.shared.model.get_base_model().state_dict().items() if "lora_" not in k}
     torch.manual_seed(0)
     exp = trainer.make_experience(trainer.prompts[:8])
-    m = exp["batch"].response_mask.float()
-    assert torch.allclose(exp["kl"], torch.zeros_like(m), atol=1e-5)  # B = 0: policy == reference
-    policy_before = [p.clone() for p in trainer.policy.parameters()]
-    critic_before = [p.clone() for p in trainer.critic.parameters()]
+    m = exp.batch.response_mask.float()
+    assert torch.allclose(exp.kl, torch.zeros_like(m), atol=1e-5)  # B = 0: policy == reference
+    policy_before = [p.clone() for p in trainer.models.policy.parameters()]
+    critic_before = [p.clone() for p in trainer.models.critic.parameters()]
     trainer.train_on(exp)
-    assert all(not torch.equal(a, b) for a, b in zip(policy_before, trainer.policy.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(critic_before, trainer.critic.parameters()))
-    after = {k: v for k, v in trainer.shared.model.get_base_model().state_dict().items() if "lora_" not in k}
+    assert all(not torch.equal(a, b) for a, b in zip(policy_before, trainer.models.policy.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, trainer.models.critic.parameters()))
+    after = {k: v for k, v in trainer.models.shared.model.get_base_model().state_dict().items() if "lora_" not in k}
     assert all(torch.equal(base[k], after[k]) for k in base)  # the shared base never moves
     summary = trainer.train()
     saved = load_causal_lm(tmp_path / "out" / "policy")
     with torch.no_grad():
-        a = token_logprobs(response_logits(saved, exp["batch"]), exp["batch"].response_ids)
-        b = token_logprobs(response_logits(trainer.policy, exp["batch"]), exp["batch"].response_ids)
+        a = token_logprobs(response_logits(saved, exp.batch), exp.batch.response_ids)
+        b = token_logprobs(response_logits(trainer.models.policy, exp.batch), exp.batch.response_ids)
     assert torch.allclose(a * m, b * m, atol=1e-5)
     assert summary["iterations"] == 1
 
@@ -231,25 +252,56 @@ def test_lora_dpo_adapter_joins_the_shared_base(tiny_dirs, prompt_file, tmp_path
     for lora_r in (4, 0):
         trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.5, dpo_clip=None,
                                   dpo_model=str(dpo_dir), lora_r=lora_r))
-        assert (trainer.shared is not None and trainer.shared.has_dpo) == (lora_r > 0)
+        assert (trainer.models.shared is not None and "dpo" in trainer.models.shared.model.peft_config) == (lora_r > 0)
         torch.manual_seed(3)
-        terms.append(trainer.make_experience(trainer.prompts[:8])["dpo_term"])
+        terms.append(trainer.make_experience(trainer.prompts[:8]).dpo_term)
     assert terms[0].abs().sum() > 0
     assert torch.allclose(terms[0], terms[1], atol=1e-5)
 
 
 def test_bf16_mixed_precision_step(tiny_dirs, prompt_file, tmp_path):
-    """--precision bf16 (the GPU default, exercised here on CPU autocast): frozen models in bf16,
-    trained weights stay fp32, the step is finite, in both the full and the shared-base modes."""
+    """--precision bf16 (the GPU default, exercised here on CPU autocast), in both the full and the
+    shared-base modes: frozen models in bf16; trained weights are fp32 masters equal to the fp32
+    checkpoint (never rounded through bf16), and stay fp32 after a step that moves them; the
+    rollout's log-probs and RM scores are within bf16 rounding of an fp32 forward, and the RM's
+    differ from it (bf16 is really used)."""
+    from rto.models import load_causal_lm, load_score_model
+
+    policy32, rm32 = load_causal_lm(tiny_dirs["policy"]), load_score_model(tiny_dirs["rm"])
     for lora_r in (0, 4):
         trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1, precision="bf16",
                                   lora_r=lora_r))
-        assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
-        assert all(p.dtype == torch.bfloat16 for p in trainer.rm.parameters())
-        exp = trainer.make_experience(trainer._next_prompts())
+        assert all(p.dtype == torch.float32 for p in trainer.models.policy.parameters())
+        assert all(p.dtype == torch.float32 for p in trainer.models.critic.parameters())
+        assert all(p.dtype == torch.bfloat16 for p in trainer.models.rm.parameters())
+        if lora_r:
+            base = {k: v for k, v in trainer.models.shared.model.get_base_model().state_dict().items() if "lora_" not in k}
+            assert all(v.dtype == torch.bfloat16 for v in base.values())
+        else:
+            assert all(p.dtype == torch.bfloat16 for p in trainer.models.ref.parameters())
+            assert all(torch.equal(p, policy32.state_dict()[k]) for k, p in trainer.models.policy.state_dict().items())
+        torch.manual_seed(0)
+        exp = trainer.make_experience(trainer.prompts[:8])
+        assert torch.isfinite(exp.rewards).all()
+        batch, score_gap = exp.batch, []
+        for b in range(8):  # the policy starts as the fp32 checkpoint (LoRA: a zero adapter)
+            p_ids = batch.prompt_ids[b][batch.prompt_mask[b] > 0]
+            n = int(batch.response_mask[b].sum())
+            ids = torch.cat([p_ids, batch.response_ids[b, :n]])[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(policy32(ids).logits[0, len(p_ids) - 1:-1].float(), -1)
+                score = float(rm32(input_ids=ids).logits.reshape(-1)[0])
+            fresh = logp.gather(-1, batch.response_ids[b, :n, None]).squeeze(-1)
+            torch.testing.assert_close(exp.old_logp[b, :n], fresh, atol=0.02, rtol=0)
+            score_gap.append(abs(float(exp.raw_score[b]) - score))
+        assert max(score_gap) < 0.05 and max(score_gap) > 0, score_gap
+        before_p, before_c = _params(trainer.models.policy), _params(trainer.models.critic)
         stats = trainer.train_on(exp)
-        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
-        assert torch.isfinite(exp["rewards"]).all()
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()) and stats["guard/skipped_steps"] == 0
+        after_p, after_c = _params(trainer.models.policy), _params(trainer.models.critic)
+        assert all(v.dtype == torch.float32 for v in [*after_p.values(), *after_c.values()])
+        assert any(not torch.equal(before_p[k], after_p[k]) for k in before_p)
+        assert any(not torch.equal(before_c[k], after_c[k]) for k in before_c)
 
 
 def test_lora_checkpoint_round_trip(tiny_dirs, prompt_file, tmp_path):
@@ -267,6 +319,6 @@ def test_lora_checkpoint_round_trip(tiny_dirs, prompt_file, tmp_path):
     for t in (a, b):
         torch.set_rng_state(rng)
         t.train_on(t.make_experience(t._next_prompts()))
-    for (n, p), (_, q) in zip(a.shared.model.named_parameters(), b.shared.model.named_parameters()):
+    for (n, p), (_, q) in zip(a.models.shared.model.named_parameters(), b.models.shared.model.named_parameters()):
         assert torch.equal(p, q), n
-    assert torch.equal(a.shared.value_head.weight, b.shared.value_head.weight)
+    assert torch.equal(a.models.shared.value_head.weight, b.models.shared.value_head.weight)

@@ -32,20 +32,42 @@ def test_rto_by_hand():
     assert torch.allclose(r, expected)
 
 
-def test_beta1_zero_makes_rto_equal_sparse():
-    dpo_logp, ref_logp = torch.randn(2, 3), torch.randn(2, 3)
-    term = dpo_token_term(dpo_logp, ref_logp, beta1=0.0, clip=0.05)
-    a = token_rewards("sparse", mask=MASK, kl=KL, kl_coef=0.05, score=SCORE)
-    b = token_rewards("rto", mask=MASK, kl=KL, kl_coef=0.05, score=SCORE, dpo_term=term)
-    assert torch.equal(a, b)
+def test_beta1_zero_never_runs_the_dpo_model(tiny_dirs, prompt_file, tmp_path):
+    """beta1 = 0 turns RTO into PPO by skipping the DPO pass, not by multiplying its log-ratio by 0:
+    with a DPO model whose log-ratio is unbounded (an infinite final norm: non-finite logits), the
+    rewards still equal PPO's exactly."""
+    from rto.models import load_causal_lm, load_tokenizer, save_model
+    from rto.stages.ppo import PPOTrainer
+    from tests.test_ppo import _cfg
+
+    poisoned = load_causal_lm(tiny_dirs["dpo"])
+    with torch.no_grad():
+        poisoned.model.norm.weight.fill_(float("inf"))
+    save_model(poisoned, load_tokenizer(tiny_dirs["dpo"]), tmp_path / "dpo_inf")
+
+    def rewards(**kw):
+        trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, dpo_model=str(tmp_path / "dpo_inf"), **kw))
+        torch.manual_seed(123)
+        return trainer.make_experience(trainer.prompts[:8]).rewards
+
+    sparse = rewards(reward="sparse")
+    assert torch.isfinite(sparse).all()
+    assert torch.equal(rewards(reward="rto", beta1=0.0), sparse)
+    assert not torch.isfinite(rewards(reward="rto", beta1=0.5, dpo_clip=None)).all()  # the model is poison
 
 
 def test_dpo_term_scale_and_clip():
     dpo_logp = torch.tensor([[0.0, -1.0, -3.0]])
     ref_logp = torch.tensor([[-0.5, -1.0, -1.0]])
     # log-ratios 0.5, 0, -2 -> x0.05 -> 0.025, 0, -0.1 -> clip 0.05 -> 0.025, 0, -0.05
-    assert torch.allclose(dpo_token_term(dpo_logp, ref_logp, 0.05, 0.05), torch.tensor([[0.025, 0.0, -0.05]]))
-    assert torch.allclose(dpo_token_term(dpo_logp, ref_logp, 0.05, None), torch.tensor([[0.025, 0.0, -0.1]]))
+    mask = torch.ones_like(dpo_logp)
+    term, cut = dpo_token_term(dpo_logp, ref_logp, mask, 0.05, 0.05)
+    assert torch.allclose(term, torch.tensor([[0.025, 0.0, -0.05]])) and abs(float(cut) - 1 / 3) < 1e-6
+    term, cut = dpo_token_term(dpo_logp, ref_logp, mask, 0.05, None)
+    assert torch.allclose(term, torch.tensor([[0.025, 0.0, -0.1]])) and float(cut) == 0.0
+    # Padding gets no term and does not count in the clipped fraction.
+    term, cut = dpo_token_term(dpo_logp, ref_logp, torch.tensor([[1.0, 1.0, 0.0]]), 0.05, 0.05)
+    assert torch.allclose(term, torch.tensor([[0.025, 0.0, 0.0]])) and float(cut) == 0.0
 
 
 def test_kl_estimators():

@@ -45,12 +45,53 @@ def test_gold_reward_by_hand():
     assert sum(per_token) == pytest.approx(task.gold_reward(prompt, capped))
 
 
-def test_teacher_is_imperfect(keyed):
+def _teacher_expected_gold(task, prompt):
+    """The teacher's expected gold reward on one prompt, exactly, from the task's description
+    (not by running the teacher). The local part is teacher_accuracy: every scored position lies
+    within the shortest length. The count part is an expectation over a Markov chain on
+    (last symbol, bonus symbols so far): a scored position is right with probability
+    teacher_accuracy, otherwise uniform over the other symbols; elsewhere, with probability
+    teacher_habit, one of the last symbol's 3 successors, otherwise any symbol; the length is
+    uniform on response_len - 2 .. response_len."""
+    import torch
+
+    ps = [t for t in split_tokens(prompt) if t.startswith("s")]
+    S, n_max = len(task.symbols), task.response_len
+    index = {s: i for i, s in enumerate(task.symbols)}
+    bonus = torch.tensor([s in task.bonus for s in task.symbols])
+    habit = torch.full((S, S), (1 - task.teacher_habit) / S, dtype=torch.float64)
+    for s, nexts in task.successors.items():
+        for x in nexts:
+            habit[index[s], index[x]] += task.teacher_habit / 3
+    dist = torch.zeros(S, n_max + 1, dtype=torch.float64)  # P(last symbol, bonus count)
+    count_at_len = {}
+    for t in range(n_max):
+        if t % task.score_every == 0:
+            q = torch.full((S,), (1 - task.teacher_accuracy) / (S - 1), dtype=torch.float64)
+            q[index[task.key[ps[(t // task.score_every) % len(ps)]]]] = task.teacher_accuracy
+            new = q[:, None] * (dist.sum(0) if t else torch.eye(1, n_max + 1, dtype=torch.float64)[0])[None]
+        else:
+            new = habit.T @ dist
+        new[bonus] = torch.roll(new[bonus], 1, dims=1)  # a bonus symbol adds one to the count
+        dist = new
+        credit = torch.clamp(torch.arange(n_max + 1), max=task.bonus_target) / task.bonus_target
+        count_at_len[t + 1] = float((dist.sum(0) * credit).sum())
+    assert all(t % task.score_every or t < n_max - 2 for t in range(n_max))  # scored positions always present
+    lengths = range(n_max - 2, n_max + 1)
+    return task.teacher_accuracy + task.bonus_weight * sum(count_at_len[n] for n in lengths) / len(lengths)
+
+
+def test_teacher_mean_gold_reward(keyed):
+    """The teacher scores what its description says it should: imperfect (about 0.9 of 2.0), and
+    its sample mean within 4 standard errors of the exact expectation."""
     rng = random.Random(0)
     prompts = keyed.prompts("train", 400, seed=3)
-    mean = sum(keyed.gold_reward(p, keyed.demonstration(p, rng)) for p in prompts) / len(prompts)
-    best = 1.0 + keyed.bonus_weight
-    assert 0.3 * best < mean < 0.6 * best
+    golds = [keyed.gold_reward(p, keyed.demonstration(p, rng)) for p in prompts]
+    mean = sum(golds) / len(golds)
+    se = (sum((g - mean) ** 2 for g in golds) / (len(golds) - 1) / len(golds)) ** 0.5
+    expected = sum(_teacher_expected_gold(keyed, p) for p in prompts) / len(prompts)
+    assert abs(mean - expected) < 4 * se, (mean, expected, se)
+    assert 0.85 < expected < 0.95 and se < 0.02
 
 
 def test_load_user_task_from_file(tmp_path):

@@ -50,7 +50,7 @@ def test_dev_kl_is_scored_at_the_sampling_temperature(tiny_dirs, prompt_file, tm
                 p = b.prompt_ids[i][b.prompt_mask[i].bool()]
                 full = torch.cat([p, b.response_ids[i, :n]]).unsqueeze(0)
                 lp = [torch.log_softmax(m(full).logits[0, len(p) - 1:-1] / temperature, -1)
-                      .gather(-1, b.response_ids[i, :n, None]).sum() for m in (trainer.policy, trainer.ref)]
+                      .gather(-1, b.response_ids[i, :n, None]).sum() for m in (trainer.models.policy, trainer.models.ref)]
                 by_hand.append(float(lp[0] - lp[1]))
     expected = sum(by_hand) / len(by_hand)
     assert abs(point["kl_to_ref"] - expected) < 1e-4 * max(1.0, abs(expected)), (point["kl_to_ref"], expected)

@@ -7,46 +7,16 @@ token is terminal (value 0).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-# Sums a tensor over all training processes (identity in one process): whitening statistics
-# then cover the global rollout, exactly as if one process held it all.
-AllSum = Callable[[torch.Tensor], torch.Tensor]
+from rto.core.masked import AllSum, local_sum, masked_mean_var
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-ESTIMATORS = ("gae", "reinforce++")
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    if dim is None:
-        return (x * m).sum() / m.sum().clamp(min=1)
-    return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
-
-
-def masked_mean_var(x: torch.Tensor, mask: torch.Tensor, all_sum: AllSum = _local) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance over the masked elements (the variance unbiased, as in the reference
-    implementations) - over every process's elements when `all_sum` sums over processes."""
-    m = mask.to(x.dtype)
-    totals = all_sum(torch.stack([(x * m).sum(), m.sum()]))
-    n = totals[1]
-    mean = totals[0] / n.clamp(min=1)
-    var = all_sum(((x - mean).square() * m).sum()) / n.clamp(min=1)
-    return mean, var * n / (n - 1).clamp(min=1)
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum: AllSum = _local) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, all_sum: AllSum = local_sum) -> torch.Tensor:
     """(x - mean) / std over the masked elements of the whole batch - of every process's batch
     when `all_sum` sums over processes; padding stays 0."""
     mean, var = masked_mean_var(x, mask, all_sum)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
     return out * mask.to(x.dtype)
 
 
@@ -84,7 +54,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
 
 
 def reinforce_pp(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                 all_sum: AllSum = _local) -> tuple[torch.Tensor, torch.Tensor]:
+                 all_sum: AllSum = local_sum) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++ (critic-free): discounted return of the token rewards, whitened over the batch.
 
     Returns (advantages, returns); the returns are the un-whitened return-to-go.

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rto.core.advantages import masked_mean
-
-
-def sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each row's tokens, then over rows (rows without tokens count as 0)."""
-    return masked_mean(x, mask, dim=-1).mean()
+from rto.core.masked import masked_mean, sequence_mean
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

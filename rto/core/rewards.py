@@ -14,22 +14,39 @@ The reward of token t (reference: ../shared/reference/rto.md):
     r_t = dense_dpo_t - kl_coef * kl_t + [t == last] * rm_weight * score
 
 with dense_dpo_t = clip(beta1 * (log pi_dpo - log pi_dpo_ref), -dpo_clip, dpo_clip).
-The variants differ only in where the DPO term is paid:
-    sparse    no DPO term (standard RLHF PPO)
-    rto       every token gets its own DPO term
-    dpo-only  every token gets its own DPO term, and there is no RM score
-    ddpo      the summed DPO term is paid at the last token (delayed)
-    semi      the summed DPO term of each segment is paid at the segment's end
-              (a delimiter token, or the last token)
-    rs        rto, minus the summed DPO term at the last token: a potential-based
-              shaping whose total equals the sparse return
+The placements (`PLACEMENTS`, the one registry the CLI's choices and the pipeline's method
+names come from) differ only in where the DPO term is paid.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-REWARD_KINDS = ("sparse", "rto", "dpo-only", "ddpo", "semi", "rs")
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one reward variant pays the DPO term, and which models it needs."""
+
+    name: str  # the value of `rto ppo --reward`
+    method: str  # the method's name in `rto pipeline --methods` and in reports
+    uses_dpo: bool  # pays a DPO term at all
+    uses_rm: bool  # adds the RM score at the last token
+    summary: str
+
+
+PLACEMENTS: dict[str, Placement] = {p.name: p for p in (
+    Placement("sparse", "ppo", False, True, "no DPO term (standard RLHF PPO)"),
+    Placement("rto", "rto", True, True, "every token gets its own DPO term (RTO)"),
+    Placement("dpo-only", "dpo-only", True, False, "every token gets its own DPO term, and there is no RM score"),
+    Placement("ddpo", "ddpo", True, True, "the summed DPO term is paid at the last token (delayed)"),
+    Placement("semi", "semi", True, True, "the summed DPO term of each segment is paid at the segment's end "
+                                           "(a delimiter token, or the last token)"),
+    Placement("rs", "rs", True, True, "rto, minus the summed DPO term at the last token: a potential-based shaping "
+                                       "whose total equals the sparse return"),
+)}
+REWARD_KINDS = tuple(PLACEMENTS)
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -61,13 +78,16 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
-def dpo_token_term(dpo_logp: torch.Tensor, dpo_ref_logp: torch.Tensor, beta1: float,
-                   clip: float | None) -> torch.Tensor:
-    """beta1 * (log pi_dpo - log pi_dpo_ref), clamped to [-clip, clip] (clip None = no clamp)."""
+def dpo_token_term(dpo_logp: torch.Tensor, dpo_ref_logp: torch.Tensor, mask: torch.Tensor, beta1: float,
+                   clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """beta1 * (log pi_dpo - log pi_dpo_ref), clamped to [-clip, clip] (clip None = no clamp), 0 on
+    padding; and the fraction of response tokens whose term the clamp cut."""
+    m = mask.to(dpo_logp.dtype)
     term = beta1 * (dpo_logp - dpo_ref_logp)
-    if clip is not None:
-        term = term.clamp(-clip, clip)
-    return term
+    if clip is None:
+        return term * m, torch.zeros((), device=term.device)
+    cut = (term.abs() > clip).to(term.dtype)
+    return term.clamp(-clip, clip) * m, (cut * m).sum() / m.sum().clamp(min=1)
 
 
 def normalise_score(score: torch.Tensor, mean: float, std: float, clip: float | None) -> torch.Tensor:
@@ -105,22 +125,23 @@ def token_rewards(
     segment_end: torch.Tensor | None = None,
     extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The [B, R] reward PPO optimises for reward placement `kind` (see module docstring).
+    """The [B, R] reward PPO optimises for reward placement `kind` (a key of `PLACEMENTS`).
 
     `extra` is any further per-token reward (the weighted sum of custom token rewards),
     added on real response tokens.
     """
-    if kind not in REWARD_KINDS:
+    if kind not in PLACEMENTS:
         raise ValueError(f"unknown reward {kind!r}; expected one of {REWARD_KINDS}")
+    placement = PLACEMENTS[kind]
     m = mask.to(kl.dtype)
     rewards = -kl_coef * kl * m
     if extra is not None:
         rewards = rewards + extra.to(kl.dtype) * m
-    if kind != "dpo-only":
+    if placement.uses_rm:
         if score is None:
             raise ValueError(f"reward {kind!r} needs the RM score")
         rewards = rewards + at_last_token(rm_weight * score.to(kl.dtype), mask)
-    if kind == "sparse":
+    if not placement.uses_dpo:
         return rewards
     if dpo_term is None:
         raise ValueError(f"reward {kind!r} needs the DPO term")

@@ -8,14 +8,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stage:
-    module: str
+    module: str  # where the run function (the trainer) lives
     config: str
     run: str
     summary: str
+    config_module: str = ""  # where the config class lives, when apart from the trainer
+
+    def config_class(self):
+        """The config class alone: building flags imports no trainer."""
+        return getattr(importlib.import_module(self.config_module or self.module), self.config)
 
     def load(self):
-        mod = importlib.import_module(self.module)
-        return getattr(mod, self.config), getattr(mod, self.run)
+        return self.config_class(), getattr(importlib.import_module(self.module), self.run)
 
 
 STAGES = {
@@ -25,6 +29,7 @@ STAGES = {
                    "sample SFT pairs and label them with a task's gold reward"),
     "rm": Stage("rto.stages.rm", "RMStageConfig", "run", "Bradley-Terry reward model (TRL RewardTrainer)"),
     "dpo": Stage("rto.stages.dpo", "DPOStageConfig", "run", "DPO from the SFT model (TRL DPOTrainer)"),
-    "ppo": Stage("rto.stages.ppo", "PPOStageConfig", "run", "PPO with a critic; --reward rto for RTO"),
+    "ppo": Stage("rto.stages.ppo", "PPOStageConfig", "run", "PPO with a critic; --reward rto for RTO",
+                 config_module="rto.stages.ppo_config"),
     "eval": Stage("rto.stages.eval", "EvalStageConfig", "run", "compare models on held-out prompts"),
 }

@@ -65,7 +65,7 @@ class TrainingFields:
     lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
     columns: dict = opt({}, "the data file's column names, e.g. {prompt: question, chosen: good}")
     skip_bad_rows: bool = opt(False, "skip (and count) data rows that cannot be used instead of stopping")
-    save_every: int = opt(0, "write a resumable checkpoint every N optimiser steps into OUT.trl/ (0: never)", ge=0)
+    save_every: int = opt(0, "write a resumable checkpoint every N optimizer steps into OUT.trl/ (0: never)", ge=0)
     keep_last: int = opt(2, "checkpoints kept (0: all)", ge=0)
     resume: str = opt("", "auto (the latest complete checkpoint in OUT.trl/, if any) or a checkpoint directory")
     long_rows: Literal["skip", "error", "truncate"] = opt(

@@ -20,17 +20,7 @@ class CheckpointMixin:
     RESUMABLE_CHANGES = ("iterations", "save_every", "keep_last", "resume", "eval_every", "n_eval")
 
     def _trained(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        """Trained weights by model: all of a full model's, only the adapters (and value head) with LoRA."""
-        if self.shared is not None:
-            out = {"policy": self.shared.named_adapter_parameters("policy")}
-            if self.critic is not None:
-                out["critic"] = self.shared.named_adapter_parameters("critic")
-                out["critic"].update(self.shared.value_head.named_parameters(prefix="value_head"))
-            return out
-        out = {"policy": dict(self.policy.named_parameters())}
-        if self.critic is not None:
-            out["critic"] = dict(self.critic.named_parameters())
-        return out
+        return self.models.trained()
 
     def state(self, iteration: int) -> tuple[dict, dict]:
         from rto.checkpoint import optimizer_state, rng_state
@@ -41,9 +31,9 @@ class CheckpointMixin:
             tensors.update({f"{model}.weights.{n}": p for n, p in params.items()})
         meta: dict = {"iteration": iteration, "config": to_dict(self.cfg), "order": self.order,
                       "history": self.history, "curve": self.curve, "kl_coef": self.kl_ctl.value,
-                      "bad_steps": self.bad_steps, "skipped_total": self.skipped_total}
+                      "bad_steps": self.bad_steps}
         opts = [("policy", self.policy_opt, self.policy_sched)]
-        if self.critic is not None:
+        if self.models.critic is not None:
             opts.append(("critic", self.critic_opt, self.critic_sched))
         for name, opt, sched in opts:
             t, m = optimizer_state(opt, f"{name}.adam")
@@ -61,7 +51,8 @@ class CheckpointMixin:
         from rto.config import to_dict
 
         tensors, meta = load_checkpoint(path)
-        mine, theirs = to_dict(self.cfg), meta.get("config", {})
+        mine = to_dict(self.cfg)
+        theirs = {self.cfg.RENAMED.get(k, k): v for k, v in meta.get("config", {}).items()}  # older names
         changed = sorted(k for k in set(mine) | set(theirs)
                          if k not in self.RESUMABLE_CHANGES and mine.get(k) != theirs.get(k))
         if changed:
@@ -75,7 +66,7 @@ class CheckpointMixin:
                         raise UserError(f"ppo: checkpoint {path} does not match the models ({key})")
                     p.copy_(tensors[key])
         opts = [("policy", self.policy_opt, self.policy_sched)]
-        if self.critic is not None:
+        if self.models.critic is not None:
             opts.append(("critic", self.critic_opt, self.critic_sched))
         for name, opt, sched in opts:
             load_optimizer_state(opt, tensors, meta[f"{name}_optimizer"], f"{name}.adam")
@@ -85,7 +76,7 @@ class CheckpointMixin:
         self.history = list(meta["history"])
         self.curve = list(meta["curve"])
         self.kl_ctl.value = float(meta["kl_coef"])
-        self.bad_steps, self.skipped_total = int(meta["bad_steps"]), int(meta["skipped_total"])
+        self.bad_steps = int(meta["bad_steps"])
         return int(meta["iteration"])
 
     def _resume_point(self) -> int:

@@ -1,0 +1,143 @@
+"""Settings of `rto ppo` (PPO and RTO), apart from the trainer (rto/stages/ppo.py), as TRL keeps
+`ppo_config.py` beside `ppo_trainer.py`: the CLI builds its flags from here without importing
+the trainer. Grouped as the trainer uses them; every field's help is its flag's help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from rto.config import opt, require
+from rto.core.rewards import PLACEMENTS, REWARD_KINDS
+from rto.distributed import launched_world_size
+from rto.errors import UserError
+from rto.stages.common import report_to_field, seed_field, threads_field
+from rto.tracking import trackers
+
+@dataclass
+class PPOStageConfig:
+    # Old names still read from configs and flags, with a one-line notice (rto.config.build).
+    RENAMED: ClassVar[dict[str, str]] = {"normalize_reward": "normalize_score", "reward_clip": "score_clip"}
+
+    # --- models and data ---
+    policy: str = opt("", "SFT model directory: the policy starts here")
+    prompts: str = opt("", "prompt file ({prompt} or {messages} rows; JSONL, JSON, Parquet or CSV)")
+    out: str = opt("", "output directory: OUT/policy, OUT/critic, OUT/metrics.jsonl (per iteration), OUT/metrics.json")
+    reward_model: str = opt("", "reward model directory (not needed for --reward dpo-only)")
+    ref: str = opt("", "reference model for the KL penalty (empty: --policy)")
+    critic: str = opt("", "critic initialisation (empty: --reward-model, else --policy with a new head)")
+    dpo_model: str = opt("", "DPO model directory (needed by the dense variants)")
+    dpo_ref: str = opt("", "the model DPO was trained from (empty: --ref)")
+    task: str = opt("", "task with a gold reward to log (empty: none)")
+    eval_prompts: str = opt("", "JSONL prompts for periodic evaluation (empty: none)")
+    # --- the reward ---
+    reward: str = opt("sparse", "where the DPO term goes: " + "; ".join(f"{p.name}: {p.summary}" for p in PLACEMENTS.values()),
+                      choices=REWARD_KINDS)
+    beta1: float = opt(0.05, "scale of the DPO token reward (0 switches it off)", ge=0)
+    dpo_clip: float | None = opt(0.05, "clamp of the scaled DPO term to [-clip, clip] (none: no clamp)", gt=0)
+    kl_coef: float = opt(0.01, "KL penalty coefficient (beta2)", ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "per-token KL estimator in the reward")
+    kl_target: float | None = opt(None, "target KL per response for the adaptive controller (none: fixed)", gt=0)
+    kl_horizon: int = opt(10000, "adaptive KL horizon (in responses)", ge=1)
+    rm_weight: float = opt(1.0, "weight of the RM score at the last token (beta3)")
+    normalize_score: bool = opt(True, "standardise the RM score with the mean/std stored at RM training")
+    score_clip: float | None = opt(10.0, "clamp of the (standardised) RM score", gt=0)
+    missing_eos_penalty: float | None = opt(None, "subtract this from the score of responses cut off without EOS")
+    segment_delimiters: list[str] = opt([], "tokens that end a segment for --reward semi (EOS always does)")
+    custom_rewards: list[str] = opt([], "extra per-token rewards, module:function=weight (see rto/custom_rewards.py)")
+    # --- advantages ---
+    estimator: Literal["gae", "reinforce++"] = opt("gae", "advantage estimator: gae (critic) or reinforce++")
+    gamma: float = opt(1.0, "discount", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda", ge=0, le=1)
+    whiten_advantages: bool = opt(True, "whiten advantages over the rollout")
+    # --- optimization ---
+    iterations: int = opt(100, "rollout + update iterations", ge=1)
+    rollout_batch_size: int = opt(64, "prompts per rollout", ge=1)
+    mini_batch_size: int = opt(16, "responses per optimizer step", ge=1)
+    micro_batch_size: int = opt(0, "responses per forward/backward (0: = mini-batch)", ge=0)
+    ppo_epochs: int = opt(1, "passes over each rollout", ge=1)
+    actor_lr: float = opt(5e-7, "policy learning rate", gt=0)
+    critic_lr: float = opt(9e-6, "critic learning rate", gt=0)
+    adam_beta1: float = opt(0.9, "Adam beta1", ge=0, lt=1)
+    adam_beta2: float = opt(0.95, "Adam beta2", ge=0, lt=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warm-up (cosine to 10%)")
+    warmup_ratio: float = opt(0.03, "fraction of optimizer steps spent warming up", ge=0, lt=1)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0)
+    clip_range: float = opt(0.2, "PPO ratio clip", gt=0)
+    value_clip: float | None = opt(0.2, "value clip around rollout values (none: off)", gt=0)
+    # --- generation ---
+    max_new_tokens: int = opt(64, "response length limit", ge=1)
+    max_prompt_len: int = opt(512, "prompt length limit in tokens", ge=1)
+    columns: dict = opt({}, "the prompt file's column names, e.g. {prompt: question}")
+    skip_bad_rows: bool = opt(False, "skip (and count) prompt rows that cannot be used instead of stopping")
+    long_prompts: Literal["error", "skip", "truncate"] = opt(
+        "error", "a prompt over --max-prompt-len: error (naming its row), skip (counted), or truncate (keep its end)")
+    temperature: float = opt(1.0, "sampling temperature (log-probs use the same)", gt=0)
+    top_k: int = opt(0, "top-k sampling (0: off)", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling", gt=0, le=1)
+    # --- memory ---
+    lora_r: int = opt(0, "LoRA rank; > 0: policy and critic are adapters on one frozen shared base, the "
+                         "reference is that base, a DPO adapter (rto dpo --lora-r) joins it", ge=0)
+    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0)
+    lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
+    # --- speed ---
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    precision: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "bf16: frozen models stored in bf16, trained ones in fp32 under bf16 autocast (auto: bf16 on a "
+                "GPU that supports it, else fp32)")
+    packing: bool = opt(False, "padding-free scoring and training passes (sequences packed into rows)")
+    pack_row_tokens: int = opt(0, "row length when packing (0: the longest sequence)", ge=0)
+    score_batch_size: int = opt(0, "sequences per scoring pass (0: the whole rollout at once)", ge=0)
+    generation_backend: Literal["hf", "vllm"] = opt("hf", "rollout sampling: hf (transformers generate) or vllm "
+                                                         "(GPU; weights synced after every update)")
+    vllm_gpu_memory_utilization: float = opt(0.3, "GPU memory share vLLM may take (--generation-backend vllm)",
+                                             gt=0, le=1)
+    # --- many processes (accelerate launch / torchrun) ---
+    dist_timeout: float = opt(600.0, "seconds a process waits for the others in a collective before the run "
+                                     "stops with an error (a dead process is noticed sooner); more than process 0 "
+                                     "takes to evaluate and save a checkpoint, while the others wait", gt=0)
+    # --- logging ---
+    report_to: list[str] = report_to_field()
+    eval_every: int = opt(10, "evaluate on --eval-prompts every N iterations (0: never)", ge=0)
+    # --- guards ---
+    max_bad_steps: int = opt(3, "consecutive non-finite updates (loss, gradient, reward, log-prob) skipped "
+                                "before the run stops", ge=0)
+    kl_alert: float | None = opt(None, "report iterations whose KL to the reference per response exceeds this", gt=0)
+    # --- checkpoints ---
+    save_every: int = opt(0, "write a resumable checkpoint to OUT/checkpoints every N iterations (0: never)", ge=0)
+    keep_last: int = opt(2, "checkpoints kept (older ones are deleted; 0: keep all)", ge=0)
+    resume: str = opt("", "resume from a checkpoint: auto (the latest in OUT/checkpoints, if any) or its path")
+    n_eval: int = opt(128, "evaluation prompts used", ge=1)
+    save_critic: bool = opt(True, "also save the critic to OUT/critic")
+    seed: int = seed_field()
+    threads: int = threads_field()
+
+    @property
+    def uses_dpo(self) -> bool:
+        return PLACEMENTS[self.reward].uses_dpo and self.beta1 > 0
+
+    @property
+    def uses_rm(self) -> bool:
+        return PLACEMENTS[self.reward].uses_rm and self.rm_weight != 0
+
+    def validate(self):
+        require(self, "ppo", "policy", "prompts", "out")
+        trackers(self.report_to, "ppo")  # a missing tracker package stops the run before any work
+        if self.uses_rm and not self.reward_model:
+            raise UserError(f"ppo: --reward {self.reward} needs --reward-model")
+        if self.uses_dpo and not self.dpo_model:
+            raise UserError(f"ppo: --reward {self.reward} needs --dpo-model (or --beta1 0)")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise UserError("ppo: --rollout-batch-size must be a multiple of --mini-batch-size")
+        if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
+            raise UserError("ppo: --mini-batch-size must be a multiple of --micro-batch-size")
+        world = launched_world_size()
+        if world > 1 and (self.rollout_batch_size % world or self.mini_batch_size % world):
+            raise UserError(f"ppo: with {world} processes --rollout-batch-size ({self.rollout_batch_size}) and "
+                            f"--mini-batch-size ({self.mini_batch_size}) must be multiples of {world}: each "
+                            "process takes an equal share of both")
+        if self.micro_batch_size and world > 1 and (self.mini_batch_size // world) % self.micro_batch_size:
+            raise UserError(f"ppo: --micro-batch-size must divide each process's share of the mini-batch "
+                            f"({self.mini_batch_size // world})")

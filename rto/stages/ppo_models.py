@@ -1,0 +1,182 @@
+"""The networks of one `rto ppo` run: loaded, checked against the policy's tokenizer, placed on
+their device in their precision - full models, or the LoRA shared base (rto/lora.py) - and the
+trained ones' optimizers.
+
+Precision: every model loads in fp32 (rto.models); with bf16 the frozen models are cast to bf16
+and the trained ones keep fp32 master weights under bf16 autocast, so Adam's small updates are
+not rounded away.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rto.distributed import Dist
+from rto.errors import UserError
+from rto.lora import SharedBase, adapter_base, is_adapter_dir, rm_value_head, same_path
+from rto.models import check_same_tokenizer, load_causal_lm, load_score_model, read_reward_stats
+from rto.stages.ppo_config import PPOStageConfig
+
+
+@dataclass
+class PPOModels:
+    """Trained: `policy`, `critic`. Frozen: the rest. Under LoRA, policy, critic, reference (and a
+    DPO adapter) are views of one `shared` base."""
+
+    policy: nn.Module
+    ref: nn.Module  # the KL penalty's reference (LoRA: the base with every adapter off)
+    device: torch.device
+    bf16: bool
+    critic: nn.Module | None = None  # value model for GAE (None with REINFORCE++)
+    rm: nn.Module | None = None  # reward model (None for dpo-only)
+    rm_stats: dict = field(default_factory=lambda: {"mean": 0.0, "std": 1.0})  # its score mean/std at RM training
+    dpo: nn.Module | None = None  # DPO model (dense variants)
+    dpo_ref: nn.Module | None = None  # the DPO model's own reference, when it is not `ref`
+    shared: SharedBase | None = None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def trained(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Trained weights by model: all of a full model's, only the adapters (and value head) with LoRA."""
+        if self.shared is not None:
+            out = {"policy": self.shared.named_adapter_parameters("policy")}
+            if self.critic is not None:
+                out["critic"] = self.shared.named_adapter_parameters("critic")
+                out["critic"].update(self.shared.value_head.named_parameters(prefix="value_head"))
+            return out
+        out = {"policy": dict(self.policy.named_parameters())}
+        if self.critic is not None:
+            out["critic"] = dict(self.critic.named_parameters())
+        return out
+
+
+def device_and_precision(device: str, precision: str) -> tuple[torch.device, bool]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"ppo: --device {device!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"ppo: --device {device}: no CUDA device here")
+    if precision == "auto":
+        return dev, dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    return dev, precision == "bf16"
+
+
+def check_tokenizers(cfg: PPOStageConfig, tokenizer) -> None:
+    """Every model reads the policy's token ids: their tokenizers must agree with it, up front."""
+    for path, what in ((cfg.ref, "reference model"), (cfg.dpo_model if cfg.uses_dpo else "", "DPO model"),
+                       (cfg.dpo_ref if cfg.uses_dpo else "", "DPO reference model"),
+                       (cfg.reward_model if cfg.uses_rm else "", "reward model"), (cfg.critic, "critic")):
+        if path:
+            check_same_tokenizer(tokenizer, f"policy {cfg.policy}", path, what)
+
+
+def load_models(cfg: PPOStageConfig, device: torch.device, bf16: bool, dist: Dist) -> PPOModels:
+    """Load, freeze, place; every process starts from process 0's trained weights."""
+    rm, rm_stats = None, {"mean": 0.0, "std": 1.0}
+    if cfg.uses_rm:
+        rm = load_score_model(cfg.reward_model, "reward model")
+        if cfg.normalize_score:
+            rm_stats = read_reward_stats(cfg.reward_model)
+    if cfg.lora_r:
+        models = _shared_base_models(cfg, rm, device, bf16)
+    else:
+        models = PPOModels(policy=load_causal_lm(cfg.policy, "policy"),
+                           ref=load_causal_lm(cfg.ref or cfg.policy, "reference model"), device=device, bf16=bf16)
+        if cfg.uses_dpo:
+            models.dpo = load_causal_lm(cfg.dpo_model, "DPO model")
+        if cfg.estimator == "gae":
+            models.critic = load_score_model(cfg.critic or cfg.reward_model or cfg.policy, "critic")
+    models.rm, models.rm_stats = rm, rm_stats
+    # --dpo-ref differs from --ref only when the DPO model came from another model.
+    if cfg.uses_dpo and cfg.dpo_ref and Path(cfg.dpo_ref).resolve() != Path(cfg.ref or cfg.policy).resolve():
+        models.dpo_ref = load_causal_lm(cfg.dpo_ref, "DPO reference model")
+    for frozen in (models.ref, models.dpo, models.dpo_ref, models.rm):
+        if frozen is not None:
+            frozen.requires_grad_(False)
+    _place(models)
+    # A new value head or LoRA adapter is random per process: process 0's goes to every process.
+    dist.broadcast_([p for params in models.trained().values() for p in params.values()])
+    return models
+
+
+def _shared_base_models(cfg: PPOStageConfig, rm, device: torch.device, bf16: bool) -> PPOModels:
+    """--lora-r: one frozen SFT model; policy and critic adapters; reference = no adapter."""
+    if cfg.ref and not same_path(cfg.ref, cfg.policy):
+        raise UserError("ppo: with --lora-r the reference is the shared base (--policy); drop --ref")
+    if cfg.critic:
+        raise UserError("ppo: with --lora-r the critic is an adapter on the shared base; drop --critic")
+    dpo_adapter = None
+    if cfg.uses_dpo and is_adapter_dir(cfg.dpo_model) and same_path(adapter_base(cfg.dpo_model), cfg.policy):
+        dpo_adapter = cfg.dpo_model
+    # The critic starts from the RM (rto.lora): its head, and its adapter when the RM is an
+    # adapter on this same base.
+    rm_adapter = (cfg.reward_model if rm is not None and is_adapter_dir(cfg.reward_model)
+                  and same_path(adapter_base(cfg.reward_model), cfg.policy) else None)
+    head = rm_value_head(rm) if rm is not None and cfg.estimator == "gae" else None
+    targets = cfg.lora_target_modules if cfg.lora_target_modules != ["all-linear"] else "all-linear"
+    shared = SharedBase(load_causal_lm(cfg.policy, "policy"), cfg.lora_r, cfg.lora_alpha, targets, dpo_adapter,
+                        critic_adapter=rm_adapter, value_head=head)
+    models = PPOModels(policy=shared.view("policy"), ref=shared.view(None), device=device, bf16=bf16, shared=shared)
+    if cfg.uses_dpo:
+        # A DPO model trained as an adapter on this base joins it; any other is loaded whole.
+        models.dpo = shared.view("dpo") if dpo_adapter else load_causal_lm(cfg.dpo_model, "DPO model")
+    models.critic = shared.critic() if cfg.estimator == "gae" else None
+    return models
+
+
+def _place(models: PPOModels) -> None:
+    """Everything on the device; frozen full models in bf16 when asked, trained ones in fp32."""
+    frozen = [m for m in (models.ref, models.dpo, models.dpo_ref, models.rm) if m is not None and
+              not hasattr(m, "shared")]
+    if models.shared is not None:
+        base = models.shared.model
+        if models.bf16:
+            base.get_base_model().to(torch.bfloat16)
+        base.to(models.device)
+        models.shared.value_head.to(models.device)
+    else:
+        models.policy.to(models.device)
+        if models.critic is not None:
+            models.critic.to(models.device)
+    for m in frozen:
+        m.to(models.device)
+        if models.bf16:
+            m.to(torch.bfloat16)
+    if models.shared is not None and models.bf16:
+        for adapter in ("policy", "critic"):  # adapters train in fp32 on the bf16 base
+            for p in models.shared.adapter_parameters(adapter):
+                p.data = p.data.float()
+
+
+def make_optimizer(model: nn.Module, lr: float, cfg: PPOStageConfig, total_steps: int):
+    """AdamW over the model's trained parameters, and its schedule: warm-up, then cosine (to 10%),
+    linear or constant over the run's optimizer steps."""
+    from transformers import get_scheduler
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    name = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule]
+    extra = {"min_lr_rate": 0.1} if cfg.lr_schedule == "cosine" else None
+    sched = get_scheduler(name, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                          num_training_steps=total_steps, scheduler_specific_kwargs=extra)
+    return opt, sched
+
+
+def warn_unused_engine(dist: Dist) -> None:
+    """FSDP and DeepSpeed configs shard the TRL stages; `rto ppo` keeps a full copy per process."""
+    if "FSDP" in dist.distributed_type or "DEEPSPEED" in dist.distributed_type:
+        if dist.is_main:
+            print(f"[rto] ppo: the accelerate config asks for {dist.distributed_type.split('.')[-1]}; rto ppo runs "
+                  "data-parallel with a full copy of each model per process (use --lora-r to share one frozen base "
+                  "and --precision bf16 to halve it)", file=sys.stderr, flush=True)
+

@@ -7,7 +7,7 @@ import random
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -51,8 +51,16 @@ def threads_field():
 
 @dataclass
 class TrainingFields:
-    """Settings every TRL-backed stage (SFT, RM, DPO) shares; each stage's config extends it."""
+    """Settings every TRL-backed stage (SFT, RM, DPO) shares; each stage's config extends it and
+    names itself in STAGE (for its messages)."""
 
+    STAGE: ClassVar[str] = ""
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data", "out")
+
+    model: str = opt("", "model directory to start from (the SFT model, for rm and dpo)")
+    data: str = opt("", "training data, JSONL, JSON, Parquet or CSV: {prompt, completion} rows for sft, "
+                        "{prompt, chosen, rejected} pairs for rm and dpo (see README, data formats)")
+    out: str = opt("", "output model directory")
     epochs: float = opt(3.0, "training epochs", gt=0)
     learning_rate: float = opt(5e-4, "peak learning rate", gt=0)
     batch_size: int = opt(32, "batch size (rows, or pairs)", ge=1)
@@ -72,6 +80,13 @@ class TrainingFields:
         "skip", "rows over --max-length tokens: skip (and count), error (naming the row), or truncate (TRL cuts "
                 "the end, which can cut off a response's EOS)")
     report_to: list[str] = report_to_field()
+
+    def validate(self):
+        from rto.config import require
+        from rto.tracking import trackers
+
+        require(self, self.STAGE, *self.REQUIRED)
+        trackers(self.report_to, self.STAGE)  # a missing tracker package stops the run before any work
 
 
 def stage_lora_config(cfg: TrainingFields, task_type: str = "CAUSAL_LM"):
@@ -197,6 +212,24 @@ def trl_callbacks(cfg: TrainingFields) -> list:
     from rto.tracking import jsonl_callback
 
     return [progress.trainer_callback(), jsonl_callback(os.path.join(cfg.out + ".trl", "metrics.jsonl"))]
+
+
+def fit_trl(cfg: TrainingFields, trainer_cls, config_cls, model, tokenizer, rows: list[dict], peft_config,
+            config_kwargs: dict | None = None, **trainer_kwargs):
+    """Train with one of TRL's trainers, as every TRL stage does: rows over --max-length handled as
+    --long-rows says, our common arguments and callbacks, resumed from a checkpoint when asked.
+    Returns (trainer, the rows trained on, TRL's train output, seconds)."""
+    import time
+
+    from datasets import Dataset
+
+    rows = drop_long_rows(rows, tokenizer, cfg, cfg.data, cfg.STAGE)
+    args = config_cls(**(config_kwargs or {}), **trl_common_args(cfg, cfg.out))
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          callbacks=trl_callbacks(cfg), peft_config=peft_config, **trainer_kwargs)
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
+    return trainer, rows, result, time.time() - start
 
 
 def finish_trl_stage(trainer, cfg, stage: str, metrics: dict, model, tokenizer, extra_files: dict | None = None) -> dict:

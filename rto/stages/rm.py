@@ -7,29 +7,21 @@ std of its scores on the training responses are stored beside the weights
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from rto.config import opt, require
+from rto.config import opt
 from rto.data import PREFERENCE_FIELDS, as_texts, read_rows
-from rto.stages.common import (TrainingFields, drop_long_rows, finish_trl_stage, resume_checkpoint, setup, stage_lora_config,
-                               trl_callbacks, trl_common_args, uniform_rows)
+from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config, uniform_rows
 
 
 @dataclass
 class RMStageConfig(TrainingFields):
-    model: str = opt("", "SFT model directory to start from")
-    data: str = opt("", "JSONL file of {prompt, chosen, rejected} rows")
-    out: str = opt("", "output model directory")
+    STAGE: ClassVar[str] = "rm"
+
     eval_data: str = opt("", "held-out pairs to report accuracy on (empty: none)")
-
-    def validate(self):
-        require(self, "rm", "model", "data", "out")
-        from rto.tracking import trackers
-
-        trackers(self.report_to, "rm")  # a missing tracker package stops the run before any work
 
 
 def pair_accuracy(model, tokenizer, rows: list[dict]) -> float:
@@ -47,7 +39,6 @@ def run(cfg: RMStageConfig) -> dict:
     rows = uniform_rows(read_rows(cfg.data, PREFERENCE_FIELDS, cfg.columns, cfg.skip_bad_rows), PREFERENCE_FIELDS,
                         cfg.data)
     eval_rows = read_rows(cfg.eval_data, PREFERENCE_FIELDS, cfg.columns, cfg.skip_bad_rows) if cfg.eval_data else []
-    from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     from rto.models import RM_STATS_FILE, load_score_model, load_tokenizer
@@ -56,13 +47,8 @@ def run(cfg: RMStageConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = load_score_model(cfg.model, what="SFT model")
     model.config.pad_token_id = tokenizer.pad_token_id
-    rows = drop_long_rows(rows, tokenizer, cfg, cfg.data, "rm")
-    dataset = Dataset.from_list(rows)
-    args = RewardConfig(**trl_common_args(cfg, cfg.out))
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=trl_callbacks(cfg), peft_config=stage_lora_config(cfg, "SEQ_CLS"))
-    start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
+    trainer, rows, result, seconds = fit_trl(cfg, RewardTrainer, RewardConfig, model, tokenizer, rows,
+                                             stage_lora_config(cfg, "SEQ_CLS"))
     model = trainer.model
     if cfg.lora_r:  # the RM is used whole (it shares nothing): merge its adapter and saved head
         model = model.merge_and_unload()
@@ -72,7 +58,7 @@ def run(cfg: RMStageConfig) -> dict:
         scores = torch.cat([score_texts(model, tokenizer, prompts, chosen),
                             score_texts(model, tokenizer, prompts, rejected)])
     stats = {"mean": float(scores.mean()), "std": float(scores.std())}
-    metrics = {"train_loss": result.training_loss, "seconds": time.time() - start, "pairs": len(rows),
+    metrics = {"train_loss": result.training_loss, "seconds": seconds, "pairs": len(rows),
                "train_accuracy": pair_accuracy(model, tokenizer, rows), "score_mean": stats["mean"],
                "score_std": stats["std"]}
     if eval_rows:

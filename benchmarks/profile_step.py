@@ -38,7 +38,7 @@ def main() -> None:
 
     import torch
 
-    # The optimiser's step is wrapped for timing, which the LR scheduler notices and warns about.
+    # The optimizer's step is wrapped for timing, which the LR scheduler notices and warns about.
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step()` has been overridden")
 
     import rto.rollout as rollout
@@ -66,15 +66,15 @@ def main() -> None:
             return out
         return wrapper
 
-    # Scoring passes and generation are module functions; the update is timed around its calls.
-    rollout.generate = timed(rollout.generate, "generate")
-    for name in ("response_logits", "token_values", "sequence_scores"):
-        setattr(rollout, name, timed(getattr(rollout, name), name))
+    # Scoring passes and generation are module functions, called by the trainer under the names
+    # it imported (rto.stages.ppo's); the update is timed around its calls.
+    for name in ("generate", "response_logits", "token_values", "sequence_scores"):
+        setattr(ppo_module, name, timed(getattr(rollout, name), name))
     torch.Tensor.backward = timed(torch.Tensor.backward, "train: backward")
     for opt_name in ("policy_opt", "critic_opt"):
         o = getattr(trainer, opt_name, None)
         if o is not None:
-            o.step = timed(o.step, "train: optimiser")
+            o.step = timed(o.step, "train: optimizer")
     rows = []
     for i in range(a.reps + 1):
         spent.clear()
@@ -93,8 +93,8 @@ def main() -> None:
         fwd = train.get("response_logits", 0.0) + train.get("token_values", 0.0)
         row["train: forward"] = fwd
         row["train: backward"] = train.get("train: backward", 0.0)
-        row["train: optimiser"] = train.get("train: optimiser", 0.0)
-        row["train: rest"] = (t2 - t1) - fwd - row["train: backward"] - row["train: optimiser"]
+        row["train: optimizer"] = train.get("train: optimizer", 0.0)
+        row["train: rest"] = (t2 - t1) - fwd - row["train: backward"] - row["train: optimizer"]
         row["total"] = t2 - t0
         if i:
             rows.append(row)

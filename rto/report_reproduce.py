@@ -119,7 +119,7 @@ def aggregate(per_seed: list[dict], out: Path, cfg) -> dict:
         ("ppo-dense-gold", "ppo-gold"))}
     comparisons = {k: v for k, v in comparisons.items() if v}
 
-    # Data efficiency: same number of optimiser steps on 1/16 ... 1/1 of the prompt pool.
+    # Data efficiency: same number of optimizer steps on 1/16 ... 1/1 of the prompt pool.
     pool = per_seed[0]["prompt_pool"]
     eff = {"fractions": cfg.fractions, "prompts": [max(1, round(pool * f)) for f in cfg.fractions]}
     for m in ("ppo", "rto"):
@@ -214,7 +214,7 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[P
     lo, hi = results["methods"]["ppo"]["gold_reward_ci"]
     ax.axhspan(lo, hi, color="C0", alpha=0.15, label="PPO all data (95% CI)")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="RL prompt pool size (same optimiser steps)", ylabel="gold reward (test)",
+    ax.set(xlabel="RL prompt pool size (same optimizer steps)", ylabel="gold reward (test)",
            title="data efficiency")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -310,7 +310,7 @@ def results_markdown(results: dict, command: str) -> str:
     for k, v in results["comparisons"].items():
         lines.append(f"| {k} | {v['mean']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}] |")
     eff = results["data_efficiency"]
-    lines += ["", "Data efficiency (same number of optimiser steps; test gold reward):", "",
+    lines += ["", "Data efficiency (same number of optimizer steps; test gold reward):", "",
               "| prompt pool | " + " | ".join(str(n) for n in eff["prompts"]) + " |",
               "|---|" + "---|" * len(eff["prompts"])]
     for m in ("ppo", "rto"):
@@ -320,7 +320,9 @@ def results_markdown(results: dict, command: str) -> str:
               ("RTO never reached it" if ratio is None else f"{'>= ' if eff['ratio_is_lower_bound'] else ''}{ratio:g}") + "."]
     tuning = results.get("tuning", {})
     for seed, grids in tuning.get("grids", {}).items():
-        lines += ["", f"Tuning on the dev split (seed {seed}; final dev gold reward):", "",
+        drawn = (f"; the grid's runs drew RL seed {grids['rl_seed']} and only chose the settings, the reported "
+                 f"runs are fresh" if "rl_seed" in grids else "")
+        lines += ["", f"Tuning on the dev split (seed {seed}{drawn}; final dev gold reward):", "",
                   "| actor/critic lr | KL coef | dev gold |", "|---|---|---|"]
         lines += [f"| {r['actor_lr']:g} | {r['kl_coef']:g} | {r['dev_gold']:.3f} |" for r in grids["ppo_grid"]]
         lines += ["", "| RTO beta1 | dpo_clip | dev gold |", "|---|---|---|"]

@@ -1,14 +1,19 @@
 """`rto reproduce`: the paper's claims on a task with a gold reward, over seeds, with intervals.
 
 Per seed: one SFT model, preference set, RM and DPO model (`Pipeline.offline`), then
-every RL method against them with the same data, settings and tuning budget:
+every RL method against them with the same data and the same tuned settings:
  1. tuning on the dev split: a grid of PPO (learning rate x KL coefficient), the best
     by final dev gold reward; RTO inherits PPO's choice and tunes only beta1 (its clip
-    scales with it). On the first seed only, unless `tune: every-seed`.
+    scales with it). On the first seed only, unless `tune: every-seed`. The tuning runs
+    only choose: they draw their RL randomness (sampling, mini-batch order) from
+    seed + TUNING_SEED_OFFSET, and are never evaluated as results. (A run is a function
+    of its seed and settings on one machine, so rerunning the winner with the seed it was
+    tuned on would give back the selected run itself, with its favourable draw.)
  2. the methods and ablations (PPO, RTO, RS, Semi, DDPO, DPO-term only, REINFORCE++,
-    RTO with REINFORCE++), all with the tuned settings;
+    RTO with REINFORCE++), all with the tuned settings, each one fresh run with the
+    seed's own RL seed - PPO and RTO included;
  3. data efficiency: PPO and RTO on the first 1/16 ... 1/2 of the RL prompt pool, with
-    the same number of optimiser steps as on the whole pool;
+    the same number of optimizer steps as on the whole pool;
  4. gold references: PPO and RTO with the gold score as the sparse reward, and PPO on the
     dense per-token gold reward (where the task has one);
  5. every policy evaluated on the same test prompts.
@@ -17,6 +22,7 @@ Then `DIR/results.json` and the figures (see `rto.report_reproduce`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -28,12 +34,14 @@ from rto.data import PROMPT_FIELDS, read_jsonl, write_json, write_jsonl
 from rto.pipeline import RL_METHODS, Pipeline, PipelineConfig
 from rto.tasks import Task
 
-METHODS = ["ppo", "rto", "rs", "semi", "ddpo", "dpo-only", "reinforce++", "rto-reinforce++"]
+METHODS = list(RL_METHODS)  # every RL method of the pipeline (one per reward placement, and REINFORCE++)
 GOLD_REFERENCES = {  # name: (method, extra settings)
     "ppo-gold": ("ppo", {"rm_weight": 0.0, "custom_rewards": ["task:gold-sequence"]}),
     "rto-gold": ("rto", {"rm_weight": 0.0, "custom_rewards": ["task:gold-sequence"]}),
     "ppo-dense-gold": ("ppo", {"rm_weight": 0.0, "custom_rewards": ["task:gold"]}),
 }
+# Tuning runs use seed + this as their `rto ppo` seed (the SFT/RM/DPO models stay the seed's own).
+TUNING_SEED_OFFSET = 10_000_019
 QUICK = dict(preset="smoke", ppo_lrs=[1e-4], kl_coefs=[0.01, 0.05], rto_beta1s=[0.05, 0.3],
              fractions=[0.25, 0.5, 1.0])
 
@@ -106,37 +114,46 @@ class Reproduction:
     def rl_threads(self, pipe: Pipeline, n: int) -> int:
         return pipe.threads_for(min(self.cfg.jobs, n))
 
-    def tune(self, pipe: Pipeline) -> dict:
-        """The PPO grid, then RTO's beta1 grid on PPO's choice; returns {name: run dir} of the winners."""
+    def tuning_job(self, pipe: Pipeline, name: str, method: str, extra: dict, threads: int):
+        """A tuning run: the final runs' settings, but its own RL seed (see TUNING_SEED_OFFSET)."""
+        name, stage, cfg = pipe.rl_job(name, method, extra, threads=threads)
+        return name, stage, dataclasses.replace(cfg, seed=pipe.cfg.seed + TUNING_SEED_OFFSET)
+
+    def tune(self, pipe: Pipeline) -> None:
+        """The PPO grid, then RTO's beta1 grid on PPO's choice; sets `self.chosen`. The runs
+        only choose the settings: `run_seed` trains the final PPO and RTO afresh."""
         cfg = self.cfg
         grid = [(lr, kl) for lr in cfg.ppo_lrs for kl in cfg.kl_coefs]
         t = self.rl_threads(pipe, len(grid))
-        jobs = [pipe.rl_job(f"tune/ppo_lr{lr:g}_kl{kl:g}", "ppo",
-                            {"actor_lr": lr, "critic_lr": lr, "kl_coef": kl}, threads=t) for lr, kl in grid]
+        jobs = [self.tuning_job(pipe, f"tune/ppo_lr{lr:g}_kl{kl:g}", "ppo",
+                                {"actor_lr": lr, "critic_lr": lr, "kl_coef": kl}, threads=t) for lr, kl in grid]
         pipe.run_group(jobs)
         ppo_rows = [{"actor_lr": lr, "critic_lr": lr, "kl_coef": kl, "dev_gold": _final_dev_gold(pipe.out / name)}
                     for (lr, kl), (name, _, _) in zip(grid, jobs)]
         best_ppo = max(range(len(grid)), key=lambda i: ppo_rows[i]["dev_gold"])
         ppo_choice = {k: ppo_rows[best_ppo][k] for k in ("actor_lr", "critic_lr", "kl_coef")}
         t = self.rl_threads(pipe, len(cfg.rto_beta1s))
-        rjobs = [pipe.rl_job(f"tune/rto_b{b:g}", "rto", {**ppo_choice, "beta1": b, "dpo_clip": b * cfg.dpo_clip_ratio},
-                             threads=t) for b in cfg.rto_beta1s]
+        rjobs = [self.tuning_job(pipe, f"tune/rto_b{b:g}", "rto",
+                                 {**ppo_choice, "beta1": b, "dpo_clip": b * cfg.dpo_clip_ratio}, threads=t)
+                 for b in cfg.rto_beta1s]
         pipe.run_group(rjobs)
         rto_rows = [{"beta1": b, "dpo_clip": b * cfg.dpo_clip_ratio, "dev_gold": _final_dev_gold(pipe.out / name)}
                     for b, (name, _, _) in zip(cfg.rto_beta1s, rjobs)]
         best_rto = max(range(len(rto_rows)), key=lambda i: rto_rows[i]["dev_gold"])
-        self.tuning[str(pipe.cfg.seed)] = {"ppo_grid": ppo_rows, "rto_grid": rto_rows}
+        self.tuning[str(pipe.cfg.seed)] = {"ppo_grid": ppo_rows, "rto_grid": rto_rows,
+                                           "rl_seed": pipe.cfg.seed + TUNING_SEED_OFFSET}
         self.chosen = {**ppo_choice, "beta1": rto_rows[best_rto]["beta1"], "dpo_clip": rto_rows[best_rto]["dpo_clip"]}
-        return {"ppo": pipe.out / jobs[best_ppo][0], "rto": pipe.out / rjobs[best_rto][0]}
 
     def run_seed(self, seed: int, tune: bool) -> dict:
         cfg = self.cfg
         pipe = self.pipeline(seed)
         pipe.out.mkdir(parents=True, exist_ok=True)
         pipe.offline(needs_rm=True, needs_dpo=True)
-        runs: dict[str, Path] = self.tune(pipe) if tune else {}
+        if tune:
+            self.tune(pipe)
         settings = dict(self.chosen)
-        specs: list[tuple[str, str, dict, Path | None]] = [(m, m, settings, None) for m in METHODS if m not in runs]
+        runs: dict[str, Path] = {}
+        specs: list[tuple[str, str, dict, Path | None]] = [(m, m, settings, None) for m in METHODS]
         d = pipe.out / "data"
         for f in cfg.fractions:
             if f < 1.0:
@@ -215,4 +232,4 @@ def run(cfg: ReproduceConfig) -> dict:
     return Reproduction(cfg).run()
 
 
-__all__ = ["ReproduceConfig", "run", "METHODS", "GOLD_REFERENCES", "RL_METHODS"]
+__all__ = ["ReproduceConfig", "run", "METHODS", "GOLD_REFERENCES", "RL_METHODS", "TUNING_SEED_OFFSET"]

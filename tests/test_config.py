@@ -69,3 +69,30 @@ def test_pipeline_set_overrides_and_bad_section_keys(tmp_path):
     assert rto_cfg.actor_lr == 1e-5 and rto_cfg.beta1 == 0.2 and rto_cfg.whiten_advantages is False
     with pytest.raises(UserError, match="method_overrides names 'magic'"):
         build(PipelineConfig, {"out": "o", "method_overrides": {"magic": {}}}, "x.yaml")
+
+
+def test_renamed_settings_still_read_with_a_notice(capsys):
+    """`reward_clip` / `normalize_reward` act on the RM's score: now `score_clip` / `normalize_score`;
+    the old names still work in configs and as flags, with one line saying so."""
+    import argparse
+
+    from rto.config import add_arguments
+
+    cfg = build(PPOStageConfig, {**REQUIRED, "reward_clip": 3.0, "normalize_reward": False}, "old.yaml")
+    assert cfg.score_clip == 3.0 and cfg.normalize_score is False
+    err = capsys.readouterr().err
+    assert "'reward_clip' is now called 'score_clip'" in err and "'normalize_reward' is now called" in err
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, PPOStageConfig)
+    flags = vars(parser.parse_args(["--reward-clip", "2.5", "--no-normalize-reward"]))
+    cfg = build(PPOStageConfig, {**REQUIRED, **flags}, "command line")
+    assert cfg.score_clip == 2.5 and cfg.normalize_score is False
+
+
+def test_choices_come_from_the_reward_registry():
+    from rto.core.rewards import PLACEMENTS
+    from rto.pipeline import RL_METHODS
+
+    for name, placement in PLACEMENTS.items():
+        assert build(PPOStageConfig, {**REQUIRED, "reward": name, "dpo_model": "d"}, "x").reward == name
+        assert RL_METHODS[placement.method]["reward"] == name

@@ -3,7 +3,11 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import yaml
+
+from rto.reproduce import TUNING_SEED_OFFSET
 from tests.test_cli import ENV
 
 
@@ -30,6 +34,20 @@ def test_quick_reproduce(tmp_path):
     for fig in ("curves.png", "data_efficiency.png", "gold_vs_kl.png", "win_rates.png", "token_heatmap.png"):
         assert (out / fig).stat().st_size > 1000, fig
     assert "pearson_all_tokens" in results["token_alignment"]["0"]
+
+    # The tuning runs only choose: on the tuned seed, the reported PPO and RTO are fresh runs of
+    # their own (the seed's RL seed, like every other method), not the grid's winners.
+    per_seed = json.loads((out / "per_seed.json").read_text())
+    seed0 = out / "seed0"
+    for name in ("ppo", "rto"):
+        assert per_seed[0]["runs"][name] == str(seed0 / name), per_seed[0]["runs"][name]
+        assert (seed0 / name / "metrics.json").is_file() and (seed0 / name / "policy").is_dir()
+        assert yaml.safe_load((seed0 / "configs" / f"{name}.yaml").read_text())["seed"] == 0
+    assert not any("tune" in Path(p).parts for ps in per_seed for p in ps["runs"].values())
+    tuning_configs = sorted((seed0 / "configs" / "tune").glob("*.yaml"))
+    assert len(tuning_configs) == 4  # 2 PPO grid points + 2 beta1 values
+    assert {yaml.safe_load(f.read_text())["seed"] for f in tuning_configs} == {TUNING_SEED_OFFSET}
+    assert results["tuning"]["grids"]["0"]["rl_seed"] == TUNING_SEED_OFFSET
 
     # Resume: a second call finds every run done and gives the same numbers.
     again = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", "--task", "keyed", "--quick", "--out",

@@ -155,7 +155,7 @@ class PPOTrainer(CheckpointMixin):
     @torch.no_grad()
     def score_rollout(self, prompts: list[str], batch: Batch) -> Experience:
         """2-4: scoring passes, token rewards, advantages (whitened over every process's rollout)."""
-        cfg, m_ = self.cfg, self.models
+        cfg, models = self.cfg, self.models
         tokens, rmask = batch.response_ids, batch.response_mask
         m = rmask.float()
         old_logp = batch.sampled_logprobs  # [B, R], recorded while sampling: no second policy pass
@@ -163,7 +163,7 @@ class PPOTrainer(CheckpointMixin):
         def ref_pass(b, pk):
             # One reference pass serves the KL (at the sampling temperature) and, when the DPO
             # model came from the same reference, the DPO log-ratio (at temperature 1).
-            logits = response_logits(m_.ref, b, pk)
+            logits = response_logits(models.ref, b, pk)
             at_t = token_logprobs(logits, b.response_ids, cfg.temperature)
             at_1 = token_logprobs(logits, b.response_ids) if cfg.temperature != 1.0 else at_t
             return torch.stack([at_t, at_1], dim=1)
@@ -174,14 +174,14 @@ class PPOTrainer(CheckpointMixin):
         dpo_term, dpo_clip_frac = torch.zeros_like(m), torch.zeros((), device=m.device)
         if cfg.uses_dpo:
             # The DPO reward is the implicit reward of DPO: the log-ratio at temperature 1.
-            dpo_logp = self._score(lambda b, pk: token_logprobs(response_logits(m_.dpo, b, pk), b.response_ids), batch)
-            dpo_ref_logp = (self._score(lambda b, pk: token_logprobs(response_logits(m_.dpo_ref, b, pk),
+            dpo_logp = self._score(lambda b, pk: token_logprobs(response_logits(models.dpo, b, pk), b.response_ids), batch)
+            dpo_ref_logp = (self._score(lambda b, pk: token_logprobs(response_logits(models.dpo_ref, b, pk),
                                                                      b.response_ids), batch)
-                            if m_.dpo_ref is not None else ref_both[:, 1])
+                            if models.dpo_ref is not None else ref_both[:, 1])
             dpo_term, dpo_clip_frac = dpo_token_term(dpo_logp, dpo_ref_logp, rmask, cfg.beta1, cfg.dpo_clip)
-        raw_score = (self._score(lambda b, pk: sequence_scores(m_.rm, b, pk), batch) if m_.rm is not None
+        raw_score = (self._score(lambda b, pk: sequence_scores(models.rm, b, pk), batch) if models.rm is not None
                      else torch.zeros(len(prompts), device=self.device))
-        score = (normalise_score(raw_score, m_.rm_stats["mean"], m_.rm_stats["std"], cfg.score_clip)
+        score = (normalise_score(raw_score, models.rm_stats["mean"], models.rm_stats["std"], cfg.score_clip)
                  if cfg.normalize_score else raw_score)
         has_eos = ((tokens == self.tokenizer.eos_token_id) & (rmask > 0)).any(-1)
         if cfg.missing_eos_penalty is not None:
@@ -192,8 +192,8 @@ class PPOTrainer(CheckpointMixin):
         rewards = token_rewards(cfg.reward, mask=rmask, kl=kl, kl_coef=self.kl_ctl.value, score=score,
                                 dpo_term=dpo_term, rm_weight=cfg.rm_weight, segment_end=segment_end, extra=custom)
 
-        if m_.critic is not None:
-            values = self._score(lambda b, pk: token_values(m_.critic, b, pk), batch) * m
+        if models.critic is not None:
+            values = self._score(lambda b, pk: token_values(models.critic, b, pk), batch) * m
             advantages, returns = gae(rewards, values, rmask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 advantages = whiten(advantages, rmask, all_sum=self.dist.all_sum)

@@ -48,7 +48,9 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
-                    keep_last: int = 0) -> Path:
+                    keep_last: int = 0, extra_dirs: dict[str, Path] | None = None) -> Path:
+    """`extra_dirs` {name: directory}: copied into the checkpoint as name/, inside the same atomic
+    rename (PPO's dev-selected policy, which a resume must find as it was)."""
     from safetensors.torch import save
 
     root = Path(root)
@@ -61,6 +63,8 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor
     _write(tmp / "state.safetensors", save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
     if os.environ.get("RTO_FAULT_KILL_IN_SAVE") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+    for name, src in (extra_dirs or {}).items():
+        shutil.copytree(src, tmp / name)
     _write(tmp / "meta.json", json.dumps(meta).encode())
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again after a resume

@@ -94,6 +94,8 @@ def dev_point(policy, tokenizer, prompts: list[str], *, max_new_tokens: int, tem
     if task is not None:
         g = gold_rewards(task, prompts, texts)
         point["gold_reward"] = sum(g) / len(g)
+        # its standard error over the dev prompts: the noise a fall must exceed to count (selection)
+        point["gold_reward_se"] = float(torch.tensor(g, dtype=torch.float64).std() / len(g) ** 0.5) if len(g) > 1 else 0.0
     if rm is not None:
         s = rm_scores(rm, batches)
         point["rm_score"] = sum(s) / len(s)

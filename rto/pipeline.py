@@ -45,6 +45,9 @@ class PipelineConfig:
     jobs: int = opt(2, "independent stages run at once as processes (1: one after another)", ge=1)
     threads: int = opt(0, "torch threads per process (0: cores / jobs)", ge=0)
     resume: bool = opt(False, "skip stages that finished before with the same settings (OUT/configs/*.done)")
+    select: bool = opt(True, "the RL methods' results are chosen on the dev prompts by the task's gold reward "
+                             "(rto ppo --select-by gold_reward, unless the ppo settings name their own); the "
+                             "table shows each method's last checkpoint too (METHOD@last)")
     data: dict = opt({}, "settings of `rto data`")
     sft: dict = opt({}, "settings of `rto sft`")
     pairs: dict = opt({}, "settings of `rto pairs`")
@@ -232,6 +235,13 @@ class Pipeline:
                 "seed": cfg.seed, "threads": group_threads})))
         self.run_group(offline)
 
+    def selection_settings(self, method: str) -> dict:
+        """--select-by gold_reward where the pipeline selects and the method's settings allow it."""
+        settings = self.rl_settings(method)
+        if not self.cfg.select or "select_by" in settings or not settings.get("eval_every", 10):
+            return {}
+        return {"select_by": "gold_reward"}
+
     def rl_job(self, name: str, method: str, extra: dict | None = None, prompts: Path | None = None,
                threads: int = 1) -> tuple[str, str, object]:
         """An `rto ppo` job for `method` (a key of RL_METHODS), written to OUT/name."""
@@ -264,10 +274,12 @@ class Pipeline:
         self.offline(needs_rm, needs_dpo)
         rl_methods = [m for m in cfg.methods if m in RL_METHODS]
         rl_threads = self.threads_for(min(cfg.jobs, len(rl_methods) or 1))
-        rl_jobs = [self.rl_job(m, m, threads=rl_threads) for m in rl_methods]
+        rl_jobs = [self.rl_job(m, m, self.selection_settings(m), threads=rl_threads) for m in rl_methods]
         self.run_group(rl_jobs)
         paths = {"sft": out / "sft", "dpo": out / "dpo"} | {m: out / m / "policy" for m in rl_methods}
-        self.evaluate({m: paths[m] for m in cfg.methods}, out / "eval.json", needs_rm)
+        models = {m: paths[m] for m in cfg.methods}
+        models |= {f"{m}@last": out / m / "policy_last" for m in rl_methods if _last_differs(out / m)}
+        self.evaluate(models, out / "eval.json", needs_rm)
         return self.summarise(start, rl_jobs)
 
     def summarise(self, start: float, rl_jobs: list) -> dict:
@@ -278,7 +290,9 @@ class Pipeline:
         out = self.out
         ev = json.loads((out / "eval.json").read_text())
         summary: dict = {"task": self.cfg.task, "preset": self.cfg.preset, "baseline": "sft",
-                         "methods": ev["methods"], "n_test_prompts": ev["n_prompts"]}
+                         "methods": {k: v for k, v in ev["methods"].items() if "@" not in k},
+                         "last_checkpoints": {k: v for k, v in ev["methods"].items() if "@" in k},
+                         "n_test_prompts": ev["n_prompts"]}
         rm_metrics = out / "rm" / "metrics.json"
         if rm_metrics.is_file():
             rmm = json.loads(rm_metrics.read_text())
@@ -290,12 +304,17 @@ class Pipeline:
             f = out / "data" / info_file
             if f.is_file():
                 summary[summary_key] = json.loads(f.read_text())[field]
-        curves, refs = {}, {}
+        curves, refs, selection, divergence = {}, {}, {}, {}
         for name, _, _ in rl_jobs:
             mf = out / name / "metrics.json"
             if mf.is_file():
-                curves[name] = json.loads(mf.read_text()).get("curve", [])
-        summary["curves"] = curves
+                run = json.loads(mf.read_text())
+                curves[name] = run.get("curve", [])
+                if run.get("selection"):
+                    selection[name] = {**run["selection"], "iterations_run": run["iterations"]}
+                if run.get("divergence"):
+                    divergence[name] = run["divergence"]
+        summary.update(curves=curves, selection=selection, divergence=divergence)
         if curves:
             refs = self.reference_lines(rl_jobs[0][2])
         summary["reference_lines"] = refs
@@ -339,6 +358,15 @@ def run(cfg: PipelineConfig) -> dict:
 
     refuse_launcher("pipeline")
     return Pipeline(cfg).run()
+
+
+def _last_differs(run: Path) -> bool:
+    """An RL run whose dev selection kept another checkpoint than its last (OUT/policy_last)."""
+    import json
+
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    sel = metrics.get("selection")
+    return bool(sel) and (run / "policy_last").is_dir() and sel["best_iteration"] != metrics["iterations"]
 
 
 def _marker_text(cfg) -> str:

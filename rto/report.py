@@ -23,7 +23,7 @@ def results_table(summary: dict) -> str:
     part_names = list(next((m["gold_parts"] for m in methods.values() if m.get("gold_parts")), {}))
     rows = [("method", "gold reward [95% CI]", *(f"gold:{p}" for p in part_names), f"win vs {base}",
              f"KL to {base}", "RM score", "length")]
-    for name, m in methods.items():
+    for name, m in {**methods, **(summary.get("last_checkpoints") or {})}.items():
         ci = m.get("gold_reward_ci")
         gold = f"{_fmt(m.get('gold_reward'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(m.get("gold_reward"))
         parts = [_fmt((m.get("gold_parts") or {}).get(p)) for p in part_names]
@@ -31,6 +31,17 @@ def results_table(summary: dict) -> str:
                      _fmt(m.get("rm_score")), _fmt(m.get("response_length"), ".1f")))
     lines = format_table(rows)
     notes = []
+    for name, sel in (summary.get("selection") or {}).items():
+        how = f"stopped early: {sel['stopped']}" if sel.get("stopped") else f"ran {sel['iterations_run']} iterations"
+        last = "the last one" if sel["best_iteration"] == sel["iterations_run"] else f"{name}@last is the last"
+        notes.append(f"{name}: the checkpoint of iteration {sel['best_iteration']}, chosen by dev {sel['metric']} "
+                     f"({sel['best']:.3f}; {how}); {last}")
+    for name, d in (summary.get("divergence") or {}).items():
+        notes.append(f"{name}: OVER-OPTIMISATION from iteration {d['iteration']}: dev gold reward "
+                     f"{d['gold_reward_at_best']:.3f} (iteration {d['true_best_iteration']}) -> {d['gold_reward']:.3f} "
+                     f"while the RM score rose {d['rm_score_at_best']:.3f} -> {d['rm_score']:.3f}")
+    if notes:
+        notes.append("")
     if "rm_accuracy" in summary:
         notes.append(f"RM held-out accuracy against the gold order: {summary['rm_accuracy']:.3f}")
     if "label_agreement" in summary:
@@ -43,7 +54,8 @@ def results_table(summary: dict) -> str:
 
 
 def plot_training(summary: dict, path: str | Path) -> Path | None:
-    """Dev-set gold reward (or RM score) against prompts seen, one line per RL method."""
+    """Dev-set gold reward (or RM score) against prompts seen, one line per RL method; a star at
+    the checkpoint the dev selection kept, a dotted line where over-optimisation was flagged."""
     curves = summary.get("curves") or {}
     if not curves:
         return None
@@ -56,7 +68,17 @@ def plot_training(summary: dict, path: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, points in curves.items():
         pts = [p for p in points if key in p]
-        ax.plot([p["prompts_seen"] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name)
+        line, = ax.plot([p["prompts_seen"] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name)
+        chosen = (summary.get("selection") or {}).get(name)
+        if chosen:  # the checkpoint the dev selection kept
+            best = [p for p in pts if p["iteration"] == chosen["best_iteration"]]
+            ax.plot([p["prompts_seen"] for p in best], [p[key] for p in best], marker="*", ms=14, ls="",
+                    color=line.get_color())
+        flagged = (summary.get("divergence") or {}).get(name)
+        if flagged:  # where the proxy kept rising while the gold reward fell
+            at = [p["prompts_seen"] for p in pts if p["iteration"] == flagged["iteration"]]
+            if at:
+                ax.axvline(at[0], color=line.get_color(), ls=":", alpha=0.6)
     styles = {"sft": ("grey", "--"), "dpo": ("black", ":")}
     for name, value in (summary.get("reference_lines") or {}).items():
         color, ls = styles.get(name, ("grey", "-."))

@@ -186,6 +186,11 @@ def test_bad_task_plugins(capsys, tmp_path, task, message):
 def test_a_hub_id_without_a_network_is_one_line(capsys, ppo_args, monkeypatch):
     """`org/name` goes to the hub; here (offline) that fails in one line naming it, not a traceback."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable when first imported (often before this test): set its
+    # constant too, or a machine whose DNS answers slowly spends ~45 s in retries first.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     _fails(capsys, ppo_args(**{"--policy": "someone/some-model"}), "someone/some-model")
 
 

@@ -37,6 +37,17 @@ def test_smoke_pipeline(tmp_path):
     heldout = [json.loads(line) for line in (tmp_path / "run" / "data" / "prefs_heldout.jsonl").read_text().splitlines()]
     rm, tok = load_score_model(tmp_path / "run" / "rm"), load_tokenizer(tmp_path / "run" / "rm")
     assert summary["rm_accuracy"] == pytest.approx(_pair_accuracy_by_hand(rm, tok, heldout), abs=1e-6)  # float32 mean
+    # The RL results are chosen on the dev split (the pipeline's default): the selected checkpoint
+    # is the best dev evaluation of its curve, and the last checkpoint is evaluated beside it.
+    for m in ("ppo", "rto"):
+        sel, curve = summary["selection"][m], summary["curves"][m]
+        assert sel["metric"] == "gold_reward" and sel["best"] == max(p["gold_reward"] for p in curve)
+        assert curve[[p["iteration"] for p in curve].index(sel["best_iteration"])]["gold_reward"] == sel["best"]
+        assert f"{m}: the checkpoint of iteration {sel['best_iteration']}" in proc.stdout
+        if sel["best_iteration"] != sel["iterations_run"]:  # the last checkpoint is evaluated beside it
+            assert set(summary["last_checkpoints"][f"{m}@last"]) >= {"gold_reward", "kl_to_sft"}
+        else:
+            assert f"{m}@last" not in summary["last_checkpoints"] and "the last one" in proc.stdout
     assert summary["methods"]["sft"]["win_rate_vs_sft"] == 0.5
     assert abs(summary["methods"]["sft"]["kl_to_sft"]) < 1e-6
     assert (tmp_path / "run" / "training_curve.png").stat().st_size > 1000

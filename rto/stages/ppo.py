@@ -31,21 +31,22 @@ import torch
 from tqdm.auto import tqdm
 
 from rto import progress
-from rto.checkpoint import list_checkpoints, save_checkpoint
+from rto.checkpoint import list_checkpoints
 from rto.config import to_dict
 from rto.core.advantages import gae, reinforce_pp, whiten
 from rto.core.kl_control import AdaptiveKL, FixedKL
 from rto.core.losses import entropy_from_logits, policy_loss, value_loss
 from rto.core.masked import masked_mean
 from rto.core.rewards import dpo_token_term, kl_estimate, normalise_score, token_rewards
+from rto.core.selection import Selection
 from rto.custom_rewards import CustomRewards
-from rto.data import read_prompts, write_json
+from rto.data import read_prompts
 from rto.distributed import Dist, is_collective_failure
 from rto.errors import UserError
 from rto.evaluate import dev_point
 from rto.experience import Experience
 from rto.faults import inject_faults
-from rto.models import load_tokenizer, save_model, write_model_card
+from rto.models import load_tokenizer
 from rto.rollout import (Batch, decode_responses, encode_prompts, generate, pack, response_logits, sampling_logits,
                          sequence_scores, token_logprobs, token_values)
 from rto.stages.common import progress_enabled, setup
@@ -107,12 +108,13 @@ class PPOTrainer(CheckpointMixin):
         self.order: list[int] = []  # prompts left in this pass over the pool
         self.history: list[dict] = []  # one row of metrics per iteration
         self.curve: list[dict] = []  # one row per dev evaluation
+        # Dev selection of the result (best point, early stop, KL budget): rto.core.selection.
+        self.selection = Selection(cfg.select_by, cfg.patience, cfg.kl_budget) if cfg.select_by else None
 
     # --- set-up helpers ------------------------------------------------------------------
     def _read_prompts(self, path: str) -> list[str]:
-        cfg = self.cfg
-        return read_prompts(path, self.tokenizer, max_len=cfg.max_prompt_len, long_prompts=cfg.long_prompts,
-                            columns=cfg.columns, skip_bad_rows=cfg.skip_bad_rows)
+        return read_prompts(path, self.tokenizer, max_len=self.cfg.max_prompt_len, long_prompts=self.cfg.long_prompts,
+                            columns=self.cfg.columns, skip_bad_rows=self.cfg.skip_bad_rows)
 
     def _next_prompts(self) -> list[str]:
         """This process's share of the next rollout's prompts: the global rollout passes over the
@@ -325,8 +327,11 @@ class PPOTrainer(CheckpointMixin):
         start = time.time()
         for it in range(first, cfg.iterations):
             inject_faults(self.dist.rank, it + 1)
-            if self.eval_prompts and it % cfg.eval_every == 0 and main:
-                self.curve.append(self.evaluate(it))
+            if self.eval_prompts and it % cfg.eval_every == 0:
+                if main:
+                    self._evaluated(self.evaluate(it))
+                if self._stop_requested():
+                    break  # early stop (dev selection): the point just evaluated is the last
             # Sampling randomness per (seed, process, iteration): processes draw different
             # responses, and a resumed run draws what the uninterrupted one would have.
             torch.manual_seed(_sampling_seed(cfg.seed, self.dist.rank, it))
@@ -365,25 +370,21 @@ class PPOTrainer(CheckpointMixin):
                 progress.report(it + 1, cfg.iterations)
             bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("gold_reward", "rm_score", "kl") if k in metrics})
             if cfg.save_every and (it + 1) % cfg.save_every == 0 and main:
-                tensors, meta = self.state(it + 1)
-                save_checkpoint(out / "checkpoints", it + 1, tensors, meta, cfg.keep_last)
-        if self.eval_prompts and main:
-            self.curve.append(self.evaluate(cfg.iterations))
+                self._save_checkpoint(it + 1)
+        else:  # ran to the end: the final weights get their dev evaluation too
+            if self.eval_prompts and main:
+                self._evaluated(self.evaluate(cfg.iterations))
         bar.close()
         log.close()
-        summary = {"seconds": time.time() - start, "iterations": cfg.iterations, "reward": cfg.reward,
+        summary = {"seconds": time.time() - start, "iterations": len(self.history), "reward": cfg.reward,
                    "estimator": cfg.estimator, "processes": self.dist.world, "curve": self.curve,
                    "final": self.history[-1] if self.history else {}}
         if main:  # the weights are the same in every process: process 0 saves them
-            self._save(out, summary)
+            if self.selection is not None and self.selection.stop_reason:
+                print(f"[rto] ppo: stopped after iteration {len(self.history)}: {self.selection.stop_reason}",
+                      file=sys.stderr, flush=True)
+            self._save_results(out, summary)
         return summary
-
-    def _save(self, out: Path, summary: dict) -> None:
-        save_model(self.models.policy, self.tokenizer, out / "policy")
-        if self.models.critic is not None and self.cfg.save_critic and self.models.shared is None:
-            save_model(self.models.critic, self.tokenizer, out / "critic")
-        write_json(out / "metrics.json", summary)
-        write_model_card(out / "policy", "ppo", self.cfg, summary)
 
 
 def _trained_parameters(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:

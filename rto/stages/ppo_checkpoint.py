@@ -1,4 +1,5 @@
-"""Checkpoints of `rto ppo`: everything the next iteration depends on, saved and restored.
+"""What `rto ppo` writes: resumable checkpoints (everything the next iteration depends on), the
+policy the dev selection keeps, and the final models.
 
 A mixin of `PPOTrainer` (rto/stages/ppo.py), kept apart so the PPO file holds PPO; the file
 format and its atomic writing are in rto/checkpoint.py, the guarantees in docs/reliability.md.
@@ -6,12 +7,20 @@ format and its atomic writing are in rto/checkpoint.py, the guarantees in docs/r
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from rto.core.selection import divergence
+from rto.data import write_json
 from rto.errors import UserError
+from rto.models import save_model, write_model_card
+
+SELECTED = "policy_selected"  # OUT/ subdirectory: the dev selection's best policy so far
 
 
 class CheckpointMixin:
@@ -31,7 +40,8 @@ class CheckpointMixin:
             tensors.update({f"{model}.weights.{n}": p for n, p in params.items()})
         meta: dict = {"iteration": iteration, "config": to_dict(self.cfg), "order": self.order,
                       "history": self.history, "curve": self.curve, "kl_coef": self.kl_ctl.value,
-                      "bad_steps": self.bad_steps}
+                      "bad_steps": self.bad_steps,
+                      "selection": self.selection.state_dict() if self.selection is not None else None}
         opts = [("policy", self.policy_opt, self.policy_sched)]
         if self.models.critic is not None:
             opts.append(("critic", self.critic_opt, self.critic_sched))
@@ -77,7 +87,24 @@ class CheckpointMixin:
         self.curve = list(meta["curve"])
         self.kl_ctl.value = float(meta["kl_coef"])
         self.bad_steps = int(meta["bad_steps"])
+        if self.selection is not None:
+            self.selection.load_state_dict(meta["selection"])
+            # The selected policy as it was at this checkpoint (a later best, lost with the crash,
+            # may be on disk): the resumed run selects exactly as the uninterrupted one.
+            selected = Path(self.cfg.out) / SELECTED
+            if selected.exists() and self.dist.is_main:
+                shutil.rmtree(selected)
+            if (path / SELECTED).is_dir() and self.dist.is_main:
+                shutil.copytree(path / SELECTED, selected)
         return int(meta["iteration"])
+
+    def _save_checkpoint(self, iteration: int) -> None:
+        from rto.checkpoint import save_checkpoint
+
+        out = Path(self.cfg.out)
+        tensors, meta = self.state(iteration)
+        extra = {SELECTED: out / SELECTED} if (out / SELECTED).is_dir() else None
+        save_checkpoint(out / "checkpoints", iteration, tensors, meta, self.cfg.keep_last, extra)
 
     def _resume_point(self) -> int:
         from rto.checkpoint import list_checkpoints
@@ -97,3 +124,44 @@ class CheckpointMixin:
         done = self.load_state(path)
         print(f"[rto] ppo: resumed from {path} after iteration {done}", file=sys.stderr, flush=True)
         return done
+
+    # --- the dev selection and the final models ---------------------------------------------
+    def _evaluated(self, point: dict) -> None:
+        """Record a dev evaluation (process 0); with --select-by, a new best's policy is saved."""
+        self.curve.append(point)
+        if self.selection is not None and self.selection.observe(point):
+            out = Path(self.cfg.out)
+            save_model(self.models.policy, self.tokenizer, out / SELECTED)
+            (out / SELECTED / "selected.json").write_text(json.dumps({"iteration": point["iteration"]}))
+
+    def _stop_requested(self) -> bool:
+        """Process 0 decides (it evaluates); every process learns it in the same collective."""
+        local = self.selection is not None and self.selection.should_stop
+        return not self.dist.all_true(not local, self.device)
+
+    def _save_results(self, out: Path, summary: dict) -> None:
+        """OUT/policy is the result: the selected policy with --select-by (the last one then goes to
+        OUT/policy_last), else the last; OUT/critic, OUT/metrics.json, model cards."""
+        sel = self.selection
+        summary["divergence"] = divergence(self.curve)
+        if summary["divergence"] is not None:
+            d = summary["divergence"]
+            print(f"[rto] ppo: over-optimisation: at iteration {d['iteration']} the dev gold reward has fallen to "
+                  f"{d['gold_reward']:.3f} from {d['gold_reward_at_best']:.3f} (iteration {d['true_best_iteration']}) "
+                  f"while the RM score rose to {d['rm_score']:.3f} from {d['rm_score_at_best']:.3f}",
+                  file=sys.stderr, flush=True)
+        if sel is not None:
+            summary["selection"] = {"metric": sel.metric, "best": sel.best, "best_iteration": sel.best_iteration,
+                                    "stopped": sel.stop_reason or None}
+        if sel is not None and (out / SELECTED).is_dir():
+            save_model(self.models.policy, self.tokenizer, out / "policy_last")
+            write_model_card(out / "policy_last", "ppo", self.cfg, summary)
+            if (out / "policy").exists():
+                shutil.rmtree(out / "policy")
+            os.replace(out / SELECTED, out / "policy")
+        else:
+            save_model(self.models.policy, self.tokenizer, out / "policy")
+        if self.models.critic is not None and self.cfg.save_critic and self.models.shared is None:
+            save_model(self.models.critic, self.tokenizer, out / "critic")
+        write_json(out / "metrics.json", summary)
+        write_model_card(out / "policy", "ppo", self.cfg, summary)

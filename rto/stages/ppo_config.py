@@ -110,6 +110,13 @@ class PPOStageConfig:
     keep_last: int = opt(2, "checkpoints kept (older ones are deleted; 0: keep all)", ge=0)
     resume: str = opt("", "resume from a checkpoint: auto (the latest in OUT/checkpoints, if any) or its path")
     n_eval: int = opt(128, "evaluation prompts used", ge=1)
+    # --- choosing the result on the dev prompts (rto.core.selection) ---
+    select_by: Literal["", "gold_reward"] = opt(
+        "", "dev criterion that picks the saved policy among the evaluations (OUT/policy; the last one goes to "
+            "OUT/policy_last): gold_reward (needs --task); empty: the last policy is the result")
+    patience: int = opt(0, "with --select-by: stop after this many evaluations without a new best (0: never)", ge=0)
+    kl_budget: float | None = opt(None, "with --select-by: stop once the dev KL to the reference exceeds this "
+                                        "(nats per response); a point over it is never selected", gt=0)
     save_critic: bool = opt(True, "also save the critic to OUT/critic")
     seed: int = seed_field()
     threads: int = threads_field()
@@ -125,6 +132,12 @@ class PPOStageConfig:
     def validate(self):
         require(self, "ppo", "policy", "prompts", "out")
         trackers(self.report_to, "ppo")  # a missing tracker package stops the run before any work
+        if self.select_by and not (self.eval_prompts and self.eval_every):
+            raise UserError("ppo: --select-by needs dev prompts to evaluate on (--eval-prompts, --eval-every > 0)")
+        if self.select_by == "gold_reward" and not self.task:
+            raise UserError("ppo: --select-by gold_reward needs a --task with a gold reward")
+        if (self.patience or self.kl_budget) and not self.select_by:
+            raise UserError("ppo: --patience and --kl-budget act on the dev selection: set --select-by")
         if self.uses_rm and not self.reward_model:
             raise UserError(f"ppo: --reward {self.reward} needs --reward-model")
         if self.uses_dpo and not self.dpo_model:

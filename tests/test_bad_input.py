@@ -126,7 +126,9 @@ def test_bin_weights_are_refused_unless_allowed(capsys, tmp_path, tiny_dirs, ppo
     import os
     os.environ["RTO_ALLOW_BIN_WEIGHTS"] = "1"
     try:
-        assert load_causal_lm(legacy) is not None
+        loaded = load_causal_lm(legacy).state_dict()
+        original = load_file(f"{tiny_dirs['policy']}/model.safetensors")
+        assert all(torch.equal(loaded[k], v) for k, v in original.items())  # the .bin's weights, not a random init
     finally:
         del os.environ["RTO_ALLOW_BIN_WEIGHTS"]
 

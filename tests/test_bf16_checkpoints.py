@@ -58,9 +58,11 @@ def test_sft_from_a_bf16_checkpoint_trains_fp32_weights(tiny_dirs, tmp_path):
     # A learning rate small enough that bf16 weights (8 bits of mantissa) would round most updates away.
     run(build(SFTStageConfig, dict(model=policy, data=str(data), out=str(tmp_path / "sft"), epochs=1, batch_size=8,
                                    learning_rate=1e-5, threads=1), "test"))
+    start = load_causal_lm(policy).state_dict()
     with safe_open(str(tmp_path / "sft" / "model.safetensors"), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
-        changed = sum(int((f.get_tensor(k).float() != load_causal_lm(policy).state_dict()[k].float()).sum())
-                      for k in f.keys() if k in load_causal_lm(policy).state_dict())
+        changed = sum(int((f.get_tensor(k).float() != start[k].float()).sum()) for k in f.keys() if k in start)
+        total = sum(f.get_tensor(k).numel() for k in f.keys() if k in start)
     assert dtypes == {torch.float32}
-    assert changed > 0
+    # fp32 master weights take nearly every small update; bf16 weights round most of them away.
+    assert changed > 0.5 * total, (changed, total)

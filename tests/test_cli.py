@@ -189,6 +189,9 @@ def test_eval_exports_for_alpaca_eval_and_arena_hard(tiny_dirs, prompt_file, tmp
     assert len(alpaca) == 4 and set(alpaca[0]) >= {"instruction", "output", "generator"} and alpaca[0]["generator"] == "rl"
     assert "<eos>" not in "".join(r["output"] for r in alpaca)
     arena = [json.loads(line) for line in (tmp_path / "eval_arena_hard_sft.jsonl").read_text().splitlines()]
-    assert arena[0]["model_id"] == "sft" and arena[0]["choices"][0]["turns"][0]["content"] is not None
+    samples = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    sft_first = next(r["response"] for r in samples if r["model"] == "sft")
+    assert arena[0]["model_id"] == "sft"
+    assert arena[0]["choices"][0]["turns"][0]["content"] == sft_first.replace("<eos>", "").strip()
     assert rto("eval", "--models", "a=x", "--prompts", prompt_file, "--out", str(out), "--baseline", "a",
                "--export", "judge").returncode == 2

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rto.data import PREFERENCE_FIELDS, PROMPT_FIELDS, read_rows
 from rto.errors import UserError
@@ -95,7 +96,11 @@ def test_stages_run_on_conversational_data_from_the_command_line(chat_model, tmp
     from rto.lora import is_adapter_dir
     from rto.models import load_causal_lm
 
-    assert is_adapter_dir(tmp_path / "sft_lora") and load_causal_lm(tmp_path / "sft_lora") is not None
+    assert is_adapter_dir(tmp_path / "sft_lora")
+    # Loaded merged: the base's weights plus the trained adapter's update (not the base alone).
+    merged, base = load_causal_lm(tmp_path / "sft_lora").state_dict(), load_causal_lm(model).state_dict()
+    assert set(merged) == set(base) and any(not torch.equal(merged[k], base[k]) for k in base)
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # no adapter there
     rto("dpo", "--model", tmp_path / "sft", "--data", files["prefs"], "--out", tmp_path / "dpo", "--lora-r", "4", *common)
     rto("ppo", "--policy", tmp_path / "sft", "--reward-model", tmp_path / "rm", "--dpo-model", tmp_path / "dpo",
         "--prompts", files["prompts"], "--out", tmp_path / "ppo", "--reward", "rto", "--lora-r", "4", "--iterations", "2",

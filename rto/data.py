@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -225,8 +226,6 @@ def read_prompts(path: str | Path, tokenizer, *, max_len: int, long_prompts: str
     """Prompt texts as the policy reads them (conversations through the chat template, ending where
     the assistant speaks), with the length limit applied as `long_prompts` says: error (naming the
     first long row), skip (counted on stderr) or truncate (left to the encoder, which keeps the end)."""
-    import sys
-
     prompts = [render(r["prompt"], tokenizer, generation_prompt=True)
                for r in read_rows(path, PROMPT_FIELDS, columns, skip_bad_rows)]
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]

@@ -332,15 +332,17 @@ class Pipeline:
 
     def reference_lines(self, ppo_cfg) -> dict:
         """SFT and DPO on the same dev prompts, evaluated as the RL curves are (rto.evaluate.dev_point)."""
-        from rto.data import PROMPT_FIELDS, read_rows, render
+        from rto.data import read_prompts
         from rto.evaluate import dev_point
         from rto.models import load_causal_lm, load_score_model, load_tokenizer
 
         if not ppo_cfg.eval_prompts or not ppo_cfg.eval_every:
             return {}
         tokenizer = load_tokenizer(self.out / "sft")
-        prompts = [render(r["prompt"], tokenizer, generation_prompt=True)
-                   for r in read_rows(ppo_cfg.eval_prompts, PROMPT_FIELDS)][:ppo_cfg.n_eval]
+        # The prompts the trainer's dev evaluations read (same columns and long-prompt handling).
+        prompts = read_prompts(ppo_cfg.eval_prompts, tokenizer, max_len=ppo_cfg.max_prompt_len,
+                               long_prompts=ppo_cfg.long_prompts, columns=ppo_cfg.columns,
+                               skip_bad_rows=ppo_cfg.skip_bad_rows)[:ppo_cfg.n_eval]
         rm = load_score_model(self.out / "rm") if (self.out / "rm").is_dir() and self.task is None else None
         lines = {}
         for name in ("sft", "dpo"):

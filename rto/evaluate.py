@@ -81,21 +81,27 @@ def gold_rewards(task, prompts: list[str], responses: list[str]) -> list[float]:
 DEV_SEED_OFFSET = 7919
 
 
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error over prompts: the noise a fall must exceed to count (selection)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
+
+
 @torch.no_grad()
 def dev_point(policy, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int,
-              ref=None, task=None, rm=None) -> dict[str, float]:
+              ref=None, task=None, rm=None, judge=None) -> dict[str, float]:
     """One response per dev prompt, scored: `kl_to_ref` (with `ref`), `gold_reward` (with a task),
-    `rm_score` (with an RM); means over the prompts."""
+    `rm_score` (with an RM), `judge_score` (with a held-out judge, rto.judges); means over the
+    prompts, with standard errors for the gold and judge scores."""
     texts, batches = sample(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                             seed=seed + DEV_SEED_OFFSET)
     point = {}
     if ref is not None:
         point["kl_to_ref"] = kl_to(policy, ref, batches, temperature)
     if task is not None:
-        g = gold_rewards(task, prompts, texts)
-        point["gold_reward"] = sum(g) / len(g)
-        # its standard error over the dev prompts: the noise a fall must exceed to count (selection)
-        point["gold_reward_se"] = float(torch.tensor(g, dtype=torch.float64).std() / len(g) ** 0.5) if len(g) > 1 else 0.0
+        point["gold_reward"], point["gold_reward_se"] = mean_and_se(gold_rewards(task, prompts, texts))
+    if judge is not None:
+        point["judge_score"], point["judge_score_se"] = mean_and_se(judge(prompts, texts))
     if rm is not None:
         s = rm_scores(rm, batches)
         point["rm_score"] = sum(s) / len(s)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import yaml
@@ -20,8 +21,8 @@ import yaml
 from rto import progress
 from rto.config import build, opt, to_dict
 from rto.core.rewards import PLACEMENTS
-from rto.data import write_json
 from rto.errors import UserError
+from rto.pipeline_summary import last_differs, summarise
 from rto.stages import STAGES
 
 # RL methods: overrides of the shared `ppo` settings. Every method shares the same SFT model,
@@ -33,6 +34,7 @@ RL_METHODS: dict[str, dict] = {
     "rto-reinforce++": {"reward": "rto", "estimator": "reinforce++"},
 }
 OFFLINE_METHODS = ("sft", "dpo")
+HELDOUT_RM = "heldout-rm"  # --judge: an RM the pipeline trains on pairs disjoint from the training RM's
 
 
 @dataclass
@@ -45,9 +47,14 @@ class PipelineConfig:
     jobs: int = opt(2, "independent stages run at once as processes (1: one after another)", ge=1)
     threads: int = opt(0, "torch threads per process (0: cores / jobs)", ge=0)
     resume: bool = opt(False, "skip stages that finished before with the same settings (OUT/configs/*.done)")
-    select: bool = opt(True, "the RL methods' results are chosen on the dev prompts by the task's gold reward "
-                             "(rto ppo --select-by gold_reward, unless the ppo settings name their own); the "
-                             "table shows each method's last checkpoint too (METHOD@last)")
+    select: bool = opt(True, "the RL methods' results are chosen on the dev prompts by --select-by (rto ppo "
+                             "--select-by, unless the ppo settings name their own); the table shows each method's "
+                             "last checkpoint too (METHOD@last)")
+    select_by: Literal["gold_reward", "judge_score"] = opt(
+        "gold_reward", "the dev criterion: the task's gold reward, or the held-out judge's score (needs --judge)")
+    judge: str = opt("", "held-out judge of dev and test responses, beside the gold reward (rto ppo --judge): "
+                         "heldout-rm (an RM trained like the training RM on other pairs: pairs.n_judge_pairs, "
+                         "default as many as pairs.n_pairs), a reward-model directory, or module:function")
     data: dict = opt({}, "settings of `rto data`")
     sft: dict = opt({}, "settings of `rto sft`")
     pairs: dict = opt({}, "settings of `rto pairs`")
@@ -66,6 +73,8 @@ class PipelineConfig:
                 raise UserError(f"pipeline: unknown method {m!r}; known: {', '.join(sorted(known))}")
         if "sft" not in self.methods:
             raise UserError("pipeline: methods must include sft (the baseline everything is compared with)")
+        if self.select_by == "judge_score" and not self.judge:
+            raise UserError("pipeline: --select-by judge_score needs a --judge")
         for m in self.method_overrides:
             if m not in RL_METHODS:
                 raise UserError(f"pipeline: method_overrides names {m!r}, which is not an RL method")
@@ -220,7 +229,8 @@ class Pipeline:
             "threads": seq_threads}))
         if needs_rm or needs_dpo:
             self.run_one("pairs", "pairs", self.stage_config("pairs", "pairs", {
-                "model": str(out / "sft"), "out": str(d), "task": cfg.task, "seed": cfg.seed, "threads": seq_threads}))
+                "model": str(out / "sft"), "out": str(d), "task": cfg.task, "seed": cfg.seed, "threads": seq_threads},
+                self.judge_pairs()))
         offline = []
         group_threads = self.threads_for(min(cfg.jobs, 2))
         if needs_rm:
@@ -229,18 +239,34 @@ class Pipeline:
                 "model": str(out / "sft"), "data": str(d / "prefs.jsonl"), "out": str(out / "rm"),
                 "eval_data": str(heldout) if heldout.is_file() and heldout.stat().st_size else "",
                 "seed": cfg.seed, "threads": group_threads})))
+        if self.cfg.judge == HELDOUT_RM and needs_rm:  # trained exactly as the training RM, on other pairs
+            offline.append(("judge_rm", "rm", self.stage_config("rm", "rm", {
+                "model": str(out / "sft"), "data": str(d / "prefs_judge.jsonl"), "out": str(out / "judge_rm"),
+                "eval_data": offline[0][2].eval_data, "seed": cfg.seed + 1, "threads": group_threads})))
         if needs_dpo:
             offline.append(("dpo", "dpo", self.stage_config("dpo", "dpo", {
                 "model": str(out / "sft"), "data": str(d / "prefs.jsonl"), "out": str(out / "dpo"),
                 "seed": cfg.seed, "threads": group_threads})))
         self.run_group(offline)
 
+    def judge_pairs(self) -> dict:
+        """With --judge heldout-rm: the pairs stage also writes the judge's pairs (as many as the RM's)."""
+        if self.cfg.judge != HELDOUT_RM or "n_judge_pairs" in _merge(self.preset.get("pairs"), self.cfg.pairs):
+            return {}
+        n_pairs = _merge(self.preset.get("pairs"), self.cfg.pairs).get("n_pairs")
+        return {"n_judge_pairs": n_pairs or STAGES["pairs"].config_class()().n_pairs}
+
+    @property
+    def judge_spec(self) -> str:
+        """What `rto ppo --judge` and `rto eval --judge` get: a path or module:function, or ""."""
+        return str(self.out / "judge_rm") if self.cfg.judge == HELDOUT_RM else self.cfg.judge
+
     def selection_settings(self, method: str) -> dict:
-        """--select-by gold_reward where the pipeline selects and the method's settings allow it."""
+        """--select-by (gold reward or judge) where the pipeline selects and the method's settings allow it."""
         settings = self.rl_settings(method)
         if not self.cfg.select or "select_by" in settings or not settings.get("eval_every", 10):
             return {}
-        return {"select_by": "gold_reward"}
+        return {"select_by": self.cfg.select_by}
 
     def rl_job(self, name: str, method: str, extra: dict | None = None, prompts: Path | None = None,
                threads: int = 1) -> tuple[str, str, object]:
@@ -249,7 +275,8 @@ class Pipeline:
         wiring = {"policy": str(out / "sft"), "prompts": str(prompts or d / "rl_prompts.jsonl"), "out": str(out / name),
                   "reward_model": str(out / "rm"),
                   "dpo_model": str(out / "dpo") if (out / "dpo").is_dir() else "",
-                  "eval_prompts": str(d / "dev_prompts.jsonl"), "task": cfg.task, "seed": cfg.seed, "threads": threads}
+                  "eval_prompts": str(d / "dev_prompts.jsonl"), "task": cfg.task, "seed": cfg.seed, "threads": threads,
+                  "judge": self.judge_spec}
         values = _merge(self.rl_settings(method, extra), wiring)
         return name, "ppo", build(STAGES["ppo"].config_class(), values, f"pipeline {name}")
 
@@ -261,6 +288,7 @@ class Pipeline:
             "models": [f"{name}={path}" for name, path in models.items()],
             "prompts": str(self.out / "data" / "test_prompts.jsonl"), "out": str(out_file), "task": cfg.task,
             "baseline": "sft", "reward_model": str(self.out / "rm") if with_rm else "", "seed": cfg.seed,
+            "judge": self.judge_spec,
             "threads": self.threads_for(1)})
         self._done_marker("eval").unlink(missing_ok=True)  # cheap, and the models may have changed
         self.run_one("eval", "eval", eval_cfg)
@@ -278,97 +306,15 @@ class Pipeline:
         self.run_group(rl_jobs)
         paths = {"sft": out / "sft", "dpo": out / "dpo"} | {m: out / m / "policy" for m in rl_methods}
         models = {m: paths[m] for m in cfg.methods}
-        models |= {f"{m}@last": out / m / "policy_last" for m in rl_methods if _last_differs(out / m)}
+        models |= {f"{m}@last": out / m / "policy_last" for m in rl_methods if last_differs(out / m)}
         self.evaluate(models, out / "eval.json", needs_rm)
-        return self.summarise(start, rl_jobs)
-
-    def summarise(self, start: float, rl_jobs: list) -> dict:
-        import json
-
-        from rto.report import plot_training, results_table
-
-        out = self.out
-        ev = json.loads((out / "eval.json").read_text())
-        summary: dict = {"task": self.cfg.task, "preset": self.cfg.preset, "baseline": "sft",
-                         "methods": {k: v for k, v in ev["methods"].items() if "@" not in k},
-                         "last_checkpoints": {k: v for k, v in ev["methods"].items() if "@" in k},
-                         "n_test_prompts": ev["n_prompts"]}
-        rm_metrics = out / "rm" / "metrics.json"
-        if rm_metrics.is_file():
-            rmm = json.loads(rm_metrics.read_text())
-            if "eval_accuracy" in rmm:
-                summary["rm_accuracy"] = rmm["eval_accuracy"]
-            summary["rm_train_accuracy"] = rmm.get("train_accuracy")
-        for summary_key, info_file, field in (("teacher_gold_reward", "data_info.json", "teacher_gold_reward"),
-                                              ("label_agreement", "pairs_info.json", "label_agreement_with_gold")):
-            f = out / "data" / info_file
-            if f.is_file():
-                summary[summary_key] = json.loads(f.read_text())[field]
-        curves, refs, selection, divergence = {}, {}, {}, {}
-        for name, _, _ in rl_jobs:
-            mf = out / name / "metrics.json"
-            if mf.is_file():
-                run = json.loads(mf.read_text())
-                curves[name] = run.get("curve", [])
-                if run.get("selection"):
-                    selection[name] = {**run["selection"], "iterations_run": run["iterations"]}
-                if run.get("divergence"):
-                    divergence[name] = run["divergence"]
-        summary.update(curves=curves, selection=selection, divergence=divergence)
-        if curves:
-            refs = self.reference_lines(rl_jobs[0][2])
-        summary["reference_lines"] = refs
-        summary["timings_s"] = self.timings
-        summary["seconds"] = time.time() - start
-        write_json(out / "summary.json", summary)
-        plot = plot_training(summary, out / "training_curve.png")
-        table = results_table(summary)
-        (out / "results.txt").write_text(table + "\n")
-        print("\n" + table)
-        if plot:
-            print(f"plot: {plot}")
-        print(f"summary: {out / 'summary.json'}")
-        return summary
-
-    def reference_lines(self, ppo_cfg) -> dict:
-        """SFT and DPO on the same dev prompts, evaluated as the RL curves are (rto.evaluate.dev_point)."""
-        from rto.data import read_prompts
-        from rto.evaluate import dev_point
-        from rto.models import load_causal_lm, load_score_model, load_tokenizer
-
-        if not ppo_cfg.eval_prompts or not ppo_cfg.eval_every:
-            return {}
-        tokenizer = load_tokenizer(self.out / "sft")
-        # The prompts the trainer's dev evaluations read (same columns and long-prompt handling).
-        prompts = read_prompts(ppo_cfg.eval_prompts, tokenizer, max_len=ppo_cfg.max_prompt_len,
-                               long_prompts=ppo_cfg.long_prompts, columns=ppo_cfg.columns,
-                               skip_bad_rows=ppo_cfg.skip_bad_rows)[:ppo_cfg.n_eval]
-        rm = load_score_model(self.out / "rm") if (self.out / "rm").is_dir() and self.task is None else None
-        lines = {}
-        for name in ("sft", "dpo"):
-            if name not in self.cfg.methods:
-                continue
-            point = dev_point(load_causal_lm(self.out / name), tokenizer, prompts, max_new_tokens=ppo_cfg.max_new_tokens,
-                              temperature=ppo_cfg.temperature, seed=ppo_cfg.seed, task=self.task, rm=rm)
-            if point:
-                lines[name] = point.get("gold_reward", point.get("rm_score"))
-        return lines
-
+        return summarise(self, start, rl_jobs)
 
 def run(cfg: PipelineConfig) -> dict:
     from rto.distributed import refuse_launcher
 
     refuse_launcher("pipeline")
     return Pipeline(cfg).run()
-
-
-def _last_differs(run: Path) -> bool:
-    """An RL run whose dev selection kept another checkpoint than its last (OUT/policy_last)."""
-    import json
-
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    sel = metrics.get("selection")
-    return bool(sel) and (run / "policy_last").is_dir() and sel["best_iteration"] != metrics["iterations"]
 
 
 def _marker_text(cfg) -> str:

@@ -17,18 +17,23 @@ def format_table(rows: list[tuple[str, ...]]) -> list[str]:
     return lines
 
 
+def _with_ci(m: dict, key: str) -> str:
+    ci = m.get(f"{key}_ci")
+    return f"{_fmt(m.get(key))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(m.get(key))
+
+
 def results_table(summary: dict) -> str:
     methods = summary["methods"]
     base = summary.get("baseline", "sft")
     part_names = list(next((m["gold_parts"] for m in methods.values() if m.get("gold_parts")), {}))
+    judged = any("judge_score" in m for m in methods.values())
     rows = [("method", "gold reward [95% CI]", *(f"gold:{p}" for p in part_names), f"win vs {base}",
-             f"KL to {base}", "RM score", "length")]
+             f"KL to {base}", "RM score", *(["judge [95% CI]"] if judged else []), "length")]
     for name, m in {**methods, **(summary.get("last_checkpoints") or {})}.items():
-        ci = m.get("gold_reward_ci")
-        gold = f"{_fmt(m.get('gold_reward'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(m.get("gold_reward"))
         parts = [_fmt((m.get("gold_parts") or {}).get(p)) for p in part_names]
-        rows.append((name, gold, *parts, _fmt(m.get(f"win_rate_vs_{base}")), _fmt(m.get(f"kl_to_{base}"), ".2f"),
-                     _fmt(m.get("rm_score")), _fmt(m.get("response_length"), ".1f")))
+        rows.append((name, _with_ci(m, "gold_reward"), *parts, _fmt(m.get(f"win_rate_vs_{base}")),
+                     _fmt(m.get(f"kl_to_{base}"), ".2f"), _fmt(m.get("rm_score")),
+                     *([_with_ci(m, "judge_score")] if judged else []), _fmt(m.get("response_length"), ".1f")))
     lines = format_table(rows)
     notes = []
     for name, sel in (summary.get("selection") or {}).items():
@@ -37,13 +42,16 @@ def results_table(summary: dict) -> str:
         notes.append(f"{name}: the checkpoint of iteration {sel['best_iteration']}, chosen by dev {sel['metric']} "
                      f"({sel['best']:.3f}; {how}); {last}")
     for name, d in (summary.get("divergence") or {}).items():
-        notes.append(f"{name}: OVER-OPTIMISATION from iteration {d['iteration']}: dev gold reward "
-                     f"{d['gold_reward_at_best']:.3f} (iteration {d['true_best_iteration']}) -> {d['gold_reward']:.3f} "
+        true = d.get("metric", "gold_reward")
+        notes.append(f"{name}: OVER-OPTIMISATION from iteration {d['iteration']}: dev {true.replace('_', ' ')} "
+                     f"{d[true + '_at_best']:.3f} (iteration {d['true_best_iteration']}) -> {d[true]:.3f} "
                      f"while the RM score rose {d['rm_score_at_best']:.3f} -> {d['rm_score']:.3f}")
     if notes:
         notes.append("")
     if "rm_accuracy" in summary:
         notes.append(f"RM held-out accuracy against the gold order: {summary['rm_accuracy']:.3f}")
+    if "judge_accuracy" in summary:
+        notes.append(f"judge (held-out RM) accuracy against the gold order: {summary['judge_accuracy']:.3f}")
     if "label_agreement" in summary:
         notes.append(f"preference labels agreeing with the gold order: {summary['label_agreement']:.3f}")
     if "teacher_gold_reward" in summary:
@@ -54,7 +62,7 @@ def results_table(summary: dict) -> str:
 
 
 def plot_training(summary: dict, path: str | Path) -> Path | None:
-    """Dev-set gold reward (or RM score) against prompts seen, one line per RL method; a star at
+    """Dev-set gold reward (else the judge's score, else the RM score) against prompts seen, one line per RL method; a star at
     the checkpoint the dev selection kept, a dotted line where over-optimisation was flagged."""
     curves = summary.get("curves") or {}
     if not curves:
@@ -64,7 +72,8 @@ def plot_training(summary: dict, path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "gold_reward" if any("gold_reward" in p for c in curves.values() for p in c) else "rm_score"
+    has = {k for c in curves.values() for p in c for k in p}
+    key = next(k for k in ("gold_reward", "judge_score", "rm_score") if k in has or k == "rm_score")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, points in curves.items():
         pts = [p for p in points if key in p]

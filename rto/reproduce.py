@@ -32,6 +32,7 @@ from typing import Literal
 from rto.config import opt, require
 from rto.data import PROMPT_FIELDS, read_jsonl, write_json, write_jsonl
 from rto.pipeline import RL_METHODS, Pipeline, PipelineConfig
+from rto.pipeline_summary import reference_lines
 from rto.tasks import Task
 
 METHODS = list(RL_METHODS)  # every RL method of the pipeline (one per reward placement, and REINFORCE++)
@@ -170,7 +171,7 @@ class Reproduction:
             runs[name] = pipe.out / name
         models = {"sft": pipe.out / "sft", "dpo": pipe.out / "dpo"} | {n: p / "policy" for n, p in runs.items()}
         ev = pipe.evaluate(models, pipe.out / "eval.json", with_rm=True)
-        refs = pipe.reference_lines(jobs[0][2])
+        refs = reference_lines(pipe, jobs[0][2])
         rm = json.loads((pipe.out / "rm" / "metrics.json").read_text())
         from rto.report_reproduce import token_alignment
 

@@ -344,7 +344,10 @@ def encode_responses(tokenizer, prompts: list[str], responses: list[str], max_pr
 def score_texts(reward_model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 256) -> torch.Tensor:
     """RM scores of (prompt, response) texts: [N]."""
     out = []
+    device = next(reward_model.parameters()).device
     for i in range(0, len(prompts), batch_size):
         batch = encode_responses(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size])
-        out.append(sequence_scores(reward_model, batch))
+        batch = Batch(*(t.to(device) for t in (batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                               batch.response_mask)))
+        out.append(sequence_scores(reward_model, batch).cpu())
     return torch.cat(out) if out else torch.zeros(0)

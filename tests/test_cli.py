@@ -169,14 +169,41 @@ def test_smoke_pipeline_every_variant(tmp_path):
 
 def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
     task = os.path.join(os.path.dirname(__file__), "fixtures", "reverse_task.py") + ":ReverseTask"
-    proc = rto("pipeline", "--task", task, "--preset", "tiny", "--out", str(tmp_path / "run"), "--jobs", "1")
+    # ... chosen by a held-out judge: an RM the pipeline trains on pairs the training RM never saw.
+    proc = rto("pipeline", "--task", task, "--preset", "tiny", "--out", str(tmp_path / "run"), "--jobs", "1",
+               "--judge", "heldout-rm", "--select-by", "judge_score")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
     assert set(summary["methods"]) == {"sft", "dpo", "ppo", "rto"}
     # The user task's own gold reward (not keyed's), recomputed from the saved samples.
     from rto.tasks import load_task
 
-    _check_gold_from_samples(summary, tmp_path / "run" / "eval_samples.jsonl", load_task(task))
+    _check_gold_from_samples(summary, run / "eval_samples.jsonl", load_task(task))
+    pairs = {name: [json.loads(line) for line in (run / "data" / f"{name}.jsonl").read_text().splitlines()]
+             for name in ("prefs", "prefs_judge")}
+    assert len(pairs["prefs_judge"]) == len(pairs["prefs"])
+    assert not {r["prompt"] for r in pairs["prefs"]} & {r["prompt"] for r in pairs["prefs_judge"]}
+    assert "prefs_judge.jsonl" in (run / "configs" / "judge_rm.yaml").read_text()
+    assert 0 <= summary["judge_accuracy"] <= 1 and "judge (held-out RM) accuracy" in proc.stdout
+    # The judge's test scores, recomputed from the samples with the judge RM by hand.
+    from rto.models import load_score_model, load_tokenizer
+
+    judge, tok = load_score_model(run / "judge_rm"), load_tokenizer(run / "judge_rm")
+    rows = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()][:8]
+    for r in rows:
+        assert r["judge_score"] == pytest.approx(_score_by_hand(judge, tok, r["prompt"], r["response"]), abs=1e-4)
+    for m in ("ppo", "rto"):
+        sel, curve = summary["selection"][m], summary["curves"][m]
+        assert sel["metric"] == "judge_score" and sel["best"] == max(p["judge_score"] for p in curve)
+        assert all("gold_reward" in p for p in curve)  # the gold reward is still logged beside it
+        assert summary["methods"][m]["judge_score"] == pytest.approx(
+            sum(r["judge_score"] for r in _samples(run, m)) / summary["n_test_prompts"])
+    assert "judge [95% CI]" in proc.stdout
+
+
+def _samples(run, model):
+    return [r for line in (run / "eval_samples.jsonl").read_text().splitlines() if (r := json.loads(line))["model"] == model]
 
 
 def test_eval_exports_for_alpaca_eval_and_arena_hard(tiny_dirs, prompt_file, tmp_path):

@@ -63,7 +63,8 @@ class Selection:
 def divergence(curve: list[dict], proxy: str = "rm_score", true: str = "gold_reward",
                tolerance: float | str = "se") -> dict | None:
     """The first point where `true` has fallen more than `tolerance` below its best so far while
-    `proxy` is above its value at that best: {"iteration", "true_best_iteration", ...}, or None.
+    `proxy` is above its value at that best: {"metric": true, "iteration", "true_best_iteration",
+    true, true + "_at_best", proxy, proxy + "_at_best"}, or None.
 
     tolerance "se": twice the point's standard error of `true` (key `true + "_se"`), else 0."""
     best_i = None
@@ -76,7 +77,7 @@ def divergence(curve: list[dict], proxy: str = "rm_score", true: str = "gold_rew
         tol = 2.0 * point.get(f"{true}_se", 0.0) if tolerance == "se" else float(tolerance)
         best = curve[best_i]
         if point[true] < best[true] - tol and point[proxy] > best[proxy]:
-            return {"iteration": point["iteration"], "true_best_iteration": best["iteration"],
+            return {"metric": true, "iteration": point["iteration"], "true_best_iteration": best["iteration"],
                     f"{true}": point[true], f"{true}_at_best": best[true],
                     f"{proxy}": point[proxy], f"{proxy}_at_best": best[proxy]}
     return None

@@ -3,7 +3,7 @@
 Per model: mean gold reward with a 95% bootstrap interval (where the task has a
 gold reward), win rate against the baseline on the gold reward (same prompt,
 ties count half), KL to the baseline (Monte-Carlo, nats per response), the
-proxy RM score and the response length. Every model is sampled with the same
+proxy RM score, a held-out judge's score (rto.judges) and the response length. Every model is sampled with the same
 seed, one response per prompt.
 """
 
@@ -26,6 +26,8 @@ class EvalStageConfig:
     task: str = opt("", "task with a gold reward (empty: none)")
     baseline: str = opt("sft", "model name to compute win rates and KL against")
     reward_model: str = opt("", "reward model for the proxy score (empty: none)")
+    judge: str = opt("", "held-out judge scored beside the gold reward: a reward-model directory or "
+                         "module:function(prompts, responses) -> scores (rto/judges.py; empty: none)")
     n_prompts: int = opt(0, "use only the first N prompts (0: all)", ge=0)
     max_new_tokens: int = opt(64, "response length limit", ge=1)
     temperature: float = opt(1.0, "sampling temperature", gt=0)
@@ -67,6 +69,11 @@ def run(cfg: EvalStageConfig) -> dict:
 
         task = load_task(cfg.task)
     rm = load_score_model(cfg.reward_model) if cfg.reward_model else None
+    judge = None
+    if cfg.judge:
+        from rto.judges import load_judge
+
+        judge = load_judge(cfg.judge, load_tokenizer(models[cfg.baseline]))
     baseline_path = models[cfg.baseline]
     tokenizer = load_tokenizer(baseline_path)
     prompts = [render(p, tokenizer, generation_prompt=True) for p in raw_prompts]
@@ -90,6 +97,9 @@ def run(cfg: EvalStageConfig) -> dict:
             parts = [task.gold_parts(p, t) for p, t in zip(prompts, texts)]
             if parts and parts[0]:
                 m["gold_parts"] = {k: sum(x[k] for x in parts) / len(parts) for k in parts[0]}
+        judged = judge(prompts, texts) if judge is not None else None
+        if judged is not None:
+            m["judge_score"], m["judge_score_ci"] = sum(judged) / len(judged), list(mean_ci(judged, seed=cfg.seed))
         scores = rm_scores(rm, batches) if rm is not None else None
         if scores is not None:
             m["rm_score"] = sum(scores) / len(scores)
@@ -100,6 +110,8 @@ def run(cfg: EvalStageConfig) -> dict:
                 row["gold_reward"] = golds[name][i]
             if scores is not None:
                 row["rm_score"] = scores[i]
+            if judged is not None:
+                row["judge_score"] = judged[i]
             samples.append(row)
     out = Path(cfg.out)
     write_jsonl(out.with_name(out.stem + "_samples.jsonl"), samples)

@@ -44,6 +44,7 @@ from rto.data import read_prompts
 from rto.distributed import Dist, is_collective_failure
 from rto.errors import UserError
 from rto.evaluate import dev_point
+from rto.judges import load_judge
 from rto.experience import Experience
 from rto.faults import inject_faults
 from rto.models import load_tokenizer
@@ -53,7 +54,7 @@ from rto.stages.common import progress_enabled, setup
 from rto.stages.ppo_checkpoint import CheckpointMixin
 from rto.stages.ppo_config import PPOStageConfig
 from rto.stages.ppo_models import (check_tokenizers, device_and_precision, load_models, make_optimizer,
-                                  warn_unused_engine)
+                                  segment_delimiter_ids, warn_unused_engine)
 from rto.tasks import load_task
 from rto.tracking import MetricsLog
 
@@ -89,11 +90,8 @@ class PPOTrainer(CheckpointMixin):
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                     gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
         self.task = load_task(cfg.task) if cfg.task else None
-        vocab = self.tokenizer.get_vocab()
-        unknown = [t for t in cfg.segment_delimiters if t not in vocab]
-        if unknown:
-            raise UserError(f"ppo: --segment-delimiters {', '.join(map(repr, unknown))} not in the tokenizer's vocabulary")
-        self.delimiter_ids = [vocab[t] for t in cfg.segment_delimiters]
+        self.judge = load_judge(cfg.judge, self.tokenizer, self.device) if cfg.judge and self.dist.is_main else None
+        self.delimiter_ids = segment_delimiter_ids(cfg, self.tokenizer)
         self.custom = CustomRewards(cfg.custom_rewards, self.tokenizer, self.task)
 
         self.steps_per_iteration = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
@@ -295,7 +293,7 @@ class PPOTrainer(CheckpointMixin):
         with self.models.autocast():
             point = dev_point(self.models.policy, self.tokenizer, self.eval_prompts,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                              ref=self.models.ref, task=self.task, rm=self.models.rm)
+                              ref=self.models.ref, task=self.task, rm=self.models.rm, judge=self.judge)
         return {"iteration": iteration, "prompts_seen": iteration * cfg.rollout_batch_size, **point}
 
     def experience_metrics(self, exp: Experience) -> dict:

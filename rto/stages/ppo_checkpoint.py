@@ -143,11 +143,12 @@ class CheckpointMixin:
         """OUT/policy is the result: the selected policy with --select-by (the last one then goes to
         OUT/policy_last), else the last; OUT/critic, OUT/metrics.json, model cards."""
         sel = self.selection
-        summary["divergence"] = divergence(self.curve)
+        true = self.cfg.held_out_metric
+        summary["divergence"] = divergence(self.curve, true=true) if true else None
         if summary["divergence"] is not None:
             d = summary["divergence"]
-            print(f"[rto] ppo: over-optimisation: at iteration {d['iteration']} the dev gold reward has fallen to "
-                  f"{d['gold_reward']:.3f} from {d['gold_reward_at_best']:.3f} (iteration {d['true_best_iteration']}) "
+            print(f"[rto] ppo: over-optimisation: at iteration {d['iteration']} the dev {true} has fallen to "
+                  f"{d[true]:.3f} from {d[true + '_at_best']:.3f} (iteration {d['true_best_iteration']}) "
                   f"while the RM score rose to {d['rm_score']:.3f} from {d['rm_score_at_best']:.3f}",
                   file=sys.stderr, flush=True)
         if sel is not None:

@@ -111,9 +111,12 @@ class PPOStageConfig:
     resume: str = opt("", "resume from a checkpoint: auto (the latest in OUT/checkpoints, if any) or its path")
     n_eval: int = opt(128, "evaluation prompts used", ge=1)
     # --- choosing the result on the dev prompts (rto.core.selection) ---
-    select_by: Literal["", "gold_reward"] = opt(
+    judge: str = opt("", "held-out judge of the dev responses, never trained on, logged as judge_score: a reward-model "
+                         "directory (e.g. an RM trained on other pairs) or module:function(prompts, responses) -> "
+                         "scores (see rto/judges.py)")
+    select_by: Literal["", "gold_reward", "judge_score"] = opt(
         "", "dev criterion that picks the saved policy among the evaluations (OUT/policy; the last one goes to "
-            "OUT/policy_last): gold_reward (needs --task); empty: the last policy is the result")
+            "OUT/policy_last): gold_reward (needs --task) or judge_score (needs --judge); empty: the last policy")
     patience: int = opt(0, "with --select-by: stop after this many evaluations without a new best (0: never)", ge=0)
     kl_budget: float | None = opt(None, "with --select-by: stop once the dev KL to the reference exceeds this "
                                         "(nats per response); a point over it is never selected", gt=0)
@@ -126,6 +129,12 @@ class PPOStageConfig:
         return PLACEMENTS[self.reward].uses_dpo and self.beta1 > 0
 
     @property
+    def held_out_metric(self) -> str:
+        """The dev score the proxy is checked against (over-optimisation): the selection's criterion,
+        else the gold reward, else the judge's score ("" when there is none)."""
+        return self.select_by or ("gold_reward" if self.task else "judge_score" if self.judge else "")
+
+    @property
     def uses_rm(self) -> bool:
         return PLACEMENTS[self.reward].uses_rm and self.rm_weight != 0
 
@@ -136,6 +145,10 @@ class PPOStageConfig:
             raise UserError("ppo: --select-by needs dev prompts to evaluate on (--eval-prompts, --eval-every > 0)")
         if self.select_by == "gold_reward" and not self.task:
             raise UserError("ppo: --select-by gold_reward needs a --task with a gold reward")
+        if self.select_by == "judge_score" and not self.judge:
+            raise UserError("ppo: --select-by judge_score needs a --judge")
+        if self.judge and self.judge in (self.reward_model, self.policy):
+            raise UserError("ppo: --judge must be a model the training does not optimise, not the --reward-model")
         if (self.patience or self.kl_budget) and not self.select_by:
             raise UserError("ppo: --patience and --kl-budget act on the dev selection: set --select-by")
         if self.uses_rm and not self.reward_model:

@@ -80,6 +80,15 @@ def check_tokenizers(cfg: PPOStageConfig, tokenizer) -> None:
             check_same_tokenizer(tokenizer, f"policy {cfg.policy}", path, what)
 
 
+def segment_delimiter_ids(cfg: PPOStageConfig, tokenizer) -> list[int]:
+    """Token ids of --segment-delimiters (Semi-RTO), each checked to be in the vocabulary."""
+    vocab = tokenizer.get_vocab()
+    unknown = [t for t in cfg.segment_delimiters if t not in vocab]
+    if unknown:
+        raise UserError(f"ppo: --segment-delimiters {', '.join(map(repr, unknown))} not in the tokenizer's vocabulary")
+    return [vocab[t] for t in cfg.segment_delimiters]
+
+
 def load_models(cfg: PPOStageConfig, device: torch.device, bf16: bool, dist: Dist) -> PPOModels:
     """Load, freeze, place; every process starts from process 0's trained weights."""
     rm, rm_stats = None, {"mean": 0.0, "std": 1.0}

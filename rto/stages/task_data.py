@@ -3,7 +3,8 @@
 - `rto data`: SFT demonstrations from the task's teacher, and prompt files for
   RL (train split), model selection (dev) and evaluation (test).
 - `rto pairs`: two SFT samples per train prompt, labelled by a Bradley-Terry
-  draw on the gold reward difference, P(a > b) = sigmoid((g_a - g_b) / T);
+  draw on the gold reward difference, P(a > b) = sigmoid((g_a - g_b) / T)
+  (optionally more such pairs on other prompts, for a held-out judge RM);
   plus held-out pairs from test prompts ordered by the gold reward itself
   (ties dropped), on which the RM's accuracy against the gold order is measured.
 """
@@ -58,10 +59,12 @@ def run_data(cfg: DataStageConfig) -> dict:
 @dataclass
 class PairsStageConfig:
     model: str = opt("", "SFT model directory to sample from")
-    out: str = opt("", "output directory (prefs.jsonl, prefs_heldout.jsonl)")
+    out: str = opt("", "output directory (prefs.jsonl, prefs_heldout.jsonl, prefs_judge.jsonl)")
     task: str = opt("keyed", "task whose gold reward labels the pairs")
     n_pairs: int = opt(2000, "training pairs (train-split prompts)", ge=1)
     n_heldout: int = opt(500, "held-out pairs (test-split prompts), ordered by gold reward", ge=0)
+    n_judge_pairs: int = opt(0, "pairs for a held-out judge RM (prefs_judge.jsonl): labelled as the training pairs, "
+                                "on train-split prompts disjoint from theirs", ge=0)
     bt_temperature: float = opt(0.1, "Bradley-Terry temperature of the labels (label noise)", gt=0)
     max_new_tokens: int = opt(24, "response length limit", ge=1)
     temperature: float = opt(1.0, "sampling temperature", gt=0)
@@ -87,18 +90,9 @@ def _sample_two(policy, tokenizer, prompts, cfg) -> tuple[list[str], list[str]]:
     return first, second
 
 
-def run_pairs(cfg: PairsStageConfig) -> dict:
-    setup(cfg.seed, cfg.threads)
-    from rto.models import load_causal_lm, load_tokenizer
-    from rto.tasks import load_task
-
-    task = load_task(cfg.task)
-    tokenizer = load_tokenizer(cfg.model)
-    policy = load_causal_lm(cfg.model, what="SFT model")
-    rng = random.Random(f"pairs/{cfg.seed}")
-    out = Path(cfg.out)
-
-    prompts = task.prompts("train", cfg.n_pairs, seed=cfg.seed + 2_000_003)
+def _labelled_pairs(task, prompts, policy, tokenizer, rng, cfg) -> tuple[list[dict], int, int]:
+    """Two SFT samples per prompt, labelled by a Bradley-Terry draw on their gold rewards:
+    (rows, labels agreeing with the gold order, pairs whose gold rewards differ)."""
     a, b = _sample_two(policy, tokenizer, prompts, cfg)
     rows, agree, informative = [], 0, 0
     for p, ra, rb in zip(prompts, a, b):
@@ -111,6 +105,22 @@ def run_pairs(cfg: PairsStageConfig) -> dict:
             informative += 1
             agree += gc > gr
         rows.append({"prompt": p, "chosen": chosen, "rejected": rejected, "gold_chosen": gc, "gold_rejected": gr})
+    return rows, agree, informative
+
+
+def run_pairs(cfg: PairsStageConfig) -> dict:
+    setup(cfg.seed, cfg.threads)
+    from rto.models import load_causal_lm, load_tokenizer
+    from rto.tasks import load_task
+
+    task = load_task(cfg.task)
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_causal_lm(cfg.model, what="SFT model")
+    rng = random.Random(f"pairs/{cfg.seed}")
+    out = Path(cfg.out)
+
+    prompts = task.prompts("train", cfg.n_pairs + cfg.n_judge_pairs, seed=cfg.seed + 2_000_003)
+    rows, agree, informative = _labelled_pairs(task, prompts[:cfg.n_pairs], policy, tokenizer, rng, cfg)
     write_jsonl(out / "prefs.jsonl", rows)
 
     heldout = []
@@ -124,6 +134,10 @@ def run_pairs(cfg: PairsStageConfig) -> dict:
                 heldout.append({"prompt": p, "chosen": chosen, "rejected": rejected,
                                 "gold_chosen": max(ga, gb), "gold_rejected": min(ga, gb)})
         write_jsonl(out / "prefs_heldout.jsonl", heldout)
+    # Last, so the other files are the same with or without them; distinct prompts (one draw),
+    # so the training RM and the judge never see the same pair.
+    if cfg.n_judge_pairs:
+        write_jsonl(out / "prefs_judge.jsonl", _labelled_pairs(task, prompts[cfg.n_pairs:], policy, tokenizer, rng, cfg)[0])
     info = {"pairs": len(rows), "label_agreement_with_gold": agree / max(informative, 1),
             "tied_fraction": 1 - informative / len(rows), "heldout_pairs": len(heldout),
             "sft_sample_gold_reward": sum(r["gold_chosen"] + r["gold_rejected"] for r in rows) / (2 * len(rows))}

@@ -26,12 +26,13 @@ class Experience:
     advantages: torch.Tensor  # [B, R] GAE or REINFORCE++ advantages, whitened
     returns: torch.Tensor  # [B, R] the critic's targets (REINFORCE++: the return-to-go)
     kl: torch.Tensor  # [B, R] per-token KL estimate to the reference
-    raw_score: torch.Tensor  # [B] the RM's score (zeros without an RM)
-    score: torch.Tensor  # [B] the score paid at the last token: standardised, clipped, EOS-penalised
+    raw_score: torch.Tensor  # [B] the (first) RM's score (zeros without an RM)
+    score: torch.Tensor  # [B] the score paid at the last token: standardised (an ensemble's combined), clipped, EOS-penalised
     dpo_term: torch.Tensor  # [B, R] beta1 * DPO log-ratio, clipped (zeros without a DPO model)
     dpo_clip_frac: torch.Tensor  # [] fraction of response tokens whose DPO term was clipped
     has_eos: torch.Tensor  # [B] bool: the response ended with EOS (not cut off by the length limit)
     custom: torch.Tensor | None  # [B, R] weighted sum of the custom token rewards, if any
+    disagreement: torch.Tensor | None = None  # [B] std of an RM ensemble's standardised scores, if any
 
     @property
     def mask(self) -> torch.Tensor:
@@ -60,4 +61,6 @@ class Experience:
         }
         if self.custom is not None:
             out["reward/custom"] = float(self.custom.sum(-1).mean())
+        if self.disagreement is not None:
+            out["reward/ensemble_disagreement"] = float(self.disagreement.mean())
         return out

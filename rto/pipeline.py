@@ -55,6 +55,9 @@ class PipelineConfig:
     judge: str = opt("", "held-out judge of dev and test responses, beside the gold reward (rto ppo --judge): "
                          "heldout-rm (an RM trained like the training RM on other pairs: pairs.n_judge_pairs, "
                          "default as many as pairs.n_pairs), a reward-model directory, or module:function")
+    rm_ensemble: int = opt(1, "reward models trained: N > 1 adds N - 1 more (other seeds, each on a bootstrap "
+                              "resample of the pairs) that rto ppo combines with the first (--reward-model-ensemble; "
+                              "how: ppo.ensemble_reduce)", ge=1)
     data: dict = opt({}, "settings of `rto data`")
     sft: dict = opt({}, "settings of `rto sft`")
     pairs: dict = opt({}, "settings of `rto pairs`")
@@ -239,6 +242,11 @@ class Pipeline:
                 "model": str(out / "sft"), "data": str(d / "prefs.jsonl"), "out": str(out / "rm"),
                 "eval_data": str(heldout) if heldout.is_file() and heldout.stat().st_size else "",
                 "seed": cfg.seed, "threads": group_threads})))
+        for i in range(2, cfg.rm_ensemble + 1 if needs_rm else 0):  # more members, same settings
+            offline.append((f"rm_{i}", "rm", self.stage_config("rm", "rm", {
+                "model": str(out / "sft"), "data": str(_bootstrap(d / "prefs.jsonl", d / f"prefs_boot{i}.jsonl", cfg.seed, i)),
+                "out": str(out / f"rm_{i}"), "eval_data": offline[0][2].eval_data, "seed": cfg.seed + 1000 * i,
+                "threads": group_threads})))
         if self.cfg.judge == HELDOUT_RM and needs_rm:  # trained exactly as the training RM, on other pairs
             offline.append(("judge_rm", "rm", self.stage_config("rm", "rm", {
                 "model": str(out / "sft"), "data": str(d / "prefs_judge.jsonl"), "out": str(out / "judge_rm"),
@@ -276,7 +284,8 @@ class Pipeline:
                   "reward_model": str(out / "rm"),
                   "dpo_model": str(out / "dpo") if (out / "dpo").is_dir() else "",
                   "eval_prompts": str(d / "dev_prompts.jsonl"), "task": cfg.task, "seed": cfg.seed, "threads": threads,
-                  "judge": self.judge_spec}
+                  "judge": self.judge_spec,
+                  "reward_model_ensemble": [str(out / f"rm_{i}") for i in range(2, cfg.rm_ensemble + 1)]}
         values = _merge(self.rl_settings(method, extra), wiring)
         return name, "ppo", build(STAGES["ppo"].config_class(), values, f"pipeline {name}")
 
@@ -315,6 +324,19 @@ def run(cfg: PipelineConfig) -> dict:
 
     refuse_launcher("pipeline")
     return Pipeline(cfg).run()
+
+
+def _bootstrap(source: Path, target: Path, seed: int, member: int) -> Path:
+    """A resample of `source`'s rows with replacement, as many as it has, seeded by the member;
+    rewritten only when it changes, so a resumed pipeline does not retrain that member."""
+    import random
+
+    rows = source.read_text().splitlines()
+    rng = random.Random(f"bootstrap/{seed}/{member}")
+    text = "\n".join(rows[rng.randrange(len(rows))] for _ in rows) + "\n"
+    if not target.is_file() or target.read_text() != text:
+        target.write_text(text)
+    return target
 
 
 def _marker_text(cfg) -> str:

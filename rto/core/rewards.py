@@ -96,6 +96,25 @@ def normalise_score(score: torch.Tensor, mean: float, std: float, clip: float | 
     return out.clamp(-clip, clip) if clip is not None else out
 
 
+ENSEMBLE_REDUCTIONS = ("mean", "mean_minus_std", "min")
+
+
+def ensemble_score(scores: torch.Tensor, reduce: str, std_coef: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """M reward models' standardised scores of B responses [M, B] -> (one score [B], disagreement [B]).
+
+    mean; mean_minus_std: mean - std_coef * std over the members (uncertainty-weighted
+    optimisation); min: the worst case (Coste et al., ICLR 2024). Disagreement is the std over
+    the members (population std: two members give half their difference), a warning sign of
+    responses the RMs were not trained to judge."""
+    if reduce not in ENSEMBLE_REDUCTIONS:
+        raise ValueError(f"reduce must be one of {ENSEMBLE_REDUCTIONS}, got {reduce!r}")
+    spread = scores.std(0, correction=0)
+    if reduce == "min":
+        return scores.min(0).values, spread
+    mean = scores.mean(0)
+    return (mean - std_coef * spread if reduce == "mean_minus_std" else mean), spread
+
+
 def segment_sums_at_ends(term: torch.Tensor, mask: torch.Tensor, segment_end: torch.Tensor) -> torch.Tensor:
     """Sum `term` over each segment and pay the sum at the segment's last token.
 

@@ -31,18 +31,16 @@ import torch
 from tqdm.auto import tqdm
 
 from rto import progress
-from rto.checkpoint import list_checkpoints
 from rto.config import to_dict
 from rto.core.advantages import gae, reinforce_pp, whiten
 from rto.core.kl_control import AdaptiveKL, FixedKL
 from rto.core.losses import entropy_from_logits, policy_loss, value_loss
 from rto.core.masked import masked_mean
-from rto.core.rewards import dpo_token_term, kl_estimate, normalise_score, token_rewards
+from rto.core.rewards import dpo_token_term, ensemble_score, kl_estimate, normalise_score, token_rewards
 from rto.core.selection import Selection
 from rto.custom_rewards import CustomRewards
 from rto.data import read_prompts
 from rto.distributed import Dist, is_collective_failure
-from rto.errors import UserError
 from rto.evaluate import dev_point
 from rto.judges import load_judge
 from rto.experience import Experience
@@ -183,6 +181,13 @@ class PPOTrainer(CheckpointMixin):
                      else torch.zeros(len(prompts), device=self.device))
         score = (normalise_score(raw_score, models.rm_stats["mean"], models.rm_stats["std"], cfg.score_clip)
                  if cfg.normalize_score else raw_score)
+        disagreement = None
+        if models.rm_ensemble:  # a conservative score from several RMs, each standardised with its own stats
+            members = [normalise_score(raw_score, models.rm_stats["mean"], models.rm_stats["std"], None)]
+            members += [normalise_score(self._score(lambda b, pk, rm=rm: sequence_scores(rm, b, pk), batch),
+                                        stats["mean"], stats["std"], None) for rm, stats in models.rm_ensemble]
+            score, disagreement = ensemble_score(torch.stack(members), cfg.ensemble_reduce, cfg.ensemble_std_coef)
+            score = score.clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip is not None else score
         has_eos = ((tokens == self.tokenizer.eos_token_id) & (rmask > 0)).any(-1)
         if cfg.missing_eos_penalty is not None:
             score = torch.where(has_eos, score, score - cfg.missing_eos_penalty)
@@ -202,7 +207,8 @@ class PPOTrainer(CheckpointMixin):
             advantages, returns = reinforce_pp(rewards, rmask, cfg.gamma, all_sum=self.dist.all_sum)
         return Experience(batch=batch, prompts=prompts, old_logp=old_logp, values=values, rewards=rewards,
                           advantages=advantages, returns=returns, kl=kl, raw_score=raw_score, score=score,
-                          dpo_term=dpo_term, dpo_clip_frac=dpo_clip_frac, has_eos=has_eos, custom=custom)
+                          dpo_term=dpo_term, dpo_clip_frac=dpo_clip_frac, has_eos=has_eos, custom=custom,
+                          disagreement=disagreement)
 
     # --- 5: the PPO update ---------------------------------------------------------------
     def train_on(self, exp: Experience) -> dict:
@@ -276,15 +282,6 @@ class PPOTrainer(CheckpointMixin):
             self.policy_sched.step()
             if self.models.critic is not None:
                 self.critic_sched.step()
-
-    def _note_step(self, finite: bool, what: str) -> None:
-        """Count consecutive non-finite updates; too many in a row end the run with a clear message."""
-        self.bad_steps = 0 if finite else self.bad_steps + 1
-        if self.bad_steps > self.cfg.max_bad_steps:
-            last = list_checkpoints(Path(self.cfg.out) / "checkpoints")
-            where = f"; the last good checkpoint is {last[-1]}" if last else ""
-            raise UserError(f"ppo: {self.bad_steps} consecutive non-finite updates ({what}) at iteration "
-                            f"{len(self.history) + 1}: the run stopped{where}")
 
     # --- 6: evaluation and logging --------------------------------------------------------
     def evaluate(self, iteration: int) -> dict:

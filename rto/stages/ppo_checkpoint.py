@@ -1,5 +1,6 @@
-"""What `rto ppo` writes: resumable checkpoints (everything the next iteration depends on), the
-policy the dev selection keeps, and the final models.
+"""What `rto ppo` writes and when it stops: resumable checkpoints (everything the next iteration
+depends on), the count of non-finite updates that ends a run, the policy the dev selection keeps,
+and the final models.
 
 A mixin of `PPOTrainer` (rto/stages/ppo.py), kept apart so the PPO file holds PPO; the file
 format and its atomic writing are in rto/checkpoint.py, the guarantees in docs/reliability.md.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rto.checkpoint import list_checkpoints
 from rto.core.selection import divergence
 from rto.data import write_json
 from rto.errors import UserError
@@ -107,7 +109,6 @@ class CheckpointMixin:
         save_checkpoint(out / "checkpoints", iteration, tensors, meta, self.cfg.keep_last, extra)
 
     def _resume_point(self) -> int:
-        from rto.checkpoint import list_checkpoints
 
         cfg = self.cfg
         if not cfg.resume:
@@ -124,6 +125,15 @@ class CheckpointMixin:
         done = self.load_state(path)
         print(f"[rto] ppo: resumed from {path} after iteration {done}", file=sys.stderr, flush=True)
         return done
+
+    def _note_step(self, finite: bool, what: str) -> None:
+        """Count consecutive non-finite updates; too many in a row end the run with a clear message."""
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        if self.bad_steps > self.cfg.max_bad_steps:
+            last = list_checkpoints(Path(self.cfg.out) / "checkpoints")
+            where = f"; the last good checkpoint is {last[-1]}" if last else ""
+            raise UserError(f"ppo: {self.bad_steps} consecutive non-finite updates ({what}) at iteration "
+                            f"{len(self.history) + 1}: the run stopped{where}")
 
     # --- the dev selection and the final models ---------------------------------------------
     def _evaluated(self, point: dict) -> None:

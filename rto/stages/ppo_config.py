@@ -41,6 +41,12 @@ class PPOStageConfig:
     kl_target: float | None = opt(None, "target KL per response for the adaptive controller (none: fixed)", gt=0)
     kl_horizon: int = opt(10000, "adaptive KL horizon (in responses)", ge=1)
     rm_weight: float = opt(1.0, "weight of the RM score at the last token (beta3)")
+    reward_model_ensemble: list[str] = opt([], "more reward models (other seeds or resamples of the pairs): with "
+                                               "--reward-model, each standardised with its own stats, combined by "
+                                               "--ensemble-reduce into the sparse score")
+    ensemble_reduce: Literal["mean", "mean_minus_std", "min"] = opt(
+        "mean_minus_std", "how the ensemble's scores combine: mean, mean - --ensemble-std-coef * std, or min")
+    ensemble_std_coef: float = opt(1.0, "the multiple of the members' std taken off with mean_minus_std", ge=0)
     normalize_score: bool = opt(True, "standardise the RM score with the mean/std stored at RM training")
     score_clip: float | None = opt(10.0, "clamp of the (standardised) RM score", gt=0)
     missing_eos_penalty: float | None = opt(None, "subtract this from the score of responses cut off without EOS")
@@ -153,6 +159,8 @@ class PPOStageConfig:
             raise UserError("ppo: --patience and --kl-budget act on the dev selection: set --select-by")
         if self.uses_rm and not self.reward_model:
             raise UserError(f"ppo: --reward {self.reward} needs --reward-model")
+        if self.reward_model_ensemble and self.uses_rm and not self.normalize_score:
+            raise UserError("ppo: --reward-model-ensemble combines standardised RM scores: it needs --normalize-score")
         if self.uses_dpo and not self.dpo_model:
             raise UserError(f"ppo: --reward {self.reward} needs --dpo-model (or --beta1 0)")
         if self.rollout_batch_size % self.mini_batch_size:

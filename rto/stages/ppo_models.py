@@ -36,6 +36,7 @@ class PPOModels:
     critic: nn.Module | None = None  # value model for GAE (None with REINFORCE++)
     rm: nn.Module | None = None  # reward model (None for dpo-only)
     rm_stats: dict = field(default_factory=lambda: {"mean": 0.0, "std": 1.0})  # its score mean/std at RM training
+    rm_ensemble: list[tuple[nn.Module, dict]] = field(default_factory=list)  # more RMs, each with its stats
     dpo: nn.Module | None = None  # DPO model (dense variants)
     dpo_ref: nn.Module | None = None  # the DPO model's own reference, when it is not `ref`
     shared: SharedBase | None = None
@@ -75,7 +76,8 @@ def check_tokenizers(cfg: PPOStageConfig, tokenizer) -> None:
     """Every model reads the policy's token ids: their tokenizers must agree with it, up front."""
     for path, what in ((cfg.ref, "reference model"), (cfg.dpo_model if cfg.uses_dpo else "", "DPO model"),
                        (cfg.dpo_ref if cfg.uses_dpo else "", "DPO reference model"),
-                       (cfg.reward_model if cfg.uses_rm else "", "reward model"), (cfg.critic, "critic")):
+                       (cfg.reward_model if cfg.uses_rm else "", "reward model"), (cfg.critic, "critic"),
+                       *((path, "ensemble reward model") for path in cfg.reward_model_ensemble if cfg.uses_rm)):
         if path:
             check_same_tokenizer(tokenizer, f"policy {cfg.policy}", path, what)
 
@@ -106,10 +108,12 @@ def load_models(cfg: PPOStageConfig, device: torch.device, bf16: bool, dist: Dis
         if cfg.estimator == "gae":
             models.critic = load_score_model(cfg.critic or cfg.reward_model or cfg.policy, "critic")
     models.rm, models.rm_stats = rm, rm_stats
+    models.rm_ensemble = [(load_score_model(path, "ensemble reward model"), read_reward_stats(path))
+                          for path in (cfg.reward_model_ensemble if cfg.uses_rm else [])]
     # --dpo-ref differs from --ref only when the DPO model came from another model.
     if cfg.uses_dpo and cfg.dpo_ref and Path(cfg.dpo_ref).resolve() != Path(cfg.ref or cfg.policy).resolve():
         models.dpo_ref = load_causal_lm(cfg.dpo_ref, "DPO reference model")
-    for frozen in (models.ref, models.dpo, models.dpo_ref, models.rm):
+    for frozen in (models.ref, models.dpo, models.dpo_ref, models.rm, *(m for m, _ in models.rm_ensemble)):
         if frozen is not None:
             frozen.requires_grad_(False)
     _place(models)
@@ -145,8 +149,8 @@ def _shared_base_models(cfg: PPOStageConfig, rm, device: torch.device, bf16: boo
 
 def _place(models: PPOModels) -> None:
     """Everything on the device; frozen full models in bf16 when asked, trained ones in fp32."""
-    frozen = [m for m in (models.ref, models.dpo, models.dpo_ref, models.rm) if m is not None and
-              not hasattr(m, "shared")]
+    frozen = [m for m in (models.ref, models.dpo, models.dpo_ref, models.rm, *(m for m, _ in models.rm_ensemble))
+              if m is not None and not hasattr(m, "shared")]
     if models.shared is not None:
         base = models.shared.model
         if models.bf16:

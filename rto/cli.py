@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     from rto.pipeline import PipelineConfig
     from rto.reproduce import ReproduceConfig
     from rto.stages import STAGES
+    from rto.tune import TuneConfig
 
     parser = argparse.ArgumentParser(prog="rto", description="Reinforced Token Optimization (RTO) for RLHF.")
     parser.add_argument("--version", action="version", version=f"rto-rlhf {__version__}")
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = {name: (stage.summary, stage.config_class) for name, stage in STAGES.items()}
     commands["pipeline"] = ("the whole pipeline: data, SFT, pairs, RM, DPO, PPO/RTO, eval, report",
                             lambda: PipelineConfig)
+    commands["tune"] = ("choose the RL settings on the dev split (PPO: lr x KL; RTO: beta1) and write a preset file",
+                        lambda: TuneConfig)
     commands["reproduce"] = ("the paper's claims over seeds: every method, ablation, data fraction and tuning grid",
                              lambda: ReproduceConfig)
     for name, (summary, config_class) in commands.items():
@@ -89,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             from rto.reproduce import ReproduceConfig, run
 
             run(from_sources(ReproduceConfig, yaml_values, str(args.config or ""), values))
+            return 0
+        if args.command == "tune":
+            from rto.tune import TuneConfig, run
+
+            run(from_sources(TuneConfig, yaml_values, str(args.config or ""), values))
             return 0
         if args.command == "pipeline":
             from rto.pipeline import PipelineConfig, run

@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -24,6 +24,7 @@ from rto.core.rewards import PLACEMENTS
 from rto.errors import UserError
 from rto.pipeline_summary import last_differs, summarise
 from rto.stages import STAGES
+from rto.tune import is_preset_file, read_preset
 
 # RL methods: overrides of the shared `ppo` settings. Every method shares the same SFT model,
 # RM, DPO model, data and settings; only these differ. One per reward placement (named by the
@@ -41,7 +42,10 @@ HELDOUT_RM = "heldout-rm"  # --judge: an RM the pipeline trains on pairs disjoin
 class PipelineConfig:
     out: str = opt("", "output directory")
     task: str = opt("keyed", "task name or pkg.module:Class")
-    preset: str = opt("default", "the task's preset of stage settings (e.g. smoke, default)")
+    preset: str = opt("default", "the task's preset of stage settings (e.g. smoke, default), or a preset file "
+                                 "written by `rto tune` (FILE.yaml)")
+    tune: bool = opt(False, "choose the RL settings on the dev split first (rto tune's grids on this run's models; "
+                            "OUT/preset.yaml); the user's own ppo settings still win")
     methods: list[str] = opt(["sft", "dpo", "ppo", "rto"], "methods to train and compare")
     seed: int = opt(0, "random seed", ge=0)
     jobs: int = opt(2, "independent stages run at once as processes (1: one after another)", ge=1)
@@ -98,9 +102,14 @@ class Pipeline:
         self.out = Path(cfg.out)
         self.task = load_task(cfg.task)
         presets = getattr(self.task, "presets", {}) or {}
-        if cfg.preset not in presets:
-            raise UserError(f"pipeline: task {cfg.task!r} has no preset {cfg.preset!r} (has: {', '.join(presets) or 'none'})")
-        self.preset = presets[cfg.preset]
+        self.preset_record: dict = {}  # what a preset file says of how its settings were chosen
+        if is_preset_file(cfg.preset):
+            self.preset, self.preset_record = read_preset(cfg.preset, self.task)
+        elif cfg.preset not in presets:
+            raise UserError(f"pipeline: task {cfg.task!r} has no preset {cfg.preset!r} (has: {', '.join(presets) or 'none'}); "
+                            "a preset file from `rto tune` ends in .yaml")
+        else:
+            self.preset = {section: dict(values) for section, values in presets[cfg.preset].items()}
         self.cores = os.cpu_count() or 1
         self.timings: dict[str, float] = {}
 
@@ -257,6 +266,16 @@ class Pipeline:
                 "seed": cfg.seed, "threads": group_threads})))
         self.run_group(offline)
 
+    def tune_here(self) -> None:
+        """--tune: rto tune's grids on this run's models; the choice goes over the preset's ppo settings."""
+        from rto.tune import TuneGrid, tune_settings, write_preset
+
+        record = tune_settings(self, TuneGrid(), self.cfg.select_by)
+        self.preset["ppo"] = {**self.preset.get("ppo", {}), **record["chosen"]}
+        base = self.preset_record.get("base", self.cfg.preset)
+        write_preset(self.out / "preset.yaml", self.task.name, base, self.cfg.seed, record)
+        self.preset_record = {"base": base, "tuned": {k: v for k, v in record.items() if k != "chosen"}}
+
     def judge_pairs(self) -> dict:
         """With --judge heldout-rm: the pairs stage also writes the judge's pairs (as many as the RM's)."""
         if self.cfg.judge != HELDOUT_RM or "n_judge_pairs" in _merge(self.preset.get("pairs"), self.cfg.pairs):
@@ -284,9 +303,10 @@ class Pipeline:
                   "reward_model": str(out / "rm"),
                   "dpo_model": str(out / "dpo") if (out / "dpo").is_dir() else "",
                   "eval_prompts": str(d / "dev_prompts.jsonl"), "task": cfg.task, "seed": cfg.seed, "threads": threads,
-                  "judge": self.judge_spec,
-                  "reward_model_ensemble": [str(out / f"rm_{i}") for i in range(2, cfg.rm_ensemble + 1)]}
-        values = _merge(self.rl_settings(method, extra), wiring)
+                  "judge": self.judge_spec}
+        # The RM ensemble is a setting, not wiring: `extra` may switch it off for one run.
+        ensemble = {"reward_model_ensemble": [str(out / f"rm_{i}") for i in range(2, cfg.rm_ensemble + 1)]}
+        values = _merge(ensemble, self.rl_settings(method, extra), wiring)
         return name, "ppo", build(STAGES["ppo"].config_class(), values, f"pipeline {name}")
 
     def evaluate(self, models: dict[str, Path], out_file: Path, with_rm: bool) -> dict:
@@ -308,8 +328,10 @@ class Pipeline:
         start = time.time()
         out.mkdir(parents=True, exist_ok=True)
         needs_rm, needs_dpo = self.needs(cfg.methods)
-        self.offline(needs_rm, needs_dpo)
+        self.offline(needs_rm, needs_dpo or (cfg.tune and needs_rm))  # the RTO grid needs the DPO model
         rl_methods = [m for m in cfg.methods if m in RL_METHODS]
+        if cfg.tune and rl_methods:
+            self.tune_here()
         rl_threads = self.threads_for(min(cfg.jobs, len(rl_methods) or 1))
         rl_jobs = [self.rl_job(m, m, self.selection_settings(m), threads=rl_threads) for m in rl_methods]
         self.run_group(rl_jobs)

@@ -42,6 +42,8 @@ def summarise(pipe, start: float, rl_jobs: list) -> dict:
                 divergence[name] = run["divergence"]
     summary.update(curves=curves, selection=selection, divergence=divergence)
     summary["reference_lines"] = reference_lines(pipe, rl_jobs[0][2]) if curves else {}
+    if rl_jobs:
+        summary["settings"] = settings_record(pipe, rl_jobs)
     summary["timings_s"] = pipe.timings
     summary["seconds"] = time.time() - start
     write_json(out / "summary.json", summary)
@@ -53,6 +55,21 @@ def summarise(pipe, start: float, rl_jobs: list) -> dict:
         print(f"plot: {plot}")
     print(f"summary: {out / 'summary.json'}")
     return summary
+
+
+def settings_record(pipe, rl_jobs: list) -> dict:
+    """Where the RL settings came from (tuned on dev, or the preset as it is) and their values."""
+    from rto.tune import TUNED_KEYS
+
+    tuned = pipe.preset_record.get("tuned")
+    if tuned:
+        b = tuned["budget"]
+        source = (f"tuned on the dev split by rto tune (seed {tuned['seed']}, {tuned['criterion']}; {b['ppo_runs']} PPO "
+                  f"and {b['rto_runs']} RTO runs of {b['iterations_per_run']} iterations)")
+    else:
+        source = f"the task's preset {pipe.cfg.preset!r} as it is (not tuned on this task's dev split)"
+    return {"source": source, "tuned": tuned or None,
+            "rl": {name: {k: getattr(cfg, k) for k in TUNED_KEYS} for name, _, cfg in rl_jobs}}
 
 
 def reference_lines(pipe, ppo_cfg) -> dict:

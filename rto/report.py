@@ -46,6 +46,8 @@ def results_table(summary: dict) -> str:
         notes.append(f"{name}: OVER-OPTIMISATION from iteration {d['iteration']}: dev {true.replace('_', ' ')} "
                      f"{d[true + '_at_best']:.3f} (iteration {d['true_best_iteration']}) -> {d[true]:.3f} "
                      f"while the RM score rose {d['rm_score_at_best']:.3f} -> {d['rm_score']:.3f}")
+    if summary.get("settings"):
+        notes.append(f"RL settings: {summary['settings']['source']}")
     if notes:
         notes.append("")
     if "rm_accuracy" in summary:

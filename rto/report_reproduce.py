@@ -114,23 +114,17 @@ def aggregate(per_seed: list[dict], out: Path, cfg) -> dict:
         return {"mean": sum(flat_d) / len(flat_d), "ci": list(hierarchical_ci(d, seed=2))}
 
     comparisons = {f"{a} - {b}": diff(a, b) for a, b in (
-        ("rto", "ppo"), ("ppo", "dpo"), ("dpo", "sft"), ("rto", "dpo"), ("rs", "rto"), ("semi", "ppo"),
-        ("rto", "semi"), ("ddpo", "ppo"), ("rto-reinforce++", "reinforce++"), ("rto-gold", "ppo-gold"),
-        ("ppo-dense-gold", "ppo-gold"))}
+        ("rto", "ppo"), ("ppo", "sft"), ("rto", "sft"), ("ppo", "dpo"), ("dpo", "sft"), ("rto", "dpo"), ("rs", "rto"),
+        ("semi", "ppo"), ("rto", "semi"), ("ddpo", "ppo"), ("rto-reinforce++", "reinforce++"), ("ppo+ens", "ppo"),
+        ("rto+ens", "rto"), ("rto+ens", "ppo+ens"), ("rto-gold", "ppo-gold"), ("ppo-dense-gold", "ppo-gold"))}
+    eff = data_limited(per_seed, methods, cfg)
+    if eff:
+        comparisons[f"rto@{eff['fractions'][0]:g} - ppo@1"] = diff(f"rto@{eff['fractions'][0]:g}", "ppo@1")
     comparisons = {k: v for k, v in comparisons.items() if v}
-
-    # Data efficiency: same number of optimizer steps on 1/16 ... 1/1 of the prompt pool.
-    pool = per_seed[0]["prompt_pool"]
-    eff = {"fractions": cfg.fractions, "prompts": [max(1, round(pool * f)) for f in cfg.fractions]}
-    for m in ("ppo", "rto"):
-        eff[m] = [{k: methods[m if f == 1.0 else f"{m}@{f:g}"][k] for k in ("gold_reward", "gold_reward_ci")}
-                  for f in cfg.fractions]
-    target_lo = methods["ppo"]["gold_reward_ci"][0]
-    reaching = [n for n, r in zip(eff["prompts"], eff["rto"]) if r["gold_reward"] >= target_lo]
-    eff["ratio"] = pool / min(reaching) if reaching else None
-    eff["ratio_is_lower_bound"] = bool(reaching) and min(reaching) == eff["prompts"][0]
-    eff["definition"] = ("all-data PPO prompts / fewest RTO prompts whose mean gold reward reaches the lower end "
-                         "of PPO's all-data 95% interval")
+    selection = {name: {"best_iteration_per_seed": [(ps.get("selection", {}).get(name) or {}).get("best_iteration")
+                                                    for ps in per_seed],
+                        "divergence_seeds": sum(bool((ps.get("divergence") or {}).get(name)) for ps in per_seed)}
+                 for name in names if name not in ("sft", "dpo")}
 
     # Training curves (dev prompts), averaged over seeds point by point.
     curves = {}
@@ -150,11 +144,41 @@ def aggregate(per_seed: list[dict], out: Path, cfg) -> dict:
     rm_acc = [ps["rm_accuracy"] for ps in per_seed if ps.get("rm_accuracy") is not None]
     return {
         "task": cfg.task, "preset": cfg.preset, "seeds": seeds, "n_test_prompts": len(samples[seeds[0]]["sft"]),
-        "methods": methods, "comparisons": comparisons, "data_efficiency": eff, "curves": curves, "reference_lines": refs,
+        "methods": methods, "comparisons": comparisons, "data_efficiency": eff, "selection": selection, "curves": curves,
+        "reference_lines": refs,
         "rm_accuracy": sum(rm_acc) / len(rm_acc) if rm_acc else None, "rm_accuracy_per_seed": rm_acc,
         "dpo_gold_reward": methods.get("dpo", {}).get("gold_reward"),
         "token_alignment": {str(ps["seed"]): ps.get("token_alignment", {}) for ps in per_seed},
     }
+
+
+def data_limited(per_seed: list[dict], methods: dict, cfg) -> dict:
+    """The data-limited sweep (each prompt seen once): PPO's and RTO's test gold reward per pool size,
+    and the data ratio - the whole pool over the fewest prompts with which RTO reaches PPO's
+    whole-pool score (its mean, and the lower end of its 95% interval)."""
+    pools = per_seed[0].get("limited_pool") or []
+    if not pools or any(f"{m}@{p['fraction']:g}" not in methods for p in pools for m in ("ppo", "rto")):
+        return {}
+    eff = {"fractions": [p["fraction"] for p in pools], "prompts": [p["prompts"] for p in pools],
+           "iterations": [p["iterations"] for p in pools]}
+    for m in ("ppo", "rto"):
+        eff[m] = [{k: methods[f"{m}@{p['fraction']:g}"][k] for k in ("gold_reward", "gold_reward_ci")} for p in pools]
+    full = eff["ppo"][-1]
+    for key, target in (("ratio", full["gold_reward"]), ("ratio_at_ci_low", full["gold_reward_ci"][0])):
+        reaching = [n for n, r in zip(eff["prompts"], eff["rto"]) if r["gold_reward"] >= target]
+        eff[key] = eff["prompts"][-1] / min(reaching) if reaching else None
+    eff["ratio_is_lower_bound"] = eff["ratio_at_ci_low"] is not None and eff["ratio_at_ci_low"] == eff["prompts"][-1] / eff["prompts"][0]
+    eff["definition"] = ("PPO's whole pool / the fewest prompts with which RTO's mean test gold reward reaches PPO's "
+                         "whole-pool mean (ratio) or the lower end of its 95% interval (ratio_at_ci_low); every "
+                         "prompt seen once")
+    return eff
+
+
+def _ratio_text(eff: dict) -> str:
+    def one(r):
+        return "RTO never reached it" if r is None else f"{r:g}"
+
+    return f"{one(eff['ratio'])} (at PPO's mean), {one(eff['ratio_at_ci_low'])} (at its 95% lower end)"
 
 
 def summary_table(results: dict) -> str:
@@ -167,10 +191,9 @@ def summary_table(results: dict) -> str:
                      f"{m['rm_score']:.3f}"))
     lines = format_table(rows)
     eff = results["data_efficiency"]
-    ratio = eff["ratio"]
     lines.append("")
-    lines.append("data-efficiency ratio (PPO all-data prompts / RTO prompts to match): " +
-                 ("RTO never matched PPO" if ratio is None else f"{'>= ' if eff['ratio_is_lower_bound'] else ''}{ratio:g}"))
+    if eff:
+        lines.append("data ratio, each prompt seen once (PPO's whole pool / RTO's prompts to match it): " + _ratio_text(eff))
     if results.get("rm_accuracy") is not None:
         lines.append(f"RM held-out accuracy against the gold order: {results['rm_accuracy']:.3f}")
     return "\n".join(lines)
@@ -204,18 +227,18 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[P
     ax.legend(fontsize=7, ncol=2)
     paths.append(_save(fig, out / "curves.png", plt))
 
-    # 2. gold reward vs data fraction
+    # 2. gold reward vs RL prompts, each seen once (the data-limited sweep)
     eff = results["data_efficiency"]
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for m in ("ppo", "rto"):
+    for m in ("ppo", "rto") if eff else ():
         ys = [r["gold_reward"] for r in eff[m]]
         err = [[y - r["gold_reward_ci"][0] for y, r in zip(ys, eff[m])], [r["gold_reward_ci"][1] - y for y, r in zip(ys, eff[m])]]
         ax.errorbar(eff["prompts"], ys, yerr=err, marker="o", capsize=3, label=m)
-    lo, hi = results["methods"]["ppo"]["gold_reward_ci"]
-    ax.axhspan(lo, hi, color="C0", alpha=0.15, label="PPO all data (95% CI)")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="RL prompt pool size (same optimizer steps)", ylabel="gold reward (test)",
-           title="data efficiency")
+    if eff:
+        lo, hi = eff["ppo"][-1]["gold_reward_ci"]
+        ax.axhspan(lo, hi, color="C0", alpha=0.15, label="PPO, whole pool (95% CI)")
+        ax.set_xscale("log", base=2)
+    ax.set(xlabel="RL prompts, each seen once", ylabel="gold reward (test)", title="data-limited sweep")
     ax.grid(alpha=0.3)
     ax.legend()
     paths.append(_save(fig, out / "data_efficiency.png", plt))
@@ -310,23 +333,29 @@ def results_markdown(results: dict, command: str) -> str:
     for k, v in results["comparisons"].items():
         lines.append(f"| {k} | {v['mean']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}] |")
     eff = results["data_efficiency"]
-    lines += ["", "Data efficiency (same number of optimizer steps; test gold reward):", "",
-              "| prompt pool | " + " | ".join(str(n) for n in eff["prompts"]) + " |",
-              "|---|" + "---|" * len(eff["prompts"])]
-    for m in ("ppo", "rto"):
-        lines.append(f"| {m} | " + " | ".join(_ci(r) for r in eff[m]) + " |")
-    ratio = eff["ratio"]
-    lines += ["", f"Data-efficiency ratio ({eff['definition']}): " +
-              ("RTO never reached it" if ratio is None else f"{'>= ' if eff['ratio_is_lower_bound'] else ''}{ratio:g}") + "."]
+    if eff:
+        lines += ["", "Data-limited sweep (each RL prompt seen once; test gold reward):", "",
+                  "| RL prompts (iterations) | " + " | ".join(f"{n} ({i})" for n, i in zip(eff["prompts"], eff["iterations"]))
+                  + " |", "|---|" + "---|" * len(eff["prompts"])]
+        for m in ("ppo", "rto"):
+            lines.append(f"| {m} | " + " | ".join(_ci(r) for r in eff[m]) + " |")
+        lines += ["", f"Data ratio ({eff['definition']}): {_ratio_text(eff)}."]
+    sel = results.get("selection") or {}
+    if sel:
+        lines += ["", "Dev selection: the iteration each seed's result was chosen at, and on how many seeds the "
+                      "proxy/gold divergence fired:", "", "| method | selected iteration per seed | divergence |",
+                  "|---|---|---|"]
+        lines += [f"| {n} | {', '.join('-' if i is None else str(i) for i in v['best_iteration_per_seed'])} | "
+                  f"{v['divergence_seeds']} of {len(v['best_iteration_per_seed'])} |" for n, v in sel.items()]
     tuning = results.get("tuning", {})
     for seed, grids in tuning.get("grids", {}).items():
-        drawn = (f"; the grid's runs drew RL seed {grids['rl_seed']} and only chose the settings, the reported "
-                 f"runs are fresh" if "rl_seed" in grids else "")
-        lines += ["", f"Tuning on the dev split (seed {seed}{drawn}; final dev gold reward):", "",
-                  "| actor/critic lr | KL coef | dev gold |", "|---|---|---|"]
-        lines += [f"| {r['actor_lr']:g} | {r['kl_coef']:g} | {r['dev_gold']:.3f} |" for r in grids["ppo_grid"]]
-        lines += ["", "| RTO beta1 | dpo_clip | dev gold |", "|---|---|---|"]
-        lines += [f"| {r['beta1']:g} | {r['dpo_clip']:g} | {r['dev_gold']:.3f} |" for r in grids["rto_grid"]]
+        score = "dev_score" if "dev_score" in grids["ppo_grid"][0] else "dev_gold"  # older results: final dev gold
+        lines += ["", f"Tuning on the dev split (seed {seed}; {grids.get('criterion', 'final dev gold reward')}; "
+                      f"the grid's runs drew RL seed {grids.get('rl_seed', '?')} and only chose the settings, the "
+                      "reported runs are fresh):", "", "| actor/critic lr | KL coef | dev score |", "|---|---|---|"]
+        lines += [f"| {r['actor_lr']:g} | {r['kl_coef']:g} | {r[score]:.3f} |" for r in grids["ppo_grid"]]
+        lines += ["", "| RTO beta1 | dpo_clip | dev score |", "|---|---|---|"]
+        lines += [f"| {r['beta1']:g} | {r['dpo_clip']:g} | {r[score]:.3f} |" for r in grids["rto_grid"]]
     if tuning.get("chosen"):
         lines += ["", "Chosen: " + ", ".join(f"{k} = {v:g}" for k, v in tuning["chosen"].items()) + "."]
     if results.get("rm_accuracy") is not None:

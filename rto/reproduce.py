@@ -1,19 +1,18 @@
 """`rto reproduce`: the paper's claims on a task with a gold reward, over seeds, with intervals.
 
 Per seed: one SFT model, preference set, RM and DPO model (`Pipeline.offline`), then
-every RL method against them with the same data and the same tuned settings:
- 1. tuning on the dev split: a grid of PPO (learning rate x KL coefficient), the best
-    by final dev gold reward; RTO inherits PPO's choice and tunes only beta1 (its clip
-    scales with it). On the first seed only, unless `tune: every-seed`. The tuning runs
-    only choose: they draw their RL randomness (sampling, mini-batch order) from
-    seed + TUNING_SEED_OFFSET, and are never evaluated as results. (A run is a function
-    of its seed and settings on one machine, so rerunning the winner with the seed it was
-    tuned on would give back the selected run itself, with its favourable draw.)
- 2. the methods and ablations (PPO, RTO, RS, Semi, DDPO, DPO-term only, REINFORCE++,
-    RTO with REINFORCE++), all with the tuned settings, each one fresh run with the
-    seed's own RL seed - PPO and RTO included;
- 3. data efficiency: PPO and RTO on the first 1/16 ... 1/2 of the RL prompt pool, with
-    the same number of optimizer steps as on the whole pool;
+every RL method against them with the same data and the same settings:
+ 1. settings: a preset file from `rto tune` (`--preset FILE`) when it holds tuned settings;
+    otherwise `rto tune`'s grids (rto.tune.tune_settings) on the first seed (or on each:
+    `tune: every-seed`), written to DIR/preset.yaml. Tuning runs only choose: they draw their
+    RL randomness from seed + TUNING_SEED_OFFSET and are never reported;
+ 2. the methods and ablations (PPO, RTO, RS, Semi, DDPO, DPO-term only, REINFORCE++, RTO with
+    REINFORCE++; `methods` picks), each one fresh run with the seed's own RL seed, the result
+    chosen on the dev split (the selection protocol of `rto pipeline`); with `rm_ensemble` N > 1,
+    PPO and RTO again on an ensemble of N RMs (`ppo+ens`, `rto+ens`);
+ 3. the data-limited sweep: PPO and RTO on the first 1/8 ... 1/1 of a pool of `limited_pool`
+    RL prompts, each prompt seen once (iterations = prompts / rollout size), so that PPO's score
+    grows with its data - the paper's "PPO-level with 1/8 of the data" measured;
  4. gold references: PPO and RTO with the gold score as the sparse reward, and PPO on the
     dense per-token gold reward (where the task has one);
  5. every policy evaluated on the same test prompts.
@@ -30,10 +29,11 @@ from pathlib import Path
 from typing import Literal
 
 from rto.config import opt, require
-from rto.data import PROMPT_FIELDS, read_jsonl, write_json, write_jsonl
+from rto.data import write_json, write_jsonl
 from rto.pipeline import RL_METHODS, Pipeline, PipelineConfig
 from rto.pipeline_summary import reference_lines
 from rto.tasks import Task
+from rto.tune import TUNED_KEYS, TUNING_SEED_OFFSET, TuneGrid, is_preset_file, tune_settings, write_preset
 
 METHODS = list(RL_METHODS)  # every RL method of the pipeline (one per reward placement, and REINFORCE++)
 GOLD_REFERENCES = {  # name: (method, extra settings)
@@ -41,27 +41,28 @@ GOLD_REFERENCES = {  # name: (method, extra settings)
     "rto-gold": ("rto", {"rm_weight": 0.0, "custom_rewards": ["task:gold-sequence"]}),
     "ppo-dense-gold": ("ppo", {"rm_weight": 0.0, "custom_rewards": ["task:gold"]}),
 }
-# Tuning runs use seed + this as their `rto ppo` seed (the SFT/RM/DPO models stay the seed's own).
-TUNING_SEED_OFFSET = 10_000_019
+ENSEMBLE_METHODS = ("ppo", "rto")  # run again on the RM ensemble as METHOD+ens
 QUICK = dict(preset="smoke", ppo_lrs=[1e-4], kl_coefs=[0.01, 0.05], rto_beta1s=[0.05, 0.3],
-             fractions=[0.25, 0.5, 1.0])
+             fractions=[0.5, 1.0], limited_pool=32)
 
 
 @dataclass
-class ReproduceConfig:
+class ReproduceConfig(TuneGrid):
     out: str = opt("", "output directory")
     task: str = opt("keyed", "task with a gold reward")
-    preset: str = opt("default", "the task's preset of stage settings")
+    preset: str = opt("default", "the task's preset of stage settings, or a preset file from `rto tune` (its tuned "
+                                 "settings are used and nothing is tuned again)")
     seeds: int = opt(5, "number of seeds", ge=1)
     first_seed: int = opt(0, "seeds are first_seed, first_seed + 1, ...", ge=0)
-    quick: bool = opt(False, "a few minutes: smoke preset, 2 seeds at most, small grids (for tests)")
+    quick: bool = opt(False, "a few minutes: smoke preset, 2 seeds at most, small grids (for tests; settings "
+                             "given explicitly stay)")
     jobs: int = opt(2, "RL runs at once as processes (1: in this process, one after another)", ge=1)
     threads: int = opt(0, "torch threads per process (0: cores / jobs)", ge=0)
-    ppo_lrs: list[float] = opt([5e-5, 1e-4, 2e-4], "PPO grid: learning rates (policy and critic)")
-    kl_coefs: list[float] = opt([0.01, 0.05, 0.2], "PPO grid: KL coefficients")
-    rto_beta1s: list[float] = opt([0.05, 0.1, 0.3, 1.0], "RTO grid: beta1 values")
-    dpo_clip_ratio: float = opt(1.0, "RTO's dpo_clip = beta1 x this (1: the log-ratio is clipped at +-1)", gt=0)
-    fractions: list[float] = opt([0.0625, 0.125, 0.25, 0.5, 1.0], "data-efficiency fractions of the RL prompt pool")
+    methods: list[str] = opt(METHODS, "RL methods run on every seed (PPO and RTO always)")
+    rm_ensemble: int = opt(1, "N > 1: also PPO and RTO on an ensemble of N RMs (bootstrap resamples; ppo+ens, rto+ens)",
+                           ge=1)
+    fractions: list[float] = opt([0.125, 0.25, 0.5, 1.0], "data-limited sweep: fractions of the pool (each prompt seen once)")
+    limited_pool: int = opt(6400, "data-limited sweep: prompts in the whole pool (0: no sweep)", ge=0)
     tune: Literal["first-seed", "every-seed"] = opt("first-seed", "tune on the first seed only, or on each")
     gold_references: bool = opt(True, "also run the gold-reward reference points")
     resume: bool = opt(True, "skip runs that finished before with the same settings")
@@ -69,106 +70,99 @@ class ReproduceConfig:
     ppo: dict = opt({}, "extra `rto ppo` settings for every RL run")
 
     def validate(self):
+        from rto.errors import UserError
+
         require(self, "reproduce", "out")
         if self.quick:
-            for key, value in QUICK.items():
-                setattr(self, key, value)
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(self)}
+            for key, value in QUICK.items():  # only where the user kept the default
+                if getattr(self, key) == defaults[key]:
+                    setattr(self, key, value)
             self.seeds = min(self.seeds, 2)
             self.jobs = 1
+        self.check_budget()
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise UserError(f"reproduce: unknown methods {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        self.methods = list(dict.fromkeys(["ppo", "rto", *self.methods]))
         for f in self.fractions:
             if not 0 < f <= 1:
-                from rto.errors import UserError
-
                 raise UserError(f"reproduce: fractions must be in (0, 1], got {f}")
-        if 1.0 not in self.fractions:
-            self.fractions = [*self.fractions, 1.0]
-        self.fractions = sorted(self.fractions)
+        self.fractions = sorted({*self.fractions, 1.0})
 
 
-def _final_dev_gold(run_dir: Path) -> float:
-    curve = json.loads((run_dir / "metrics.json").read_text())["curve"]
-    return curve[-1].get("gold_reward", curve[-1].get("rm_score", float("nan")))
-
-
-def _subset_prompts(d: Path, fraction: float) -> Path:
-    rows = read_jsonl(d / "rl_prompts.jsonl", PROMPT_FIELDS)
-    n = max(1, round(len(rows) * fraction))
-    path = d / f"rl_prompts_{n}.jsonl"
-    write_jsonl(path, rows[:n])
-    return path
+def _limited_pools(pipe, cfg: ReproduceConfig) -> list[tuple[float, Path, int]]:
+    """(fraction, prompt file, iterations) of the data-limited sweep: the first fraction of a pool of
+    `limited_pool` train prompts (the data stage's RL stream, extended), each seen once."""
+    d = pipe.out / "data"
+    pool = pipe.task.prompts("train", cfg.limited_pool, seed=pipe.cfg.seed + 1_000_003)
+    rollout = pipe.rl_settings("ppo").get("rollout_batch_size", 64)
+    out = []
+    for f in cfg.fractions:
+        n = max(rollout, round(len(pool) * f / rollout) * rollout)
+        path = d / f"limited_prompts_{n}.jsonl"
+        if not path.is_file():
+            write_jsonl(path, ({"prompt": p} for p in pool[:n]))
+        out.append((f, path, n // rollout))
+    return out
 
 
 class Reproduction:
     def __init__(self, cfg: ReproduceConfig):
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.tuning: dict = {}
+        self.tuning: dict = {}  # seed -> rto tune's record
         self.chosen: dict = {}
 
     def pipeline(self, seed: int) -> Pipeline:
         cfg = self.cfg
         pcfg = PipelineConfig(out=str(self.out / f"seed{seed}"), task=cfg.task, preset=cfg.preset,
-                              methods=["sft", "dpo", *METHODS], seed=seed, jobs=cfg.jobs, threads=cfg.threads,
-                              ppo=dict(cfg.ppo), resume=cfg.resume)
+                              methods=["sft", "dpo", *cfg.methods], seed=seed, jobs=cfg.jobs, threads=cfg.threads,
+                              ppo=dict(cfg.ppo), resume=cfg.resume, rm_ensemble=cfg.rm_ensemble)
         return Pipeline(pcfg)
 
-    def rl_threads(self, pipe: Pipeline, n: int) -> int:
-        return pipe.threads_for(min(self.cfg.jobs, n))
-
-    def tuning_job(self, pipe: Pipeline, name: str, method: str, extra: dict, threads: int):
-        """A tuning run: the final runs' settings, but its own RL seed (see TUNING_SEED_OFFSET)."""
-        name, stage, cfg = pipe.rl_job(name, method, extra, threads=threads)
-        return name, stage, dataclasses.replace(cfg, seed=pipe.cfg.seed + TUNING_SEED_OFFSET)
+    def settings_from_preset(self, pipe: Pipeline) -> bool:
+        """A preset file with tuned settings: use them (they are in the pipeline's preset already)."""
+        tuned = pipe.preset_record.get("tuned")
+        if tuned:
+            self.tuning = {str(tuned.get("seed", "?")): {**tuned, "from_preset_file": self.cfg.preset}}
+            self.chosen = {}
+        return bool(tuned)
 
     def tune(self, pipe: Pipeline) -> None:
-        """The PPO grid, then RTO's beta1 grid on PPO's choice; sets `self.chosen`. The runs
-        only choose the settings: `run_seed` trains the final PPO and RTO afresh."""
-        cfg = self.cfg
-        grid = [(lr, kl) for lr in cfg.ppo_lrs for kl in cfg.kl_coefs]
-        t = self.rl_threads(pipe, len(grid))
-        jobs = [self.tuning_job(pipe, f"tune/ppo_lr{lr:g}_kl{kl:g}", "ppo",
-                                {"actor_lr": lr, "critic_lr": lr, "kl_coef": kl}, threads=t) for lr, kl in grid]
-        pipe.run_group(jobs)
-        ppo_rows = [{"actor_lr": lr, "critic_lr": lr, "kl_coef": kl, "dev_gold": _final_dev_gold(pipe.out / name)}
-                    for (lr, kl), (name, _, _) in zip(grid, jobs)]
-        best_ppo = max(range(len(grid)), key=lambda i: ppo_rows[i]["dev_gold"])
-        ppo_choice = {k: ppo_rows[best_ppo][k] for k in ("actor_lr", "critic_lr", "kl_coef")}
-        t = self.rl_threads(pipe, len(cfg.rto_beta1s))
-        rjobs = [self.tuning_job(pipe, f"tune/rto_b{b:g}", "rto",
-                                 {**ppo_choice, "beta1": b, "dpo_clip": b * cfg.dpo_clip_ratio}, threads=t)
-                 for b in cfg.rto_beta1s]
-        pipe.run_group(rjobs)
-        rto_rows = [{"beta1": b, "dpo_clip": b * cfg.dpo_clip_ratio, "dev_gold": _final_dev_gold(pipe.out / name)}
-                    for b, (name, _, _) in zip(cfg.rto_beta1s, rjobs)]
-        best_rto = max(range(len(rto_rows)), key=lambda i: rto_rows[i]["dev_gold"])
-        self.tuning[str(pipe.cfg.seed)] = {"ppo_grid": ppo_rows, "rto_grid": rto_rows,
-                                           "rl_seed": pipe.cfg.seed + TUNING_SEED_OFFSET}
-        self.chosen = {**ppo_choice, "beta1": rto_rows[best_rto]["beta1"], "dpo_clip": rto_rows[best_rto]["dpo_clip"]}
+        """rto tune's grids on this seed's models (PPO never less budget than RTO); sets `self.chosen`."""
+        record = tune_settings(pipe, self.cfg, "gold_reward", {"reward_model_ensemble": []})
+        self.tuning[str(pipe.cfg.seed)] = {k: v for k, v in record.items() if k != "chosen"}
+        self.chosen = record["chosen"]
+        base = pipe.preset_record.get("base", self.cfg.preset)
+        write_preset(self.out / "preset.yaml", pipe.task.name, base, pipe.cfg.seed, record)
 
     def run_seed(self, seed: int, tune: bool) -> dict:
         cfg = self.cfg
         pipe = self.pipeline(seed)
         pipe.out.mkdir(parents=True, exist_ok=True)
         pipe.offline(needs_rm=True, needs_dpo=True)
-        if tune:
+        if tune and not self.settings_from_preset(pipe):
             self.tune(pipe)
         settings = dict(self.chosen)
-        runs: dict[str, Path] = {}
-        specs: list[tuple[str, str, dict, Path | None]] = [(m, m, settings, None) for m in METHODS]
-        d = pipe.out / "data"
-        for f in cfg.fractions:
-            if f < 1.0:
-                subset = _subset_prompts(d, f)
-                specs += [(f"{m}@{f:g}", m, settings, subset) for m in ("ppo", "rto")]
+        no_ensemble = {"reward_model_ensemble": []}
+        specs: list[tuple[str, str, dict, Path | None]] = [(m, m, {**settings, **no_ensemble}, None) for m in cfg.methods]
+        if cfg.rm_ensemble > 1:
+            specs += [(f"{m}+ens", m, settings, None) for m in ENSEMBLE_METHODS]
+        if cfg.limited_pool:
+            specs += [(f"{m}@{f:g}", m, {**settings, **no_ensemble, "iterations": its}, prompts)
+                      for f, prompts, its in _limited_pools(pipe, cfg) for m in ("ppo", "rto")]
         has_gold = type(pipe.task).gold_token_rewards is not Task.gold_token_rewards
         if cfg.gold_references:
-            specs += [(name, method, {**settings, **extra}, None) for name, (method, extra) in GOLD_REFERENCES.items()
-                      if name != "ppo-dense-gold" or has_gold]
-        t = self.rl_threads(pipe, len(specs))
-        jobs = [pipe.rl_job(name, method, extra, prompts=prompts, threads=t) for name, method, extra, prompts in specs]
+            specs += [(name, method, {**settings, **no_ensemble, **extra}, None)
+                      for name, (method, extra) in GOLD_REFERENCES.items() if name != "ppo-dense-gold" or has_gold]
+        t = pipe.threads_for(min(cfg.jobs, len(specs)))
+        # Every result is chosen on the dev split, as `rto pipeline` chooses it.
+        jobs = [pipe.rl_job(name, method, {**extra, **pipe.selection_settings(method)}, prompts=prompts, threads=t)
+                for name, method, extra, prompts in specs]
         pipe.run_group(jobs)
-        for name, _, _ in jobs:
-            runs[name] = pipe.out / name
+        runs = {name: pipe.out / name for name, _, _ in jobs}
         models = {"sft": pipe.out / "sft", "dpo": pipe.out / "dpo"} | {n: p / "policy" for n, p in runs.items()}
         ev = pipe.evaluate(models, pipe.out / "eval.json", with_rm=True)
         refs = reference_lines(pipe, jobs[0][2])
@@ -176,8 +170,11 @@ class Reproduction:
         from rto.report_reproduce import token_alignment
 
         return {"seed": seed, "runs": {n: str(p) for n, p in runs.items()}, "eval": ev, "reference_lines": refs,
-                "rm_accuracy": rm.get("eval_accuracy"), "settings": settings,
-                "prompt_pool": len(read_jsonl(d / "rl_prompts.jsonl", PROMPT_FIELDS)),
+                "rm_accuracy": rm.get("eval_accuracy"), "settings": settings or {k: v for k, v in pipe.preset.get("ppo", {}).items() if k in TUNED_KEYS},
+                "limited_pool": [{"fraction": f, "prompts": its * pipe.rl_settings("ppo").get("rollout_batch_size", 64),
+                                  "iterations": its} for f, _, its in (_limited_pools(pipe, cfg) if cfg.limited_pool else [])],
+                "selection": {n: json.loads((p / "metrics.json").read_text()).get("selection") for n, p in runs.items()},
+                "divergence": {n: json.loads((p / "metrics.json").read_text()).get("divergence") for n, p in runs.items()},
                 "token_alignment": token_alignment(pipe.out, pipe.task) if has_gold else {}}
 
     def run(self) -> dict:
@@ -200,14 +197,16 @@ class Reproduction:
                 per_seed.append(self.run_seed(seed, tune=i == 0 or cfg.tune == "every-seed"))
                 write_json(self.out / "per_seed.json", per_seed)
         results = aggregate(per_seed, self.out, cfg)
-        results["tuning"] = {"grids": self.tuning, "chosen": self.chosen, "protocol": cfg.tune}
+        results["tuning"] = {"grids": self.tuning, "chosen": self.chosen or per_seed[0].get("settings", {}),
+                             "protocol": cfg.tune if not is_preset_file(cfg.preset) else f"preset file {cfg.preset}"}
         results["wall_time_s"] = time.time() - start
         results["machine"] = _machine()
         write_json(self.out / "results.json", results)
         write_figures(results, per_seed, self.out, cfg)
         from rto.report_reproduce import results_markdown
 
-        command = f"rto reproduce --task {cfg.task} --seeds {cfg.seeds}" + (" --quick" if cfg.quick else "")
+        command = (f"rto reproduce --task {cfg.task} --preset {cfg.preset} --seeds {cfg.seeds}"
+                   + (f" --rm-ensemble {cfg.rm_ensemble}" if cfg.rm_ensemble > 1 else "") + (" --quick" if cfg.quick else ""))
         (self.out / "results.md").write_text(results_markdown(results, command))
         from rto.report_reproduce import summary_table
 

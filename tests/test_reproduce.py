@@ -1,4 +1,6 @@
-"""`rto reproduce --quick`: every method, ablation, data fraction and reference, over two seeds."""
+"""`rto reproduce --quick`: every method, ablation, RM ensemble, data-limited pool and reference,
+over two seeds, each result chosen on the dev split; and a second reproduction from the preset
+file the first one tuned."""
 
 import json
 import subprocess
@@ -13,21 +15,33 @@ from tests.test_cli import ENV
 
 def test_quick_reproduce(tmp_path):
     out = tmp_path / "repro"
-    proc = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", "--task", "keyed", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", "--task", "keyed", "--quick", "--out", str(out),
+                           "--rm-ensemble", "2"], capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1]
     expected = {"sft", "dpo", "ppo", "rto", "rs", "semi", "ddpo", "dpo-only", "reinforce++", "rto-reinforce++",
-                "ppo-gold", "rto-gold", "ppo-dense-gold", "ppo@0.25", "rto@0.25", "ppo@0.5", "rto@0.5"}
+                "ppo-gold", "rto-gold", "ppo-dense-gold", "ppo+ens", "rto+ens", "ppo@0.5", "rto@0.5", "ppo@1", "rto@1"}
     assert set(results["methods"]) == expected
     for m in results["methods"].values():
         lo, hi = m["gold_reward_ci"]
         assert lo <= m["gold_reward"] <= hi
         assert {"win_rate_vs_sft", "win_rate_vs_sft_ci", "kl_to_sft", "rm_score"} <= set(m)
+    # The data-limited sweep: a pool of 32 prompts, rollouts of 16, every prompt seen once.
     eff = results["data_efficiency"]
-    assert eff["fractions"] == [0.25, 0.5, 1.0] and len(eff["ppo"]) == len(eff["rto"]) == 3
-    assert "ratio" in eff
+    assert eff["fractions"] == [0.5, 1.0] and eff["prompts"] == [16, 32] and eff["iterations"] == [1, 2]
+    assert eff["ppo"][-1]["gold_reward"] == results["methods"]["ppo@1"]["gold_reward"] and "ratio" in eff
+    per_seed = json.loads((out / "per_seed.json").read_text())
+    seed0 = out / "seed0"
+    for n, prompts in (("ppo@0.5", 16), ("rto@1", 32)):
+        cfg = yaml.safe_load((seed0 / "configs" / f"{n}.yaml").read_text())
+        pool = (Path(cfg["prompts"])).read_text().splitlines()
+        assert len(pool) == prompts and cfg["iterations"] * cfg["rollout_batch_size"] == prompts
+    # Every result is chosen on the dev split; the ensemble runs (only they) combine two RMs.
+    for name in ("ppo", "rto", "rs", "ppo@1", "ppo+ens"):
+        cfg = yaml.safe_load((seed0 / "configs" / f"{name}.yaml").read_text())
+        assert cfg["select_by"] == "gold_reward" and per_seed[0]["selection"][name]["metric"] == "gold_reward"
+        assert cfg["reward_model_ensemble"] == ([str(seed0 / "rm_2")] if name.endswith("+ens") else [])
     assert results["tuning"]["chosen"]["beta1"] in (0.05, 0.3)
     assert len(results["tuning"]["grids"]["0"]["ppo_grid"]) == 2
     assert 0 <= results["rm_accuracy"] <= 1 and results["dpo_gold_reward"] is not None
@@ -37,8 +51,6 @@ def test_quick_reproduce(tmp_path):
 
     # The tuning runs only choose: on the tuned seed, the reported PPO and RTO are fresh runs of
     # their own (the seed's RL seed, like every other method), not the grid's winners.
-    per_seed = json.loads((out / "per_seed.json").read_text())
-    seed0 = out / "seed0"
     for name in ("ppo", "rto"):
         assert per_seed[0]["runs"][name] == str(seed0 / name), per_seed[0]["runs"][name]
         assert (seed0 / name / "metrics.json").is_file() and (seed0 / name / "policy").is_dir()
@@ -49,9 +61,27 @@ def test_quick_reproduce(tmp_path):
     assert {yaml.safe_load(f.read_text())["seed"] for f in tuning_configs} == {TUNING_SEED_OFFSET}
     assert results["tuning"]["grids"]["0"]["rl_seed"] == TUNING_SEED_OFFSET
 
+    # The choice is written as a preset file that a second reproduction reads instead of tuning.
+    preset = yaml.safe_load((out / "preset.yaml").read_text())
+    assert preset["base"] == "smoke" and preset["ppo"] == results["tuning"]["chosen"]
+    assert preset["tuned"]["budget"]["ppo_runs"] >= preset["tuned"]["budget"]["rto_runs"]
+
     # Resume: a second call finds every run done and gives the same numbers.
     again = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", "--task", "keyed", "--quick", "--out",
-                            str(out)], capture_output=True, text=True, env=ENV, timeout=600)
+                            str(out), "--rm-ensemble", "2"], capture_output=True, text=True, env=ENV, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finished before with the same settings" in again.stderr
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
+
+    # From the preset file: nothing is tuned again, and every run uses its settings.
+    out2 = tmp_path / "from_preset"
+    third = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", "--task", "keyed", "--quick", "--out",
+                            str(out2), "--preset", str(out / "preset.yaml"), "--seeds", "1", "--methods", "ppo,rto",
+                            "--limited-pool", "0", "--no-gold-references"], capture_output=True, text=True, env=ENV,
+                           timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert not (out2 / "seed0" / "tune").exists() and set(json.loads((out2 / "results.json").read_text())["methods"]) == {
+        "sft", "dpo", "ppo", "rto"}
+    for name in ("ppo", "rto"):
+        cfg = yaml.safe_load((out2 / "seed0" / "configs" / f"{name}.yaml").read_text())
+        assert {k: cfg[k] for k in preset["ppo"]} == preset["ppo"]

@@ -1,4 +1,4 @@
-"""Tasks: the built-in `keyed` testbed and loading of a user's `pkg.module:Class`."""
+"""Tasks: the built-in testbeds (`keyed`, `ordered`, `count`) and loading of a user's `pkg.module:Class`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import inspect
 from rto.errors import UserError
 from rto.plugins import import_object
 from rto.tasks.base import Task
+from rto.tasks.count import CountTask
 from rto.tasks.keyed import KeyedTask
+from rto.tasks.ordered import OrderedTask
 
-BUILTIN = {"keyed": KeyedTask}
+BUILTIN = {"keyed": KeyedTask, "ordered": OrderedTask, "count": CountTask}
 
 
 def load_task(spec: str, seed: int = 0) -> Task:
@@ -27,4 +29,4 @@ def load_task(spec: str, seed: int = 0) -> Task:
         raise UserError(f"--task {spec!r}: cannot construct it: {type(e).__name__}: {e}") from None
 
 
-__all__ = ["Task", "KeyedTask", "load_task", "BUILTIN"]
+__all__ = ["Task", "KeyedTask", "OrderedTask", "CountTask", "load_task", "BUILTIN"]

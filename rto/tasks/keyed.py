@@ -36,22 +36,15 @@ from __future__ import annotations
 
 import math
 import random
-import re
 
-from rto.tasks.base import Task
+from rto.tasks.symbols import EOS, SEP, SymbolTask, split_tokens
 
-PAD, EOS, SEP, UNK = "<pad>", "<eos>", "<sep>", "<unk>"
+__all__ = ["KeyedTask", "split_tokens", "SEGMENT_DELIMITERS", "EOS", "SEP"]
 # Keyed text has no sentences; for Semi-RTO these four symbols (1 token in 8) end a segment.
 SEGMENT_DELIMITERS = ["s0", "s1", "s2", "s3"]
-_TOKEN = re.compile(r"<eos>|<sep>|<pad>|<unk>|s\d+")
 
 
-def split_tokens(text: str) -> list[str]:
-    """Token strings of a keyed text (special tokens may touch their neighbours)."""
-    return _TOKEN.findall(text)
-
-
-class KeyedTask(Task):
+class KeyedTask(SymbolTask):
     name = "keyed"
 
     def __init__(
@@ -67,13 +60,10 @@ class KeyedTask(Task):
         bonus_weight: float = 1.0,
         teacher_habit: float = 0.8,
     ):
-        super().__init__(seed)
-        if not 2 <= prompt_len <= n_symbols:
-            raise ValueError("need 2 <= prompt_len <= n_symbols")
-        self.n_symbols, self.prompt_len, self.response_len = n_symbols, prompt_len, response_len
+        super().__init__(seed, n_symbols, prompt_len)
+        self.response_len = response_len
         self.score_every, self.teacher_accuracy = score_every, teacher_accuracy
         self.bonus_target, self.bonus_weight, self.teacher_habit = bonus_target, bonus_weight, teacher_habit
-        self.symbols = [f"s{i}" for i in range(n_symbols)]
         rng = random.Random(f"keyed-secret-{seed}")
         shuffled = self.symbols[:]
         rng.shuffle(shuffled)
@@ -83,31 +73,7 @@ class KeyedTask(Task):
         self.bonus = set(rng.sample(self.symbols, n_bonus))
         self.n_scored = math.ceil(response_len / score_every)
 
-    # --- vocabulary ------------------------------------------------------------
-    def tokenizer(self):
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
-
-        vocab = {tok: i for i, tok in enumerate([PAD, EOS, SEP, UNK, *self.symbols])}
-        core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        # <sep> and <eos> are special, so "...<sep>" + "s3" still splits in two.
-        return PreTrainedTokenizerFast(
-            tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK,
-            additional_special_tokens=[SEP], model_max_length=128,
-        )
-
-    def model_config(self):
-        return dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=256, max_position_embeddings=64)
-
-    # --- prompts and teacher -----------------------------------------------------
-    def random_prompt(self, rng: random.Random) -> str:
-        return " ".join(rng.sample(self.symbols, self.prompt_len)) + " " + SEP
-
-    def _prompt_symbols(self, prompt: str) -> list[str]:
-        return [t for t in split_tokens(prompt) if t.startswith("s")]
-
+    # --- teacher -------------------------------------------------------------------------
     def target(self, prompt_symbols: list[str], t: int) -> str | None:
         """The right symbol at response position t, or None if t is not scored."""
         if t % self.score_every or t >= self.response_len:
@@ -115,7 +81,7 @@ class KeyedTask(Task):
         return self.key[prompt_symbols[(t // self.score_every) % len(prompt_symbols)]]
 
     def demonstration(self, prompt: str, rng: random.Random) -> str:
-        ps = self._prompt_symbols(prompt)
+        ps = self.prompt_symbols(prompt)
         out: list[str] = []
         for t in range(rng.randint(self.response_len - 2, self.response_len)):
             want = self.target(ps, t)
@@ -131,7 +97,7 @@ class KeyedTask(Task):
     # --- gold reward -------------------------------------------------------------
     def _parts(self, prompt: str, response_tokens: list[str]) -> tuple[list[float], float]:
         """(local reward of each token, global count reward)."""
-        ps = self._prompt_symbols(prompt)
+        ps = self.prompt_symbols(prompt)
         local = [0.0] * len(response_tokens)
         for t, tok in enumerate(response_tokens):
             if tok == EOS:

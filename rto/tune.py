@@ -1,0 +1,173 @@
+"""`rto tune`: choose the RL settings for a task on its dev split, and write them as a preset file.
+
+On the task's own SFT model, RM and DPO model (`Pipeline.offline`, the preset's settings):
+ 1. PPO: a grid of learning rate (policy and critic) x KL coefficient;
+ 2. RTO: PPO's choice, then a grid of beta1 (dpo_clip = beta1 x `dpo_clip_ratio`) - RTO tunes
+    only what PPO does not have, and never more runs than PPO (the budget is checked up front).
+Every run is scored by the dev criterion at the checkpoint the dev selection would keep (the
+best evaluation; the task's gold reward, or a held-out judge's score), never by the test split.
+Tuning runs draw their RL randomness from seed + TUNING_SEED_OFFSET, so results rerun afresh
+(`rto pipeline`, `rto reproduce`) are not the picked runs themselves.
+
+The preset file (YAML) holds the stage settings the pipeline reads over the task's base preset,
+and the grids with their scores: `rto pipeline --preset FILE`, `rto reproduce --preset FILE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from rto.config import opt, require
+from rto.errors import UserError
+
+TUNING_SEED_OFFSET = 10_000_019  # tuning runs' `rto ppo` seed: seed + this (the models stay the seed's own)
+TUNED_KEYS = ("actor_lr", "critic_lr", "kl_coef", "beta1", "dpo_clip")
+
+
+@dataclass
+class TuneGrid:
+    ppo_lrs: list[float] = opt([5e-5, 1e-4, 2e-4], "PPO grid: learning rates (policy and critic)")
+    kl_coefs: list[float] = opt([0.01, 0.05, 0.2], "PPO grid: KL coefficients")
+    rto_beta1s: list[float] = opt([0.05, 0.1, 0.3, 1.0], "RTO grid, on PPO's choice: beta1 values")
+    dpo_clip_ratio: float = opt(1.0, "RTO's dpo_clip = beta1 x this (1: the log-ratio is clipped at +-1)", gt=0)
+    tune_iterations: int = opt(0, "iterations of each tuning run (0: the preset's; PPO's and RTO's alike)", ge=0)
+
+    def check_budget(self) -> None:
+        ppo, rto = len(self.ppo_lrs) * len(self.kl_coefs), len(self.rto_beta1s)
+        if not ppo or not rto:
+            raise UserError("tune: every grid needs at least one value")
+        if rto > ppo:
+            raise UserError(f"tune: the RTO grid ({rto} runs) is larger than the PPO grid ({ppo} runs): PPO is never "
+                            "given less tuning budget than RTO")
+
+
+@dataclass
+class TuneConfig(TuneGrid):
+    out: str = opt("", "output directory: the tuning runs, OUT/preset.yaml")
+    task: str = opt("keyed", "task name or pkg.module:Class")
+    preset: str = opt("default", "the task's base preset (stage settings other than the tuned ones)")
+    seed: int = opt(0, "seed of the SFT/RM/DPO models tuned on", ge=0)
+    jobs: int = opt(2, "tuning runs at once as processes", ge=1)
+    threads: int = opt(0, "torch threads per process (0: cores / jobs)", ge=0)
+    select_by: Literal["gold_reward", "judge_score"] = opt("gold_reward", "the dev criterion")
+    judge: str = opt("", "held-out judge (as rto pipeline --judge)")
+    resume: bool = opt(True, "skip stages and runs that finished before with the same settings")
+
+    def validate(self):
+        require(self, "tune", "out")
+        self.check_budget()
+
+
+def _dev_score(run_dir: Path, metric: str) -> float:
+    """The dev criterion at the checkpoint the selection keeps (else the last evaluation)."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if metrics.get("selection"):
+        return float(metrics["selection"]["best"])
+    curve = metrics.get("curve") or [{}]
+    return float(curve[-1].get(metric, float("nan")))
+
+
+def tune_settings(pipe, grid: TuneGrid, metric: str, fixed: dict | None = None) -> dict:
+    """Run the grids on `pipe`'s offline models (with `fixed` settings in every run);
+    {"chosen": {...}, "ppo_grid": [...], "rto_grid": [...], ...}."""
+    grid.check_budget()
+    start = time.time()
+    extra_its = {"iterations": grid.tune_iterations} if grid.tune_iterations else {}
+
+    def jobs(method: str, settings: list[dict], names: list[str]):
+        threads = pipe.threads_for(min(pipe.cfg.jobs, len(settings)))
+        out = []
+        for name, s in zip(names, settings):
+            extra = {**(fixed or {}), **s, **extra_its, **pipe.selection_settings(method)}
+            name, stage, cfg = pipe.rl_job(name, method, extra, threads=threads)
+            out.append((name, stage, dataclasses.replace(cfg, seed=pipe.cfg.seed + TUNING_SEED_OFFSET)))
+        pipe.run_group(out)
+        return [_dev_score(pipe.out / name, metric) for name, _, _ in out]
+
+    ppo_settings = [{"actor_lr": lr, "critic_lr": lr, "kl_coef": kl} for lr in grid.ppo_lrs for kl in grid.kl_coefs]
+    scores = jobs("ppo", ppo_settings, [f"tune/ppo_lr{s['actor_lr']:g}_kl{s['kl_coef']:g}" for s in ppo_settings])
+    ppo_rows = [{**s, "dev_score": v} for s, v in zip(ppo_settings, scores)]
+    ppo_choice = {k: v for k, v in max(ppo_rows, key=lambda r: r["dev_score"]).items() if k != "dev_score"}
+    rto_settings = [{**ppo_choice, "beta1": b, "dpo_clip": b * grid.dpo_clip_ratio} for b in grid.rto_beta1s]
+    scores = jobs("rto", rto_settings, [f"tune/rto_b{b:g}" for b in grid.rto_beta1s])
+    rto_rows = [{"beta1": s["beta1"], "dpo_clip": s["dpo_clip"], "dev_score": v} for s, v in zip(rto_settings, scores)]
+    best_rto = max(rto_rows, key=lambda r: r["dev_score"])
+    iterations = grid.tune_iterations or pipe.rl_settings("ppo").get("iterations", 100)
+    return {"chosen": {**ppo_choice, "beta1": best_rto["beta1"], "dpo_clip": best_rto["dpo_clip"]},
+            "criterion": f"dev {metric} at the selected checkpoint", "ppo_grid": ppo_rows, "rto_grid": rto_rows,
+            "budget": {"ppo_runs": len(ppo_rows), "rto_runs": len(rto_rows), "iterations_per_run": iterations},
+            "rl_seed": pipe.cfg.seed + TUNING_SEED_OFFSET, "seconds": time.time() - start}
+
+
+def write_preset(path: Path, task_name: str, base: str, seed: int, record: dict) -> Path:
+    """The preset file: the tuned `ppo` settings over the base preset, and how they were chosen."""
+    doc = {"task": task_name, "base": base, "ppo": dict(record["chosen"]),
+           "tuned": {"seed": seed, **{k: v for k, v in record.items() if k != "chosen"}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"# rto tune: RL settings chosen on the dev split of {task_name} (seed {seed}).\n"
+                   f"# Read by: rto pipeline --preset {path} ; rto reproduce --preset {path}\n"
+                   + yaml.safe_dump(doc, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def is_preset_file(preset: str) -> bool:
+    return preset.endswith((".yaml", ".yml"))
+
+
+def read_preset(path: str, task) -> tuple[dict, dict]:
+    """(stage settings: the task's base preset with the file's sections over it, the file's record)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--preset {path}: file not found")
+    try:
+        doc = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--preset {path}: not YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict) or "base" not in doc:
+        raise UserError(f"--preset {path}: expected a mapping with 'base' (a preset of the task) and stage sections")
+    if doc.get("task") not in (None, task.name):
+        raise UserError(f"--preset {path}: tuned for task {doc['task']!r}, not {task.name!r}")
+    presets = getattr(task, "presets", {}) or {}
+    if doc["base"] not in presets:
+        raise UserError(f"--preset {path}: base {doc['base']!r} is not a preset of {task.name} "
+                        f"(has: {', '.join(presets) or 'none'})")
+    settings = {section: dict(values) for section, values in presets[doc["base"]].items()}
+    for section, values in doc.items():
+        if section in ("task", "base", "tuned"):
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"--preset {path}: section {section!r} is not a mapping")
+        settings[section] = {**settings.get(section, {}), **values}
+    return settings, doc
+
+
+def run(cfg: TuneConfig) -> dict:
+    from rto.distributed import refuse_launcher
+    from rto.pipeline import Pipeline, PipelineConfig
+
+    refuse_launcher("tune")
+    pipe = Pipeline(PipelineConfig(out=cfg.out, task=cfg.task, preset=cfg.preset, methods=["sft", "dpo", "ppo", "rto"],
+                                   seed=cfg.seed, jobs=cfg.jobs, threads=cfg.threads, resume=cfg.resume,
+                                   select_by=cfg.select_by, judge=cfg.judge))
+    pipe.out.mkdir(parents=True, exist_ok=True)
+    pipe.offline(needs_rm=True, needs_dpo=True)
+    grid = TuneGrid(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TuneGrid)})
+    record = tune_settings(pipe, grid, cfg.select_by)
+    path = write_preset(pipe.out / "preset.yaml", pipe.task.name, _base_name(cfg.preset, pipe.task), cfg.seed, record)
+    chosen = ", ".join(f"{k} {v:g}" for k, v in record["chosen"].items())
+    print(f"[rto] tune: chose {chosen} ({record['budget']['ppo_runs']} PPO runs, {record['budget']['rto_runs']} RTO "
+          f"runs, {record['seconds']:.0f} s); preset: {path}")
+    return record
+
+
+def _base_name(preset: str, task) -> str:
+    return read_preset(preset, task)[1]["base"] if is_preset_file(preset) else preset

@@ -42,8 +42,9 @@ HELDOUT_RM = "heldout-rm"  # --judge: an RM the pipeline trains on pairs disjoin
 class PipelineConfig:
     out: str = opt("", "output directory")
     task: str = opt("keyed", "task name or pkg.module:Class")
-    preset: str = opt("default", "the task's preset of stage settings (e.g. smoke, default), or a preset file "
-                                 "written by `rto tune` (FILE.yaml)")
+    preset: str = opt("default", "the task's preset of stage settings (e.g. smoke, default; tuned: a built-in "
+                                 "task's settings chosen by `rto tune`), or a preset file written by `rto tune` "
+                                 "(FILE.yaml)")
     tune: bool = opt(False, "choose the RL settings on the dev split first (rto tune's grids on this run's models; "
                             "OUT/preset.yaml); the user's own ppo settings still win")
     methods: list[str] = opt(["sft", "dpo", "ppo", "rto"], "methods to train and compare")
@@ -96,14 +97,16 @@ def _merge(*parts: dict) -> dict:
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig):
-        from rto.tasks import load_task
+        from rto.tasks import TUNED, load_task, tuned_preset_file
 
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.task = load_task(cfg.task)
         presets = getattr(self.task, "presets", {}) or {}
         self.preset_record: dict = {}  # what a preset file says of how its settings were chosen
-        if is_preset_file(cfg.preset):
+        if cfg.preset == TUNED and tuned_preset_file(self.task):
+            self.preset, self.preset_record = read_preset(tuned_preset_file(self.task), self.task)
+        elif is_preset_file(cfg.preset):
             self.preset, self.preset_record = read_preset(cfg.preset, self.task)
         elif cfg.preset not in presets:
             raise UserError(f"pipeline: task {cfg.task!r} has no preset {cfg.preset!r} (has: {', '.join(presets) or 'none'}); "

@@ -7,7 +7,6 @@ resampled seed, so both sources of variation are in the interval.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -174,6 +173,40 @@ def data_limited(per_seed: list[dict], methods: dict, cfg) -> dict:
     return eff
 
 
+def _verdict(ci: list[float], better: str, worse: str, tie: str = "ties") -> str:
+    return better if ci[0] > 0 else worse if ci[1] < 0 else tie
+
+
+def claims(results: dict) -> list[dict]:
+    """The paper's claims on this task, each with a verdict from the paired 95% intervals:
+    {"claim", "verdict", "evidence"}; a claim whose runs are missing is "not tested"."""
+    comp, ms, out = results["comparisons"], results["methods"], []
+
+    def paired(name: str, claim: str, better: str, worse: str, tie: str = "ties") -> None:
+        c = comp.get(name)
+        out.append({"claim": claim, "verdict": _verdict(c["ci"], better, worse, tie) if c else "not tested",
+                    "evidence": f"{name}: {c['mean']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c else ""})
+
+    paired("rto - ppo", "RTO beats PPO", "holds (RTO beats PPO)", "fails (RTO loses to PPO)", "fails (a tie)")
+    paired("rto - dpo", "RTO beats the DPO policy", "holds", "fails (RTO loses to DPO)", "fails (a tie)")
+    paired("ppo - dpo", "PPO beats the DPO policy", "holds", "fails (PPO loses to DPO)", "fails (a tie)")
+    for m in ("ppo", "rto"):
+        paired(f"{m} - sft", f"{m.upper()} (dev-selected) ends at or above SFT", "holds (above)", "fails (below)",
+               "holds (a tie)")
+    eff = results.get("data_efficiency") or {}
+    if eff:
+        f0 = eff["fractions"][0]
+        c = comp.get(f"rto@{f0:g} - ppo@1")
+        out.append({"claim": f"RTO with 1/{1 / f0:g} of the prompts reaches PPO with all of them (each seen once)",
+                    "verdict": _verdict(c["ci"], "holds (above)", "fails", "holds (a tie)") if c else "not tested",
+                    "evidence": (f"rto@{f0:g} - ppo@1: {c['mean']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]; "
+                                 f"data ratio {_ratio_text(eff)}") if c else ""})
+    for m in ("ppo", "rto"):
+        if f"{m}+ens" in ms:
+            paired(f"{m}+ens - {m}", f"an RM ensemble helps {m.upper()}", "holds", "fails (it hurts)", "fails (no change)")
+    return out
+
+
 def _ratio_text(eff: dict) -> str:
     def one(r):
         return "RTO never reached it" if r is None else f"{r:g}"
@@ -197,114 +230,6 @@ def summary_table(results: dict) -> str:
     if results.get("rm_accuracy") is not None:
         lines.append(f"RM held-out accuracy against the gold order: {results['rm_accuracy']:.3f}")
     return "\n".join(lines)
-
-
-# --- figures ----------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[Path]:
-    plt = _plt()
-    paths = []
-
-    # 1. gold reward vs RL prompts seen
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for name, pts in results["curves"].items():
-        pts = [p for p in pts if "gold_reward" in p]
-        style = "--" if "gold" in name else "-"
-        ax.plot([p["prompts_seen"] for p in pts], [p["gold_reward"] for p in pts], style, marker="o", ms=2, label=name)
-    for name, value in results["reference_lines"].items():
-        ax.axhline(value, color="grey" if name == "sft" else "black", ls=":" if name == "dpo" else "--", label=name)
-    ax.set(xlabel="RL prompts seen", ylabel="gold reward (dev, mean over seeds)",
-           title=f"{results['task']}: gold reward over training ({len(results['seeds'])} seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    paths.append(_save(fig, out / "curves.png", plt))
-
-    # 2. gold reward vs RL prompts, each seen once (the data-limited sweep)
-    eff = results["data_efficiency"]
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for m in ("ppo", "rto") if eff else ():
-        ys = [r["gold_reward"] for r in eff[m]]
-        err = [[y - r["gold_reward_ci"][0] for y, r in zip(ys, eff[m])], [r["gold_reward_ci"][1] - y for y, r in zip(ys, eff[m])]]
-        ax.errorbar(eff["prompts"], ys, yerr=err, marker="o", capsize=3, label=m)
-    if eff:
-        lo, hi = eff["ppo"][-1]["gold_reward_ci"]
-        ax.axhspan(lo, hi, color="C0", alpha=0.15, label="PPO, whole pool (95% CI)")
-        ax.set_xscale("log", base=2)
-    ax.set(xlabel="RL prompts, each seen once", ylabel="gold reward (test)", title="data-limited sweep")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(_save(fig, out / "data_efficiency.png", plt))
-
-    # 3. gold reward vs sqrt(KL to SFT), one point per dev checkpoint per seed
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    names = [n for n in results["curves"]]
-    for i, name in enumerate(names):
-        xs, ys = [], []
-        for ps in per_seed:
-            curve = json.loads((Path(ps["runs"][name]) / "metrics.json").read_text())["curve"]
-            for p in curve:
-                if "gold_reward" in p and "kl_to_ref" in p:
-                    xs.append(math.sqrt(max(p["kl_to_ref"], 0.0)))
-                    ys.append(p["gold_reward"])
-        ax.scatter(xs, ys, s=8, alpha=0.6, label=name, color=f"C{i % 10}")
-    ax.set(xlabel="sqrt(KL to SFT) (nats^0.5, dev samples)", ylabel="gold reward (dev)",
-           title="reward vs divergence, one point per checkpoint")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    paths.append(_save(fig, out / "gold_vs_kl.png", plt))
-
-    # 4. win rates with intervals
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
-    ms = [n for n in results["methods"] if n != "sft" and "@" not in n]
-    vals = [results["methods"][n]["win_rate_vs_sft"] for n in ms]
-    cis = [results["methods"][n]["win_rate_vs_sft_ci"] for n in ms]
-    ax.bar(range(len(ms)), vals, yerr=[[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]],
-           capsize=3, color=[f"C{i % 10}" for i in range(len(ms))])
-    ax.axhline(0.5, color="grey", ls="--")
-    ax.set_xticks(range(len(ms)), ms, rotation=35, ha="right", fontsize=8)
-    ax.set(ylabel="win rate vs SFT (gold reward, 95% CI)", ylim=(0, 1), title="win rate against SFT")
-    fig.tight_layout()
-    paths.append(_save(fig, out / "win_rates.png", plt))
-
-    # 5. token heat-map: DPO log-ratio beside the true per-token gold reward
-    align = next((a for a in results["token_alignment"].values() if a.get("examples")), None)
-    if align:
-        ex = align["examples"]
-        fig, axes = plt.subplots(len(ex), 1, figsize=(11, 1.5 * len(ex) + 0.6), dpi=120, squeeze=False)
-        for ax, e in zip(axes[:, 0], ex):
-            data = torch.tensor([e["dpo_log_ratio"], e["gold"]])
-            lim = float(data[0].abs().max()) or 1.0
-            ax.imshow(data[:1].numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", extent=(0, len(e["tokens"]), 1, 2))
-            ax.imshow(data[1:].numpy(), cmap="Greens", vmin=0, vmax=max(float(data[1].max()), 1e-6), aspect="auto",
-                      extent=(0, len(e["tokens"]), 0, 1))
-            ax.set_xlim(0, len(e["tokens"]))
-            ax.set_ylim(0, 2)
-            for t, tok in enumerate(e["tokens"]):
-                ax.text(t + 0.5, 1.5, f"{e['dpo_log_ratio'][t]:.1f}", ha="center", va="center", fontsize=6)
-                ax.text(t + 0.5, 0.5, f"{e['gold'][t]:.2f}", ha="center", va="center", fontsize=6)
-            ax.set_xticks([t + 0.5 for t in range(len(e["tokens"]))], e["tokens"], fontsize=6)
-            ax.set_yticks([0.5, 1.5], ["gold", "DPO log-ratio"], fontsize=7)
-        fig.suptitle(f"DPO log-ratio vs gold token reward on SFT samples; Pearson r = "
-                     f"{align['pearson_all_tokens']:.2f} (all tokens), {align['pearson_before_last_token']:.2f} "
-                     f"(all but the last)", fontsize=9)
-        fig.tight_layout()
-        paths.append(_save(fig, out / "token_heatmap.png", plt))
-    return paths
-
-
-def _save(fig, path: Path, plt) -> Path:
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def _ci(m: dict, key: str = "gold_reward") -> str:
@@ -340,6 +265,9 @@ def results_markdown(results: dict, command: str) -> str:
         for m in ("ppo", "rto"):
             lines.append(f"| {m} | " + " | ".join(_ci(r) for r in eff[m]) + " |")
         lines += ["", f"Data ratio ({eff['definition']}): {_ratio_text(eff)}."]
+    lines += ["", "The paper's claims on this task (verdicts from the paired 95% intervals):", "",
+              "| claim | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['verdict']} | {c['evidence']} |" for c in claims(results)]
     sel = results.get("selection") or {}
     if sel:
         lines += ["", "Dev selection: the iteration each seed's result was chosen at, and on how many seeds the "
@@ -368,3 +296,28 @@ def results_markdown(results: dict, command: str) -> str:
                   f"{sum(a['pearson_before_last_token'] for a in align) / len(align):.3f} over all but the last "
                   f"(the last token also carries the sequence-level part)."]
     return "\n".join(lines) + "\n"
+
+
+def cross_task_markdown(results_by_task: dict[str, dict]) -> str:
+    """One table of the paper's claims over tasks: the verdict per task, the evidence below it."""
+    tasks = list(results_by_task)
+    rows: dict[str, dict[str, dict]] = {}
+    for task, results in results_by_task.items():
+        for c in claims(results):
+            key = c["claim"].split(" with 1/")[0] + (" with 1/8 of the prompts ..." if " with 1/" in c["claim"] else "")
+            rows.setdefault(key, {})[task] = c
+    lines = ["| claim | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for claim, by_task in rows.items():
+        cells = [f"{by_task[t]['verdict']}<br>{by_task[t]['evidence']}" if t in by_task else "not tested" for t in tasks]
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m rto.report_reproduce DIR [DIR ...]: the cross-task claims table
+    import sys
+
+    found = {}
+    for d in sys.argv[1:]:
+        r = json.loads((Path(d) / "results.json").read_text())
+        found[r["task"]] = r
+    print(cross_task_markdown(found))

@@ -33,7 +33,7 @@ from rto.data import write_json, write_jsonl
 from rto.pipeline import RL_METHODS, Pipeline, PipelineConfig
 from rto.pipeline_summary import reference_lines
 from rto.tasks import Task
-from rto.tune import TUNED_KEYS, TUNING_SEED_OFFSET, TuneGrid, is_preset_file, tune_settings, write_preset
+from rto.tune import TUNED_KEYS, TUNING_SEED_OFFSET, TuneGrid, tune_settings, write_preset
 
 METHODS = list(RL_METHODS)  # every RL method of the pipeline (one per reward placement, and REINFORCE++)
 GOLD_REFERENCES = {  # name: (method, extra settings)
@@ -178,7 +178,8 @@ class Reproduction:
                 "token_alignment": token_alignment(pipe.out, pipe.task) if has_gold else {}}
 
     def run(self) -> dict:
-        from rto.report_reproduce import aggregate, write_figures
+        from rto.report_figures import write_figures
+        from rto.report_reproduce import aggregate
 
         cfg = self.cfg
         start = time.time()
@@ -198,7 +199,8 @@ class Reproduction:
                 write_json(self.out / "per_seed.json", per_seed)
         results = aggregate(per_seed, self.out, cfg)
         results["tuning"] = {"grids": self.tuning, "chosen": self.chosen or per_seed[0].get("settings", {}),
-                             "protocol": cfg.tune if not is_preset_file(cfg.preset) else f"preset file {cfg.preset}"}
+                             "protocol": next((f"the preset file of --preset {g['from_preset_file']}"
+                                               for g in self.tuning.values() if g.get("from_preset_file")), cfg.tune)}
         results["wall_time_s"] = time.time() - start
         results["machine"] = _machine()
         write_json(self.out / "results.json", results)

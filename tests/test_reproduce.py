@@ -61,6 +61,8 @@ def test_quick_reproduce(tmp_path):
     assert {yaml.safe_load(f.read_text())["seed"] for f in tuning_configs} == {TUNING_SEED_OFFSET}
     assert results["tuning"]["grids"]["0"]["rl_seed"] == TUNING_SEED_OFFSET
 
+    report = (out / "results.md").read_text()
+    assert "| RTO beats PPO |" in report and "| an RM ensemble helps PPO |" in report
     # The choice is written as a preset file that a second reproduction reads instead of tuning.
     preset = yaml.safe_load((out / "preset.yaml").read_text())
     assert preset["base"] == "smoke" and preset["ppo"] == results["tuning"]["chosen"]

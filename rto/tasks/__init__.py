@@ -14,6 +14,17 @@ from rto.tasks.ordered import OrderedTask
 BUILTIN = {"keyed": KeyedTask, "ordered": OrderedTask, "count": CountTask}
 
 
+TUNED = "tuned"  # --preset tuned: a built-in task's preset file written by `rto tune` (rto/tasks/presets/)
+
+
+def tuned_preset_file(task: Task) -> str:
+    """The packaged `rto tune` preset of a built-in task ("" for other tasks or where none was written)."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "presets" / f"{task.name}.yaml"
+    return str(path) if BUILTIN.get(task.name) is type(task) and path.is_file() else ""
+
+
 def load_task(spec: str, seed: int = 0) -> Task:
     """`keyed`, `pkg.module:Class` (imported from sys.path) or `path/to/file.py:Class`."""
     if spec in BUILTIN:
@@ -29,4 +40,4 @@ def load_task(spec: str, seed: int = 0) -> Task:
         raise UserError(f"--task {spec!r}: cannot construct it: {type(e).__name__}: {e}") from None
 
 
-__all__ = ["Task", "KeyedTask", "OrderedTask", "CountTask", "load_task", "BUILTIN"]
+__all__ = ["Task", "KeyedTask", "OrderedTask", "CountTask", "load_task", "BUILTIN", "TUNED", "tuned_preset_file"]

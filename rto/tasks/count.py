@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 
-from rto.tasks.symbols import EOS, SymbolTask, response_symbols
+from rto.tasks.symbols import EOS, SymbolTask, response_symbols, symbol_presets
 
 
 class CountTask(SymbolTask):
@@ -49,27 +49,6 @@ class CountTask(SymbolTask):
         n = sum(s in self.wanted for s in response_symbols(response))
         return max(0.0, 1.0 - abs(n - self.target) / self.target)
 
-    presets = {
-        "smoke": {
-            "data": {"n_sft": 512, "n_rl_prompts": 64, "n_dev": 32, "n_test": 64},
-            "sft": {"epochs": 1},
-            "pairs": {"n_pairs": 256, "n_heldout": 64, "max_new_tokens": 20},
-            "rm": {"epochs": 1},
-            "dpo": {"epochs": 1},
-            "ppo": {"iterations": 2, "rollout_batch_size": 16, "mini_batch_size": 8, "eval_every": 1, "n_eval": 32,
-                    "max_new_tokens": 20, "actor_lr": 1e-4, "critic_lr": 1e-4},
-            "eval": {"max_new_tokens": 20},
-        },
-        "default": {
-            "data": {"n_sft": 4000, "n_rl_prompts": 2048, "n_dev": 128, "n_test": 512},
-            "sft": {"epochs": 8, "learning_rate": 3e-3},
-            "pairs": {"n_pairs": 2000, "n_heldout": 500, "max_new_tokens": 20},
-            "rm": {"epochs": 4, "learning_rate": 1e-3},
-            "dpo": {"epochs": 3, "learning_rate": 5e-4},
-            # The RL schedule; learning rate, KL coefficient and beta1 come from `rto tune`
-            # (rto/tasks/presets/count.yaml).
-            "ppo": {"iterations": 100, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 2,
-                    "eval_every": 10, "n_eval": 128, "max_new_tokens": 20, "actor_lr": 1e-4, "critic_lr": 1e-4},
-            "eval": {"max_new_tokens": 20},
-        },
-    }
+    # The RL schedule; learning rate, KL coefficient and beta1 for `--preset tuned` come from
+    # `rto tune` (rto/tasks/presets/count.yaml).
+    presets = symbol_presets(20)

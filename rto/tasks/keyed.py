@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import random
 
-from rto.tasks.symbols import EOS, SEP, SymbolTask, split_tokens
+from rto.tasks.symbols import EOS, SEP, SymbolTask, split_tokens, symbol_presets
 
 __all__ = ["KeyedTask", "split_tokens", "SEGMENT_DELIMITERS", "EOS", "SEP"]
 # Keyed text has no sentences; for Semi-RTO these four symbols (1 token in 8) end a segment.
@@ -126,35 +126,13 @@ class KeyedTask(SymbolTask):
     def gold_reward(self, prompt: str, response: str) -> float:
         return float(sum(self.gold_token_rewards(prompt, split_tokens(response))))
 
-    # Settings of each stage for this task; `rto pipeline --preset NAME` picks one.
-    presets = {
-        # CI-sized: proves the plumbing end to end in well under 2 minutes.
-        "smoke": {
-            "data": {"n_sft": 512, "n_rl_prompts": 64, "n_dev": 32, "n_test": 64},
-            "sft": {"epochs": 1},
-            "pairs": {"n_pairs": 256, "n_heldout": 64, "max_new_tokens": 24},
-            "rm": {"epochs": 1},
-            "dpo": {"epochs": 1},
-            "ppo": {"iterations": 2, "rollout_batch_size": 16, "mini_batch_size": 8, "eval_every": 1, "n_eval": 32,
-                    "max_new_tokens": 24, "actor_lr": 1e-4, "critic_lr": 1e-4,
-                    "segment_delimiters": SEGMENT_DELIMITERS},
-            "eval": {"max_new_tokens": 24},
-        },
-        "default": {
-            "data": {"n_sft": 4000, "n_rl_prompts": 2048, "n_dev": 128, "n_test": 512},
-            "sft": {"epochs": 8, "learning_rate": 3e-3},
-            "pairs": {"n_pairs": 2000, "n_heldout": 500, "max_new_tokens": 24},
-            "rm": {"epochs": 4, "learning_rate": 1e-3},
-            "dpo": {"epochs": 3, "learning_rate": 5e-4},
-            # Chosen on the dev split (runs of `rto ppo` with everything else fixed, seed 0):
-            # kl_coef for PPO from {0.01: 1.20, 0.05: 1.29, 0.2: 1.21} (dev gold reward after 100
-            # iterations); RTO inherits it and tunes only beta1/dpo_clip, from (0.05, 0.05): 1.55,
-            # (0.1, 0.1): 1.59, (0.3, 0.3): 1.63, (1.0, 1.0): 1.61 at kl_coef 0.01, and 1.68 for
-            # (0.3, 0.3) at kl_coef 0.05. The clip keeps the reference code's ratio: the log-ratio
-            # is clipped at +-1. The library defaults (0.05, 0.05, 0.01) are the reference code's.
-            "ppo": {"iterations": 100, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 2,
-                    "eval_every": 10, "n_eval": 128, "max_new_tokens": 24, "actor_lr": 1e-4, "critic_lr": 1e-4,
-                    "kl_coef": 0.05, "beta1": 0.3, "dpo_clip": 0.3, "segment_delimiters": SEGMENT_DELIMITERS},
-            "eval": {"max_new_tokens": 24},
-        },
-    }
+    # Settings of each stage for this task; `rto pipeline --preset NAME` picks one (`tuned`: rto tune's).
+    # The default RL settings were chosen on the dev split before `rto tune` existed (runs of `rto ppo`
+    # with everything else fixed, seed 0): kl_coef for PPO from {0.01: 1.20, 0.05: 1.29, 0.2: 1.21}
+    # (dev gold reward after 100 iterations); RTO inherits it and tunes only beta1/dpo_clip, from
+    # (0.05, 0.05): 1.55, (0.1, 0.1): 1.59, (0.3, 0.3): 1.63, (1.0, 1.0): 1.61 at kl_coef 0.01, and
+    # 1.68 for (0.3, 0.3) at kl_coef 0.05. The clip keeps the reference code's ratio: the log-ratio is
+    # clipped at +-1. The library defaults (0.05, 0.05, 0.01) are the reference code's.
+    presets = symbol_presets(24, smoke_ppo={"segment_delimiters": SEGMENT_DELIMITERS},
+                             default_ppo={"kl_coef": 0.05, "beta1": 0.3, "dpo_clip": 0.3,
+                                          "segment_delimiters": SEGMENT_DELIMITERS})

@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import random
 
-from rto.tasks.symbols import EOS, SymbolTask, response_symbols
+from rto.tasks.symbols import EOS, SymbolTask, response_symbols, symbol_presets
 
 
 def longest_increasing(values: list[int]) -> int:
@@ -79,27 +79,6 @@ class OrderedTask(SymbolTask):
     def gold_reward(self, prompt: str, response: str) -> float:
         return float(sum(self.gold_parts(prompt, response).values()))
 
-    presets = {
-        "smoke": {
-            "data": {"n_sft": 512, "n_rl_prompts": 64, "n_dev": 32, "n_test": 64},
-            "sft": {"epochs": 1},
-            "pairs": {"n_pairs": 256, "n_heldout": 64, "max_new_tokens": 16},
-            "rm": {"epochs": 1},
-            "dpo": {"epochs": 1},
-            "ppo": {"iterations": 2, "rollout_batch_size": 16, "mini_batch_size": 8, "eval_every": 1, "n_eval": 32,
-                    "max_new_tokens": 16, "actor_lr": 1e-4, "critic_lr": 1e-4},
-            "eval": {"max_new_tokens": 16},
-        },
-        "default": {
-            "data": {"n_sft": 4000, "n_rl_prompts": 2048, "n_dev": 128, "n_test": 512},
-            "sft": {"epochs": 8, "learning_rate": 3e-3},
-            "pairs": {"n_pairs": 2000, "n_heldout": 500, "max_new_tokens": 16},
-            "rm": {"epochs": 4, "learning_rate": 1e-3},
-            "dpo": {"epochs": 3, "learning_rate": 5e-4},
-            # The RL schedule; learning rate, KL coefficient and beta1 come from `rto tune`
-            # (rto/tasks/presets/ordered.yaml).
-            "ppo": {"iterations": 100, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 2,
-                    "eval_every": 10, "n_eval": 128, "max_new_tokens": 16, "actor_lr": 1e-4, "critic_lr": 1e-4},
-            "eval": {"max_new_tokens": 16},
-        },
-    }
+    # The RL schedule; learning rate, KL coefficient and beta1 for `--preset tuned` come from
+    # `rto tune` (rto/tasks/presets/ordered.yaml).
+    presets = symbol_presets(16)

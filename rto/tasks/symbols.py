@@ -60,3 +60,32 @@ class SymbolTask(Task):
 
     def prompt_symbols(self, prompt: str) -> list[str]:
         return [t for t in split_tokens(prompt) if t.startswith("s")]
+
+
+def symbol_presets(max_new_tokens: int, smoke_ppo: dict | None = None, default_ppo: dict | None = None) -> dict:
+    """The `smoke` and `default` presets every built-in symbol task shares (the same data sizes and
+    RL schedule), with the task's response length and its own extra `ppo` settings."""
+    gen = {"max_new_tokens": max_new_tokens}
+    return {
+        # CI-sized: proves the plumbing end to end in well under 2 minutes.
+        "smoke": {
+            "data": {"n_sft": 512, "n_rl_prompts": 64, "n_dev": 32, "n_test": 64},
+            "sft": {"epochs": 1},
+            "pairs": {"n_pairs": 256, "n_heldout": 64, **gen},
+            "rm": {"epochs": 1},
+            "dpo": {"epochs": 1},
+            "ppo": {"iterations": 2, "rollout_batch_size": 16, "mini_batch_size": 8, "eval_every": 1, "n_eval": 32,
+                    **gen, "actor_lr": 1e-4, "critic_lr": 1e-4, **(smoke_ppo or {})},
+            "eval": dict(gen),
+        },
+        "default": {
+            "data": {"n_sft": 4000, "n_rl_prompts": 2048, "n_dev": 128, "n_test": 512},
+            "sft": {"epochs": 8, "learning_rate": 3e-3},
+            "pairs": {"n_pairs": 2000, "n_heldout": 500, **gen},
+            "rm": {"epochs": 4, "learning_rate": 1e-3},
+            "dpo": {"epochs": 3, "learning_rate": 5e-4},
+            "ppo": {"iterations": 100, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 2,
+                    "eval_every": 10, "n_eval": 128, **gen, "actor_lr": 1e-4, "critic_lr": 1e-4, **(default_ppo or {})},
+            "eval": dict(gen),
+        },
+    }

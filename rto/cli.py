@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "pipeline":
             p.add_argument("--set", dest="set_values", action="append", default=[], metavar="SECTION.KEY=VALUE",
                            help="override a stage setting, e.g. --set ppo.actor_lr=1e-5 (repeatable)")
-            add_arguments(p, cls, skip=("data", "sft", "pairs", "rm", "dpo", "ppo", "method_overrides", "eval"))
+            add_arguments(p, cls, skip=("data", "sft", "pairs", "rm", "dpo", "ppo", "method_overrides", "eval",
+                                        "tune_grid"))
         else:
             add_arguments(p, cls)
     return parser

@@ -47,6 +47,7 @@ class PipelineConfig:
                                  "(FILE.yaml)")
     tune: bool = opt(False, "choose the RL settings on the dev split first (rto tune's grids on this run's models; "
                             "OUT/preset.yaml); the user's own ppo settings still win")
+    tune_grid: dict = opt({}, "rto tune's grids for --tune, e.g. {kl_coefs: [0.05, 0.2]} (see rto tune --help)")
     methods: list[str] = opt(["sft", "dpo", "ppo", "rto"], "methods to train and compare")
     seed: int = opt(0, "random seed", ge=0)
     jobs: int = opt(2, "independent stages run at once as processes (1: one after another)", ge=1)
@@ -273,11 +274,12 @@ class Pipeline:
         """--tune: rto tune's grids on this run's models; the choice goes over the preset's ppo settings."""
         from rto.tune import TuneGrid, tune_settings, write_preset
 
-        record = tune_settings(self, TuneGrid(), self.cfg.select_by)
+        record = tune_settings(self, build(TuneGrid, dict(self.cfg.tune_grid), "pipeline tune_grid"), self.cfg.select_by)
         self.preset["ppo"] = {**self.preset.get("ppo", {}), **record["chosen"]}
         base = self.preset_record.get("base", self.cfg.preset)
         write_preset(self.out / "preset.yaml", self.task.name, base, self.cfg.seed, record)
-        self.preset_record = {"base": base, "tuned": {k: v for k, v in record.items() if k != "chosen"}}
+        self.preset_record = {"base": base, "tuned": {"seed": self.cfg.seed,
+                                                      **{k: v for k, v in record.items() if k != "chosen"}}}
 
     def judge_pairs(self) -> dict:
         """With --judge heldout-rm: the pairs stage also writes the judge's pairs (as many as the RM's)."""

@@ -72,3 +72,24 @@ def test_presets_build_every_stage(name):
     for split in ("train", "dev", "test"):
         for p in task.prompts(split, 20, seed=0):
             assert tok.convert_ids_to_tokens(tok(p)["input_ids"])[-1] == "<sep>" and tok.unk_token_id not in tok(p)["input_ids"]
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_packaged_tuned_presets_are_rto_tunes_choice(name):
+    """--preset tuned: the committed file holds what its grids chose (nothing edited by hand)."""
+    from rto.tasks import tuned_preset_file
+    from rto.tune import TUNED_KEYS, read_preset
+
+    task = load_task(name)
+    path = tuned_preset_file(task)
+    if not path:
+        pytest.skip(f"{name} has no tuned preset yet")
+    settings, doc = read_preset(path, task)
+    tuned = doc["tuned"]
+    best = max(tuned["ppo_grid"], key=lambda r: r["dev_score"])
+    best_rto = max(tuned["rto_grid"], key=lambda r: r["dev_score"])
+    assert {k: settings["ppo"][k] for k in TUNED_KEYS} == {
+        "actor_lr": best["actor_lr"], "critic_lr": best["critic_lr"], "kl_coef": best["kl_coef"],
+        "beta1": best_rto["beta1"], "dpo_clip": best_rto["dpo_clip"]}
+    assert tuned["budget"]["ppo_runs"] == len(tuned["ppo_grid"]) >= tuned["budget"]["rto_runs"] == len(tuned["rto_grid"])
+    assert settings["data"] == task.presets[doc["base"]]["data"]  # the base preset underneath

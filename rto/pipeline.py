@@ -291,7 +291,9 @@ class Pipeline:
     @property
     def judge_spec(self) -> str:
         """What `rto ppo --judge` and `rto eval --judge` get: a path or module:function, or ""."""
-        return str(self.out / "judge_rm") if self.cfg.judge == HELDOUT_RM else self.cfg.judge
+        if self.cfg.judge == HELDOUT_RM:  # trained with the RM: absent where no method needs one
+            return str(self.out / "judge_rm") if (self.out / "judge_rm").is_dir() else ""
+        return self.cfg.judge
 
     def selection_settings(self, method: str) -> dict:
         """--select-by (gold reward or judge) where the pipeline selects and the method's settings allow it."""

@@ -67,7 +67,8 @@ def settings_record(pipe, rl_jobs: list) -> dict:
         source = (f"tuned on the dev split by rto tune (seed {tuned['seed']}, {tuned['criterion']}; {b['ppo_runs']} PPO "
                   f"and {b['rto_runs']} RTO runs of {b['iterations_per_run']} iterations)")
     else:
-        source = f"the task's preset {pipe.cfg.preset!r} as it is (not tuned on this task's dev split)"
+        source = (f"the task's preset {pipe.cfg.preset!r} as it is (not tuned on this task's dev split; --tune or "
+                  "`rto tune` would choose them there)")
     return {"source": source, "tuned": tuned or None,
             "rl": {name: {k: getattr(cfg, k) for k in TUNED_KEYS} for name, _, cfg in rl_jobs}}
 

@@ -38,6 +38,8 @@ class TuneGrid:
     rto_beta1s: list[float] = opt([0.05, 0.1, 0.3, 1.0], "RTO grid, on PPO's choice: beta1 values")
     dpo_clip_ratio: float = opt(1.0, "RTO's dpo_clip = beta1 x this (1: the log-ratio is clipped at +-1)", gt=0)
     tune_iterations: int = opt(0, "iterations of each tuning run (0: the preset's; PPO's and RTO's alike)", ge=0)
+    extend_edges: int = opt(0, "rounds of PPO runs one step past the grid's edge where its best point lies on it "
+                               "(each round: at most one more learning rate and one more KL coefficient)", ge=0)
 
     def check_budget(self) -> None:
         ppo, rto = len(self.ppo_lrs) * len(self.kl_coefs), len(self.rto_beta1s)
@@ -74,6 +76,30 @@ def _dev_score(run_dir: Path, metric: str) -> float:
     return float(curve[-1].get(metric, float("nan")))
 
 
+def edge_steps(rows: list[dict], keys: tuple[str, ...] = ("actor_lr", "kl_coef")) -> list[dict]:
+    """Settings one step past the edge of what was tried, along each key where the best row sits on
+    that edge (the others held at the best row's values); the step is the ratio of the two values
+    nearest the edge. A best point on the edge says the optimum may lie outside the grid."""
+    best = max(rows, key=lambda r: r["dev_score"])
+    tried = {tuple(r[k] for k in keys) for r in rows}
+    out = []
+    for key in keys:
+        line = sorted({r[key] for r in rows if all(r[k] == best[k] for k in keys if k != key)})
+        if len(line) < 2:
+            continue
+        if best[key] == line[-1]:
+            value = line[-1] * line[-1] / line[-2]
+        elif best[key] == line[0]:
+            value = line[0] * line[0] / line[1]
+        else:
+            continue
+        value = float(f"{value:.6g}")  # 1e-3 * 1e-3 / 1e-4 is 0.009999999999999998 in floats
+        step = {k: (value if k == key else best[k]) for k in keys}
+        if tuple(step[k] for k in keys) not in tried:
+            out.append(step)
+    return out
+
+
 def tune_settings(pipe, grid: TuneGrid, metric: str, fixed: dict | None = None) -> dict:
     """Run the grids on `pipe`'s offline models (with `fixed` settings in every run);
     {"chosen": {...}, "ppo_grid": [...], "rto_grid": [...], ...}."""
@@ -94,7 +120,14 @@ def tune_settings(pipe, grid: TuneGrid, metric: str, fixed: dict | None = None) 
     ppo_settings = [{"actor_lr": lr, "critic_lr": lr, "kl_coef": kl} for lr in grid.ppo_lrs for kl in grid.kl_coefs]
     scores = jobs("ppo", ppo_settings, [f"tune/ppo_lr{s['actor_lr']:g}_kl{s['kl_coef']:g}" for s in ppo_settings])
     ppo_rows = [{**s, "dev_score": v} for s, v in zip(ppo_settings, scores)]
-    ppo_choice = {k: v for k, v in max(ppo_rows, key=lambda r: r["dev_score"]).items() if k != "dev_score"}
+    for _ in range(grid.extend_edges):  # only PPO's budget grows: it stays >= RTO's
+        steps = [{"actor_lr": e["actor_lr"], "critic_lr": e["actor_lr"], "kl_coef": e["kl_coef"]}
+                 for e in edge_steps(ppo_rows)]
+        if not steps:
+            break
+        scores = jobs("ppo", steps, [f"tune/ppo_lr{s['actor_lr']:g}_kl{s['kl_coef']:g}" for s in steps])
+        ppo_rows += [{**s, "dev_score": v, "edge_step": True} for s, v in zip(steps, scores)]
+    ppo_choice = {k: v for k, v in max(ppo_rows, key=lambda r: r["dev_score"]).items() if k in TUNED_KEYS}
     rto_settings = [{**ppo_choice, "beta1": b, "dpo_clip": b * grid.dpo_clip_ratio} for b in grid.rto_beta1s]
     scores = jobs("rto", rto_settings, [f"tune/rto_b{b:g}" for b in grid.rto_beta1s])
     rto_rows = [{"beta1": s["beta1"], "dpo_clip": s["dpo_clip"], "dev_score": v} for s, v in zip(rto_settings, scores)]

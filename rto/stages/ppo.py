@@ -42,9 +42,9 @@ from rto.custom_rewards import CustomRewards
 from rto.data import read_prompts
 from rto.distributed import Dist, is_collective_failure
 from rto.evaluate import dev_point
-from rto.judges import load_judge
 from rto.experience import Experience
 from rto.faults import inject_faults
+from rto.judges import load_judge
 from rto.models import load_tokenizer
 from rto.rollout import (Batch, decode_responses, encode_prompts, generate, pack, response_logits, sampling_logits,
                          sequence_scores, token_logprobs, token_values)

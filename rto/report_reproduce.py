@@ -209,7 +209,7 @@ def claims(results: dict) -> list[dict]:
 
 def _ratio_text(eff: dict) -> str:
     def one(r):
-        return "RTO never reached it" if r is None else f"{r:g}"
+        return "RTO never reached it" if r is None else f"{r:.3g}"
 
     return f"{one(eff['ratio'])} (at PPO's mean), {one(eff['ratio_at_ci_low'])} (at its 95% lower end)"
 

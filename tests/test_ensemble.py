@@ -2,7 +2,6 @@
 combination, what the trainer pays at the last token, and the pipeline's bootstrap members."""
 
 import json
-import shutil
 
 import pytest
 import torch

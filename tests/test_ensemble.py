@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rto.core.rewards import ensemble_score, normalise_score
 from rto.models import RM_STATS_FILE, load_score_model, load_tokenizer, save_model
@@ -61,5 +62,8 @@ def test_pipeline_trains_bootstrap_members(tmp_path):
     assert boots[0] != boots[1]
     ppo_cfg = (run / "configs" / "ppo.yaml").read_text()
     assert str(run / "rm_2") in ppo_cfg and str(run / "rm_3") in ppo_cfg
+    # Three different RMs (not one path wired three times, which would give a disagreement of exactly 0).
+    heads = [load_file(str(run / name / "model.safetensors"))["score.weight"] for name in ("rm", "rm_2", "rm_3")]
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
     metrics = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["reward/ensemble_disagreement"] > 0

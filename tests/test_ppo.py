@@ -255,7 +255,7 @@ def test_lora_dpo_adapter_joins_the_shared_base(tiny_dirs, prompt_file, tmp_path
         assert (trainer.models.shared is not None and "dpo" in trainer.models.shared.model.peft_config) == (lora_r > 0)
         torch.manual_seed(3)
         terms.append(trainer.make_experience(trainer.prompts[:8]).dpo_term)
-    assert terms[0].abs().sum() > 0
+    assert terms[0].abs().sum() > 0  # not vacuous: an adapter that changed nothing gives zeros on both paths
     assert torch.allclose(terms[0], terms[1], atol=1e-5)
 
 

@@ -270,13 +270,18 @@ class Pipeline:
                 "seed": cfg.seed, "threads": group_threads})))
         self.run_group(offline)
 
+    @property
+    def base_preset(self) -> str:
+        """The name of the task's preset underneath (a preset file names its own base)."""
+        return self.preset_record.get("base", self.cfg.preset)
+
     def tune_here(self) -> None:
         """--tune: rto tune's grids on this run's models; the choice goes over the preset's ppo settings."""
         from rto.tune import TuneGrid, tune_settings, write_preset
 
         record = tune_settings(self, build(TuneGrid, dict(self.cfg.tune_grid), "pipeline tune_grid"), self.cfg.select_by)
         self.preset["ppo"] = {**self.preset.get("ppo", {}), **record["chosen"]}
-        base = self.preset_record.get("base", self.cfg.preset)
+        base = self.base_preset
         write_preset(self.out / "preset.yaml", self.task.name, base, self.cfg.seed, record)
         self.preset_record = {"base": base, "tuned": {"seed": self.cfg.seed,
                                                       **{k: v for k, v in record.items() if k != "chosen"}}}

@@ -135,8 +135,7 @@ class Reproduction:
         record = tune_settings(pipe, self.cfg, "gold_reward", {"reward_model_ensemble": []})
         self.tuning[str(pipe.cfg.seed)] = {k: v for k, v in record.items() if k != "chosen"}
         self.chosen = record["chosen"]
-        base = pipe.preset_record.get("base", self.cfg.preset)
-        write_preset(self.out / "preset.yaml", pipe.task.name, base, pipe.cfg.seed, record)
+        write_preset(self.out / "preset.yaml", pipe.task.name, pipe.base_preset, pipe.cfg.seed, record)
 
     def run_seed(self, seed: int, tune: bool) -> dict:
         cfg = self.cfg
@@ -150,9 +149,9 @@ class Reproduction:
         specs: list[tuple[str, str, dict, Path | None]] = [(m, m, {**settings, **no_ensemble}, None) for m in cfg.methods]
         if cfg.rm_ensemble > 1:
             specs += [(f"{m}+ens", m, settings, None) for m in ENSEMBLE_METHODS]
-        if cfg.limited_pool:
-            specs += [(f"{m}@{f:g}", m, {**settings, **no_ensemble, "iterations": its}, prompts)
-                      for f, prompts, its in _limited_pools(pipe, cfg) for m in ("ppo", "rto")]
+        pools = _limited_pools(pipe, cfg) if cfg.limited_pool else []
+        specs += [(f"{m}@{f:g}", m, {**settings, **no_ensemble, "iterations": its}, prompts)
+                  for f, prompts, its in pools for m in ("ppo", "rto")]
         has_gold = type(pipe.task).gold_token_rewards is not Task.gold_token_rewards
         if cfg.gold_references:
             specs += [(name, method, {**settings, **no_ensemble, **extra}, None)
@@ -167,14 +166,15 @@ class Reproduction:
         ev = pipe.evaluate(models, pipe.out / "eval.json", with_rm=True)
         refs = reference_lines(pipe, jobs[0][2])
         rm = json.loads((pipe.out / "rm" / "metrics.json").read_text())
+        run_metrics = {n: json.loads((p / "metrics.json").read_text()) for n, p in runs.items()}
+        rollout = pipe.rl_settings("ppo").get("rollout_batch_size", 64)
         from rto.report_reproduce import token_alignment
 
         return {"seed": seed, "runs": {n: str(p) for n, p in runs.items()}, "eval": ev, "reference_lines": refs,
                 "rm_accuracy": rm.get("eval_accuracy"), "settings": settings or {k: v for k, v in pipe.preset.get("ppo", {}).items() if k in TUNED_KEYS},
-                "limited_pool": [{"fraction": f, "prompts": its * pipe.rl_settings("ppo").get("rollout_batch_size", 64),
-                                  "iterations": its} for f, _, its in (_limited_pools(pipe, cfg) if cfg.limited_pool else [])],
-                "selection": {n: json.loads((p / "metrics.json").read_text()).get("selection") for n, p in runs.items()},
-                "divergence": {n: json.loads((p / "metrics.json").read_text()).get("divergence") for n, p in runs.items()},
+                "limited_pool": [{"fraction": f, "prompts": its * rollout, "iterations": its} for f, _, its in pools],
+                "selection": {n: m.get("selection") for n, m in run_metrics.items()},
+                "divergence": {n: m.get("divergence") for n, m in run_metrics.items()},
                 "token_alignment": token_alignment(pipe.out, pipe.task) if has_gold else {}}
 
     def run(self) -> dict:

@@ -195,12 +195,9 @@ def run(cfg: TuneConfig) -> dict:
     pipe.offline(needs_rm=True, needs_dpo=True)
     grid = TuneGrid(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TuneGrid)})
     record = tune_settings(pipe, grid, cfg.select_by)
-    path = write_preset(pipe.out / "preset.yaml", pipe.task.name, _base_name(cfg.preset, pipe.task), cfg.seed, record)
+    path = write_preset(pipe.out / "preset.yaml", pipe.task.name, pipe.base_preset, cfg.seed, record)
     chosen = ", ".join(f"{k} {v:g}" for k, v in record["chosen"].items())
     print(f"[rto] tune: chose {chosen} ({record['budget']['ppo_runs']} PPO runs, {record['budget']['rto_runs']} RTO "
           f"runs, {record['seconds']:.0f} s); preset: {path}")
     return record
 
-
-def _base_name(preset: str, task) -> str:
-    return read_preset(preset, task)[1]["base"] if is_preset_file(preset) else preset

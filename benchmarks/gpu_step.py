@@ -2,7 +2,14 @@
 """One PPO/RTO iteration on a real architecture: ours (PPO, RTO, RTO with LoRA shared base) vs TRL 1.12.
 
     python benchmarks/gpu_step.py --out FILE.json                 # CUDA: Qwen2-0.5B shape, bf16
+    python benchmarks/gpu_step.py --out FILE.json --model qwen2.5-1.5b --processes 8   # sharded (FSDP2) over 8 GPUs
     python benchmarks/gpu_step.py --out FILE.json --model tiny    # anywhere (the test suite runs this)
+
+With `--processes N` > 1 (default on CUDA: every GPU present) ours run sharded over N processes
+(torchrun; `--shard full`, frozen models sharded too, bf16 compute on fp32 shards) on the same
+global batch; TRL's PPO runs in one process (its PPOTrainer has no sharded path of its own here).
+MFU = the iteration's matrix-multiply FLOPs (step_throughput.iteration_flops) / (time x the
+GPUs' dense bf16 peak x N), where the peak is known (H100/H200: 989 TFLOP/s, A100: 312).
 
 Nothing is downloaded: the model has Qwen2-0.5B's configuration (24 layers, hidden 896, GQA 14/2
 heads, bias on q/k/v, SwiGLU 4864, vocabulary 151,936, tied embeddings) with random weights,
@@ -28,13 +35,26 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from step_throughput import build_dpo_adapter, ensure_trl_venv, run_child  # noqa: E402
+from step_throughput import build_dpo_adapter, ensure_trl_venv, iteration_flops, run_child  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 MODELS = {
     # Qwen2-0.5B's shape (config.json of Qwen/Qwen2-0.5B), random weights.
     "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rope_theta=1e6,
                        tie_word_embeddings=True, rms_norm_eps=1e-6, attention_bias=True),
+    # Qwen2.5-1.5B's and -3B's shapes (their config.json), random weights: sizes that need sharding
+    # for full fine-tuning of policy + critic with frozen reference, DPO model and RM.
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rope_theta=1e6,
+                         tie_word_embeddings=True, rms_norm_eps=1e-6, attention_bias=True),
+    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rope_theta=1e6,
+                       tie_word_embeddings=True, rms_norm_eps=1e-6, attention_bias=True),
+    # A CPU-sized model for benchmarks/sharded_step.py (3.7 M parameters).
+    "cpu-medium": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=2048, max_position_embeddings=512, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True),
 }
@@ -101,7 +121,7 @@ def child_ours(root: Path, mode: str, args) -> dict:
         out=str(root / f"ours-{mode}"), reward=reward, beta1=0.1, iterations=args.reps + args.warmup,
         rollout_batch_size=n, mini_batch_size=n // 4, ppo_epochs=1, max_new_tokens=args.response_len,
         actor_lr=1e-6, critic_lr=1e-6, eval_every=0, device=args.device, lora_r=16 if lora else 0, lora_alpha=32,
-        packing=args.packing), "benchmark")
+        packing=args.packing, shard="full" if args.processes > 1 else "none"), "benchmark")
     trainer = PPOTrainer(cfg)
     times = []
     for _ in range(args.reps + args.warmup):
@@ -113,18 +133,28 @@ def child_ours(root: Path, mode: str, args) -> dict:
         if args.device != "cpu":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        assert int(exp.batch.response_mask.sum()) == n * args.response_len
+        assert int(exp.batch.response_mask.sum()) == n // args.processes * args.response_len
     out = {"times": times[args.warmup:], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if args.device != "cpu":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
+    if trainer.dist.active:  # the slowest process's times, the largest peaks
+        import torch.distributed as dist
+
+        everyone = [None] * trainer.dist.world
+        dist.all_gather_object(everyone, out)
+        out = {"times": [max(ts) for ts in zip(*(o["times"] for o in everyone))],
+               **{k: max(o[k] for o in everyone) for k in out if k != "times"}, "layout": trainer.layout.describe()}
+    return out if trainer.dist.is_main else None
 
 
-def summarise(result: dict, response_tokens: int) -> dict:
+def summarise(result: dict, response_tokens: int, flops: float | None = None, peak: float | None = None) -> dict:
     t = statistics.median(result["times"])
     row = {"step_s": t, "tokens_per_s": response_tokens / t, "peak_rss_mb": result["peak_rss_mb"]}
-    if "peak_gpu_mb" in result:
-        row["peak_gpu_mb"] = result["peak_gpu_mb"]
+    for key in ("peak_gpu_mb", "layout"):
+        if key in result:
+            row[key] = result[key]
+    if flops is not None and peak:
+        row["mfu"] = flops / t / peak
     return row
 
 
@@ -139,6 +169,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--processes", type=int, default=None, help="ours over N processes, sharded (default: every "
+                                                                     "GPU on CUDA, else 1)")
     parser.add_argument("--child", choices=["ppo", "rto", "rto-lora"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,21 +180,38 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.model is None:
         args.model = "qwen2-0.5b" if args.device == "cuda" else "tiny"
+    if args.processes is None:
+        import torch
+
+        args.processes = torch.cuda.device_count() if args.device == "cuda" else 1
     if args.child:
-        print(json.dumps(child_ours(Path(args.root), args.child, args)))
+        result = child_ours(Path(args.root), args.child, args)
+        if result is not None:
+            print(json.dumps(result))
         return
 
     tokens = args.prompts * args.response_len
     results = {"device": _device_name(args.device), "model": args.model, "prompts": args.prompts,
-               "prompt_len": PROMPT_LEN, "response_len": args.response_len, "sides": {}}
+               "prompt_len": PROMPT_LEN, "response_len": args.response_len, "processes": args.processes, "sides": {}}
+    name = results["device"]
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if args.device == "cuda" else None
+    arch = MODELS[args.model]
+
+    def flops(dense: bool) -> float:
+        return iteration_flops(arch, arch["vocab_size"], args.prompts, PROMPT_LEN, args.response_len, dense)["total"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build(root, args.model, args.prompts)
         common = ["--root", str(root), "--reps", str(args.reps), "--warmup", str(args.warmup), "--device", args.device,
                   "--prompts", str(args.prompts), "--response-len", str(args.response_len), "--model", args.model,
-                  "--out", "-"] + (["--packing"] if args.packing else [])
+                  "--out", "-", "--processes", str(args.processes)] + (["--packing"] if args.packing else [])
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes)]
+                    if args.processes > 1 else [sys.executable])
         for mode in ("ppo", "rto", "rto-lora"):
-            results["sides"][f"ours_{mode}"] = summarise(run_child([__file__, "--child", mode, *common]), tokens)
+            # LoRA's FLOPs are the full model's forward plus small adapter products: counted as full.
+            results["sides"][f"ours_{mode}"] = summarise(
+                run_child([__file__, "--child", mode, *common], python=launcher), tokens, flops(mode != "ppo"),
+                peak and peak * args.processes)
             print(mode, json.dumps(results["sides"][f"ours_{mode}"]), flush=True)
         if not args.skip_trl:
             try:
@@ -175,7 +224,7 @@ def main() -> None:
                                  "--warmup", str(args.warmup), "--prompts", str(args.prompts),
                                  "--response-len", str(args.response_len), "--device", args.device,
                                  *(["--bf16"] if args.device == "cuda" else [])], python=trl_python)
-                results["sides"]["trl_ppo"] = summarise(trl, tokens)
+                results["sides"]["trl_ppo"] = summarise(trl, tokens, flops(False), peak)
                 print("trl", json.dumps(results["sides"]["trl_ppo"]), flush=True)
     sides = results["sides"]
     results["rto_overhead"] = sides["ours_rto"]["step_s"] / sides["ours_ppo"]["step_s"]

@@ -251,8 +251,9 @@ def child_ours(root: Path, reward: str, reps: int, warmup: int) -> dict:
             "steps_per_iteration": steps / iterations, "experience_update_times": inner[warmup:-1]}
 
 
-def run_child(args: list[str], python: str = sys.executable) -> dict:
-    proc = subprocess.run([python, *args], capture_output=True, text=True)
+def run_child(args: list[str], python: str | list[str] = sys.executable) -> dict:
+    """`python` may be a launcher command (torchrun's) as a list."""
+    proc = subprocess.run([*([python] if isinstance(python, str) else python), *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed: {' '.join(args)}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

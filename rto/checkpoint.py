@@ -47,19 +47,27 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
-                    keep_last: int = 0, extra_dirs: dict[str, Path] | None = None) -> Path:
-    """`extra_dirs` {name: directory}: copied into the checkpoint as name/, inside the same atomic
-    rename (PPO's dev-selected policy, which a resume must find as it was)."""
-    from safetensors.torch import save
-
+def checkpoint_staging(root: str | Path, step: int) -> Path:
+    """The empty temporary directory checkpoint `step` is written into before its rename."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{PREFIX}{step:08d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
+                    keep_last: int = 0, extra_dirs: dict[str, Path] | None = None, staged: Path | None = None) -> Path:
+    """`extra_dirs` {name: directory}: copied into the checkpoint as name/, inside the same atomic
+    rename (PPO's dev-selected policy, which a resume must find as it was). `staged`: the
+    `checkpoint_staging` directory where other files already lie (the processes' DCP shards)."""
+    from safetensors.torch import save
+
+    root = Path(root)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = staged if staged is not None else checkpoint_staging(root, step)
     _write(tmp / "state.safetensors", save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
     if os.environ.get("RTO_FAULT_KILL_IN_SAVE") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)

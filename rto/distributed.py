@@ -1,15 +1,12 @@
-"""Data parallelism for `rto ppo`, under `accelerate launch` (or torchrun): every process holds
-the models, samples its shard of the rollout, and the processes agree through a few collectives.
+"""Several processes for `rto ppo`, under `accelerate launch` (or torchrun): every process samples
+its share of the rollout, and the processes agree through a few collectives; the models are
+sharded or replicated by rto/sharding.py.
 
 accelerate (its PartialState) reads the launcher's environment, sets up the process group and
 picks each process's device; this module adds what PPO needs on top:
 - `all_sum` for whitening advantages over the global rollout (rto.core.advantages.whiten);
-- `average_gradients`: after a mini-batch's micro-batches, each model's gradients are averaged
-  over processes in one flat all-reduce. DDP's wrapper does this during backward, but it
-  follows only calls that go through its own forward, and PPO calls the critic's backbone and
-  head apart and trains two LoRA adapters of one shared module in separate backward passes;
-  one reduce after accumulation is what DDP's no_sync + final sync amounts to;
 - `broadcast_` of the trained weights at start (a new value head is random per process);
+  gradients are averaged by FSDP2 (rto/sharding.py), whether the models are sharded or not;
 - `all_true` so every guard decision (skip a step, stop) is taken by all processes alike;
 - `mean_metrics` for logging and the adaptive KL controller;
 - `failure`: a collective that fails because a process died or stopped answering becomes one
@@ -48,6 +45,7 @@ class Dist:
         self.what = what
         self.world = launched_world_size()
         self.rank = int(os.environ.get("RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))  # processes on this machine
         self.device = None
         self.distributed_type = "NO"
         self._reported = False
@@ -100,38 +98,37 @@ class Dist:
         total = self.all_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device))
         return {**metrics, **{k: float(v) / self.world for k, v in zip(keys, total.tolist())}}
 
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Mean gradient over processes, in one flat all-reduce per dtype (a parameter without a
-        gradient counts as zero, so every process sends the same layout).
-
-        Every parameter passed is reduced, whatever its `requires_grad` at this moment: in the LoRA
-        shared base, activating the critic's adapter switches the policy adapter's flag off while
-        its accumulated gradient waits here to be averaged."""
-        if not self.active:
-            return
-        import torch.distributed as dist
-
-        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for group in by_dtype.values():
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-            dist.all_reduce(flat)
-            flat /= self.world
-            offset = 0
-            for p in group:
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone()
-                offset += n
-
     def broadcast_(self, params: list[torch.Tensor]) -> None:
-        """Process 0's values into every process (in place)."""
+        """Process 0's values into every process (in place); CPU tensors travel through the device
+        where the backend cannot send them (NCCL)."""
         if not self.active:
             return
         import torch.distributed as dist
 
+        via_device = self.device is not None and self.device.type != "cpu"
         for p in params:
-            dist.broadcast(p.data, 0)
+            if via_device and p.device.type == "cpu":
+                moved = p.data.to(self.device)
+                dist.broadcast(moved, 0)
+                p.data.copy_(moved.cpu())
+            else:
+                dist.broadcast(p.data, 0)
+
+    def broadcast_object(self, obj):
+        """Process 0's (picklable, self-made) object in every process."""
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, 0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def failure(self, error: BaseException) -> UserError:
         """The one-line error for a collective that failed because another process went away."""

@@ -61,18 +61,27 @@ def same_path(a: str | Path, b: str | Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def merged_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
+def merged_state_dict(peft_model, adapter: str, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The base model's weights with one adapter's update added, under the base's own names,
-    computed without touching the shared base (merging in place and back would drift it)."""
+    computed without touching the shared base (merging in place and back would drift it).
+    `state`: the base model's full state dict (peft's LoRA names inside) when its modules hold only
+    shards (rto.sharding); the update is then peft's plain LoRA delta, B @ A * scaling, computed here."""
     from peft.tuners.lora import LoraLayer
 
     base = peft_model.get_base_model()
     out: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            w = module.get_base_layer().weight
-            out[f"{name}.weight"] = (w + module.get_delta_weight(adapter).to(w.dtype)).detach().clone()
-    for key, value in base.state_dict().items():
+            if state is None:
+                w = module.get_base_layer().weight
+                delta = module.get_delta_weight(adapter)
+            else:
+                w = state[f"{name}.base_layer.weight"]
+                delta = (state[f"{name}.lora_B.{adapter}.weight"].float() @ state[f"{name}.lora_A.{adapter}.weight"].float()
+                         * module.scaling[adapter])
+                delta = delta.T if module.fan_in_fan_out else delta
+            out[f"{name}.weight"] = (w + delta.to(w.dtype)).detach().clone()
+    for key, value in (base.state_dict() if state is None else state).items():
         if "lora_" in key:
             continue
         clean = key.replace(".base_layer.", ".")
@@ -129,10 +138,7 @@ class SharedBase:
             self.model.add_adapter("critic", config)
         if dpo_adapter is not None:
             self.model.load_adapter(dpo_adapter, adapter_name="dpo", is_trainable=False)
-        # Each adapter's parameters, found once: the views, the optimizers, gradient clipping and
-        # checkpoints all read them, some every step. (Moving to a device or dtype keeps these objects.)
-        self._adapter_params = {a: {n: p for n, p in self.model.named_parameters() if "lora_" in n and f".{a}." in n}
-                                for a in ("policy", "critic", "dpo")}
+        self.find_parameters()
         # Both trained adapters hold requires_grad from the start, so their optimizers see them;
         # switching adapters later toggles it, which is harmless between backward passes.
         for adapter, trainable in (("policy", True), ("critic", True), ("dpo", False)):
@@ -150,6 +156,13 @@ class SharedBase:
         self.value_head = value_head
         self._active = "policy"
         self.model.eval()
+
+    def find_parameters(self) -> None:
+        """Each adapter's parameters, found once: the views, the optimizers, gradient clipping and
+        checkpoints all read them, some every step. Moving to a device or dtype keeps these objects;
+        sharding (rto.sharding.wrap) registers new ones, so it is called again after."""
+        self._adapter_params = {a: {n: p for n, p in self.model.named_parameters() if "lora_" in n and f".{a}." in n}
+                                for a in ("policy", "critic", "dpo")}
 
     def _load_adapter_tensors(self, adapter: str, saved: dict[str, torch.Tensor], source) -> None:
         """Copy a saved adapter's LoRA tensors (peft's names without the adapter name) into `adapter`."""
@@ -230,27 +243,33 @@ class AdapterView(nn.Module):
         base.save_pretrained(out, state_dict=state, **kwargs)
 
 
-class _ActiveBackbone(nn.Module):
-    def __init__(self, shared: SharedBase):
-        super().__init__()
-        object.__setattr__(self, "shared", shared)
-
-    def forward(self, **kwargs):
-        with self.shared.active("critic"):
-            return self.shared.model.get_base_model().base_model(**kwargs)
-
-
 class CriticView(nn.Module):
-    """The critic: the `critic` adapter's hidden states and a value head (see `score_parts`)."""
+    """The critic: the base with the `critic` adapter, and a value head on its last hidden states."""
 
     def __init__(self, shared: SharedBase):
         super().__init__()
         object.__setattr__(self, "shared", shared)
         self.value_head = shared.value_head
-        self.backbone = _ActiveBackbone(shared)
 
     def score_parts(self):
-        return self.backbone, self.value_head
+        return self.shared.model.get_base_model().base_model, self.value_head
+
+    def token_scores(self, **inputs) -> torch.Tensor:
+        """Values at every position: [rows, L]. The hidden states are caught from one call of the
+        shared model's forward (as rto.rollout.token_scores does: a sharded base is gathered there);
+        its LM head computes one position only where the model allows it."""
+        from rto.rollout import _keeps_logits
+
+        backbone, head = self.score_parts()
+        caught: list[torch.Tensor] = []
+        hook = backbone.register_forward_hook(lambda module, args, output: caught.append(output.last_hidden_state))
+        keep = {"logits_to_keep": 1} if _keeps_logits(self.shared.model) else {}
+        try:
+            with self.shared.active("critic"):
+                self.shared.model(**inputs, **keep)
+        finally:
+            hook.remove()
+        return head(caught[-1]).squeeze(-1)
 
     def parameters(self, recurse: bool = True):
         return iter([*self.shared.adapter_parameters("critic"), *self.value_head.parameters()])

@@ -193,17 +193,31 @@ def score_parts(model) -> tuple[nn.Module, nn.Module]:
     raise UserError(f"{type(model).__name__}: no score head found (expected .score or .classifier)")
 
 
-def save_model(model, tokenizer, out: str | Path, extra_files: dict[str, dict] | None = None) -> Path:
+def save_model(model, tokenizer, out: str | Path, extra_files: dict[str, dict] | None = None,
+               state_dict: dict | None = None) -> Path:
     """Save as safetensors into a temporary directory, then rename it into place.
 
-    A crash mid-save leaves the previous checkpoint (if any) untouched.
+    A crash mid-save leaves the previous checkpoint (if any) untouched. `state_dict`: the weights
+    to write instead of the model's own (a sharded model's, gathered by rto.sharding).
     """
     _quiet()
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if state_dict is not None:
+        # A gathered state dict holds tied weights (embeddings and LM head) twice: keep the first name.
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) != name:
+                state_dict.pop(name, None)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+    wrapper = type(model).__name__
+    if wrapper.startswith("FSDP") and (tmp / "config.json").is_file():
+        # FSDP2 subclasses the model as FSDP<Name>, and transformers records that class: record the model's.
+        config = json.loads((tmp / "config.json").read_text())
+        config["architectures"] = [wrapper.removeprefix("FSDP")]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, content in (extra_files or {}).items():

@@ -290,35 +290,43 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def hidden_states(score_model, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
-    """The backbone's last hidden states: [B, P + R, H] padded, or [rows, L, H] packed."""
-    backbone, _ = score_parts(score_model)
+def token_scores(score_model, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
+    """The score head at every position: [B, P + R] padded, or [rows, L] packed.
+
+    Read from one call of the model's own forward (its head's output, caught by a hook): a
+    sharded model (rto.sharding) gathers its weights in that forward, so its backbone and head
+    are never called apart. The LoRA critic (rto.lora.CriticView) reads its own."""
     if packed is not None:
-        return backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                        use_cache=False).last_hidden_state
-    attn = batch.attention_mask
-    return backbone(input_ids=batch.input_ids, attention_mask=attn, position_ids=position_ids(attn),
-                    use_cache=False).last_hidden_state
+        inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+    else:
+        attn = batch.attention_mask
+        inputs = dict(input_ids=batch.input_ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False)
+    if hasattr(score_model, "token_scores"):
+        return score_model.token_scores(**inputs)
+    _, head = score_parts(score_model)
+    caught: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, args, output: caught.append(output))
+    try:
+        score_model(**inputs)
+    finally:
+        hook.remove()
+    return caught[-1].squeeze(-1)
 
 
 def token_values(critic, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
     """V(s_t) for every response slot t: [B, R]."""
-    _, head = score_parts(critic)
-    h = hidden_states(critic, batch, packed)
-    h = _gather(h, packed.response_index) if packed is not None else h[:, batch.prompt_len - 1:-1]
-    return head(h).squeeze(-1).float()
+    v = token_scores(critic, batch, packed)
+    v = _gather(v, packed.response_index) if packed is not None else v[:, batch.prompt_len - 1:-1]
+    return v.float()
 
 
 def sequence_scores(reward_model, batch: Batch, packed: Packed | None = None) -> torch.Tensor:
     """The RM's score read at each response's last token (EOS included): [B]."""
-    _, head = score_parts(reward_model)
-    h = hidden_states(reward_model, batch, packed)
+    s = token_scores(reward_model, batch, packed)
     if packed is not None:
-        picked = _gather(h, packed.last_index)
-    else:
-        last = batch.prompt_len + (batch.response_mask.sum(-1) - 1).clamp(min=0)
-        picked = h[torch.arange(h.shape[0]), last]
-    return head(picked).squeeze(-1).float()
+        return _gather(s, packed.last_index).float()
+    last = batch.prompt_len + (batch.response_mask.sum(-1) - 1).clamp(min=0)
+    return s[torch.arange(s.shape[0], device=s.device), last].float()
 
 
 def decode_responses(tokenizer, batch: Batch) -> list[str]:

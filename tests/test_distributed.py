@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo) under `accelerate launch`: PPO and RTO stay in step across processes,
-equal a one-process run of the same global batch, and a dead process stops the run quickly."""
+"""Two CPU processes (gloo) under `accelerate launch`: PPO and RTO, replicated or sharded (FSDP2),
+stay in step across processes, equal a one-process run of the same global batch, and a dead
+process stops the run quickly."""
 
 from __future__ import annotations
 
@@ -63,27 +64,29 @@ def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int):
 
 @pytest.fixture(scope="module")
 def two_process_runs(tiny_dirs, prompt_file, tmp_path_factory) -> Path:
-    """One launch, two processes: a PPO and an RTO iteration with full models, then with the LoRA shared base."""
+    """One launch, two processes: a PPO and an RTO iteration with full models, then with the LoRA
+    shared base; replicated, then sharded."""
     out = tmp_path_factory.mktemp("two")
     proc, _ = launch([str(FIXTURE), str(out), tiny_dirs["policy"], tiny_dirs["rm"], tiny_dirs["dpo"], prompt_file,
-                      "0", "4"])
+                      "none,full", "0", "4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
+@pytest.mark.parametrize("shard", ["none", "full"], ids=["replicated", "sharded"])
 @pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
 def test_two_processes_match_one_process_on_the_same_global_batch(two_process_runs, tiny_dirs, prompt_file, tmp_path,
-                                                                  lora_r):
+                                                                  lora_r, shard):
     sys.path.insert(0, str(FIXTURE.parent))
-    from dist_step import config
+    from dist_step import config, memory
 
     from rto.stages.ppo import PPOTrainer
 
     out = two_process_runs
     for reward in ("sparse", "rto"):
-        run = f"{reward}-r{lora_r}"
+        run = f"{reward}-r{lora_r}-{shard}"
         (r0, meta0), (r1, meta1) = _load(out / f"{run}.rank0.safetensors"), _load(out / f"{run}.rank1.safetensors")
-        assert meta0["world"] == "2"
+        assert meta0["world"] == "2" and meta0["layout"] == {"none": "replicate", "full": "shard"}[shard]
         # The processes sampled different responses (their own prompts, their own seeds) ...
         assert meta0["prompts"] != meta1["prompts"]
         weights = [k for k in r0 if k.startswith(("policy.weight.", "critic.weight."))]
@@ -122,6 +125,16 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
             moved = sum(float((p.detach() - r0[f"{model}.init.{n}"]).norm())
                         for n, p in trainer._trained()[model].items())
             assert moved > 1e-3, f"{run}: the update did not move the {model}: the comparison would prove nothing"
+
+        # Memory: each process's weights (with their Adam states) and frozen models, against the one
+        # process's: about half each when sharded over two, all of it when replicated.
+        one = memory(trainer)
+        for key in ("bytes_trained", "bytes_frozen"):
+            ratios = [int(meta[key]) / int(one[key]) for meta in (meta0, meta1)]
+            if shard == "full":
+                assert all(0.45 <= r <= 0.55 for r in ratios), (run, key, ratios)
+            else:
+                assert ratios == [1.0, 1.0], (run, key, ratios)
 
 
 def _ppo_args(tiny_dirs, prompt_file, out: Path, iterations: int) -> list[str]:

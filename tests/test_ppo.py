@@ -190,19 +190,23 @@ def test_packed_and_chunked_training_equals_padded(tiny_dirs, prompt_file, tmp_p
     for kw in (dict(), dict(packing=True, score_batch_size=3), dict(packing=True, pack_row_tokens=64)):
         trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.2, dpo_clip=None,
                                   max_new_tokens=10, mini_batch_size=4, **kw))
+        start = {**_params(trainer.models.policy), **{f"critic.{k}": v for k, v in _params(trainer.models.critic).items()}}
         torch.manual_seed(11)
         exp = trainer.make_experience(trainer.prompts[:8])
         trainer.train_on(exp)
-        runs.append((exp, _params(trainer.models.policy), _params(trainer.models.critic)))
-    base_exp, base_p, base_c = runs[0]
+        after = {**_params(trainer.models.policy), **{f"critic.{k}": v for k, v in _params(trainer.models.critic).items()}}
+        runs.append((exp, start, after))
+    base_exp, start, base = runs[0]
     assert len(set(base_exp.batch.response_mask.sum(-1).tolist())) > 1
-    for exp, p, c in runs[1:]:
+    for exp, _, after in runs[1:]:
         for key in ("rewards", "dpo_term", "kl", "values", "advantages", "returns"):
             assert torch.allclose(getattr(exp, key), getattr(base_exp, key), atol=1e-5), key
-        for k in base_p:
-            assert torch.allclose(p[k], base_p[k], atol=1e-5), k
-        for k in base_c:
-            assert torch.allclose(c[k], base_c[k], atol=1e-5), k
+        # The weights in norms, as the two-process test compares them: within 1e-3 of how far the
+        # update moved each tensor (Adam turns float noise in a near-zero gradient into a step of
+        # up to the learning rate, so element-wise tolerances fail on float order alone).
+        for k in base:
+            moved = float((base[k] - start[k]).norm())
+            assert float((after[k] - base[k]).norm()) <= 1e-3 * moved + 1e-9, k
 
 
 def test_lora_shared_base_trains_adapters_only(tiny_dirs, prompt_file, tmp_path):

@@ -51,8 +51,9 @@ from rto.rollout import (Batch, decode_responses, encode_prompts, generate, pack
 from rto.stages.common import progress_enabled, setup
 from rto.stages.ppo_checkpoint import CheckpointMixin
 from rto.stages.ppo_config import PPOStageConfig
+from rto.sharding import gathered, plan_layout, scalar
 from rto.stages.ppo_models import (check_tokenizers, device_and_precision, load_models, make_optimizer,
-                                  segment_delimiter_ids, warn_unused_engine)
+                                  segment_delimiter_ids)
 from rto.tasks import load_task
 from rto.tracking import MetricsLog
 
@@ -62,12 +63,13 @@ class PPOTrainer(CheckpointMixin):
         self.cfg = cfg
         setup(cfg.seed, cfg.threads)
         device, bf16 = device_and_precision(cfg.device, cfg.precision)
-        # Data parallelism: each process samples and trains on its share of every rollout.
+        # Several processes: each samples and trains on its share of every rollout; the models are
+        # sharded across them or replicated (rto/sharding.py).
         self.dist = Dist(cpu=device.type == "cpu", timeout_s=cfg.dist_timeout)
-        if self.dist.active:
-            device = self.dist.device
-            warn_unused_engine(self.dist)
-        self.device = device
+        self.device = self.dist.device if self.dist.active else device
+        self.layout = plan_layout(cfg.shard, cfg.shard_frozen, self.dist, bf16)
+        if self.dist.active and self.dist.is_main:
+            print(f"[rto] ppo: {self.layout.describe()}", file=sys.stderr, flush=True)
         self.local_rollout = cfg.rollout_batch_size // self.dist.world
         self.local_mini = cfg.mini_batch_size // self.dist.world
         self.tokenizer = load_tokenizer(cfg.policy)
@@ -79,14 +81,12 @@ class PPOTrainer(CheckpointMixin):
         self.prompts = self._read_prompts(cfg.prompts)
         self.eval_prompts = (self._read_prompts(cfg.eval_prompts)[:cfg.n_eval] if cfg.eval_prompts and cfg.eval_every
                              else [])
-        self.models = load_models(cfg, self.device, bf16, self.dist)
+        self.models = load_models(cfg, self.device, bf16, self.dist, self.layout)
         self.vllm = None
         if cfg.generation_backend == "vllm":
             from rto.vllm_backend import VLLMRollout
 
-            self.vllm = VLLMRollout(cfg.policy, self.tokenizer, self.device, max_new_tokens=cfg.max_new_tokens,
-                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
+            self.vllm = VLLMRollout.for_run(cfg, self.tokenizer, self.device, self.dist)
         self.task = load_task(cfg.task) if cfg.task else None
         self.judge = load_judge(cfg.judge, self.tokenizer, self.device) if cfg.judge and self.dist.is_main else None
         self.delimiter_ids = segment_delimiter_ids(cfg, self.tokenizer)
@@ -141,8 +141,9 @@ class PPOTrainer(CheckpointMixin):
             batch.sampled_logprobs = self._score(lambda b, pk: token_logprobs(
                 response_logits(policy, b, pk), b.response_ids, cfg.temperature, cfg.top_k, cfg.top_p), batch)
             return batch
-        return generate(policy, self.tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, record_logprobs=True)
+        with gathered(self.models.shared.model if self.models.shared is not None else policy):
+            return generate(policy, self.tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, record_logprobs=True)
 
     def _score(self, fn, batch: Batch) -> torch.Tensor:
         """fn(sub_batch, packed_or_None) over the rollout in chunks of --score-batch-size, concatenated."""
@@ -250,13 +251,12 @@ class PPOTrainer(CheckpointMixin):
                         pstats["critic/loss"] = vloss.detach()
                     for k, v in pstats.items():
                         stats[k] = stats.get(k, 0.0) + float(v) * weight
-                policy_params = _trained_parameters(self.policy_opt)
-                self.dist.average_gradients(policy_params)
-                stats["policy/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm))
+                # The gradients are already averaged over processes (FSDP2's hooks, in backward).
+                stats["policy/grad_norm"] = scalar(torch.nn.utils.clip_grad_norm_(
+                    _trained_parameters(self.policy_opt), cfg.max_grad_norm))
                 if critic is not None:
-                    critic_params = _trained_parameters(self.critic_opt)
-                    self.dist.average_gradients(critic_params)
-                    stats["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm))
+                    stats["critic/grad_norm"] = scalar(torch.nn.utils.clip_grad_norm_(
+                        _trained_parameters(self.critic_opt), cfg.max_grad_norm))
                 # Guard: a non-finite loss or gradient skips this optimizer step (both networks, in
                 # every process); the schedules still advance, so the run's length and learning
                 # rates stay as planned.
@@ -285,12 +285,15 @@ class PPOTrainer(CheckpointMixin):
 
     # --- 6: evaluation and logging --------------------------------------------------------
     def evaluate(self, iteration: int) -> dict:
-        """The dev point: one sample per dev prompt; KL to the reference, gold reward, RM score."""
-        cfg = self.cfg
-        with self.models.autocast():
-            point = dev_point(self.models.policy, self.tokenizer, self.eval_prompts,
+        """The dev point: one sample per dev prompt; KL to the reference, gold reward, RM score.
+        Every process computes it (sharded models need them all; the policy is gathered whole, as
+        for a rollout) and takes process 0's, which alone has the judge."""
+        cfg, models = self.cfg, self.models
+        with models.autocast(), gathered(models.shared.model if models.shared is not None else models.policy):
+            point = dev_point(models.policy, self.tokenizer, self.eval_prompts,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                              ref=self.models.ref, task=self.task, rm=self.models.rm, judge=self.judge)
+                              ref=models.ref, task=self.task, rm=models.rm, judge=self.judge)
+        point = self.dist.broadcast_object(point)
         return {"iteration": iteration, "prompts_seen": iteration * cfg.rollout_batch_size, **point}
 
     def experience_metrics(self, exp: Experience) -> dict:
@@ -315,7 +318,7 @@ class PPOTrainer(CheckpointMixin):
         out.mkdir(parents=True, exist_ok=True)
         first = self._resume_point()
         if self.vllm is not None and first:
-            self.vllm.sync_weights(self.models.policy)  # vLLM loaded the starting weights, not the checkpoint's
+            self.vllm.sync_from(self.models)  # vLLM loaded the starting weights, not the checkpoint's
         log = MetricsLog(out, f"rto-ppo-{cfg.reward}", to_dict(cfg), cfg.report_to, "ppo", main, self.history)
         bar = tqdm(total=cfg.iterations, initial=first, desc=f"ppo[{cfg.reward}]",
                    disable=not (progress_enabled() and main), dynamic_ncols=True)
@@ -323,8 +326,7 @@ class PPOTrainer(CheckpointMixin):
         for it in range(first, cfg.iterations):
             inject_faults(self.dist.rank, it + 1)
             if self.eval_prompts and it % cfg.eval_every == 0:
-                if main:
-                    self._evaluated(self.evaluate(it))
+                self._evaluated(self.evaluate(it))
                 if self._stop_requested():
                     break  # early stop (dev selection): the point just evaluated is the last
             # Sampling randomness per (seed, process, iteration): processes draw different
@@ -343,7 +345,7 @@ class PPOTrainer(CheckpointMixin):
             else:
                 train_stats = self.train_on(exp)
             if self.vllm is not None:
-                self.vllm.sync_weights(self.models.policy)
+                self.vllm.sync_from(self.models)
             t2 = time.time()
             metrics = {"iteration": it + 1, **self.experience_metrics(exp), **train_stats,
                        "lr/policy": self.policy_sched.get_last_lr()[0],
@@ -364,21 +366,20 @@ class PPOTrainer(CheckpointMixin):
             if main:
                 progress.report(it + 1, cfg.iterations)
             bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("gold_reward", "rm_score", "kl") if k in metrics})
-            if cfg.save_every and (it + 1) % cfg.save_every == 0 and main:
+            if cfg.save_every and (it + 1) % cfg.save_every == 0:
                 self._save_checkpoint(it + 1)
         else:  # ran to the end: the final weights get their dev evaluation too
-            if self.eval_prompts and main:
+            if self.eval_prompts:
                 self._evaluated(self.evaluate(cfg.iterations))
         bar.close()
         log.close()
         summary = {"seconds": time.time() - start, "iterations": len(self.history), "reward": cfg.reward,
                    "estimator": cfg.estimator, "processes": self.dist.world, "curve": self.curve,
                    "final": self.history[-1] if self.history else {}}
-        if main:  # the weights are the same in every process: process 0 saves them
-            if self.selection is not None and self.selection.stop_reason:
-                print(f"[rto] ppo: stopped after iteration {len(self.history)}: {self.selection.stop_reason}",
-                      file=sys.stderr, flush=True)
-            self._save_results(out, summary)
+        if main and self.selection is not None and self.selection.stop_reason:
+            print(f"[rto] ppo: stopped after iteration {len(self.history)}: {self.selection.stop_reason}",
+                  file=sys.stderr, flush=True)
+        self._save_results(out, summary)  # every process: a sharded policy is gathered; process 0 writes
         return summary
 
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from rto.checkpoint import list_checkpoints
+from rto.checkpoint import checkpoint_staging, list_checkpoints
 from rto.core.selection import divergence
 from rto.data import write_json
 from rto.errors import UserError
 from rto.models import save_model, write_model_card
+from rto.sharding import full_state_dict, is_wrapped, load_sharded, save_sharded
 
 SELECTED = "policy_selected"  # OUT/ subdirectory: the dev selection's best policy so far
 
@@ -33,12 +34,25 @@ class CheckpointMixin:
     def _trained(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         return self.models.trained()
 
+    @property
+    def _sharded_state(self) -> bool:
+        """Several processes: trained weights and Adam states go through torch.distributed.checkpoint."""
+        return is_wrapped(self.models.trained_modules()[0])
+
+    def _state_parts(self) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
+        """The trained modules under one root (their checkpoint names), and their optimizers."""
+        names = ("base", "value_head") if self.models.shared is not None else ("policy", "critic")
+        root = torch.nn.ModuleDict(dict(zip(names, self.models.trained_modules())))
+        return root, [self.policy_opt, *([self.critic_opt] if self.models.critic is not None else [])]
+
     def state(self, iteration: int) -> tuple[dict, dict]:
+        """(tensors, JSON meta); sharded runs leave the weights and Adam states to `save_sharded`."""
         from rto.checkpoint import optimizer_state, rng_state
         from rto.config import to_dict
 
         tensors: dict[str, torch.Tensor] = {}
-        for model, params in self._trained().items():
+        sharded = self._sharded_state
+        for model, params in ({} if sharded else self._trained()).items():
             tensors.update({f"{model}.weights.{n}": p for n, p in params.items()})
         meta: dict = {"iteration": iteration, "config": to_dict(self.cfg), "order": self.order,
                       "history": self.history, "curve": self.curve, "kl_coef": self.kl_ctl.value,
@@ -48,9 +62,10 @@ class CheckpointMixin:
         if self.models.critic is not None:
             opts.append(("critic", self.critic_opt, self.critic_sched))
         for name, opt, sched in opts:
-            t, m = optimizer_state(opt, f"{name}.adam")
-            tensors.update(t)
-            meta[f"{name}_optimizer"] = m
+            if not sharded:
+                t, m = optimizer_state(opt, f"{name}.adam")
+                tensors.update(t)
+                meta[f"{name}_optimizer"] = m
             meta[f"{name}_scheduler"] = sched.state_dict()
         t, m = rng_state(self.generator)
         tensors.update(t)
@@ -63,15 +78,21 @@ class CheckpointMixin:
         from rto.config import to_dict
 
         tensors, meta = load_checkpoint(path)
-        mine = to_dict(self.cfg)
+        mine, defaults = to_dict(self.cfg), to_dict(type(self.cfg)())
         theirs = {self.cfg.RENAMED.get(k, k): v for k, v in meta.get("config", {}).items()}  # older names
+        # A setting newer than the checkpoint counts as unchanged at its default.
         changed = sorted(k for k in set(mine) | set(theirs)
-                         if k not in self.RESUMABLE_CHANGES and mine.get(k) != theirs.get(k))
+                         if k not in self.RESUMABLE_CHANGES and mine.get(k) != theirs.get(k, defaults.get(k)))
         if changed:
             raise UserError(f"ppo: checkpoint {path} was written with other settings ({', '.join(changed)}); "
                             "resume with the same ones or start a new --out")
+        sharded = (path / "shards").is_dir()
+        if sharded:
+            load_sharded(*self._state_parts(), path / "shards")
+        elif self._sharded_state:
+            raise UserError(f"ppo: checkpoint {path} was written by one process: resume it with one process")
         with torch.no_grad():
-            for model, params in self._trained().items():
+            for model, params in ({} if sharded else self._trained()).items():
                 for n, p in params.items():
                     key = f"{model}.weights.{n}"
                     if key not in tensors or tensors[key].shape != p.shape:
@@ -81,7 +102,8 @@ class CheckpointMixin:
         if self.models.critic is not None:
             opts.append(("critic", self.critic_opt, self.critic_sched))
         for name, opt, sched in opts:
-            load_optimizer_state(opt, tensors, meta[f"{name}_optimizer"], f"{name}.adam")
+            if not sharded:
+                load_optimizer_state(opt, tensors, meta[f"{name}_optimizer"], f"{name}.adam")
             sched.load_state_dict(meta[f"{name}_scheduler"])
         load_rng_state(tensors, meta["rng"], self.generator)
         self.order = list(meta["order"])
@@ -101,12 +123,22 @@ class CheckpointMixin:
         return int(meta["iteration"])
 
     def _save_checkpoint(self, iteration: int) -> None:
+        """Every process calls it. Sharded: each writes its shards into the staging directory, then
+        process 0 adds the rest and renames it into place (rto.checkpoint: atomic as ever)."""
         from rto.checkpoint import save_checkpoint
 
         out = Path(self.cfg.out)
-        tensors, meta = self.state(iteration)
-        extra = {SELECTED: out / SELECTED} if (out / SELECTED).is_dir() else None
-        save_checkpoint(out / "checkpoints", iteration, tensors, meta, self.cfg.keep_last, extra)
+        root, main = out / "checkpoints", self.dist.is_main
+        staged = None
+        if self._sharded_state:
+            staged = checkpoint_staging(root, iteration) if main else None
+            staged = Path(self.dist.broadcast_object(str(staged)))
+            save_sharded(*self._state_parts(), staged / "shards")
+        if main:
+            tensors, meta = self.state(iteration)
+            extra = {SELECTED: out / SELECTED} if (out / SELECTED).is_dir() else None
+            save_checkpoint(root, iteration, tensors, meta, self.cfg.keep_last, extra, staged=staged)
+        self.dist.barrier()
 
     def _resume_point(self) -> int:
 
@@ -141,8 +173,29 @@ class CheckpointMixin:
         self.curve.append(point)
         if self.selection is not None and self.selection.observe(point):
             out = Path(self.cfg.out)
-            save_model(self.models.policy, self.tokenizer, out / SELECTED)
-            (out / SELECTED / "selected.json").write_text(json.dumps({"iteration": point["iteration"]}))
+            if self._export_policy(out / SELECTED):
+                (out / SELECTED / "selected.json").write_text(json.dumps({"iteration": point["iteration"]}))
+
+    def _export_policy(self, path: Path) -> bool:
+        """The policy as an ordinary transformers directory (LoRA merged in). Every process calls it:
+        a sharded policy is gathered whole into process 0, which writes it (returns True there)."""
+        models, main = self.models, self.dist.is_main
+        if not self._sharded_state:
+            if main:
+                save_model(models.policy, self.tokenizer, path)
+            return main
+        if models.shared is not None:
+            from rto.lora import merged_state_dict
+
+            state = full_state_dict(models.shared.model.get_base_model())
+            if main:
+                save_model(models.shared.model.get_base_model(), self.tokenizer, path,
+                           state_dict=merged_state_dict(models.shared.model, "policy", state))
+        else:
+            state = full_state_dict(models.policy)
+            if main:
+                save_model(models.policy, self.tokenizer, path, state_dict=state)
+        return main
 
     def _stop_requested(self) -> bool:
         """Process 0 decides (it evaluates); every process learns it in the same collective."""
@@ -151,11 +204,13 @@ class CheckpointMixin:
 
     def _save_results(self, out: Path, summary: dict) -> None:
         """OUT/policy is the result: the selected policy with --select-by (the last one then goes to
-        OUT/policy_last), else the last; OUT/critic, OUT/metrics.json, model cards."""
+        OUT/policy_last), else the last; OUT/critic, OUT/metrics.json, model cards. Every process
+        calls it (a sharded policy is gathered); process 0 writes."""
+        main = self.dist.is_main
         sel = self.selection
         true = self.cfg.held_out_metric
         summary["divergence"] = divergence(self.curve, true=true) if true else None
-        if summary["divergence"] is not None:
+        if summary["divergence"] is not None and main:
             d = summary["divergence"]
             print(f"[rto] ppo: over-optimisation: at iteration {d['iteration']} the dev {true} has fallen to "
                   f"{d[true]:.3f} from {d[true + '_at_best']:.3f} (iteration {d['true_best_iteration']}) "
@@ -164,15 +219,16 @@ class CheckpointMixin:
         if sel is not None:
             summary["selection"] = {"metric": sel.metric, "best": sel.best, "best_iteration": sel.best_iteration,
                                     "stopped": sel.stop_reason or None}
-        if sel is not None and (out / SELECTED).is_dir():
-            save_model(self.models.policy, self.tokenizer, out / "policy_last")
+        selected = sel is not None and (out / SELECTED).is_dir()  # (process 0's view is the one that counts)
+        if self._export_policy(out / ("policy_last" if selected else "policy")) and selected:
             write_model_card(out / "policy_last", "ppo", self.cfg, summary)
             if (out / "policy").exists():
                 shutil.rmtree(out / "policy")
             os.replace(out / SELECTED, out / "policy")
-        else:
-            save_model(self.models.policy, self.tokenizer, out / "policy")
         if self.models.critic is not None and self.cfg.save_critic and self.models.shared is None:
-            save_model(self.models.critic, self.tokenizer, out / "critic")
-        write_json(out / "metrics.json", summary)
-        write_model_card(out / "policy", "ppo", self.cfg, summary)
+            state = full_state_dict(self.models.critic) if self._sharded_state else None
+            if main:
+                save_model(self.models.critic, self.tokenizer, out / "critic", state_dict=state)
+        if main:
+            write_json(out / "metrics.json", summary)
+            write_model_card(out / "policy", "ppo", self.cfg, summary)

@@ -101,6 +101,12 @@ class PPOStageConfig:
     vllm_gpu_memory_utilization: float = opt(0.3, "GPU memory share vLLM may take (--generation-backend vllm)",
                                              gt=0, le=1)
     # --- many processes (accelerate launch / torchrun) ---
+    shard: Literal["auto", "full", "none"] = opt(
+        "auto", "several processes: full: policy and critic sharded over them with their Adam states (FSDP2); "
+                "none: a whole copy in each, gradients all-reduced; auto: full under an FSDP (or DeepSpeed) "
+                "accelerate config, else none")
+    shard_frozen: Literal["auto", "shard", "replicate"] = opt(
+        "auto", "reference, DPO model and RMs: sharded (forward only) or whole in each process (auto: as --shard)")
     dist_timeout: float = opt(600.0, "seconds a process waits for the others in a collective before the run "
                                      "stops with an error (a dead process is noticed sooner); more than process 0 "
                                      "takes to evaluate and save a checkpoint, while the others wait", gt=0)

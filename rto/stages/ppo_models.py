@@ -10,7 +10,6 @@ not rounded away.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from rto.distributed import Dist
 from rto.errors import UserError
 from rto.lora import SharedBase, adapter_base, is_adapter_dir, rm_value_head, same_path
 from rto.models import check_same_tokenizer, load_causal_lm, load_score_model, read_reward_stats
+from rto.sharding import Layout, wrap
 from rto.stages.ppo_config import PPOStageConfig
 
 
@@ -40,6 +40,19 @@ class PPOModels:
     dpo: nn.Module | None = None  # DPO model (dense variants)
     dpo_ref: nn.Module | None = None  # the DPO model's own reference, when it is not `ref`
     shared: SharedBase | None = None
+
+    def frozen(self) -> list[nn.Module]:
+        """The frozen full models (not views of the shared base)."""
+        return [m for m in (self.ref, self.dpo, self.dpo_ref, self.rm, *(m for m, _ in self.rm_ensemble))
+                if m is not None and not hasattr(m, "shared")]
+
+    def trained_modules(self) -> list[nn.Module]:
+        """The modules holding the trained weights: policy and critic, or the shared base (the
+        transformers model inside peft's wrappers: generate and forward both run through it) and
+        its value head."""
+        if self.shared is not None:
+            return [self.shared.model.get_base_model(), self.shared.value_head]
+        return [self.policy, *([self.critic] if self.critic is not None else [])]
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -91,8 +104,9 @@ def segment_delimiter_ids(cfg: PPOStageConfig, tokenizer) -> list[int]:
     return [vocab[t] for t in cfg.segment_delimiters]
 
 
-def load_models(cfg: PPOStageConfig, device: torch.device, bf16: bool, dist: Dist) -> PPOModels:
-    """Load, freeze, place; every process starts from process 0's trained weights."""
+def load_models(cfg: PPOStageConfig, device: torch.device, bf16: bool, dist: Dist, layout: Layout) -> PPOModels:
+    """Load, freeze, place (sharded or whole: rto.sharding); every process starts from process 0's
+    trained weights."""
     rm, rm_stats = None, {"mean": 0.0, "std": 1.0}
     if cfg.uses_rm:
         rm = load_score_model(cfg.reward_model, "reward model")
@@ -116,9 +130,21 @@ def load_models(cfg: PPOStageConfig, device: torch.device, bf16: bool, dist: Dis
     for frozen in (models.ref, models.dpo, models.dpo_ref, models.rm, *(m for m, _ in models.rm_ensemble)):
         if frozen is not None:
             frozen.requires_grad_(False)
-    _place(models)
-    # A new value head or LoRA adapter is random per process: process 0's goes to every process.
+    # What will be sharded stays on the CPU until then: fully_shard moves only each process's shard
+    # to the device, so no process ever holds a whole model there.
+    _place(models, keep_on_cpu=[*(models.trained_modules() if layout.trained == "shard" else []),
+                                *(models.frozen() if layout.frozen == "shard" else [])])
+    # A new value head or LoRA adapter is random per process: process 0's goes to every process
+    # (FSDP2, unlike DDP's wrapper, does not broadcast at start).
     dist.broadcast_([p for params in models.trained().values() for p in params.values()])
+    if layout.trained != "single":
+        for m in models.trained_modules():
+            wrap(m, dist, layout.trained, layout.mixed_precision)
+        if models.shared is not None:
+            models.shared.find_parameters()
+        if layout.frozen == "shard":
+            for m in models.frozen():
+                wrap(m, dist, "shard", frozen=True)
     return models
 
 
@@ -147,22 +173,24 @@ def _shared_base_models(cfg: PPOStageConfig, rm, device: torch.device, bf16: boo
     return models
 
 
-def _place(models: PPOModels) -> None:
-    """Everything on the device; frozen full models in bf16 when asked, trained ones in fp32."""
-    frozen = [m for m in (models.ref, models.dpo, models.dpo_ref, models.rm, *(m for m, _ in models.rm_ensemble))
-              if m is not None and not hasattr(m, "shared")]
+def _place(models: PPOModels, keep_on_cpu: list[nn.Module]) -> None:
+    """Everything on the device (but `keep_on_cpu`); frozen full models in bf16 when asked, trained ones in fp32."""
+    def to_device(m: nn.Module) -> None:
+        if not any(m is k for k in keep_on_cpu):
+            m.to(models.device)
+
     if models.shared is not None:
         base = models.shared.model
         if models.bf16:
             base.get_base_model().to(torch.bfloat16)
-        base.to(models.device)
-        models.shared.value_head.to(models.device)
+        to_device(base)
+        to_device(models.shared.value_head)
     else:
-        models.policy.to(models.device)
+        to_device(models.policy)
         if models.critic is not None:
-            models.critic.to(models.device)
-    for m in frozen:
-        m.to(models.device)
+            to_device(models.critic)
+    for m in models.frozen():
+        to_device(m)
         if models.bf16:
             m.to(torch.bfloat16)
     if models.shared is not None and models.bf16:
@@ -183,13 +211,3 @@ def make_optimizer(model: nn.Module, lr: float, cfg: PPOStageConfig, total_steps
     sched = get_scheduler(name, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                           num_training_steps=total_steps, scheduler_specific_kwargs=extra)
     return opt, sched
-
-
-def warn_unused_engine(dist: Dist) -> None:
-    """FSDP and DeepSpeed configs shard the TRL stages; `rto ppo` keeps a full copy per process."""
-    if "FSDP" in dist.distributed_type or "DEEPSPEED" in dist.distributed_type:
-        if dist.is_main:
-            print(f"[rto] ppo: the accelerate config asks for {dist.distributed_type.split('.')[-1]}; rto ppo runs "
-                  "data-parallel with a full copy of each model per process (use --lora-r to share one frozen base "
-                  "and --precision bf16 to halve it)", file=sys.stderr, flush=True)
-

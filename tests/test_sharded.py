@@ -1,0 +1,154 @@
+"""`rto ppo` sharded with FSDP2, launched with the FSDP accelerate config a user already has
+(examples/accelerate/fsdp.yaml), on two CPU processes: it says it shards, trains, evaluates and
+selects on dev prompts, writes an ordinary safetensors policy, and after a kill -9 of one process
+resumes to the very weights and metrics of the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_distributed import _free_port
+
+ROOT = Path(__file__).parent.parent
+ITERATIONS = 4
+
+
+def _launch(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    cmd = [accelerate, "launch", "--config_file", str(ROOT / "examples/accelerate/fsdp.yaml"), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "rto", "ppo", *args]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "RTO_PROGRESS": "0", **(env_extra or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+
+
+def _args(tiny_dirs, prompt_file, out: Path, *extra: str) -> list[str]:
+    return ["--reward", "rto", "--policy", tiny_dirs["policy"], "--reward-model", tiny_dirs["rm"], "--dpo-model",
+            tiny_dirs["dpo"], "--prompts", prompt_file, "--out", str(out), "--iterations", str(ITERATIONS),
+            "--rollout-batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6", "--actor-lr", "1e-3",
+            "--critic-lr", "1e-3", "--beta1", "0.1", "--save-every", "1", "--threads", "1", "--dist-timeout", "60",
+            "--eval-prompts", prompt_file, "--n-eval", "4", "--eval-every", "2", "--task", "keyed", "--select-by", "gold_reward", *extra]
+
+
+def _log(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dirs, prompt_file, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("sharded") / "run"
+    proc = _launch(_args(tiny_dirs, prompt_file, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stderr
+
+
+def test_fsdp_config_shards_trains_and_writes_a_plain_policy(uninterrupted, tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    out, stderr = uninterrupted
+    assert "accelerate config: FSDP FULL_SHARD): policy and critic sharded over 2 processes" in stderr
+    assert [r["iteration"] for r in _log(out)] == list(range(1, ITERATIONS + 1))
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["processes"] == 2 and len(summary["curve"]) == ITERATIONS // 2 + 1
+    # The result (dev-selected) and the last policy: ordinary transformers checkpoints, tied
+    # embeddings written once, as the starting model was.
+    start = load_file(str(Path(tiny_dirs["policy"]) / "model.safetensors"))
+    for name in ("policy", "policy_last"):
+        saved = load_file(str(out / name / "model.safetensors"))
+        assert saved.keys() == start.keys()
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"]
+        model = AutoModelForCausalLM.from_pretrained(out / name)
+        assert all(torch.equal(p, saved[k]) for k, p in model.state_dict().items() if k in saved)
+    last = load_file(str(out / "policy_last" / "model.safetensors"))
+    assert sum(float((last[k] - start[k]).norm()) for k in start) > 1e-3, "training did not move the policy"
+    assert (out / "critic" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / f"step_{ITERATIONS:08d}" / "shards" / ".metadata").is_file()
+
+
+def test_kill_9_of_one_process_then_resume_is_exact(uninterrupted, tiny_dirs, prompt_file, tmp_path):
+    reference, _ = uninterrupted
+    out = tmp_path / "killed"
+    start = time.time()
+    proc = _launch(_args(tiny_dirs, prompt_file, out), {"RTO_FAULT_KILL": "1:3"})
+    assert proc.returncode != 0 and "process 1 is killed (SIGKILL) at iteration 3" in proc.stderr, proc.stderr[-3000:]
+    assert time.time() - start < 120
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == \
+        ["step_00000001", "step_00000002"]
+    proc = _launch(_args(tiny_dirs, prompt_file, out, "--resume", "auto"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step_00000002" in proc.stderr
+    assert _log(out) == _log(reference)
+    assert json.loads((out / "metrics.json").read_text())["curve"] == \
+        json.loads((reference / "metrics.json").read_text())["curve"]
+    for name in ("policy", "policy_last", "critic"):
+        a, b = load_file(str(out / name / "model.safetensors")), load_file(str(reference / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_one_process_resumes_the_sharded_checkpoint(uninterrupted, tiny_dirs, prompt_file):
+    """DCP reshards on load: one process reads the two processes' shards back whole (this runs
+    last: it rewrites the uninterrupted run's outputs from its last checkpoint)."""
+    out, _ = uninterrupted
+    before = load_file(str(out / "policy_last" / "model.safetensors"))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RTO_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "rto", "ppo", *_args(tiny_dirs, prompt_file, out, "--resume", "auto")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"step_{ITERATIONS:08d} after iteration {ITERATIONS}" in proc.stderr
+    after = load_file(str(out / "policy_last" / "model.safetensors"))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+
+
+@pytest.mark.parametrize("env, flag, frozen_flag, trained, frozen", [
+    ({}, "auto", "auto", "replicate", "replicate"),                                  # plain DDP launch
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}, "auto", "auto", "shard", "shard"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, "auto", "auto", "replicate", "replicate"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "auto", "replicate", "shard", "replicate"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "none", "auto", "replicate", "replicate"),    # the flag wins
+    ({}, "full", "auto", "shard", "shard"),
+])
+def test_the_layout_follows_the_accelerate_config_or_the_flag(monkeypatch, env, flag, frozen_flag, trained, frozen):
+    from types import SimpleNamespace
+
+    from rto.sharding import plan_layout
+
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_SHARDING_STRATEGY", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    dist = SimpleNamespace(active=True, world=4)
+    layout = plan_layout(flag, frozen_flag, dist, bf16=True)
+    assert (layout.trained, layout.frozen, layout.mixed_precision) == (trained, frozen, True)
+    assert plan_layout(flag, frozen_flag, SimpleNamespace(active=False, world=1), bf16=True).trained == "single"
+    assert ("sharded over 4" in layout.describe()) == (trained == "shard")
+
+
+def test_lora_merge_from_a_gathered_state_equals_peft_merge(tiny_dirs):
+    """A sharded LoRA policy is exported from its gathered state dict (B @ A * scaling computed by
+    hand): the same weights as peft's own delta on the live modules."""
+    from rto.lora import SharedBase, merged_state_dict
+    from rto.models import load_causal_lm
+
+    shared = SharedBase(load_causal_lm(tiny_dirs["policy"], "policy"), 4, 8.0, "all-linear")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in shared.adapter_parameters("policy"):
+            p.normal_(0, 0.1)  # lora_B starts at zero: make the update non-trivial
+    live = merged_state_dict(shared.model, "policy")
+    gathered = merged_state_dict(shared.model, "policy", shared.model.get_base_model().state_dict())
+    base = load_causal_lm(tiny_dirs["policy"], "policy").state_dict()
+    assert gathered.keys() == live.keys()
+    assert sum(float((live[k] - base[k]).abs().max()) for k in live if k in base) > 0.01
+    for k in live:
+        torch.testing.assert_close(gathered[k], live[k], atol=1e-6, rtol=1e-6)

@@ -28,8 +28,11 @@ SELECTED = "policy_selected"  # OUT/ subdirectory: the dev selection's best poli
 
 class CheckpointMixin:
     # --- checkpoints: everything the next iteration depends on ------------------------------
-    # Settings that may change between a run and its resumption without changing its result.
-    RESUMABLE_CHANGES = ("iterations", "save_every", "keep_last", "resume", "eval_every", "n_eval")
+    # Settings that may change between a run and its resumption without changing its result; and
+    # the layout over processes (`shard`: like the number of processes, it changes the order of
+    # floating-point sums, as another machine would).
+    RESUMABLE_CHANGES = ("iterations", "save_every", "keep_last", "resume", "eval_every", "n_eval", "dist_timeout",
+                         "shard_frozen", "shard")
 
     def _trained(self) -> dict[str, dict[str, torch.nn.Parameter]]:
         return self.models.trained()

@@ -109,7 +109,7 @@ class PPOStageConfig:
         "auto", "reference, DPO model and RMs: sharded (forward only) or whole in each process (auto: as --shard)")
     dist_timeout: float = opt(600.0, "seconds a process waits for the others in a collective before the run "
                                      "stops with an error (a dead process is noticed sooner); more than process 0 "
-                                     "takes to evaluate and save a checkpoint, while the others wait", gt=0)
+                                     "takes to write a model or checkpoint, while the others wait", gt=0)
     # --- logging ---
     report_to: list[str] = report_to_field()
     eval_every: int = opt(10, "evaluate on --eval-prompts every N iterations (0: never)", ge=0)

@@ -106,46 +106,77 @@ def segment_delimiter_ids(cfg: PPOStageConfig, tokenizer) -> list[int]:
 
 def load_models(cfg: PPOStageConfig, device: torch.device, bf16: bool, dist: Dist, layout: Layout) -> PPOModels:
     """Load, freeze, place (sharded or whole: rto.sharding); every process starts from process 0's
-    trained weights."""
+    trained weights. Each model is placed as soon as it is read, so while loading a process holds
+    at most one whole model beside the others' shards."""
+    place = _Placer(device, bf16, dist, layout)
     rm, rm_stats = None, {"mean": 0.0, "std": 1.0}
     if cfg.uses_rm:
         rm = load_score_model(cfg.reward_model, "reward model")
         if cfg.normalize_score:
             rm_stats = read_reward_stats(cfg.reward_model)
     if cfg.lora_r:
-        models = _shared_base_models(cfg, rm, device, bf16)
+        models = _shared_base_models(cfg, rm, device, bf16)  # it copies the RM's head: the RM is placed after
+        place.shared(models.shared)
+        if models.dpo is not None and not hasattr(models.dpo, "shared"):
+            place.frozen(models.dpo)
+        rm = place.frozen(rm) if rm is not None else None
     else:
-        models = PPOModels(policy=load_causal_lm(cfg.policy, "policy"),
-                           ref=load_causal_lm(cfg.ref or cfg.policy, "reference model"), device=device, bf16=bf16)
+        rm = place.frozen(rm) if rm is not None else None
+        models = PPOModels(policy=place.trained(load_causal_lm(cfg.policy, "policy")),
+                           ref=place.frozen(load_causal_lm(cfg.ref or cfg.policy, "reference model")), device=device,
+                           bf16=bf16)
         if cfg.uses_dpo:
-            models.dpo = load_causal_lm(cfg.dpo_model, "DPO model")
+            models.dpo = place.frozen(load_causal_lm(cfg.dpo_model, "DPO model"))
         if cfg.estimator == "gae":
-            models.critic = load_score_model(cfg.critic or cfg.reward_model or cfg.policy, "critic")
+            models.critic = place.trained(load_score_model(cfg.critic or cfg.reward_model or cfg.policy, "critic"))
     models.rm, models.rm_stats = rm, rm_stats
-    models.rm_ensemble = [(load_score_model(path, "ensemble reward model"), read_reward_stats(path))
+    models.rm_ensemble = [(place.frozen(load_score_model(path, "ensemble reward model")), read_reward_stats(path))
                           for path in (cfg.reward_model_ensemble if cfg.uses_rm else [])]
     # --dpo-ref differs from --ref only when the DPO model came from another model.
     if cfg.uses_dpo and cfg.dpo_ref and Path(cfg.dpo_ref).resolve() != Path(cfg.ref or cfg.policy).resolve():
-        models.dpo_ref = load_causal_lm(cfg.dpo_ref, "DPO reference model")
-    for frozen in (models.ref, models.dpo, models.dpo_ref, models.rm, *(m for m, _ in models.rm_ensemble)):
-        if frozen is not None:
-            frozen.requires_grad_(False)
-    # What will be sharded stays on the CPU until then: fully_shard moves only each process's shard
-    # to the device, so no process ever holds a whole model there.
-    _place(models, keep_on_cpu=[*(models.trained_modules() if layout.trained == "shard" else []),
-                                *(models.frozen() if layout.frozen == "shard" else [])])
-    # A new value head or LoRA adapter is random per process: process 0's goes to every process
-    # (FSDP2, unlike DDP's wrapper, does not broadcast at start).
-    dist.broadcast_([p for params in models.trained().values() for p in params.values()])
-    if layout.trained != "single":
-        for m in models.trained_modules():
-            wrap(m, dist, layout.trained, layout.mixed_precision)
-        if models.shared is not None:
-            models.shared.find_parameters()
-        if layout.frozen == "shard":
-            for m in models.frozen():
-                wrap(m, dist, "shard", frozen=True)
+        models.dpo_ref = place.frozen(load_causal_lm(cfg.dpo_ref, "DPO reference model"))
     return models
+
+
+class _Placer:
+    """Puts each model where the layout wants it: on the device, whole (one process, or replicated,
+    then wrapped by FSDP2 with shards of one), or sharded. Frozen full models in bf16 when asked,
+    trained ones in fp32 (bf16 compute through autocast, or FSDP2's mixed precision when wrapped)."""
+
+    def __init__(self, device: torch.device, bf16: bool, dist: Dist, layout: Layout):
+        self.device, self.bf16, self.dist, self.layout = device, bf16, dist, layout
+
+    def frozen(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        if self.bf16:
+            model.to(torch.bfloat16)
+        if self.layout.frozen == "shard":
+            return wrap(model, self.dist, "shard", frozen=True)  # moves only this process's shard to the device
+        return model.to(self.device)
+
+    def trained(self, model: nn.Module, *more: nn.Module) -> nn.Module:
+        for m in (model, *more):
+            if self.layout.trained != "shard":  # sharded: fully_shard moves only this process's shard
+                m.to(self.device)
+            # A new value head or LoRA adapter is random per process: process 0's goes to every
+            # process (FSDP2, unlike DDP's wrapper, does not broadcast at start).
+            self.dist.broadcast_([p for p in m.parameters() if p.requires_grad])
+            if self.layout.trained != "single":
+                wrap(m, self.dist, self.layout.trained, self.layout.mixed_precision)
+        return model
+
+    def shared(self, shared: SharedBase) -> None:
+        """The LoRA shared base: a bf16 base under fp32 adapters, and the critic's value head."""
+        base = shared.model.get_base_model()
+        if self.bf16:
+            base.to(torch.bfloat16)
+            for adapter in ("policy", "critic"):  # adapters train in fp32 on the bf16 base
+                for p in shared.adapter_parameters(adapter):
+                    p.data = p.data.float()
+        # The transformers model inside peft's wrappers is what gets wrapped: generate and forward
+        # both run through it (PPOModels.trained_modules).
+        self.trained(base, shared.value_head)
+        shared.find_parameters()  # sharding registers new parameter objects
 
 
 def _shared_base_models(cfg: PPOStageConfig, rm, device: torch.device, bf16: bool) -> PPOModels:
@@ -171,32 +202,6 @@ def _shared_base_models(cfg: PPOStageConfig, rm, device: torch.device, bf16: boo
         models.dpo = shared.view("dpo") if dpo_adapter else load_causal_lm(cfg.dpo_model, "DPO model")
     models.critic = shared.critic() if cfg.estimator == "gae" else None
     return models
-
-
-def _place(models: PPOModels, keep_on_cpu: list[nn.Module]) -> None:
-    """Everything on the device (but `keep_on_cpu`); frozen full models in bf16 when asked, trained ones in fp32."""
-    def to_device(m: nn.Module) -> None:
-        if not any(m is k for k in keep_on_cpu):
-            m.to(models.device)
-
-    if models.shared is not None:
-        base = models.shared.model
-        if models.bf16:
-            base.get_base_model().to(torch.bfloat16)
-        to_device(base)
-        to_device(models.shared.value_head)
-    else:
-        to_device(models.policy)
-        if models.critic is not None:
-            to_device(models.critic)
-    for m in models.frozen():
-        to_device(m)
-        if models.bf16:
-            m.to(torch.bfloat16)
-    if models.shared is not None and models.bf16:
-        for adapter in ("policy", "critic"):  # adapters train in fp32 on the bf16 base
-            for p in models.shared.adapter_parameters(adapter):
-                p.data = p.data.float()
 
 
 def make_optimizer(model: nn.Module, lr: float, cfg: PPOStageConfig, total_steps: int):

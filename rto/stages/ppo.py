@@ -228,7 +228,9 @@ class PPOTrainer(CheckpointMixin):
                 if critic is not None:
                     self.critic_opt.zero_grad(set_to_none=True)
                 stats: dict[str, float] = {}
-                for part in mini.split(micro):
+                parts = mini.split(micro)
+                for i, part in enumerate(parts):
+                    self.models.reduce_gradients(i == len(parts) - 1)  # replicated: once per mini-batch
                     weight = len(part) / len(mini)  # micro-batch losses add up to the mini-batch's mean
                     sub = exp.batch.select(part)
                     mask = sub.response_mask

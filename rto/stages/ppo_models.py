@@ -40,6 +40,7 @@ class PPOModels:
     dpo: nn.Module | None = None  # DPO model (dense variants)
     dpo_ref: nn.Module | None = None  # the DPO model's own reference, when it is not `ref`
     shared: SharedBase | None = None
+    layout: str = "single"  # of the trained models: single, replicate or shard (rto.sharding)
 
     def frozen(self) -> list[nn.Module]:
         """The frozen full models (not views of the shared base)."""
@@ -53,6 +54,14 @@ class PPOModels:
         if self.shared is not None:
             return [self.shared.model.get_base_model(), self.shared.value_head]
         return [self.policy, *([self.critic] if self.critic is not None else [])]
+
+    def reduce_gradients(self, now: bool) -> None:
+        """Whether the next backward passes reduce gradients across processes. Replicated, only the
+        mini-batch's last micro-batch does (DDP's no_sync: the others accumulate locally); sharded,
+        every one does, since a local accumulation would hold whole gradients and undo the sharding."""
+        if self.layout == "replicate":
+            for m in self.trained_modules():
+                m.set_requires_gradient_sync(now)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -129,7 +138,7 @@ def load_models(cfg: PPOStageConfig, device: torch.device, bf16: bool, dist: Dis
             models.dpo = place.frozen(load_causal_lm(cfg.dpo_model, "DPO model"))
         if cfg.estimator == "gae":
             models.critic = place.trained(load_score_model(cfg.critic or cfg.reward_model or cfg.policy, "critic"))
-    models.rm, models.rm_stats = rm, rm_stats
+    models.rm, models.rm_stats, models.layout = rm, rm_stats, layout.trained
     models.rm_ensemble = [(place.frozen(load_score_model(path, "ensemble reward model")), read_reward_stats(path))
                           for path in (cfg.reward_model_ensemble if cfg.uses_rm else [])]
     # --dpo-ref differs from --ref only when the DPO model came from another model.

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -84,12 +84,11 @@ class _RandomStates:
         return False
 
 
-def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Runs inside vLLM's worker (collective_rpc): the weights into its model; returns how many."""
+def _load_into_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside vLLM's worker (collective_rpc): the weights into its model."""
     runner = worker.model_runner
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     model.load_weights(weights=iter(weights))
-    return len(weights)
 
 
 class VLLMRollout:
@@ -145,9 +144,9 @@ class VLLMRollout:
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The trained policy's current weights (transformers names, whole: see `policy_weights`)
         into the engine's model."""
-        batch = [(name, t.detach()) for name, t in weights]
-        try:
-            self.llm.collective_rpc(_load_into_worker, args=(batch,))
+        stream = ((name, t.detach()) for name, t in weights)
+        try:  # the engine is in this process (engine_settings): the stream is consumed here, unpickled
+            self.llm.collective_rpc(_load_into_worker, args=(stream,))
         except (AttributeError, KeyError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"ppo: --generation-backend vllm: the weight sync into vLLM failed ({type(e).__name__}: "
@@ -155,19 +154,22 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()  # cached prompt states came from the old weights
 
 
-def policy_weights(models) -> list[tuple[str, torch.Tensor]]:
-    """The policy's weights under transformers' names (LoRA merged in), whole in every process (a
-    sharded policy is gathered: every process calls this)."""
-    from rto.sharding import full_state_dict, is_wrapped
+def policy_weights(models) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights under transformers' names (LoRA merged in), whole, one tensor at a time:
+    a sharded policy's are gathered one by one as vLLM loads them (every process iterates them
+    all, in the same order), so no process holds a second whole copy beside vLLM's."""
+    from rto.sharding import full_state_dict, full_tensor, is_wrapped
 
     shared = models.shared
     module = shared.model.get_base_model() if shared is not None else models.policy
-    state = full_state_dict(module, everywhere=True) if is_wrapped(module) else None
-    if shared is not None:
+    if shared is not None:  # the merge needs base and adapters together: gathered whole first
         from rto.lora import merged_state_dict
 
-        return list(merged_state_dict(shared.model, "policy", state).items())
-    return list((state if state is not None else module.state_dict()).items())
+        state = full_state_dict(module, everywhere=True) if is_wrapped(module) else None
+        yield from merged_state_dict(shared.model, "policy", state).items()
+        return
+    for name, tensor in module.state_dict().items():
+        yield name, full_tensor(tensor.detach())
 
 
 class _nothing:

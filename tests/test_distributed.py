@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dist_step.py"
 
@@ -98,6 +99,21 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
         # ... and hold identical weights after the update.
         for k in weights:
             assert torch.equal(r0[k], r1[k]), f"{run}: {k} differs between the processes"
+        # vLLM would get the whole updated policy (full models: its own weights; LoRA: merged
+        # into the base's names), the same in both processes.
+        streamed = {k[len("vllm."):]: v for k, v in r0.items() if k.startswith("vllm.")}
+        assert all(torch.equal(r1[f"vllm.{k}"], v) for k, v in streamed.items())
+        if not lora_r:
+            mine = {k[len("policy.weight."):]: v for k, v in r0.items() if k.startswith("policy.weight.")}
+            assert all(torch.equal(streamed[k], mine[k]) for k in mine)
+            # (the tied LM head comes as its own name too: vLLM's loader skips it for tied models)
+            assert set(streamed) - set(mine) == {"lm_head.weight"}
+            assert torch.equal(streamed["lm_head.weight"], mine["model.embed_tokens.weight"])
+        else:
+            assert not any("lora_" in k or "base_layer" in k for k in streamed)
+            base = load_file(str(Path(tiny_dirs["policy"]) / "model.safetensors"))
+            q = "model.layers.0.self_attn.q_proj.weight"
+            assert streamed[q].shape == base[q].shape and not torch.equal(streamed[q], base[q])  # the update merged in
 
         # One process, the same global batch (both processes' responses), the same settings and
         # the same starting weights.

@@ -93,13 +93,31 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 raise ValueError
             return [coerce(v, item, where) for v in value]
         if get_origin(inner) is dict or inner is dict:
+            if isinstance(value, str):  # a command line: '{prompt: question}' (YAML or JSON) or 'prompt=question,...'
+                value = _mapping_from_text(value)
             if not isinstance(value, dict):
                 raise ValueError
-            return dict(value)
+            return {str(k): v if isinstance(v, (dict, list)) else str(v) for k, v in value.items()}
     except (TypeError, ValueError):
         name = getattr(inner, "__name__", str(inner))
         raise UserError(f"{where}: expected {name}, got {value!r}") from None
     return value
+
+
+def _mapping_from_text(text: str):
+    """'{a: b, c: d}' (YAML flow or JSON) or 'a=b,c=d' -> a dict; anything else is returned as is."""
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        parsed = None
+    if isinstance(parsed, dict):
+        return parsed
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if pairs and all(len(p) == 2 and p[0].strip() for p in pairs):
+        return {k.strip(): v.strip() for k, v in pairs}
+    return text
 
 
 def _check_range(value: Any, meta: dict, where: str) -> None:

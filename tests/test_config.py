@@ -96,3 +96,19 @@ def test_choices_come_from_the_reward_registry():
     for name, placement in PLACEMENTS.items():
         assert build(PPOStageConfig, {**REQUIRED, "reward": name, "dpo_model": "d"}, "x").reward == name
         assert RL_METHODS[placement.method]["reward"] == name
+
+
+def test_a_mapping_on_the_command_line():
+    """`--columns '{prompt: question}'` (as the README shows it), JSON, or key=value pairs; through
+    the real parser, then build."""
+    from rto.cli import _parser
+    from rto.config import from_sources
+
+    for text in ("{prompt: question}", '{"prompt": "question"}', "prompt=question", "prompt = question ,"):
+        args = _parser().parse_args(["ppo", "--policy", "p", "--prompts", "x.jsonl", "--out", "o", "--reward-model", "r",
+                                     "--columns", text])
+        values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "allow_bin_weights")}
+        cfg = from_sources(PPOStageConfig, {}, "", values)
+        assert cfg.columns == {"prompt": "question"}, text
+    with pytest.raises(UserError, match="columns: expected dict, got 'question'"):
+        build(PPOStageConfig, {"columns": "question"}, "ppo")

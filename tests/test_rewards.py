@@ -109,6 +109,26 @@ def test_every_placement_by_hand(kind):
     assert torch.allclose(r, torch.tensor(EXPECTED[kind]), atol=1e-6), r
 
 
+def _left_padded(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's real slots moved to the right end (the layout of a left-padded batch)."""
+    out = torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        n = int(mask[b].sum())
+        out[b, x.shape[1] - n:] = x[b, :n]
+    return out
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_a_left_padded_mask_gets_the_same_rewards(kind):
+    """verl and OpenRLHF hand in left-padded batches: the score still lands on the last real token
+    (not on the first, as counting the mask's ones would put it), every placement as right-padded."""
+    left = {k: _left_padded(v, M3) for k, v in (("kl", K3), ("dpo_term", D3), ("segment_end", SEG3))}
+    mask = _left_padded(M3, M3)
+    assert last_token_index(mask).tolist() == [3, 3, 3] and mask[1, 0] == 0
+    r = token_rewards(kind, mask=mask, kl_coef=0.1, score=S3, **left)
+    assert torch.allclose(r, _left_padded(torch.tensor(EXPECTED[kind]), M3), atol=1e-6), r
+
+
 def test_semi_without_delimiters_is_ddpo():
     a = token_rewards("semi", mask=M3, kl=K3, kl_coef=0.1, score=S3, dpo_term=D3)
     b = token_rewards("ddpo", mask=M3, kl=K3, kl_coef=0.1, score=S3, dpo_term=D3)

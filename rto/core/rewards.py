@@ -2,7 +2,8 @@
 
 Pure tensor functions, no models, no I/O. Shapes: B responses x R response
 slots; `mask` is 1 on real response tokens (EOS included) and 0 on padding.
-Responses are right-padded, so each row's mask is a run of ones then zeros.
+This trainer right-pads responses; a left-padded mask (verl's, OpenRLHF's batches) works the
+same: "the last token" is each row's last position where the mask is 1.
 
 The EOS-slot convention: a sentence-level score lands on the *last response
 token*, which is the EOS token when the response has one and the final
@@ -51,8 +52,11 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last response token (0 for an empty response)."""
-    return (mask.long().sum(-1) - 1).clamp(min=0)
+    """Index of each row's last response token, the last position where `mask` is 1, wherever the
+    padding lies (right-padded here; left-padded as other trainers hand their batches in); 0 for
+    an empty response."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask > 0, positions, torch.zeros_like(positions)).max(-1).values
 
 
 def at_last_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,12 @@ Stages (each skipped when its output is complete, so a stopped run continues):
  2. data: conversational prompts ("Write one sentence about a rainy Monday."), two samples per
     training prompt from the SFT model, labelled by the judge (judge.py) -> prefs.jsonl in TRL's
     conversational preference format; the prompt files in the conversational prompt format;
- 3. `rto dpo --lora-r`, `rto rm --lora-r`: LoRA adapters on the SFT model;
- 4. `rto ppo --reward sparse|rto --lora-r`: PPO and RTO with policy, critic and DPO adapters on
-    one frozen base;
- 5. `rto eval --task judge.py:SentimentJudge`: every model sampled on held-out prompts, scored
+ 3. `rto.dpo(lora_r=...)`, `rto.rm(lora_r=...)`: LoRA adapters on the SFT model;
+ 4. `rto.ppo(reward="sparse"|"rto", lora_r=...)`: PPO and RTO with policy, critic and DPO adapters
+    on one frozen base (with --jobs 2, side by side as `rto ppo` processes);
+ 5. `rto.eval(task="judge:SentimentJudge")`: every model sampled on held-out prompts, scored
     by the judge, with bootstrap intervals and win rates against the SFT model.
+Each stage runs through the Python API (rto/api.py), with the settings its flags take.
 """
 
 from __future__ import annotations
@@ -47,20 +48,17 @@ TEMPLATES = ["Write one sentence about {}.", "Describe {} in one sentence.", "Sa
              "Tell me about {} in a sentence."]
 
 SETTINGS = {
-    "full": dict(pairs=160, test=48, dpo=["--epochs", "2", "--batch-size", "8", "--learning-rate", "2e-4",
-                                          "--beta", "0.1", "--max-length", "160"],
+    "full": dict(pairs=160, test=48, dpo=dict(epochs=2, batch_size=8, learning_rate=2e-4, beta=0.1, max_length=160),
                  # At 2 epochs and 2e-4 the LoRA RM stayed at chance (train accuracy 0.47); see README.
-                 rm=["--epochs", "4", "--batch-size", "8", "--learning-rate", "1e-3", "--max-length", "160"],
+                 rm=dict(epochs=4, batch_size=8, learning_rate=1e-3, max_length=160),
                  # At 24 iterations and 1e-4 the policies hardly moved (KL to SFT 0.02-0.1); see README.
-                 ppo=["--iterations", "32", "--rollout-batch-size", "8", "--mini-batch-size", "8",
-                      "--actor-lr", "3e-4", "--critic-lr", "5e-4", "--kl-coef", "0.05", "--max-new-tokens", "40",
-                      "--warmup-ratio", "0", "--max-prompt-len", "128"],
-                 max_new_tokens=40, lora_r="8"),
-    "smoke": dict(pairs=8, test=4, dpo=["--epochs", "1", "--batch-size", "4", "--max-length", "96"],
-                  rm=["--epochs", "1", "--batch-size", "4", "--max-length", "96"],
-                  ppo=["--iterations", "1", "--rollout-batch-size", "4", "--mini-batch-size", "4",
-                       "--max-new-tokens", "8", "--max-prompt-len", "96"],
-                  max_new_tokens=8, lora_r="4"),
+                 ppo=dict(iterations=32, rollout_batch_size=8, mini_batch_size=8, actor_lr=3e-4, critic_lr=5e-4,
+                          kl_coef=0.05, max_new_tokens=40, warmup_ratio=0, max_prompt_len=128),
+                 max_new_tokens=40, lora_r=8),
+    "smoke": dict(pairs=8, test=4, dpo=dict(epochs=1, batch_size=4, max_length=96),
+                  rm=dict(epochs=1, batch_size=4, max_length=96),
+                  ppo=dict(iterations=1, rollout_batch_size=4, mini_batch_size=4, max_new_tokens=8, max_prompt_len=96),
+                  max_new_tokens=8, lora_r=4),
 }
 
 
@@ -149,15 +147,26 @@ def make_data(sft: Path, out: Path, n_pairs: int, n_test: int, max_new_tokens: i
     return info
 
 
-def rto(log: dict, name: str, *args: str) -> None:
-    """One `rto` stage as its own process (as a user would run it), timed."""
-    rto_side_by_side(log, {name: args})
+def stage(log: dict, name: str, command: str, **settings) -> None:
+    """One `rto` command through the Python API (rto.run), timed."""
+    import rto
 
-
-def rto_side_by_side(log: dict, stages: dict[str, tuple]) -> None:
-    """Stages as processes running at the same time, each timed."""
     t0 = time.time()
-    procs = {name: subprocess.Popen([sys.executable, "-m", "rto", *args]) for name, args in stages.items()}
+    rto.run(command, **settings)
+    log[name] = round(time.time() - t0, 1)
+    print(f"[smollm2] {name}: {log[name]:.1f} s", flush=True)
+
+
+def flags(command: str, settings: dict) -> list[str]:
+    """The same command line a user would type: `rto COMMAND --key value ...`."""
+    return [command, *(x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v)))]
+
+
+def side_by_side(log: dict, stages: dict[str, tuple[str, dict]]) -> None:
+    """Commands as processes running at the same time (each with its own threads), each timed."""
+    t0 = time.time()
+    procs = {name: subprocess.Popen([sys.executable, "-m", "rto", *flags(command, settings)])
+             for name, (command, settings) in stages.items()}
     for name, proc in procs.items():
         if proc.wait() != 0:
             sys.exit(f"[smollm2] {name} failed (exit {proc.returncode})")
@@ -170,7 +179,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="", help="an SFT model directory to use instead of converting the GGUF file")
     ap.add_argument("--smoke", action="store_true", help="tiny settings: checks the plumbing in minutes")
-    ap.add_argument("--threads", default="2", help="torch threads per stage process")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per stage")
     ap.add_argument("--jobs", type=int, default=1, help="2: PPO and RTO side by side (give each --threads 1)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -190,31 +199,31 @@ def main(argv=None) -> dict:
     if not (data / "data_info.json").exists():
         import torch
 
-        torch.set_num_threads(int(args.threads))
+        torch.set_num_threads(args.threads)
         t0 = time.time()
         make_data(sft, data, s["pairs"], s["test"], s["max_new_tokens"], args.seed)
         times["data"] = round(time.time() - t0, 1)
-    common = ["--threads", args.threads, "--seed", str(args.seed)]
-    lora = ["--lora-r", s["lora_r"], "--lora-alpha", str(2 * int(s["lora_r"]))]
+    common = dict(threads=args.threads, seed=args.seed)
+    lora = dict(lora_r=s["lora_r"], lora_alpha=2 * s["lora_r"])
     judge = "judge:SentimentJudge"
     if not (out / "dpo" / "metrics.json").exists():
-        rto(times, "dpo", "dpo", "--model", str(sft), "--data", str(data / "prefs.jsonl"), "--out", str(out / "dpo"),
-            *lora, *s["dpo"], *common)
+        stage(times, "dpo", "dpo", model=str(sft), data=str(data / "prefs.jsonl"), out=str(out / "dpo"), **lora,
+              **s["dpo"], **common)
     if not (out / "rm" / "metrics.json").exists():
-        rto(times, "rm", "rm", "--model", str(sft), "--data", str(data / "prefs.jsonl"), "--out", str(out / "rm"),
-            *lora, *s["rm"], *common)
-    rl = {method: ("ppo", "--reward", reward, "--policy", str(sft), "--prompts", str(data / "rl_prompts.jsonl"),
-                   "--reward-model", str(out / "rm"), "--dpo-model", str(out / "dpo"), "--out", str(out / method),
-                   "--task", judge, "--eval-every", "0", *lora, *s["ppo"], *common)
+        stage(times, "rm", "rm", model=str(sft), data=str(data / "prefs.jsonl"), out=str(out / "rm"), **lora,
+              **s["rm"], **common)
+    rl = {method: ("ppo", dict(reward=reward, policy=str(sft), prompts=str(data / "rl_prompts.jsonl"),
+                               reward_model=str(out / "rm"), dpo_model=str(out / "dpo"), out=str(out / method),
+                               task=judge, eval_every=0, **lora, **s["ppo"], **common))
           for method, reward in (("ppo", "sparse"), ("rto", "rto")) if not (out / method / "metrics.json").exists()}
     if args.jobs > 1:
-        rto_side_by_side(times, rl)
+        side_by_side(times, rl)
     else:
-        for method, stage_args in rl.items():
-            rto(times, method, *stage_args)
-    rto(times, "eval", "eval", "--models", f"sft={sft},dpo={out / 'dpo'},ppo={out / 'ppo' / 'policy'},"
-        f"rto={out / 'rto' / 'policy'}", "--prompts", str(data / "test_prompts.jsonl"), "--task", judge,
-        "--out", str(out / "eval.json"), "--max-new-tokens", str(s["max_new_tokens"]), *common)
+        for method, (command, settings) in rl.items():
+            stage(times, method, command, **settings)
+    stage(times, "eval", "eval", models=f"sft={sft},dpo={out / 'dpo'},ppo={out / 'ppo' / 'policy'},"
+          f"rto={out / 'rto' / 'policy'}", prompts=str(data / "test_prompts.jsonl"), task=judge,
+          out=str(out / "eval.json"), max_new_tokens=s["max_new_tokens"], **common)
     result = {"times_s": times, "data": json.loads((data / "data_info.json").read_text()),
               "eval": json.loads((out / "eval.json").read_text())}
     (out / "result.json").write_text(json.dumps(result, indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -82,6 +83,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 raise ValueError
             return out
         if inner is str:
+            if isinstance(value, os.PathLike):  # pathlib paths from the Python API
+                return os.fspath(value)
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             return str(value)

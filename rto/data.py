@@ -1,9 +1,11 @@
 """Data files in TRL's formats, read with one-line errors naming file, row and field.
 
-- SFT: {"prompt", "completion"}
+- SFT: {"prompt", "completion"}; or a whole conversation, {"messages"} (TRL's conversational
+  language-modelling rows) or ShareGPT's {"conversations": [{"from", "value"}]}, trained on its
+  last assistant turn; or {"text"} (plain language modelling: every token trained)
 - preferences: {"prompt", "chosen", "rejected"}; the prompt may be implicit (left out, and then
   the common beginning of `chosen` and `rejected`)
-- prompts (PPO, evaluation): {"prompt"} or {"messages"}
+- prompts (PPO, evaluation): {"prompt"}, {"messages"} or ShareGPT's {"conversations"}
 
 Each value is plain text or conversational: a list of {"role", "content"} messages, which the
 stage renders with the tokenizer's chat template (TRL's trainers do it themselves). Files are
@@ -86,6 +88,46 @@ def is_conversation(value) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+def _conversation(record: dict, columns: dict, where: str):
+    """A row's whole conversation: its `messages`, or ShareGPT's `conversations` ({from, value}
+    turns) as messages; None when it has neither."""
+    messages = record.get(columns.get("messages", "messages"))
+    if messages is not None:
+        return _check_value(messages, where, columns.get("messages", "messages"))
+    turns = record.get(columns.get("conversations", "conversations"))
+    if turns is None:
+        return None
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        raise RowError(f"{where}: field 'conversations' must be a list of {{from, value}} turns (ShareGPT)")
+    out = []
+    for i, t in enumerate(turns):
+        role = SHAREGPT_ROLES.get(str(t.get("from", "")).lower())
+        if role is None or not isinstance(t.get("value"), str):
+            raise RowError(f"{where}: conversations[{i}]: expected from (human, gpt or system) and a text value, "
+                           f"got {json.dumps(t)[:80]}")
+        out.append({"role": role, "content": t["value"]})
+    return _check_value(out, where, "conversations")
+
+
+def _sft_from_whole(record: dict, columns: dict, where: str):
+    """(prompt, completion) of an SFT row given as a whole conversation (the last assistant turn is
+    the completion) or as plain text (empty prompt: every token is trained); None if neither."""
+    conversation = _conversation(record, columns, where)
+    if conversation is not None:
+        if len(conversation) < 2 or conversation[-1]["role"] != "assistant":
+            raise RowError(f"{where}: a conversation to train on must end with an assistant turn after at least "
+                           "one other")
+        return conversation[:-1], conversation[-1:]
+    text = record.get(columns.get("text", "text"))
+    if text is not None:
+        return "", _check_value(text, where, columns.get("text", "text"))
+    return None
+
+
 def _check_value(value, where: str, field: str):
     if value is None:
         raise RowError(f"{where}: missing field {field!r}")
@@ -142,19 +184,27 @@ def read_rows(path: str | Path, fields: tuple[str, ...], columns: dict[str, str]
             if not isinstance(record, dict):
                 raise RowError(f"{where}: expected a JSON object with fields {', '.join(fields)}")
             row = {**record, **{f: record.get(columns.get(f, f)) for f in fields}}  # other columns kept
-            if "prompt" in fields and row["prompt"] is None:
-                if fields == PROMPT_FIELDS and record.get(columns.get("messages", "messages")) is not None:
-                    messages = _check_value(record.get(columns.get("messages", "messages")), where, "messages")
-                    if isinstance(messages, list) and messages[-1]["role"] == "assistant" and len(messages) > 1:
-                        messages = messages[:-1]
-                    row["prompt"] = messages
+            whole = (_sft_from_whole(record, columns, where)
+                     if fields == SFT_FIELDS and row["prompt"] is None and row["completion"] is None else None)
+            if whole is not None:
+                row["prompt"], row["completion"] = whole
+            elif "prompt" in fields and row["prompt"] is None:
+                conversation = _conversation(record, columns, where) if fields == PROMPT_FIELDS else None
+                if conversation is not None:
+                    if conversation[-1]["role"] == "assistant" and len(conversation) > 1:
+                        conversation = conversation[:-1]
+                    row["prompt"] = conversation
                 elif fields == PREFERENCE_FIELDS and row["chosen"] is not None and row["rejected"] is not None:
                     row["prompt"], row["chosen"], row["rejected"] = _implicit_prompt(row["chosen"], row["rejected"])
                     if not row["prompt"]:
                         raise RowError(f"{where}: no field 'prompt', and chosen and rejected share no beginning "
                                        "to take as an implicit prompt")
+            if fields == SFT_FIELDS and row["prompt"] is None and row["completion"] is None:
+                raise RowError(f"{where}: expected {{prompt, completion}}, {{messages}}, ShareGPT {{conversations}} or "
+                               "{text}")
             for f in fields:
-                row[f] = _check_value(row[f], where, columns.get(f, f))
+                if not (f == "prompt" and row[f] == "" and whole is not None):  # a text row's prompt is empty
+                    row[f] = _check_value(row[f], where, columns.get(f, f))
         except RowError as e:
             if not skip_bad_rows:
                 raise

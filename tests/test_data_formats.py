@@ -113,3 +113,33 @@ def test_stages_run_on_conversational_data_from_the_command_line(chat_model, tmp
     for stage in ("sft", "rm", "dpo"):  # every stage logs to OUT/metrics.jsonl (TRL's logs, step by step)
         rows = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
         assert rows and "step" in rows[-1] and "train_loss" in rows[-1]
+
+
+def test_sft_rows_as_whole_conversations_sharegpt_or_plain_text(chat_model, tmp_path):
+    """TRL users' SFT files: {messages} (the last assistant turn is trained), ShareGPT's
+    {conversations} (roles mapped), {text} (every token trained) - read, then trained on."""
+    from rto.data import SFT_FIELDS
+
+    system, user, bot = ({"role": r, "content": c} for r, c in (("system", "s1"), ("user", "s2 s3"), ("assistant", "s4")))
+    messages = [{"messages": [system, user, bot]}] * 8
+    sharegpt = [{"conversations": [{"from": "system", "value": "s1"}, {"from": "human", "value": "s2 s3"},
+                                   {"from": "gpt", "value": "s4"}]}] * 8
+    text = [{"text": "s1 s2 s3 s4"}] * 8
+    read = {name: read_rows(_write(tmp_path / f"{name}.jsonl", rows), SFT_FIELDS)
+            for name, rows in (("messages", messages), ("sharegpt", sharegpt), ("text", text))}
+    for name in ("messages", "sharegpt"):
+        assert read[name][0]["prompt"] == [system, user] and read[name][0]["completion"] == [bot], name
+    assert read["text"][0]["prompt"] == "" and read["text"][0]["completion"] == "s1 s2 s3 s4"
+    # Rows that cannot be trained on: a conversation not ending with the assistant, an unknown speaker.
+    for bad, message in (({"messages": [system, user]}, "must end with an assistant turn"),
+                         ({"conversations": [{"from": "alien", "value": "x"}]}, r"conversations\[0\]: expected from"),
+                         ({"question": "x"}, r"expected \{prompt, completion\}, \{messages\}")):
+        with pytest.raises(UserError, match=message):
+            read_rows(_write(tmp_path / "bad.jsonl", [bad]), SFT_FIELDS)
+
+    import rto
+
+    for name in ("sharegpt", "text"):
+        result = rto.sft(model=chat_model, data=str(tmp_path / f"{name}.jsonl"), out=str(tmp_path / f"sft-{name}"),
+                         epochs=1, batch_size=4, threads=1)
+        assert result["rows"] == 8 and result["train_loss"] > 0, name

@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from rto import __version__  # noqa: E402
-from rto.config import add_arguments, from_sources, load_yaml  # noqa: E402
+from rto.config import add_arguments, dashed_flags, from_sources, load_yaml  # noqa: E402
 from rto.errors import UserError  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def _pipeline_sets(values: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = dashed_flags(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
         parser = _parser()

@@ -16,7 +16,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Callable, Literal, get_args, get_origin
 
 from rto.errors import UserError
 
@@ -137,6 +137,17 @@ def _check_range(value: Any, meta: dict, where: str) -> None:
             raise UserError(f"{where}: must be {word} {bound}, got {value}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """Another tool's name for a setting (TRL's), read silently as ours. `value` turns its value
+    into ours (TRL's `use_peft: true` -> `lora_r: 16`); `boolean`: its value is a switch (its flag
+    takes none). A setting given under its own name wins over an alias."""
+
+    target: str
+    value: Callable[[Any], Any] | None = None
+    boolean: bool = False
+
+
 def build(cls, values: dict[str, Any], where: str):
     """Make a `cls` from a mapping; unknown keys, bad types and bad ranges raise UserError."""
     if not isinstance(values, dict):
@@ -144,9 +155,16 @@ def build(cls, values: dict[str, Any], where: str):
     hints = _hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     renamed = getattr(cls, "RENAMED", {})  # old name -> new name, still accepted
-    kwargs = {}
+    aliases: dict[str, Alias] = getattr(cls, "ALIASES", {})
+    kwargs, from_aliases = {}, {}
     for key, raw in values.items():
         name = str(key).replace("-", "_")
+        if name in aliases:
+            alias = aliases[name]
+            if alias.boolean:
+                raw = coerce(raw, bool, f"{where}: {name}")
+            from_aliases[alias.target] = (name, alias.value(raw) if alias.value else raw)
+            continue
         if name in renamed:
             print(f"[rto] {where}: setting {name!r} is now called {renamed[name]!r}; the old name still works",
                   file=sys.stderr, flush=True)
@@ -158,6 +176,10 @@ def build(cls, values: dict[str, Any], where: str):
         value = coerce(raw, hints[name], f"{where}: {name}")
         _check_range(value, known[name].metadata, f"{where}: {name}")
         kwargs[name] = value
+    for name, (alias, raw) in from_aliases.items():
+        if name not in kwargs:
+            kwargs[name] = coerce(raw, hints[name], f"{where}: {alias}")
+            _check_range(kwargs[name], known[name].metadata, f"{where}: {alias}")
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         try:
@@ -217,6 +239,23 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         action = argparse.BooleanOptionalAction if inner is bool else "store"
         parser.add_argument("--" + old.replace("_", "-"), dest=old, action=action, default=argparse.SUPPRESS,
                             help=argparse.SUPPRESS)
+    for name, alias in getattr(cls, "ALIASES", {}).items():  # TRL's flags too (hidden); build() maps them
+        inner, _ = _base_type(hints[alias.target])
+        boolean = alias.boolean or (inner is bool and alias.value is None)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+                            action=argparse.BooleanOptionalAction if boolean else "store", help=argparse.SUPPRESS)
+
+
+def dashed_flags(argv: list[str]) -> list[str]:
+    """`--learning_rate 1e-4` as `--learning-rate 1e-4`: the underscore spelling TRL's and
+    transformers' users type, for every flag (values are left as they are)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            flag, eq, value = arg.partition("=")
+            arg = flag.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
 
 
 def from_sources(cls, yaml_values: dict[str, Any], yaml_where: str, cli_values: dict[str, Any]):

@@ -162,21 +162,45 @@ def _implicit_prompt(chosen, rejected):
     return None, chosen, rejected
 
 
+def _hub_records(name: str, config: str, split: str):
+    """(row number, record) pairs of a `datasets` hub dataset's split (where a network, or the
+    local datasets cache, has it)."""
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset(name, config or None, split=split)
+    except Exception as e:  # offline, no such dataset, no such split: datasets' errors vary
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{name}: not a data file here, and not a hub dataset that could be loaded "
+                        f"(split {split!r}{', config ' + repr(config) if config else ''}): {type(e).__name__}: {first}") from None
+    yield from enumerate(data, start=1)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """`org/name` (or a bare name) with no file suffix: what a hub id looks like, not a path."""
+    return bool(text) and not Path(text).suffix and text.count("/") <= 1 and not text.startswith((".", "/", "~"))
+
+
 def read_rows(path: str | Path, fields: tuple[str, ...], columns: dict[str, str] | None = None,
-              skip_bad_rows: bool = False) -> list[dict]:
+              skip_bad_rows: bool = False, split: str = "train", config: str = "") -> list[dict]:
     """Rows with every field present and usable (non-empty text or a conversation).
 
+    `path`: a data file, or a `datasets` hub id (its `split`, `config`) where a network has it.
     `columns` renames: {our field: the file's column}. Prompt-only data may give `messages`
     instead of `prompt` (a final assistant turn, if any, is dropped). Preference data may leave
     the prompt implicit. With `skip_bad_rows`, unusable rows are skipped and counted on stderr."""
     import sys
 
     path = Path(path)
-    if not path.is_file():
+    if path.is_file():
+        records = _records(path)
+    elif _looks_like_hub_id(str(path)) and not path.exists():
+        records = _hub_records(str(path), config, split)
+    else:
         raise UserError(f"{path}: data file not found")
     columns = dict(columns or {})
     rows, skipped, first_error = [], 0, None
-    for lineno, record in _records(path):
+    for lineno, record in records:
         where = f"{path}: row {lineno}"
         try:
             if isinstance(record, RowError):

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-from rto.config import opt
+from rto.config import Alias, opt
 
 
 def setup(seed: int, threads: int) -> None:
@@ -56,14 +56,33 @@ class TrainingFields:
 
     STAGE: ClassVar[str] = ""
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data", "out")
+    # TRL's names for these settings (its YAML keys and flags), read as ours.
+    ALIASES: ClassVar[dict[str, Alias]] = {
+        "model_name_or_path": Alias("model"), "dataset_name": Alias("data"), "output_dir": Alias("out"),
+        "dataset_train_split": Alias("data_split"), "dataset_config": Alias("data_config"),
+        "num_train_epochs": Alias("epochs"), "per_device_train_batch_size": Alias("batch_size"),
+        "bf16": Alias("precision", lambda on: "bf16" if on else "fp32", boolean=True),
+        "use_peft": Alias("lora_r", lambda on: 16 if on else 0, boolean=True),  # TRL's default rank
+        "save_steps": Alias("save_every"), "save_total_limit": Alias("keep_last"),
+        "resume_from_checkpoint": Alias("resume")}
 
     model: str = opt("", "model directory to start from (the SFT model, for rm and dpo)")
-    data: str = opt("", "training data, JSONL, JSON, Parquet or CSV: {prompt, completion} rows for sft, "
-                        "{prompt, chosen, rejected} pairs for rm and dpo (see README, data formats)")
+    data: str = opt("", "training data, JSONL, JSON, Parquet or CSV: {prompt, completion}, {messages} or {text} "
+                        "rows for sft, {prompt, chosen, rejected} pairs for rm and dpo (see README, data formats); "
+                        "or a datasets hub id where a network exists")
+    data_split: str = opt("train", "the split of a hub dataset (--data NAME)")
+    data_config: str = opt("", "the configuration (subset) of a hub dataset")
     out: str = opt("", "output model directory")
     epochs: float = opt(3.0, "training epochs", gt=0)
+    max_steps: int = opt(0, "optimizer steps to train for, overriding --epochs (0: by epochs)", ge=-1)
     learning_rate: float = opt(5e-4, "peak learning rate", gt=0)
-    batch_size: int = opt(32, "batch size (rows, or pairs)", ge=1)
+    batch_size: int = opt(32, "rows (or pairs) per process per step (TRL's per_device_train_batch_size): the global "
+                              "batch is this x processes x --gradient-accumulation-steps", ge=1)
+    gradient_accumulation_steps: int = opt(1, "micro-batches accumulated into one optimizer step", ge=1)
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more time)")
+    precision: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "bf16: mixed precision (TRL's --bf16); auto: bf16 on a GPU that supports it, else fp32")
+    logging_steps: int = opt(50, "log the training loss every N optimizer steps", ge=1)
     max_length: int = opt(128, "longest prompt + response in tokens", ge=2)
     warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
     seed: int = seed_field()
@@ -80,6 +99,13 @@ class TrainingFields:
         "skip", "rows over --max-length tokens: skip (and count), error (naming the row), or truncate (TRL cuts "
                 "the end, which can cut off a response's EOS)")
     report_to: list[str] = report_to_field()
+
+    def read_data(self, fields: tuple[str, ...]) -> list[dict]:
+        """The stage's training rows (rto.data.read_rows), one kind per field as TRL's datasets need."""
+        from rto.data import read_rows
+
+        rows = read_rows(self.data, fields, self.columns, self.skip_bad_rows, self.data_split, self.data_config)
+        return uniform_rows(rows, fields, self.data)
 
     def validate(self):
         from rto.config import require
@@ -175,23 +201,31 @@ def resume_checkpoint(cfg: TrainingFields, scratch: str) -> str | None:
 
 
 def trl_common_args(cfg: TrainingFields, out: str) -> dict:
-    """TrainingArguments for TRL on any machine: no hub, no checkpoints, no reporting.
+    """TrainingArguments for TRL on any machine: no hub, checkpoints and trackers as asked.
 
-    bf16 and gradient checkpointing are off because the built-in models are tiny;
-    both default to on in TRL and cost time (or fail) on a CPU.
+    bf16 (--precision auto: only on a GPU that supports it) and gradient checkpointing (off unless
+    asked) are chosen here: TRL turns both on by default, which costs time (or fails) on a CPU.
     """
     # TRL turns gradient checkpointing on by default; turning it off through the old name warns.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     return dict(
-        output_dir=os.path.join(out + ".trl"), report_to=_trl_report_to(cfg), bf16=False,
+        output_dir=os.path.join(out + ".trl"), report_to=_trl_report_to(cfg), bf16=_bf16(cfg.precision),
         save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
         save_total_limit=cfg.keep_last or None,
-        gradient_checkpointing=False, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
+        gradient_checkpointing=cfg.gradient_checkpointing, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, max_length=cfg.max_length, seed=cfg.seed, data_seed=cfg.seed,
-        logging_steps=50, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
+        logging_steps=cfg.logging_steps, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
         disable_tqdm=not progress_enabled(), dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         log_level="warning",
     )
+
+
+def _bf16(precision: str) -> bool:
+    if precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
 
 
 _USER_TB_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a user's own setting wins

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from rto.config import opt
-from rto.data import PREFERENCE_FIELDS, read_rows
+from rto.data import PREFERENCE_FIELDS
 from rto.errors import UserError
-from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config, uniform_rows
+from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config
 
 
 @dataclass
@@ -24,7 +24,7 @@ class DPOStageConfig(TrainingFields):
 
 def run(cfg: DPOStageConfig) -> dict:
     setup(cfg.seed, cfg.threads)
-    rows = uniform_rows(read_rows(cfg.data, PREFERENCE_FIELDS, cfg.columns, cfg.skip_bad_rows), PREFERENCE_FIELDS, cfg.data)
+    rows = cfg.read_data(PREFERENCE_FIELDS)
     from trl import DPOConfig, DPOTrainer
 
     from rto.models import load_causal_lm, load_tokenizer

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from rto.config import opt, require
+from rto.config import Alias, opt, require
 from rto.core.rewards import PLACEMENTS, REWARD_KINDS
 from rto.distributed import launched_world_size
 from rto.errors import UserError
@@ -19,6 +19,15 @@ from rto.tracking import trackers
 class PPOStageConfig:
     # Old names still read from configs and flags, with a one-line notice (rto.config.build).
     RENAMED: ClassVar[dict[str, str]] = {"normalize_reward": "normalize_score", "reward_clip": "score_clip"}
+    # TRL's PPOConfig names (its YAML keys and flags), read as ours.
+    ALIASES: ClassVar[dict[str, Alias]] = {
+        "model_name_or_path": Alias("policy"), "sft_model_path": Alias("policy"),
+        "reward_model_path": Alias("reward_model"), "dataset_name": Alias("prompts"), "output_dir": Alias("out"),
+        "learning_rate": Alias("actor_lr"), "num_ppo_epochs": Alias("ppo_epochs"), "cliprange": Alias("clip_range"),
+        "cliprange_value": Alias("value_clip"), "response_length": Alias("max_new_tokens"),
+        "bf16": Alias("precision", lambda on: "bf16" if on else "fp32", boolean=True),
+        "use_peft": Alias("lora_r", lambda on: 16 if on else 0, boolean=True),
+        "save_steps": Alias("save_every"), "save_total_limit": Alias("keep_last")}
 
     # --- models and data ---
     policy: str = opt("", "SFT model directory: the policy starts here")

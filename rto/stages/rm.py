@@ -14,7 +14,7 @@ import torch
 
 from rto.config import opt
 from rto.data import PREFERENCE_FIELDS, as_texts, read_rows
-from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config, uniform_rows
+from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config
 
 
 @dataclass
@@ -36,8 +36,7 @@ def pair_accuracy(model, tokenizer, rows: list[dict]) -> float:
 
 def run(cfg: RMStageConfig) -> dict:
     setup(cfg.seed, cfg.threads)
-    rows = uniform_rows(read_rows(cfg.data, PREFERENCE_FIELDS, cfg.columns, cfg.skip_bad_rows), PREFERENCE_FIELDS,
-                        cfg.data)
+    rows = cfg.read_data(PREFERENCE_FIELDS)
     eval_rows = read_rows(cfg.eval_data, PREFERENCE_FIELDS, cfg.columns, cfg.skip_bad_rows) if cfg.eval_data else []
     from trl import RewardConfig, RewardTrainer
 

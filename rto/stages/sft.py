@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from rto.config import opt
-from rto.data import SFT_FIELDS, read_rows
-from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config, uniform_rows
+from rto.data import SFT_FIELDS
+from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config
 
 
 @dataclass
@@ -28,7 +28,7 @@ class SFTStageConfig(TrainingFields):
 
 def run(cfg: SFTStageConfig) -> dict:
     setup(cfg.seed, cfg.threads)
-    rows = uniform_rows(read_rows(cfg.data, SFT_FIELDS, cfg.columns, cfg.skip_bad_rows), SFT_FIELDS, cfg.data)
+    rows = cfg.read_data(SFT_FIELDS)
     from trl import SFTConfig, SFTTrainer
 
     from rto.models import build_causal_lm, check_tokenizer, load_causal_lm, load_tokenizer

@@ -245,6 +245,26 @@ def read_reward_stats(path: str | Path) -> dict[str, float]:
         raise UserError(f"{f}: unreadable reward statistics ({e})") from None
 
 
+def _hub_id(name: str) -> bool:
+    """`org/name` that is not a directory here: a hub model id."""
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
+
+
+def _loading_snippet(model_dir: str | Path, stage: str) -> list[str]:
+    """How to load the saved model, in the card (an RM is a one-label sequence classifier)."""
+    path = str(model_dir)
+    if (Path(model_dir) / "adapter_config.json").is_file():
+        cls = "AutoPeftModelForSequenceClassification" if stage == "rm" else "AutoPeftModelForCausalLM"
+        return [f"from peft import {cls}", "from transformers import AutoTokenizer", "",
+                f"model = {cls}.from_pretrained({path!r})", f"tokenizer = AutoTokenizer.from_pretrained({path!r})"]
+    cls = "AutoModelForSequenceClassification" if stage == "rm" else "AutoModelForCausalLM"
+    lines = [f"from transformers import {cls}, AutoTokenizer", "",
+             f"model = {cls}.from_pretrained({path!r})", f"tokenizer = AutoTokenizer.from_pretrained({path!r})"]
+    if stage == "rm":
+        lines.append("score = model(**tokenizer(prompt + response, return_tensors='pt')).logits[0, 0]  # higher: preferred")
+    return lines
+
+
 def write_model_card(model_dir: str | Path, stage: str, cfg, metrics: dict) -> Path:
     """README.md beside a saved model: what it was trained from, on what, how, and how it ended."""
     import yaml
@@ -258,11 +278,15 @@ def write_model_card(model_dir: str | Path, stage: str, cfg, metrics: dict) -> P
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     final = metrics.get("final") or {}
     scalars.update({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
+    meta = {"library_name": "peft" if (Path(model_dir) / "adapter_config.json").is_file() else "transformers",
+            "tags": ["rto-rlhf", f"rto-{stage}"]}
+    if _hub_id(base):  # hub metadata names hub models only: a local directory is no base_model there
+        meta["base_model"] = base
     lines = [
-        "---", yaml.safe_dump({"library_name": "transformers", "tags": ["rto-rlhf", f"rto-{stage}"],
-                               "base_model": str(base)}, sort_keys=False).strip(), "---", "",
+        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
         f"# {Path(model_dir).name}: `rto {stage}` (rto-rlhf {__version__})", "",
-        f"- base model: `{base}`", f"- data: `{data}`", "", "## Final metrics", "",
+        f"- base model: `{base}`", f"- data: `{data}`", "", "## Use", "", "```python",
+        *_loading_snippet(model_dir, stage), "```", "", "## Final metrics", "",
         *[f"- {k}: {v:.6g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(scalars.items())],
         "", "## Settings", "", "```yaml", yaml.safe_dump(settings, sort_keys=False).strip(), "```", "",
     ]

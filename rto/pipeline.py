@@ -194,7 +194,7 @@ class Pipeline:
                 proc = subprocess.Popen([sys.executable, "-m", "rto.cli", stage, "--config", str(cfg_path)],
                                         stdout=log, stderr=subprocess.STDOUT, env=env)
                 bar = tqdm(total=1, desc=f"{name:>16}", position=slot % self.cfg.jobs, leave=True,
-                           dynamic_ncols=True, disable=os.environ.get("RTO_PROGRESS", "1") == "0")
+                           dynamic_ncols=True, disable=not progress.bars_enabled())
                 slot += 1
                 running[name] = (proc, bar, prog, time.time(), cfg)
             time.sleep(0.5)
@@ -210,6 +210,9 @@ class Pipeline:
                     bar.refresh()
                     bar.close()
                     self.timings[name] = time.time() - started
+                    if progress.plain_lines_wanted():
+                        print(f"[rto] pipeline: {name} {'done' if proc.returncode == 0 else 'FAILED'} in "
+                              f"{self.timings[name]:.0f} s", file=sys.stderr, flush=True)
                     del running[name]
                     if proc.returncode != 0:
                         failed.append(name)

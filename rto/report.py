@@ -63,6 +63,24 @@ def results_table(summary: dict) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+# Twenty distinct colours (matplotlib's tab20: its ten dark shades, then their light partners) and a
+# marker each: no two methods of a figure look alike, however many are compared.
+_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+            "#dbdb8d", "#9edae5"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8", "H", "1", "2", "3", "4", "+"]
+
+
+def method_styles(names: list[str]) -> dict[str, dict]:
+    """A distinct matplotlib style (color, marker, linestyle) per method name, in the order given;
+    methods with a gold reward in their name (oracle references) are dashed."""
+    out = {}
+    for i, name in enumerate(dict.fromkeys(names)):
+        out[name] = {"color": _COLOURS[i % len(_COLOURS)], "marker": _MARKERS[i % len(_MARKERS)],
+                     "linestyle": "--" if "gold" in name else "-"}
+    return out
+
+
 def plot_training(summary: dict, path: str | Path) -> Path | None:
     """Dev-set gold reward (else the judge's score, else the RM score) against prompts seen, one line per RL method; a star at
     the checkpoint the dev selection kept, a dotted line where over-optimisation was flagged."""
@@ -77,9 +95,10 @@ def plot_training(summary: dict, path: str | Path) -> Path | None:
     has = {k for c in curves.values() for p in c for k in p}
     key = next(k for k in ("gold_reward", "judge_score", "rm_score") if k in has or k == "rm_score")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    styles = method_styles(list(curves))
     for name, points in curves.items():
         pts = [p for p in points if key in p]
-        line, = ax.plot([p["prompts_seen"] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name)
+        line, = ax.plot([p["prompts_seen"] for p in pts], [p[key] for p in pts], ms=3, label=name, **styles[name])
         chosen = (summary.get("selection") or {}).get(name)
         if chosen:  # the checkpoint the dev selection kept
             best = [p for p in pts if p["iteration"] == chosen["best_iteration"]]
@@ -90,9 +109,9 @@ def plot_training(summary: dict, path: str | Path) -> Path | None:
             at = [p["prompts_seen"] for p in pts if p["iteration"] == flagged["iteration"]]
             if at:
                 ax.axvline(at[0], color=line.get_color(), ls=":", alpha=0.6)
-    styles = {"sft": ("grey", "--"), "dpo": ("black", ":")}
+    references = {"sft": ("grey", "--"), "dpo": ("black", ":")}
     for name, value in (summary.get("reference_lines") or {}).items():
-        color, ls = styles.get(name, ("grey", "-."))
+        color, ls = references.get(name, ("grey", "-."))
         ax.axhline(value, color=color, ls=ls, label=name)
     ax.set_xlabel("RL prompts seen")
     ax.set_ylabel(f"{key.replace('_', ' ')} (dev prompts)")

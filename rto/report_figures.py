@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from rto.report import method_styles
+
 
 def _plt():
     import matplotlib
@@ -25,10 +27,10 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[P
 
     # 1. gold reward vs RL prompts seen
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    styles = method_styles([*results["curves"], *results["methods"]])  # one style per method in every figure
     for name, pts in results["curves"].items():
         pts = [p for p in pts if "gold_reward" in p]
-        style = "--" if "gold" in name else "-"
-        ax.plot([p["prompts_seen"] for p in pts], [p["gold_reward"] for p in pts], style, marker="o", ms=2, label=name)
+        ax.plot([p["prompts_seen"] for p in pts], [p["gold_reward"] for p in pts], ms=3, label=name, **styles[name])
     for name, value in results["reference_lines"].items():
         ax.axhline(value, color="grey" if name == "sft" else "black", ls=":" if name == "dpo" else "--", label=name)
     ax.set(xlabel="RL prompts seen", ylabel="gold reward (dev, mean over seeds)",
@@ -56,7 +58,7 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[P
     # 3. gold reward vs sqrt(KL to SFT), one point per dev checkpoint per seed
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     names = [n for n in results["curves"]]
-    for i, name in enumerate(names):
+    for name in names:
         xs, ys = [], []
         for ps in per_seed:
             curve = json.loads((Path(ps["runs"][name]) / "metrics.json").read_text())["curve"]
@@ -64,7 +66,7 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[P
                 if "gold_reward" in p and "kl_to_ref" in p:
                     xs.append(math.sqrt(max(p["kl_to_ref"], 0.0)))
                     ys.append(p["gold_reward"])
-        ax.scatter(xs, ys, s=8, alpha=0.6, label=name, color=f"C{i % 10}")
+        ax.scatter(xs, ys, s=10, alpha=0.6, label=name, color=styles[name]["color"], marker=styles[name]["marker"])
     ax.set(xlabel="sqrt(KL to SFT) (nats^0.5, dev samples)", ylabel="gold reward (dev)",
            title="reward vs divergence, one point per checkpoint")
     ax.grid(alpha=0.3)
@@ -77,7 +79,7 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[P
     vals = [results["methods"][n]["win_rate_vs_sft"] for n in ms]
     cis = [results["methods"][n]["win_rate_vs_sft_ci"] for n in ms]
     ax.bar(range(len(ms)), vals, yerr=[[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]],
-           capsize=3, color=[f"C{i % 10}" for i in range(len(ms))])
+           capsize=3, color=[styles[n]["color"] for n in ms])
     ax.axhline(0.5, color="grey", ls="--")
     ax.set_xticks(range(len(ms)), ms, rotation=35, ha="right", fontsize=8)
     ax.set(ylabel="win rate vs SFT (gold reward, 95% CI)", ylim=(0, 1), title="win rate against SFT")
@@ -92,14 +94,20 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[P
         for ax, e in zip(axes[:, 0], ex):
             data = torch.tensor([e["dpo_log_ratio"], e["gold"]])
             lim = float(data[0].abs().max()) or 1.0
-            ax.imshow(data[:1].numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", extent=(0, len(e["tokens"]), 1, 2))
-            ax.imshow(data[1:].numpy(), cmap="Greens", vmin=0, vmax=max(float(data[1].max()), 1e-6), aspect="auto",
-                      extent=(0, len(e["tokens"]), 0, 1))
+            top = max(float(data[1].max()), 1e-6)
+            ratio = ax.imshow(data[:1].numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto",
+                              extent=(0, len(e["tokens"]), 1, 2))
+            gold = ax.imshow(data[1:].numpy(), cmap="Greens", vmin=0, vmax=top, aspect="auto",
+                             extent=(0, len(e["tokens"]), 0, 1))
+            fig.colorbar(ratio, ax=ax, fraction=0.025, pad=0.01).set_label("DPO log-ratio", fontsize=6)
+            fig.colorbar(gold, ax=ax, fraction=0.025, pad=0.04).set_label("gold", fontsize=6)
             ax.set_xlim(0, len(e["tokens"]))
             ax.set_ylim(0, 2)
             for t, tok in enumerate(e["tokens"]):
-                ax.text(t + 0.5, 1.5, f"{e['dpo_log_ratio'][t]:.1f}", ha="center", va="center", fontsize=6)
-                ax.text(t + 0.5, 0.5, f"{e['gold'][t]:.2f}", ha="center", va="center", fontsize=6)
+                # White numbers on dark cells (the colour map's far ends), black on light ones.
+                for y, value, dark in ((1.5, f"{e['dpo_log_ratio'][t]:.1f}", abs(e["dpo_log_ratio"][t]) > 0.6 * lim),
+                                       (0.5, f"{e['gold'][t]:.2f}", e["gold"][t] > 0.6 * top)):
+                    ax.text(t + 0.5, y, value, ha="center", va="center", fontsize=6, color="white" if dark else "black")
             ax.set_xticks([t + 0.5 for t in range(len(e["tokens"]))], e["tokens"], fontsize=6)
             ax.set_yticks([0.5, 1.5], ["gold", "DPO log-ratio"], fontsize=7)
         fig.suptitle(f"DPO log-ratio vs gold token reward on SFT samples; Pearson r = "

@@ -26,7 +26,8 @@ def trackers(report_to: list[str], what: str) -> list[str]:
     for name in names:
         available = getattr(au, f"is_{name}_available")()
         if not available:
-            raise UserError(f"{what}: --report-to {name}: the {name} package is not installed (pip install {name})")
+            raise UserError(f"{what}: --report-to {name}: the {name} package is not installed (pip install {name}, "
+                            f"or pip install 'rto-rlhf[{name}]')")
     return names
 
 

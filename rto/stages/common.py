@@ -30,7 +30,9 @@ def setup(seed: int, threads: int) -> None:
 
 
 def progress_enabled() -> bool:
-    return os.environ.get("RTO_PROGRESS", "1") != "0" and sys.stderr is not None
+    from rto.progress import bars_enabled
+
+    return bars_enabled()
 
 
 # Fields every stage config has.

@@ -367,6 +367,8 @@ class PPOTrainer(CheckpointMixin):
             bar.update(1)
             if main:
                 progress.report(it + 1, cfg.iterations)
+                progress.milestone(f"ppo[{cfg.reward}]: iteration", it + 1, cfg.iterations, time.time() - start,
+                                   {k: metrics[k] for k in ("gold_reward", "rm_score", "kl") if k in metrics})
             bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("gold_reward", "rm_score", "kl") if k in metrics})
             if cfg.save_every and (it + 1) % cfg.save_every == 0:
                 self._save_checkpoint(it + 1)

@@ -1,0 +1,63 @@
+"""What a run shows and leaves: plain progress lines in a log file, model cards with valid hub
+metadata and a loading snippet, a distinct style for every method in the figures."""
+
+import os
+import subprocess
+import sys
+
+import yaml
+
+from tests.test_cli import ENV
+
+
+def test_progress_in_a_log_file_is_plain_lines(tiny_dirs, prompt_file, tmp_path):
+    env = {k: v for k, v in ENV.items() if k != "RTO_PROGRESS"}  # as a user runs it: stderr to a file
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "rto", "ppo", "--policy", tiny_dirs["policy"], "--reward-model",
+                               tiny_dirs["rm"], "--prompts", prompt_file, "--out", str(tmp_path / "ppo"),
+                               "--iterations", "2", "--rollout-batch-size", "4", "--mini-batch-size", "4",
+                               "--max-new-tokens", "4", "--eval-every", "0", "--threads", "1"],
+                              stdout=subprocess.DEVNULL, stderr=log, env=env, timeout=300)
+    text = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 0, text[-2000:]
+    assert "\r" not in text and "\x1b[" not in text  # no bar redraws, no cursor codes
+    assert "[rto] ppo[sparse]: iteration 1/2" in text and "[rto] ppo[sparse]: iteration 2/2" in text
+
+
+def _card(model_dir):
+    text = (model_dir / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    code = text.split("```python\n")[1].split("```")[0]
+    return front, code
+
+
+def test_model_cards_have_valid_metadata_and_a_snippet_that_loads(tiny_dirs, tmp_path):
+    import rto
+    from rto.models import load_causal_lm, load_tokenizer, save_model, write_model_card
+
+    out = tmp_path / "model"
+    save_model(load_causal_lm(tiny_dirs["policy"]), load_tokenizer(tiny_dirs["policy"]), out)
+    cfg = rto.make_config("sft", model=tiny_dirs["policy"], data="d.jsonl", out=str(out))
+    write_model_card(out, "sft", cfg, {"train_loss": 1.0})
+    front, code = _card(out)
+    assert "base_model" not in front and front["library_name"] == "transformers"  # a local path is no hub id
+    scope: dict = {}
+    exec(code, scope)  # the card's own snippet loads the model
+    assert scope["model"].config.vocab_size == load_causal_lm(tiny_dirs["policy"]).config.vocab_size
+    write_model_card(out, "sft", rto.make_config("sft", model="HuggingFaceTB/SmolLM2-135M", data="d.jsonl",
+                                                 out=str(out)), {})
+    assert _card(out)[0]["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert os.path.exists(out / "README.md")
+
+
+def test_every_method_gets_its_own_style():
+    from rto.report import method_styles
+
+    names = ["ppo", "rto", "dpo-only", "ddpo", "semi", "rs", "reinforce++", "rto-reinforce++", "ppo-dense-gold",
+             "ppo+ens", "rto+ens"]
+    styles = method_styles(names)
+    looks = {(s["color"], s["marker"]) for s in styles.values()}
+    colours = {s["color"] for s in styles.values()}
+    assert len(looks) == len(colours) == len(names)  # no two methods share a colour
+    assert styles["ppo"]["color"] != styles["ppo-dense-gold"]["color"]
+    assert styles["ppo-dense-gold"]["linestyle"] == "--" and styles["ppo"]["linestyle"] == "-"

@@ -159,6 +159,10 @@ def build(cls, values: dict[str, Any], where: str):
     kwargs, from_aliases = {}, {}
     for key, raw in values.items():
         name = str(key).replace("-", "_")
+        if name in getattr(cls, "IGNORED", ()):
+            print(f"[rto] {where}: {name!r} (a TRL setting) has no counterpart here; ignored", file=sys.stderr,
+                  flush=True)
+            continue
         if name in aliases:
             alias = aliases[name]
             if alias.boolean:
@@ -213,10 +217,49 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _groups(cls) -> dict[str, str]:
+    """{first field of a group: its title}, from the `# --- title ---` comments of the config
+    class (and its bases): --help shows the flags in those groups."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        title = None
+        for line in source.splitlines():
+            header = re.match(r"\s*# --- (.+?) ---", line)
+            if header:
+                title = header.group(1)
+                continue
+            field = re.match(r"\s{4}(\w+):", line)
+            if field and title:
+                out[field.group(1)] = title
+                title = None
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One `--flag` per field; unset flags stay absent so the YAML value wins."""
+    """One `--flag` per field, grouped as the config class's comments group them; unset flags stay
+    absent so the YAML value wins."""
     hints = _hints(cls)
+    groups = _groups(cls)
+    # A stage's own fields after its base class's groups get a group of their own.
+    first_owner: dict[str, type] = {}
+    for klass in reversed(cls.__mro__):
+        for name in getattr(klass, "__annotations__", {}):
+            first_owner.setdefault(name, klass)
+    target, previous = parser, None
     for f in dataclasses.fields(cls):
+        owner = first_owner.get(f.name)
+        if f.name in groups:
+            target = parser.add_argument_group(groups[f.name])
+        elif previous is not None and owner is not previous and target is not parser:
+            target = parser.add_argument_group(f"{getattr(cls, 'STAGE', '') or cls.__name__} settings")
+        previous = owner
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -229,10 +272,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         help_text += f" (default: {default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         if inner is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+            target.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 help=help_text)
     for old, new in getattr(cls, "RENAMED", {}).items():  # old flags still parse (hidden); build() maps them
         inner, _ = _base_type(hints[new])

@@ -278,12 +278,14 @@ def write_model_card(model_dir: str | Path, stage: str, cfg, metrics: dict) -> P
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     final = metrics.get("final") or {}
     scalars.update({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))})
-    meta = {"library_name": "peft" if (Path(model_dir) / "adapter_config.json").is_file() else "transformers",
-            "tags": ["rto-rlhf", f"rto-{stage}"]}
-    if _hub_id(base):  # hub metadata names hub models only: a local directory is no base_model there
-        meta["base_model"] = base
+    from huggingface_hub import ModelCard, ModelCardData
+
+    # Hub metadata through huggingface_hub's own card classes; `base_model` names hub models only
+    # (a local directory is no base_model there).
+    meta = ModelCardData(library_name="peft" if (Path(model_dir) / "adapter_config.json").is_file() else "transformers",
+                         tags=["rto-rlhf", f"rto-{stage}"], base_model=base if _hub_id(base) else None)
     lines = [
-        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        "---", meta.to_yaml(), "---", "",
         f"# {Path(model_dir).name}: `rto {stage}` (rto-rlhf {__version__})", "",
         f"- base model: `{base}`", f"- data: `{data}`", "", "## Use", "", "```python",
         *_loading_snippet(model_dir, stage), "```", "", "## Final metrics", "",
@@ -292,6 +294,6 @@ def write_model_card(model_dir: str | Path, stage: str, cfg, metrics: dict) -> P
     ]
     path = Path(model_dir) / "README.md"
     tmp = path.with_name("README.md.tmp")
-    tmp.write_text("\n".join(lines))
+    ModelCard("\n".join(lines)).save(tmp)
     os.replace(tmp, path)
     return path

@@ -61,3 +61,20 @@ def test_every_method_gets_its_own_style():
     assert len(looks) == len(colours) == len(names)  # no two methods share a colour
     assert styles["ppo"]["color"] != styles["ppo-dense-gold"]["color"]
     assert styles["ppo-dense-gold"]["linestyle"] == "--" and styles["ppo"]["linestyle"] == "-"
+
+
+def test_help_groups_the_flags_by_purpose_with_their_defaults():
+    from rto.cli import _parser
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    ppo = sub.choices["ppo"].format_help()
+    headings = [line[:-1] for line in ppo.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    for group in ("models and data", "the reward", "advantages", "optimization", "generation", "memory", "speed",
+                  "many processes (accelerate launch / torchrun)", "logging", "checkpoints"):
+        assert group in headings, (group, headings)
+    flags = [a for g in sub.choices["ppo"]._action_groups for a in g._group_actions if a.help and a.help != "==SUPPRESS=="
+             and a.dest not in ("help", "config", "debug", "allow_bin_weights")]
+    assert len(flags) > 60 and all("(default:" in a.help for a in flags)
+    dpo = sub.choices["dpo"].format_help()
+    assert "dpo settings:" in dpo and "memory and speed:" in dpo

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from rto.config import Alias, opt
+from rto.distributed import launched_world_size
+from rto.errors import UserError
 
 
 def setup(seed: int, threads: int) -> None:
@@ -62,12 +64,20 @@ class TrainingFields:
     ALIASES: ClassVar[dict[str, Alias]] = {
         "model_name_or_path": Alias("model"), "dataset_name": Alias("data"), "output_dir": Alias("out"),
         "dataset_train_split": Alias("data_split"), "dataset_config": Alias("data_config"),
-        "num_train_epochs": Alias("epochs"), "per_device_train_batch_size": Alias("batch_size"),
+        "num_train_epochs": Alias("epochs"),
         "bf16": Alias("precision", lambda on: "bf16" if on else "fp32", boolean=True),
         "use_peft": Alias("lora_r", lambda on: 16 if on else 0, boolean=True),  # TRL's default rank
         "save_steps": Alias("save_every"), "save_total_limit": Alias("keep_last"),
         "resume_from_checkpoint": Alias("resume")}
+    # TRL settings about evaluation during training, the hub and log locations: no counterpart
+    # here (this tool evaluates with `rto eval`, writes OUT/metrics.jsonl, never pushes); read,
+    # named in a notice, and ignored. Any other unknown setting stops with an error.
+    IGNORED: ClassVar[tuple[str, ...]] = (
+        "eval_strategy", "eval_steps", "per_device_eval_batch_size", "do_eval", "do_train", "push_to_hub",
+        "hub_model_id", "hub_strategy", "run_name", "logging_dir", "logging_strategy", "save_strategy",
+        "overwrite_output_dir")
 
+    # --- models and data ---
     model: str = opt("", "model directory to start from (the SFT model, for rm and dpo)")
     data: str = opt("", "training data, JSONL, JSON, Parquet or CSV: {prompt, completion}, {messages} or {text} "
                         "rows for sft, {prompt, chosen, rejected} pairs for rm and dpo (see README, data formats); "
@@ -75,31 +85,38 @@ class TrainingFields:
     data_split: str = opt("train", "the split of a hub dataset (--data NAME)")
     data_config: str = opt("", "the configuration (subset) of a hub dataset")
     out: str = opt("", "output model directory")
-    epochs: float = opt(3.0, "training epochs", gt=0)
-    max_steps: int = opt(0, "optimizer steps to train for, overriding --epochs (0: by epochs)", ge=-1)
-    learning_rate: float = opt(5e-4, "peak learning rate", gt=0)
-    batch_size: int = opt(32, "rows (or pairs) per process per step (TRL's per_device_train_batch_size): the global "
-                              "batch is this x processes x --gradient-accumulation-steps", ge=1)
-    gradient_accumulation_steps: int = opt(1, "micro-batches accumulated into one optimizer step", ge=1)
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more time)")
-    precision: Literal["auto", "fp32", "bf16"] = opt(
-        "auto", "bf16: mixed precision (TRL's --bf16); auto: bf16 on a GPU that supports it, else fp32")
-    logging_steps: int = opt(50, "log the training loss every N optimizer steps", ge=1)
-    max_length: int = opt(128, "longest prompt + response in tokens", ge=2)
-    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
-    seed: int = seed_field()
-    threads: int = threads_field()
-    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning); the output is then a peft adapter on --model", ge=0)
-    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0)
-    lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
     columns: dict = opt({}, "the data file's column names, e.g. {prompt: question, chosen: good}")
     skip_bad_rows: bool = opt(False, "skip (and count) data rows that cannot be used instead of stopping")
-    save_every: int = opt(0, "write a resumable checkpoint every N optimizer steps into OUT.trl/ (0: never)", ge=0)
-    keep_last: int = opt(2, "checkpoints kept (0: all)", ge=0)
-    resume: str = opt("", "auto (the latest complete checkpoint in OUT.trl/, if any) or a checkpoint directory")
+    max_length: int = opt(128, "longest prompt + response in tokens", ge=2)
     long_rows: Literal["skip", "error", "truncate"] = opt(
         "skip", "rows over --max-length tokens: skip (and count), error (naming the row), or truncate (TRL cuts "
                 "the end, which can cut off a response's EOS)")
+    # --- optimization ---
+    epochs: float = opt(3.0, "training epochs", gt=0)
+    max_steps: int = opt(0, "optimizer steps to train for, overriding --epochs (0: by epochs)", ge=-1)
+    learning_rate: float = opt(5e-4, "peak learning rate", gt=0)
+    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
+    batch_size: int = opt(32, "rows (or pairs) per optimizer step over all processes: the global batch, as rto ppo's "
+                              "batch sizes are; each process takes batch-size / (processes x "
+                              "--gradient-accumulation-steps) per micro-step", ge=1)
+    per_device_train_batch_size: int = opt(0, "rows per process per micro-step, TRL's meaning (0: from "
+                                              "--batch-size); given, it sets the global batch instead", ge=0)
+    gradient_accumulation_steps: int = opt(1, "micro-batches accumulated into one optimizer step", ge=1)
+    seed: int = seed_field()
+    # --- memory and speed ---
+    precision: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "bf16: mixed precision (TRL's --bf16); auto: bf16 on a GPU that supports it, else fp32")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more time)")
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning); the output is then a peft adapter on --model", ge=0)
+    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0)
+    lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
+    threads: int = threads_field()
+    # --- checkpoints ---
+    save_every: int = opt(0, "write a resumable checkpoint every N optimizer steps into OUT.trl/ (0: never)", ge=0)
+    keep_last: int = opt(2, "checkpoints kept (0: all)", ge=0)
+    resume: str = opt("", "auto (the latest complete checkpoint in OUT.trl/, if any) or a checkpoint directory")
+    # --- logging ---
+    logging_steps: int = opt(50, "log the training loss every N optimizer steps", ge=1)
     report_to: list[str] = report_to_field()
 
     def read_data(self, fields: tuple[str, ...]) -> list[dict]:
@@ -115,6 +132,18 @@ class TrainingFields:
 
         require(self, self.STAGE, *self.REQUIRED)
         trackers(self.report_to, self.STAGE)  # a missing tracker package stops the run before any work
+        share = launched_world_size() * self.gradient_accumulation_steps
+        if not self.per_device_train_batch_size and self.batch_size % share:
+            raise UserError(f"{self.STAGE}: --batch-size ({self.batch_size}) is the global batch: it must be a multiple "
+                            f"of processes x --gradient-accumulation-steps ({share}), or give "
+                            "--per-device-train-batch-size")
+
+
+def per_device_batch(cfg: TrainingFields) -> int:
+    """Rows per process per micro-step: TRL's per_device_train_batch_size."""
+    if cfg.per_device_train_batch_size:
+        return cfg.per_device_train_batch_size
+    return cfg.batch_size // (launched_world_size() * cfg.gradient_accumulation_steps)
 
 
 def stage_lora_config(cfg: TrainingFields, task_type: str = "CAUSAL_LM"):
@@ -215,7 +244,7 @@ def trl_common_args(cfg: TrainingFields, out: str) -> dict:
         save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
         save_total_limit=cfg.keep_last or None,
         gradient_checkpointing=cfg.gradient_checkpointing, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1, per_device_train_batch_size=cfg.batch_size,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1, per_device_train_batch_size=per_device_batch(cfg),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, max_length=cfg.max_length, seed=cfg.seed, data_seed=cfg.seed,
         logging_steps=cfg.logging_steps, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,

@@ -23,7 +23,7 @@ class SFTStageConfig(TrainingFields):
     model: str = opt("", "model directory to start from (empty: a new model for --task)")
     task: str = opt("keyed", "task whose tokenizer and model size a new model uses")
     learning_rate: float = opt(1e-3, "peak learning rate", gt=0)
-    batch_size: int = opt(64, "batch size", ge=1)
+    batch_size: int = opt(64, "rows per optimizer step over all processes (the global batch)", ge=1)
 
 
 def run(cfg: SFTStageConfig) -> dict:

@@ -15,13 +15,23 @@ in a YAML config; they are checked as the command line's are, and a bad one rais
 (`rto.make_config("ppo", ...)`, or the dataclass itself: `rto.PPOConfig(...)`), with keyword
 settings on top. Each returns what the command prints: the run's summary (a dict).
 
+Models and data may be objects as well as paths: a transformers model (with its tokenizer, as a
+`(model, tokenizer)` pair, or found from `model.name_or_path`), a `datasets.Dataset` or a list of
+row dicts; they are written to a temporary directory for the run (as `save_pretrained` and JSONL).
+A run leaves the caller's global state as it found it: the RNGs (Python, NumPy, torch, CUDA),
+which every stage seeds, and torch's thread count are put back afterwards.
+
 `rto.data`, `rto.pipeline`, `rto.tune`, `rto.reproduce` and `rto.config` are this package's
 modules, so those commands run through `rto.run(name, ...)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import random
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from rto.config import build, to_dict
@@ -63,9 +73,56 @@ def make_config(command: str, base: Any = None, /, **settings):
 
 def run(command: str, base: Any = None, /, **settings) -> dict:
     """Run `command` (sft, rm, dpo, ppo, eval, data, pairs, pipeline, tune, reproduce)."""
-    cfg = make_config(command, base, **settings)
     _, fn = _command(command)
-    return fn(cfg)
+    with tempfile.TemporaryDirectory(prefix="rto-api-") as tmp, _global_state_kept():
+        settings = {k: _as_path(v, Path(tmp) / k) for k, v in settings.items()}
+        return fn(make_config(command, base, **settings))
+
+
+def _as_path(value: Any, where: Path) -> Any:
+    """A model or data object written to `where` (returned as its path); anything else as it is."""
+    model, tokenizer = value if isinstance(value, tuple) and len(value) == 2 else (value, None)
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):  # a transformers (or peft) model
+        from rto.models import save_model
+
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        save_model(model, tokenizer, where)
+        return str(where)
+    rows = value.to_list() if hasattr(value, "to_list") and hasattr(value, "column_names") else value
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):  # a dataset's rows
+        from rto.data import write_jsonl
+
+        return str(write_jsonl(where.with_suffix(".jsonl"), rows))
+    return value
+
+
+@contextlib.contextmanager
+def _global_state_kept():
+    """Every RNG state and torch's thread count, put back after the run (stages seed them all)."""
+    import numpy as np
+    import torch
+
+    import os
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.get_num_threads(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, os.environ.get("OMP_NUM_THREADS"))
+    try:
+        yield
+    finally:
+        py, npy, cpu, threads, cuda, omp = states
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        torch.set_num_threads(threads)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _named(command: str):

@@ -48,3 +48,40 @@ def test_bad_settings_raise_the_command_lines_one_line_error(tiny_dirs, tmp_path
         rto.ppo(rto.make_config("eval", models="sft=b", prompts="p.jsonl", out=str(tmp_path / "e.json")))
     with pytest.raises(ValueError, match="unknown command 'sftt'"):
         rto.run("sftt")
+
+
+def test_the_readme_example_runs(tmp_path):
+    """The README's Python example, as printed there, in a fresh process (cwd: a temp dir)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = readme.split("### From Python")[1].split("```python\n")[1].split("```")[0]
+    env = {**__import__("os").environ, "RTO_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RTO gold reward (last rollout):" in proc.stdout
+    assert (tmp_path / "runs/api/rto/policy/model.safetensors").is_file()
+    assert (tmp_path / "runs/api/dpo_from_objects/metrics.json").is_file()
+
+
+def test_a_run_leaves_the_callers_global_state_as_it_was(tiny_dirs, prompt_file, tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    import rto
+
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    torch.set_num_threads(1)
+    before = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    rto.ppo(policy=tiny_dirs["policy"], reward_model=tiny_dirs["rm"], prompts=prompt_file, out=str(tmp_path / "o"),
+            iterations=1, rollout_batch_size=4, mini_batch_size=4, max_new_tokens=4, eval_every=0, threads=2, seed=7)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == before
+    assert torch.get_num_threads() == 1

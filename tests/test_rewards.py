@@ -161,3 +161,15 @@ def test_extra_token_rewards_are_added_on_real_tokens_only():
     r = token_rewards("sparse", mask=M3, kl=K3, kl_coef=0.1, score=S3, extra=extra)
     base = token_rewards("sparse", mask=M3, kl=K3, kl_coef=0.1, score=S3)
     assert torch.allclose(r - base, 0.5 * M3.float())
+
+
+def test_a_mask_with_gaps_is_refused():
+    """Neither right- nor left-padded: where would "the last token" be? Refused, not guessed."""
+    from rto.core.rewards import check_response_mask
+
+    check_response_mask(torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 0]]))  # right, left, empty: fine
+    with pytest.raises(ValueError, match=r"row 1 has gaps \(\[1, 0, 1\]\)"):
+        token_rewards("rto", mask=torch.tensor([[1, 1, 0], [1, 0, 1]]), kl=torch.zeros(2, 3), kl_coef=0.1,
+                      score=torch.ones(2), dpo_term=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="expected 0s and 1s"):
+        check_response_mask(torch.tensor([[2, 1, 0]]))

@@ -59,6 +59,21 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask > 0, positions, torch.zeros_like(positions)).max(-1).values
 
 
+def check_response_mask(mask: torch.Tensor) -> None:
+    """The padding convention, refused when broken: each row's response tokens are one unbroken
+    run of ones (padding after them, or before them), and the mask is 0/1 of shape [B, R]."""
+    if mask.dim() != 2:
+        raise ValueError(f"response mask: expected [batch, response slots], got shape {tuple(mask.shape)}")
+    m = mask.long()
+    if ((m != 0) & (m != 1)).any():
+        raise ValueError("response mask: expected 0s and 1s")
+    starts = (m[:, 1:] > m[:, :-1]).sum(-1) + m[:, 0]  # runs of ones begun in each row
+    if (starts > 1).any():
+        row = int(torch.nonzero(starts > 1)[0, 0])
+        raise ValueError(f"response mask: row {row} has gaps ({m[row].tolist()}); a response's tokens must be one "
+                         "unbroken run (right- or left-padded)")
+
+
 def at_last_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A [B, R] tensor that is zero except `values[b]` at row b's last response token."""
     out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
@@ -156,6 +171,7 @@ def token_rewards(
     if kind not in PLACEMENTS:
         raise ValueError(f"unknown reward {kind!r}; expected one of {REWARD_KINDS}")
     placement = PLACEMENTS[kind]
+    check_response_mask(mask)
     m = mask.to(kl.dtype)
     rewards = -kl_coef * kl * m
     if extra is not None:

@@ -1,13 +1,17 @@
 """The figures of `rto reproduce`: training curves, the data-limited sweep, reward against KL,
-win rates, and the token heat-map of the DPO log-ratio beside the gold token reward."""
+win rates, and the token heat-map of the DPO log-ratio beside the gold token reward.
+
+    python -m rto.report_figures DIR [DIR ...]    # redraw a finished run's figures from its JSON
+
+Reward against KL needs each seed's run directory (its dev curve); where those are gone, that
+figure is left as it was and the others are redrawn from DIR/results.json.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-
-import torch
 
 from rto.report import method_styles
 
@@ -21,7 +25,7 @@ def _plt():
     return plt
 
 
-def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[Path]:
+def write_figures(results: dict, per_seed: list[dict], out: Path, cfg=None) -> list[Path]:
     plt = _plt()
     paths = []
 
@@ -55,10 +59,11 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[P
     ax.legend()
     paths.append(_save(fig, out / "data_efficiency.png", plt))
 
-    # 3. gold reward vs sqrt(KL to SFT), one point per dev checkpoint per seed
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    # 3. gold reward vs sqrt(KL to SFT), one point per dev checkpoint per seed (from the run directories)
     names = [n for n in results["curves"]]
-    for name in names:
+    runs_here = all((Path(ps["runs"][n]) / "metrics.json").is_file() for ps in per_seed for n in names)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    for name in names if runs_here else ():
         xs, ys = [], []
         for ps in per_seed:
             curve = json.loads((Path(ps["runs"][name]) / "metrics.json").read_text())["curve"]
@@ -71,7 +76,11 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[P
            title="reward vs divergence, one point per checkpoint")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    paths.append(_save(fig, out / "gold_vs_kl.png", plt))
+    if runs_here:
+        paths.append(_save(fig, out / "gold_vs_kl.png", plt))
+    else:
+        plt.close(fig)
+        print(f"[rto] figures: {out}/gold_vs_kl.png kept as it was (the seeds' run directories are gone)")
 
     # 4. win rates with intervals
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
@@ -90,31 +99,35 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg) -> list[P
     align = next((a for a in results["token_alignment"].values() if a.get("examples")), None)
     if align:
         ex = align["examples"]
-        fig, axes = plt.subplots(len(ex), 1, figsize=(11, 1.5 * len(ex) + 0.6), dpi=120, squeeze=False)
+        fig, axes = plt.subplots(len(ex), 1, figsize=(11, 1.5 * len(ex) + 0.9), dpi=120, squeeze=False)
+        # One scale for all examples, so a colour means the same value in every row; its bars at the right.
+        lim = max(max(abs(v) for v in e["dpo_log_ratio"]) for e in ex) or 1.0
+        top = max(max(e["gold"]) for e in ex) or 1e-6
         for ax, e in zip(axes[:, 0], ex):
-            data = torch.tensor([e["dpo_log_ratio"], e["gold"]])
-            lim = float(data[0].abs().max()) or 1.0
-            top = max(float(data[1].max()), 1e-6)
-            ratio = ax.imshow(data[:1].numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto",
-                              extent=(0, len(e["tokens"]), 1, 2))
-            gold = ax.imshow(data[1:].numpy(), cmap="Greens", vmin=0, vmax=top, aspect="auto",
-                             extent=(0, len(e["tokens"]), 0, 1))
-            fig.colorbar(ratio, ax=ax, fraction=0.025, pad=0.01).set_label("DPO log-ratio", fontsize=6)
-            fig.colorbar(gold, ax=ax, fraction=0.025, pad=0.04).set_label("gold", fontsize=6)
-            ax.set_xlim(0, len(e["tokens"]))
+            n = len(e["tokens"])
+            ratio = ax.imshow([e["dpo_log_ratio"]], cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", extent=(0, n, 1, 2))
+            gold = ax.imshow([e["gold"]], cmap="Greens", vmin=0, vmax=top, aspect="auto", extent=(0, n, 0, 1))
+            ax.set_xlim(0, n)
             ax.set_ylim(0, 2)
-            for t, tok in enumerate(e["tokens"]):
-                # White numbers on dark cells (the colour map's far ends), black on light ones.
+            for t in range(n):
+                # White numbers on dark cells (the colour maps' far ends), black on light ones.
                 for y, value, dark in ((1.5, f"{e['dpo_log_ratio'][t]:.1f}", abs(e["dpo_log_ratio"][t]) > 0.6 * lim),
                                        (0.5, f"{e['gold'][t]:.2f}", e["gold"][t] > 0.6 * top)):
                     ax.text(t + 0.5, y, value, ha="center", va="center", fontsize=6, color="white" if dark else "black")
-            ax.set_xticks([t + 0.5 for t in range(len(e["tokens"]))], e["tokens"], fontsize=6)
+            ax.set_xticks([t + 0.5 for t in range(n)], e["tokens"], fontsize=6)
             ax.set_yticks([0.5, 1.5], ["gold", "DPO log-ratio"], fontsize=7)
         fig.suptitle(f"DPO log-ratio vs gold token reward on SFT samples; Pearson r = "
                      f"{align['pearson_all_tokens']:.2f} (all tokens), {align['pearson_before_last_token']:.2f} "
                      f"(all but the last)", fontsize=9)
-        fig.tight_layout()
-        paths.append(_save(fig, out / "token_heatmap.png", plt))
+        fig.tight_layout(rect=(0, 0, 0.88, 1))
+        for where, image, label in (([0.90, 0.55, 0.012, 0.35], ratio, "DPO log-ratio"),
+                                    ([0.90, 0.10, 0.012, 0.35], gold, "gold token reward")):
+            bar = fig.colorbar(image, cax=fig.add_axes(where))
+            bar.set_label(label, fontsize=7)
+            bar.ax.tick_params(labelsize=6)
+        fig.savefig(out / "token_heatmap.png")
+        plt.close(fig)
+        paths.append(out / "token_heatmap.png")
     return paths
 
 
@@ -125,3 +138,16 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    for d in (argv if argv is not None else sys.argv[1:]):
+        out = Path(d)
+        results = json.loads((out / "results.json").read_text())
+        per_seed = json.loads((out / "per_seed.json").read_text())
+        for path in write_figures(results, per_seed, out):
+            print(path)
+
+
+if __name__ == "__main__":
+    main()

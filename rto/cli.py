@@ -78,8 +78,31 @@ def _pipeline_sets(values: list[str]) -> dict:
     return out
 
 
+TRAINING_STACK = ("transformers", "trl", "accelerate", "peft", "datasets", "safetensors", "yaml", "tqdm")
+
+
+def missing_training_stack() -> list[str]:
+    """The packages of the [train] extra that cannot be imported here (a torch-only install)."""
+    import importlib.util
+
+    missing = []
+    for name in TRAINING_STACK:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = dashed_flags(sys.argv[1:] if argv is None else argv)
+    missing = missing_training_stack()
+    if missing:
+        print(f"rto: error: the commands need the training stack, not installed here ({', '.join(missing)}): "
+              "pip install 'rto-rlhf[train]' (rto.core alone needs only torch)", file=sys.stderr)
+        return 2
     debug = "--debug" in argv
     try:
         parser = _parser()

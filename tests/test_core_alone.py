@@ -37,6 +37,15 @@ print("ok", loaded)
 """
 
 
+def test_without_the_training_stack_the_command_says_what_to_install():
+    blocker = SCRIPT.split("import torch")[0]
+    code = blocker + "from rto.cli import main\nraise SystemExit(main(['sft', '--help']))\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith("rto: error: the commands need the training stack")
+    assert "pip install 'rto-rlhf[train]'" in proc.stderr
+
+
 def test_rto_core_imports_and_runs_with_torch_alone():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

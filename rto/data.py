@@ -296,12 +296,13 @@ def as_texts(rows: list[dict], tokenizer) -> tuple[list[str], list[str], list[st
 
 
 def read_prompts(path: str | Path, tokenizer, *, max_len: int, long_prompts: str = "error", columns: dict | None = None,
-                 skip_bad_rows: bool = False, what: str = "ppo") -> list[str]:
+                 skip_bad_rows: bool = False, what: str = "ppo", split: str = "train") -> list[str]:
     """Prompt texts as the policy reads them (conversations through the chat template, ending where
     the assistant speaks), with the length limit applied as `long_prompts` says: error (naming the
-    first long row), skip (counted on stderr) or truncate (left to the encoder, which keeps the end)."""
+    first long row), skip (counted on stderr) or truncate (left to the encoder, which keeps the end).
+    `path` may be a hub dataset id (its `split`) where a network has it."""
     prompts = [render(r["prompt"], tokenizer, generation_prompt=True)
-               for r in read_rows(path, PROMPT_FIELDS, columns, skip_bad_rows)]
+               for r in read_rows(path, PROMPT_FIELDS, columns, skip_bad_rows, split)]
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     long_rows = [i for i, n in enumerate(lengths) if n > max_len]
     if long_rows and long_prompts == "error":

@@ -139,3 +139,14 @@ def test_a_hub_dataset_id_offline_is_one_line(tiny_dirs, tmp_path):
     assert last.startswith("rto: error: trl-lib/ultrafeedback_binarized: not a data file here, and not a hub dataset")
     assert "split 'test'" in last and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_ppo_prompts_from_a_hub_id_offline_is_one_line(tiny_dirs, tmp_path):
+    env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "rto", "ppo", "--sft_model_path", tiny_dirs["policy"],
+                           "--reward_model_path", tiny_dirs["rm"], "--dataset_name", "trl-lib/tldr",
+                           "--dataset_train_split", "validation", "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("rto: error: trl-lib/tldr: not a data file here")
+    assert "split 'validation'" in proc.stderr

@@ -78,7 +78,7 @@ class PPOTrainer(CheckpointMixin):
             from rto.vllm_backend import require_vllm
 
             require_vllm(self.device)
-        self.prompts = self._read_prompts(cfg.prompts)
+        self.prompts = self._read_prompts(cfg.prompts, cfg.prompts_split)
         self.eval_prompts = (self._read_prompts(cfg.eval_prompts)[:cfg.n_eval] if cfg.eval_prompts and cfg.eval_every
                              else [])
         self.models = load_models(cfg, self.device, bf16, self.dist, self.layout)
@@ -108,9 +108,9 @@ class PPOTrainer(CheckpointMixin):
         self.selection = Selection(cfg.select_by, cfg.patience, cfg.kl_budget) if cfg.select_by else None
 
     # --- set-up helpers ------------------------------------------------------------------
-    def _read_prompts(self, path: str) -> list[str]:
+    def _read_prompts(self, path: str, split: str = "train") -> list[str]:
         return read_prompts(path, self.tokenizer, max_len=self.cfg.max_prompt_len, long_prompts=self.cfg.long_prompts,
-                            columns=self.cfg.columns, skip_bad_rows=self.cfg.skip_bad_rows)
+                            columns=self.cfg.columns, skip_bad_rows=self.cfg.skip_bad_rows, split=split)
 
     def _next_prompts(self) -> list[str]:
         """This process's share of the next rollout's prompts: the global rollout passes over the

@@ -23,6 +23,7 @@ class PPOStageConfig:
     ALIASES: ClassVar[dict[str, Alias]] = {
         "model_name_or_path": Alias("policy"), "sft_model_path": Alias("policy"),
         "reward_model_path": Alias("reward_model"), "dataset_name": Alias("prompts"), "output_dir": Alias("out"),
+        "dataset_train_split": Alias("prompts_split"),
         "learning_rate": Alias("actor_lr"), "num_ppo_epochs": Alias("ppo_epochs"), "cliprange": Alias("clip_range"),
         "cliprange_value": Alias("value_clip"), "response_length": Alias("max_new_tokens"),
         "bf16": Alias("precision", lambda on: "bf16" if on else "fp32", boolean=True),
@@ -31,7 +32,9 @@ class PPOStageConfig:
 
     # --- models and data ---
     policy: str = opt("", "SFT model directory: the policy starts here")
-    prompts: str = opt("", "prompt file ({prompt} or {messages} rows; JSONL, JSON, Parquet or CSV)")
+    prompts: str = opt("", "prompt file ({prompt} or {messages} rows; JSONL, JSON, Parquet or CSV), or a hub "
+                           "dataset id where a network exists")
+    prompts_split: str = opt("train", "the split of a hub dataset given as --prompts")
     out: str = opt("", "output directory: OUT/policy, OUT/critic, OUT/metrics.jsonl (per iteration), OUT/metrics.json")
     reward_model: str = opt("", "reward model directory (not needed for --reward dpo-only)")
     ref: str = opt("", "reference model for the KL penalty (empty: --policy)")

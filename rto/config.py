@@ -154,6 +154,8 @@ def build(cls, values: dict[str, Any], where: str):
         raise UserError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
     hints = _hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
+    if hasattr(cls, "from_trl"):  # another tool's settings that map onto several of ours (TRL's PPO batches)
+        values = cls.from_trl({str(k).replace("-", "_"): v for k, v in values.items()}, where)
     renamed = getattr(cls, "RENAMED", {})  # old name -> new name, still accepted
     aliases: dict[str, Alias] = getattr(cls, "ALIASES", {})
     kwargs, from_aliases = {}, {}
@@ -282,6 +284,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         action = argparse.BooleanOptionalAction if inner is bool else "store"
         parser.add_argument("--" + old.replace("_", "-"), dest=old, action=action, default=argparse.SUPPRESS,
                             help=argparse.SUPPRESS)
+    for name, tp in getattr(cls, "TRL_KEYS", {}).items():  # read by cls.from_trl (hidden)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                            action=argparse.BooleanOptionalAction if tp is bool else "store")
     for name, alias in getattr(cls, "ALIASES", {}).items():  # TRL's flags too (hidden); build() maps them
         inner, _ = _base_type(hints[alias.target])
         boolean = alias.boolean or (inner is bool and alias.value is None)

@@ -150,3 +150,48 @@ def test_ppo_prompts_from_a_hub_id_offline_is_one_line(tiny_dirs, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("rto: error: trl-lib/tldr: not a data file here")
     assert "split 'validation'" in proc.stderr
+
+
+TRL_PPO_YAML = """# as TRL's ppo.py example reads it
+sft_model_path: {policy}
+reward_model_path: {rm}
+dataset_name: {prompts}
+output_dir: {out}
+learning_rate: 3.0e-6
+per_device_train_batch_size: 4
+gradient_accumulation_steps: 2
+num_mini_batches: 2
+total_episodes: 16
+num_ppo_epochs: 1
+response_length: 6
+missing_eos_penalty: 1.0
+kl_coef: 0.05
+vf_coef: 0.1
+local_rollout_forward_batch_size: 4
+stop_token: eos
+eval_strategy: "no"
+"""
+
+
+def test_a_trl_ppo_config_runs_unchanged(tiny_dirs, prompt_file, tmp_path):
+    """TRL's PPO batches mapped onto ours: 4 x 2 prompts per rollout, 2 mini-batches, 16 episodes = 2
+    iterations; one learning rate for policy and critic."""
+    from rto.config import load_yaml
+
+    config = tmp_path / "ppo.yaml"
+    config.write_text(TRL_PPO_YAML.format(policy=tiny_dirs["policy"], rm=tiny_dirs["rm"], prompts=prompt_file,
+                                          out=tmp_path / "ppo"))
+    cfg = rto.make_config("ppo", load_yaml(config))
+    assert (cfg.rollout_batch_size, cfg.mini_batch_size, cfg.iterations) == (8, 4, 2)
+    assert (cfg.actor_lr, cfg.critic_lr, cfg.max_new_tokens, cfg.score_batch_size) == (3e-6, 3e-6, 6, 4)
+    assert rto.make_config("ppo", load_yaml(config), rollout_batch_size=16).iterations == 1  # ours win, the rest follows
+    proc = subprocess.run([sys.executable, "-m", "rto", "ppo", "--config", str(config), "--eval_every", "0",
+                           "--threads", "1"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'vf_coef' (a TRL setting) has no counterpart here; ignored" in proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    with pytest.raises(rto.UserError, match="num_mini_batches 3 does not divide the rollout of 8"):
+        rto.make_config("ppo", load_yaml(config), num_mini_batches=3)
+    with pytest.raises(rto.UserError, match="whiten_rewards: not offered"):
+        rto.make_config("ppo", load_yaml(config), whiten_rewards=True)

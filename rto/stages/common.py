@@ -53,6 +53,14 @@ def threads_field():
     return opt(0, "torch threads (0 = torch's default; use 1 per process when processes share cores)", ge=0)
 
 
+# TRL settings about evaluation during training, the hub and log locations: no counterpart here
+# (this tool evaluates with `rto eval` and --eval-prompts, writes OUT/metrics.jsonl, never pushes);
+# read, named in a notice, and ignored. Any other unknown setting stops with an error.
+TRL_IGNORED = ("eval_strategy", "eval_steps", "per_device_eval_batch_size", "do_eval", "do_train", "push_to_hub",
+               "hub_model_id", "hub_strategy", "run_name", "logging_dir", "logging_strategy", "save_strategy",
+               "overwrite_output_dir")
+
+
 @dataclass
 class TrainingFields:
     """Settings every TRL-backed stage (SFT, RM, DPO) shares; each stage's config extends it and
@@ -69,13 +77,7 @@ class TrainingFields:
         "use_peft": Alias("lora_r", lambda on: 16 if on else 0, boolean=True),  # TRL's default rank
         "save_steps": Alias("save_every"), "save_total_limit": Alias("keep_last"),
         "resume_from_checkpoint": Alias("resume")}
-    # TRL settings about evaluation during training, the hub and log locations: no counterpart
-    # here (this tool evaluates with `rto eval`, writes OUT/metrics.jsonl, never pushes); read,
-    # named in a notice, and ignored. Any other unknown setting stops with an error.
-    IGNORED: ClassVar[tuple[str, ...]] = (
-        "eval_strategy", "eval_steps", "per_device_eval_batch_size", "do_eval", "do_train", "push_to_hub",
-        "hub_model_id", "hub_strategy", "run_name", "logging_dir", "logging_strategy", "save_strategy",
-        "overwrite_output_dir")
+    IGNORED: ClassVar[tuple[str, ...]] = TRL_IGNORED
 
     # --- models and data ---
     model: str = opt("", "model directory to start from (the SFT model, for rm and dpo)")

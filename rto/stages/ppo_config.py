@@ -5,6 +5,7 @@ the trainer. Grouped as the trainer uses them; every field's help is its flag's 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -12,7 +13,7 @@ from rto.config import Alias, opt, require
 from rto.core.rewards import PLACEMENTS, REWARD_KINDS
 from rto.distributed import launched_world_size
 from rto.errors import UserError
-from rto.stages.common import report_to_field, seed_field, threads_field
+from rto.stages.common import TRL_IGNORED, report_to_field, seed_field, threads_field
 from rto.tracking import trackers
 
 @dataclass
@@ -24,11 +25,58 @@ class PPOStageConfig:
         "model_name_or_path": Alias("policy"), "sft_model_path": Alias("policy"),
         "reward_model_path": Alias("reward_model"), "dataset_name": Alias("prompts"), "output_dir": Alias("out"),
         "dataset_train_split": Alias("prompts_split"),
-        "learning_rate": Alias("actor_lr"), "num_ppo_epochs": Alias("ppo_epochs"), "cliprange": Alias("clip_range"),
+        "num_ppo_epochs": Alias("ppo_epochs"), "cliprange": Alias("clip_range"),
+        "local_rollout_forward_batch_size": Alias("score_batch_size"),
         "cliprange_value": Alias("value_clip"), "response_length": Alias("max_new_tokens"),
         "bf16": Alias("precision", lambda on: "bf16" if on else "fp32", boolean=True),
         "use_peft": Alias("lora_r", lambda on: 16 if on else 0, boolean=True),
         "save_steps": Alias("save_every"), "save_total_limit": Alias("keep_last")}
+
+    IGNORED: ClassVar[tuple[str, ...]] = TRL_IGNORED
+    # TRL PPOConfig settings that map onto several of ours, or onto none (read by from_trl).
+    TRL_KEYS: ClassVar[dict[str, type]] = {
+        "learning_rate": float, "per_device_train_batch_size": int, "gradient_accumulation_steps": int,
+        "num_mini_batches": int, "total_episodes": int, "vf_coef": float, "whiten_rewards": bool, "stop_token": str,
+        "num_sample_generations": int, "exp_name": str}
+
+    @staticmethod
+    def from_trl(values: dict, where: str) -> dict:
+        """TRL's PPO settings in ours. A rollout is per_device_train_batch_size x
+        gradient_accumulation_steps x processes prompts (TRL's defaults 8 and 1), num_mini_batches
+        mini-batches of it per epoch, total_episodes prompts in all; learning_rate is the policy's
+        and the critic's (TRL trains both with one optimizer). vf_coef has no effect here (separate
+        Adam optimizers are invariant to a loss scale); whiten_rewards and a stop token other than
+        EOS are not offered. Settings of our own names win."""
+        from rto.config import coerce
+
+        trl = {k: values.pop(k) for k in list(values) if k in PPOStageConfig.TRL_KEYS}
+
+        def get(key: str, default):
+            return coerce(trl[key], PPOStageConfig.TRL_KEYS[key], f"{where}: {key}") if key in trl else default
+
+        if "learning_rate" in trl:
+            values.setdefault("actor_lr", get("learning_rate", None))
+            values.setdefault("critic_lr", get("learning_rate", None))
+        if "per_device_train_batch_size" in trl or "gradient_accumulation_steps" in trl:
+            values.setdefault("rollout_batch_size", get("per_device_train_batch_size", 8)
+                              * get("gradient_accumulation_steps", 1) * launched_world_size())
+        rollout = int(values.get("rollout_batch_size", 64))
+        if "num_mini_batches" in trl:
+            n = get("num_mini_batches", 1)
+            if n < 1 or rollout % n:
+                raise UserError(f"{where}: num_mini_batches {n} does not divide the rollout of {rollout} prompts")
+            values.setdefault("mini_batch_size", rollout // n)
+        if "total_episodes" in trl:
+            values.setdefault("iterations", max(1, -(-get("total_episodes", 0) // rollout)))
+        if get("whiten_rewards", False):
+            raise UserError(f"{where}: whiten_rewards: not offered (advantages are whitened: --whiten-advantages)")
+        if str(get("stop_token", "eos") or "eos").lower() != "eos":
+            raise UserError(f"{where}: stop_token {trl['stop_token']!r}: responses end at the tokenizer's EOS only")
+        for key in ("vf_coef", "num_sample_generations", "exp_name"):
+            if key in trl:
+                print(f"[rto] {where}: {key!r} (a TRL setting) has no counterpart here; ignored", file=sys.stderr,
+                      flush=True)
+        return values
 
     # --- models and data ---
     policy: str = opt("", "SFT model directory: the policy starts here")

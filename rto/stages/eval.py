@@ -21,7 +21,9 @@ from rto.stages.common import seed_field, setup, threads_field
 @dataclass
 class EvalStageConfig:
     models: list[str] = opt([], "models as name=path, comma-separated (e.g. sft=runs/sft,ppo=runs/ppo/policy)")
-    prompts: str = opt("", "JSONL file of {prompt} rows (held-out test prompts)")
+    prompts: str = opt("", "held-out test prompts: a file of {prompt}, {messages} or {conversations} rows (JSONL, JSON, "
+                           "Parquet, CSV), or a hub dataset id where a network exists")
+    prompts_split: str = opt("test", "the split of a hub dataset given as --prompts")
     out: str = opt("", "output JSON file (samples go beside it)")
     task: str = opt("", "task with a gold reward (empty: none)")
     baseline: str = opt("sft", "model name to compute win rates and KL against")
@@ -59,7 +61,7 @@ def run(cfg: EvalStageConfig) -> dict:
     from rto.evaluate import gold_rewards, kl_to, mean_ci, rm_scores, sample, win_rate
     from rto.models import load_causal_lm, load_score_model, load_tokenizer
 
-    raw_prompts = [r["prompt"] for r in read_rows(cfg.prompts, PROMPT_FIELDS)]
+    raw_prompts = [r["prompt"] for r in read_rows(cfg.prompts, PROMPT_FIELDS, split=cfg.prompts_split)]
     if cfg.n_prompts:
         raw_prompts = raw_prompts[:cfg.n_prompts]
     models = cfg.parsed_models()

@@ -37,8 +37,8 @@ from typing import Any
 from rto.config import build, to_dict
 
 
-def _command(name: str):
-    """(config class, run function) of a command."""
+def command_parts(name: str):
+    """(config class, run function) of a command (the `rto` command line dispatches through it too)."""
     if name == "pipeline":
         from rto.pipeline import PipelineConfig, run
         return PipelineConfig, run
@@ -58,7 +58,7 @@ def _command(name: str):
 def make_config(command: str, base: Any = None, /, **settings):
     """The checked config object of `command` from keyword settings (on top of `base`, a config
     object or a mapping, e.g. a YAML file read with rto.config.load_yaml)."""
-    cls, _ = _command(command)
+    cls, _ = command_parts(command)
     values: dict[str, Any] = {}
     if base is not None:
         if dataclasses.is_dataclass(base):
@@ -73,7 +73,7 @@ def make_config(command: str, base: Any = None, /, **settings):
 
 def run(command: str, base: Any = None, /, **settings) -> dict:
     """Run `command` (sft, rm, dpo, ppo, eval, data, pairs, pipeline, tune, reproduce)."""
-    _, fn = _command(command)
+    _, fn = command_parts(command)
     with tempfile.TemporaryDirectory(prefix="rto-api-") as tmp, _global_state_kept():
         settings = {k: _as_path(v, Path(tmp) / k) for k, v in settings.items()}
         return fn(make_config(command, base, **settings))

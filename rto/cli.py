@@ -112,31 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.allow_bin_weights:
             os.environ["RTO_ALLOW_BIN_WEIGHTS"] = "1"  # an environment variable reaches the pipeline's processes
         yaml_values = load_yaml(args.config) if args.config else {}
-        if args.command == "reproduce":
-            from rto.reproduce import ReproduceConfig, run
+        from rto.api import command_parts
+        from rto.stages import STAGES
 
-            run(from_sources(ReproduceConfig, yaml_values, str(args.config or ""), values))
-            return 0
-        if args.command == "tune":
-            from rto.tune import TuneConfig, run
-
-            run(from_sources(TuneConfig, yaml_values, str(args.config or ""), values))
-            return 0
+        cls, run = command_parts(args.command)
         if args.command == "pipeline":
-            from rto.pipeline import PipelineConfig, run
-
             for section, fields in _pipeline_sets(args.set_values).items():
                 merged = dict(yaml_values.get(section) or {})
                 merged.update(fields)
                 values[section] = merged
-            cfg = from_sources(PipelineConfig, yaml_values, str(args.config or ""), values)
-            run(cfg)
+        result = run(from_sources(cls, yaml_values, str(args.config or ""), values))
+        if args.command not in STAGES:  # pipeline, tune, reproduce print their own tables
             return 0
-        from rto.stages import STAGES
-
-        cls, run = STAGES[args.command].load()
-        cfg = from_sources(cls, yaml_values, str(args.config or ""), values)
-        result = run(cfg)
         if isinstance(result, dict) and os.environ.get("RANK", "0") == "0":  # one summary per run, not per process
             import json
 

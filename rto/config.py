@@ -284,6 +284,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         action = argparse.BooleanOptionalAction if inner is bool else "store"
         parser.add_argument("--" + old.replace("_", "-"), dest=old, action=action, default=argparse.SUPPRESS,
                             help=argparse.SUPPRESS)
+    for name in getattr(cls, "IGNORED", ()):  # another tool's flags that build() reads and ignores (hidden)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, nargs="?", const=True, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)  # a value, or none (a switch such as --push_to_hub)
     for name, tp in getattr(cls, "TRL_KEYS", {}).items():  # read by cls.from_trl (hidden)
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                             action=argparse.BooleanOptionalAction if tp is bool else "store")

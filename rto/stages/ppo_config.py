@@ -5,7 +5,6 @@ the trainer. Grouped as the trainer uses them; every field's help is its flag's 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -32,21 +31,20 @@ class PPOStageConfig:
         "use_peft": Alias("lora_r", lambda on: 16 if on else 0, boolean=True),
         "save_steps": Alias("save_every"), "save_total_limit": Alias("keep_last")}
 
-    IGNORED: ClassVar[tuple[str, ...]] = TRL_IGNORED
-    # TRL PPOConfig settings that map onto several of ours, or onto none (read by from_trl).
+    # vf_coef has no effect here: separate Adam optimizers are invariant to a loss scale.
+    IGNORED: ClassVar[tuple[str, ...]] = (*TRL_IGNORED, "vf_coef", "num_sample_generations", "exp_name")
+    # TRL PPOConfig settings that map onto several of ours (read by from_trl).
     TRL_KEYS: ClassVar[dict[str, type]] = {
         "learning_rate": float, "per_device_train_batch_size": int, "gradient_accumulation_steps": int,
-        "num_mini_batches": int, "total_episodes": int, "vf_coef": float, "whiten_rewards": bool, "stop_token": str,
-        "num_sample_generations": int, "exp_name": str}
+        "num_mini_batches": int, "total_episodes": int, "whiten_rewards": bool, "stop_token": str}
 
     @staticmethod
     def from_trl(values: dict, where: str) -> dict:
         """TRL's PPO settings in ours. A rollout is per_device_train_batch_size x
         gradient_accumulation_steps x processes prompts (TRL's defaults 8 and 1), num_mini_batches
         mini-batches of it per epoch, total_episodes prompts in all; learning_rate is the policy's
-        and the critic's (TRL trains both with one optimizer). vf_coef has no effect here (separate
-        Adam optimizers are invariant to a loss scale); whiten_rewards and a stop token other than
-        EOS are not offered. Settings of our own names win."""
+        and the critic's (TRL trains both with one optimizer). whiten_rewards and a stop token other
+        than EOS are not offered. Settings of our own names win."""
         from rto.config import coerce
 
         trl = {k: values.pop(k) for k in list(values) if k in PPOStageConfig.TRL_KEYS}
@@ -72,10 +70,6 @@ class PPOStageConfig:
             raise UserError(f"{where}: whiten_rewards: not offered (advantages are whitened: --whiten-advantages)")
         if str(get("stop_token", "eos") or "eos").lower() != "eos":
             raise UserError(f"{where}: stop_token {trl['stop_token']!r}: responses end at the tokenizer's EOS only")
-        for key in ("vf_coef", "num_sample_generations", "exp_name"):
-            if key in trl:
-                print(f"[rto] {where}: {key!r} (a TRL setting) has no counterpart here; ignored", file=sys.stderr,
-                      flush=True)
         return values
 
     # --- models and data ---

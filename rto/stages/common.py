@@ -15,6 +15,7 @@ import torch
 from rto.config import Alias, opt
 from rto.distributed import launched_world_size
 from rto.errors import UserError
+from rto.progress import bars_enabled
 
 
 def setup(seed: int, threads: int) -> None:
@@ -29,12 +30,6 @@ def setup(seed: int, threads: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def progress_enabled() -> bool:
-    from rto.progress import bars_enabled
-
-    return bars_enabled()
 
 
 # Fields every stage config has.
@@ -250,7 +245,7 @@ def trl_common_args(cfg: TrainingFields, out: str) -> dict:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, max_length=cfg.max_length, seed=cfg.seed, data_seed=cfg.seed,
         logging_steps=cfg.logging_steps, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
-        disable_tqdm=not progress_enabled(), dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not bars_enabled(), dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         log_level="warning",
     )
 

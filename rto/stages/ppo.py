@@ -48,7 +48,7 @@ from rto.judges import load_judge
 from rto.models import load_tokenizer
 from rto.rollout import (Batch, decode_responses, encode_prompts, generate, pack, response_logits, sampling_logits,
                          sequence_scores, token_logprobs, token_values)
-from rto.stages.common import progress_enabled, setup
+from rto.stages.common import setup
 from rto.stages.ppo_checkpoint import CheckpointMixin
 from rto.stages.ppo_config import PPOStageConfig
 from rto.sharding import gathered, plan_layout, scalar
@@ -323,7 +323,7 @@ class PPOTrainer(CheckpointMixin):
             self.vllm.sync_from(self.models)  # vLLM loaded the starting weights, not the checkpoint's
         log = MetricsLog(out, f"rto-ppo-{cfg.reward}", to_dict(cfg), cfg.report_to, "ppo", main, self.history)
         bar = tqdm(total=cfg.iterations, initial=first, desc=f"ppo[{cfg.reward}]",
-                   disable=not (progress_enabled() and main), dynamic_ncols=True)
+                   disable=not (progress.bars_enabled() and main), dynamic_ncols=True)
         start = time.time()
         for it in range(first, cfg.iterations):
             inject_faults(self.dist.rank, it + 1)

@@ -160,13 +160,12 @@ def policy_weights(models) -> Iterator[tuple[str, torch.Tensor]]:
     all, in the same order), so no process holds a second whole copy beside vLLM's."""
     from rto.sharding import full_state_dict, full_tensor, is_wrapped
 
-    shared = models.shared
-    module = shared.model.get_base_model() if shared is not None else models.policy
-    if shared is not None:  # the merge needs base and adapters together: gathered whole first
+    module = models.policy_root
+    if models.shared is not None:  # the merge needs base and adapters together: gathered whole first
         from rto.lora import merged_state_dict
 
         state = full_state_dict(module, everywhere=True) if is_wrapped(module) else None
-        yield from merged_state_dict(shared.model, "policy", state).items()
+        yield from merged_state_dict(models.shared.model, "policy", state).items()
         return
     for name, tensor in module.state_dict().items():
         yield name, full_tensor(tensor.detach())

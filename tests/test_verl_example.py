@@ -57,7 +57,8 @@ def test_rto_reward_manager_on_verls_layout(tiny_dirs, prompt_file):
     expected = token_rewards("rto", mask=response_mask, kl=torch.zeros_like(dense), kl_coef=0.0,
                              score=torch.tensor([0.5, -1.0, 2.0, 0.25]), dpo_term=dense)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
-    assert (scores[response_mask == 0] == 0).all() and dense.abs().sum() > 0
+    assert (scores[response_mask == 0] == 0).all()
+    assert dense.abs().sum() > 0, "a DPO term of 0 everywhere would make the comparison above prove nothing"
     # The RM score sits on each response's last token, with that token's DPO term.
     torch.testing.assert_close(scores[torch.arange(4), last] - dense[torch.arange(4), last],
                                torch.tensor([0.5, -1.0, 2.0, 0.25]))

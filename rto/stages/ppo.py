@@ -141,7 +141,7 @@ class PPOTrainer(CheckpointMixin):
             batch.sampled_logprobs = self._score(lambda b, pk: token_logprobs(
                 response_logits(policy, b, pk), b.response_ids, cfg.temperature, cfg.top_k, cfg.top_p), batch)
             return batch
-        with gathered(self.models.shared.model if self.models.shared is not None else policy):
+        with gathered(self.models.policy_root):
             return generate(policy, self.tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, record_logprobs=True)
 
@@ -291,7 +291,7 @@ class PPOTrainer(CheckpointMixin):
         Every process computes it (sharded models need them all; the policy is gathered whole, as
         for a rollout) and takes process 0's, which alone has the judge."""
         cfg, models = self.cfg, self.models
-        with models.autocast(), gathered(models.shared.model if models.shared is not None else models.policy):
+        with models.autocast(), gathered(models.policy_root):
             point = dev_point(models.policy, self.tokenizer, self.eval_prompts,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                               ref=models.ref, task=self.task, rm=models.rm, judge=self.judge)

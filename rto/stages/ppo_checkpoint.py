@@ -187,17 +187,13 @@ class CheckpointMixin:
             if main:
                 save_model(models.policy, self.tokenizer, path)
             return main
-        if models.shared is not None:
-            from rto.lora import merged_state_dict
+        state = full_state_dict(models.policy_root)
+        if main:
+            if models.shared is not None:
+                from rto.lora import merged_state_dict
 
-            state = full_state_dict(models.shared.model.get_base_model())
-            if main:
-                save_model(models.shared.model.get_base_model(), self.tokenizer, path,
-                           state_dict=merged_state_dict(models.shared.model, "policy", state))
-        else:
-            state = full_state_dict(models.policy)
-            if main:
-                save_model(models.policy, self.tokenizer, path, state_dict=state)
+                state = merged_state_dict(models.shared.model, "policy", state)
+            save_model(models.policy_root, self.tokenizer, path, state_dict=state)
         return main
 
     def _stop_requested(self) -> bool:

@@ -47,12 +47,17 @@ class PPOModels:
         return [m for m in (self.ref, self.dpo, self.dpo_ref, self.rm, *(m for m, _ in self.rm_ensemble))
                 if m is not None and not hasattr(m, "shared")]
 
+    @property
+    def policy_root(self) -> nn.Module:
+        """The module holding the policy's weights (the one sharding wraps, gathering fetches and
+        export reads): the policy, or under LoRA the transformers model inside peft's wrappers
+        (generate and forward both run through it)."""
+        return self.shared.model.get_base_model() if self.shared is not None else self.policy
+
     def trained_modules(self) -> list[nn.Module]:
-        """The modules holding the trained weights: policy and critic, or the shared base (the
-        transformers model inside peft's wrappers: generate and forward both run through it) and
-        its value head."""
+        """The modules holding the trained weights: policy and critic, or the shared base and its value head."""
         if self.shared is not None:
-            return [self.shared.model.get_base_model(), self.shared.value_head]
+            return [self.policy_root, self.shared.value_head]
         return [self.policy, *([self.critic] if self.critic is not None else [])]
 
     def reduce_gradients(self, now: bool) -> None:

@@ -47,14 +47,12 @@ class Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))  # processes on this machine
         self.device = None
-        self.distributed_type = "NO"
         self._reported = False
         if self.world > 1:
             from accelerate import PartialState
 
             state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
             self.world, self.rank, self.device = state.num_processes, state.process_index, state.device
-            self.distributed_type = str(state.distributed_type)
             # The launcher stops the remaining processes with SIGTERM when one fails: say so in one
             # line instead of dying silently (or with a traceback from inside a collective).
             signal.signal(signal.SIGTERM, self._stopped_by_launcher)

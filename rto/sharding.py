@@ -44,11 +44,11 @@ class Layout:
     def describe(self) -> str:
         if self.trained == "single":
             return "one process: every model whole"
-        what = {"shard": f"sharded over {self.world} processes (FSDP2)",
-                "replicate": f"replicated in {self.world} processes, gradients all-reduced (FSDP2, shards of one)"}
+        where = {"shard": f"sharded over {self.world} processes (FSDP2)", "replicate": f"replicated in {self.world} processes"}
+        grads = ", gradients all-reduced (FSDP2, shards of one)" if self.trained == "replicate" else ""
         mp = "; bf16 compute on fp32 weights" if self.mixed_precision else ""
-        return (f"{self.world} processes ({self.source}): policy and critic {what[self.trained]}; frozen models "
-                f"{what[self.frozen].split(',')[0]}{mp}")
+        return (f"{self.world} processes ({self.source}): policy and critic {where[self.trained]}{grads}; frozen models "
+                f"{where[self.frozen]}{mp}")
 
 
 def launcher_sharding() -> str | None:

@@ -58,7 +58,7 @@ class PPOStageConfig:
         if "per_device_train_batch_size" in trl or "gradient_accumulation_steps" in trl:
             values.setdefault("rollout_batch_size", get("per_device_train_batch_size", 8)
                               * get("gradient_accumulation_steps", 1) * launched_world_size())
-        rollout = int(values.get("rollout_batch_size", 64))
+        rollout = int(values.get("rollout_batch_size", PPOStageConfig.rollout_batch_size))  # (its default)
         if "num_mini_batches" in trl:
             n = get("num_mini_batches", 1)
             if n < 1 or rollout % n:

@@ -16,6 +16,7 @@ One process: every method is the identity and nothing is imported.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -40,6 +41,24 @@ def refuse_launcher(what: str) -> None:
                         "see examples/accelerate)")
 
 
+_last_run_ended_well = False  # the latest run in this process went to its end
+
+
+def _end_group_at_exit() -> None:
+    """Destroys the process group rto set up, at exit while the interpreter is still whole (as
+    torch.distributed asks). Left to interpreter shutdown, gloo's threads can still hold work
+    whose tensors are then freed without Python: the process aborts ('terminate called without an
+    active exception', seen on a loaded machine). Not once in the process, not after a run that
+    failed: the other processes are then stopped by the launcher or --dist-timeout, not waited for.
+    At exit rather than at the end of each run: under torchrun a group set up again in the same
+    process (a second run through the Python API) can hang connecting to the first one's
+    addresses, which the launcher's store still holds."""
+    import torch.distributed as dist
+
+    if _last_run_ended_well and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Dist:
     def __init__(self, cpu: bool, timeout_s: float, what: str = "ppo"):
         self.what = what
@@ -48,9 +67,14 @@ class Dist:
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))  # processes on this machine
         self.device = None
         self._reported = False
+        global _last_run_ended_well
+        _last_run_ended_well = False
         if self.world > 1:
+            import torch.distributed as dist
             from accelerate import PartialState
 
+            if not dist.is_initialized():  # a group the caller made is the caller's to end
+                atexit.register(_end_group_at_exit)
             state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
             self.world, self.rank, self.device = state.num_processes, state.process_index, state.device
             # The launcher stops the remaining processes with SIGTERM when one fails: say so in one
@@ -127,6 +151,11 @@ class Dist:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def ended_well(self) -> None:
+        """The run went to its end in this process: the process group may be ended at exit."""
+        global _last_run_ended_well
+        _last_run_ended_well = True
 
     def failure(self, error: BaseException) -> UserError:
         """The one-line error for a collective that failed because another process went away."""

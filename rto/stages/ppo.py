@@ -384,6 +384,7 @@ class PPOTrainer(CheckpointMixin):
             print(f"[rto] ppo: stopped after iteration {len(self.history)}: {self.selection.stop_reason}",
                   file=sys.stderr, flush=True)
         self._save_results(out, summary)  # every process: a sharded policy is gathered; process 0 writes
+        self.dist.ended_well()
         return summary
 
 

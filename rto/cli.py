@@ -97,6 +97,14 @@ def missing_training_stack() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    from rto.distributed import exit_if_launched
+
+    exit_if_launched(code)  # a process of a multi-process run ends here, at once
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = dashed_flags(sys.argv[1:] if argv is None else argv)
     missing = missing_training_stack()
     if missing:

@@ -88,6 +88,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
         run = f"{reward}-r{lora_r}-{shard}"
         (r0, meta0), (r1, meta1) = _load(out / f"{run}.rank0.safetensors"), _load(out / f"{run}.rank1.safetensors")
         assert meta0["world"] == "2" and meta0["layout"] == {"none": "replicate", "full": "shard"}[shard]
+        if shard == "full":  # its layers recomputed in backward: the replicated run's MLP calls, twice
+            replicated = _load(out / f"{reward}-r{lora_r}-none.rank0.safetensors")[1]
+            assert int(meta0["mlp_calls"]) == 2 * int(replicated["mlp_calls"]) > 0
         # The processes sampled different responses (their own prompts, their own seeds) ...
         assert meta0["prompts"] != meta1["prompts"]
         weights = [k for k in r0 if k.startswith(("policy.weight.", "critic.weight."))]
@@ -191,3 +194,19 @@ def test_two_process_cli_run_and_a_dead_process(tiny_dirs, prompt_file, tmp_path
     assert "process 0 of 2: another process died or stopped responding" in text, text[-3000:]
     assert "[rank0]:" not in text  # no traceback from process 0 (the launcher prints its own)
     assert seconds < 75, f"took {seconds:.0f} s to stop"
+
+
+def test_a_launched_process_exits_at_once_with_its_code_and_its_output(tmp_path):
+    """After a multi-process command the process ends through os._exit (no interpreter teardown,
+    where gloo's threads sometimes abort a finished run), its code kept and its output flushed."""
+    script = (
+        "import atexit, sys, torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "atexit.register(lambda: print('teardown ran', flush=True))\n"
+        "print('summary', end='')\n"
+        "from rto.distributed import exit_if_launched\n"
+        "exit_if_launched(3)\n"
+        "print('not reached')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output buffered, as usual
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 3 and proc.stdout == "summary", (proc.returncode, proc.stdout, proc.stderr[-2000:])

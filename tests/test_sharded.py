@@ -156,13 +156,15 @@ def test_lora_merge_from_a_gathered_state_equals_peft_merge(tiny_dirs):
 
 def test_bf16_lora_sharded_run_exports_a_merged_policy(tiny_dirs, prompt_file, tmp_path):
     """bf16 compute with FSDP2's mixed precision over the LoRA shared base (a bf16 base under fp32
-    adapters), sharded on CPU: it trains, says so at start-up, and exports the merged policy whole."""
+    adapters), sharded on CPU, layers recomputed in backward: it trains, says so at start-up, and
+    exports the merged policy whole."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "bf16"
     args = _args(tiny_dirs, prompt_file, out)
     args[args.index("--iterations") + 1] = "1"
-    args = args[:args.index("--eval-prompts")] + ["--eval-every", "0", "--precision", "bf16", "--lora-r", "4"]
+    args = args[:args.index("--eval-prompts")] + ["--eval-every", "0", "--precision", "bf16", "--lora-r", "4",
+                                                  "--gradient-checkpointing"]
     proc = _launch(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bf16 compute on fp32 weights" in proc.stderr

@@ -168,6 +168,7 @@ missing_eos_penalty: 1.0
 kl_coef: 0.05
 vf_coef: 0.1
 local_rollout_forward_batch_size: 4
+gradient_checkpointing: true
 stop_token: eos
 eval_strategy: "no"
 """
@@ -184,6 +185,7 @@ def test_a_trl_ppo_config_runs_unchanged(tiny_dirs, prompt_file, tmp_path):
     cfg = rto.make_config("ppo", load_yaml(config))
     assert (cfg.rollout_batch_size, cfg.mini_batch_size, cfg.iterations) == (8, 4, 2)
     assert (cfg.actor_lr, cfg.critic_lr, cfg.max_new_tokens, cfg.score_batch_size) == (3e-6, 3e-6, 6, 4)
+    assert cfg.gradient_checkpointing
     assert rto.make_config("ppo", load_yaml(config), rollout_batch_size=16).iterations == 1  # ours win, the rest follows
     proc = subprocess.run([sys.executable, "-m", "rto", "ppo", "--config", str(config), "--eval_every", "0",
                            "--threads", "1"], capture_output=True, text=True, env=ENV, timeout=300)

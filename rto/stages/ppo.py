@@ -235,7 +235,7 @@ class PPOTrainer(CheckpointMixin):
                     sub = exp.batch.select(part)
                     mask = sub.response_mask
                     packed = pack(sub, cfg.pack_row_tokens, self.tokenizer.pad_token_id) if cfg.packing else None
-                    with self.models.autocast():
+                    with self.models.update_forward():
                         logits = response_logits(policy, sub, packed)  # [b, R, V]
                     logp = token_logprobs(logits, sub.response_ids, cfg.temperature, cfg.top_k, cfg.top_p)
                     loss, pstats = policy_loss(logp, exp.old_logp[part], exp.advantages[part], mask, cfg.clip_range)
@@ -245,7 +245,7 @@ class PPOTrainer(CheckpointMixin):
                         pstats["policy/entropy"] = masked_mean(entropy_from_logits(
                             sampling_logits(logits.detach(), cfg.temperature, cfg.top_k, cfg.top_p)), mask)
                     if critic is not None:
-                        with self.models.autocast():
+                        with self.models.update_forward():
                             values = token_values(critic, sub, packed)
                         vloss, vstats = value_loss(values, exp.values[part], exp.returns[part], mask, cfg.value_clip)
                         (vloss * weight).backward()

@@ -142,6 +142,9 @@ class PPOStageConfig:
                          "reference is that base, a DPO adapter (rto dpo --lora-r) joins it", ge=0)
     lora_alpha: float = opt(16.0, "LoRA alpha", gt=0)
     lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the update's backward "
+                                              "pass (policy and critic): less memory for long responses, one more "
+                                              "forward of every layer per update")
     # --- speed ---
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when there is one)")
     precision: Literal["auto", "fp32", "bf16"] = opt(

@@ -9,6 +9,7 @@ not rounded away.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class PPOModels:
     dpo_ref: nn.Module | None = None  # the DPO model's own reference, when it is not `ref`
     shared: SharedBase | None = None
     layout: str = "single"  # of the trained models: single, replicate or shard (rto.sharding)
+    checkpointed_layers: list[nn.Module] = field(default_factory=list)  # --gradient-checkpointing's decoder layers
 
     def frozen(self) -> list[nn.Module]:
         """The frozen full models (not views of the shared base)."""
@@ -70,6 +72,22 @@ class PPOModels:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    @contextlib.contextmanager
+    def update_forward(self):
+        """The update's forward passes (the ones with gradients): bf16 autocast where asked, and with
+        --gradient-checkpointing the decoder layers' own `training` flag on. transformers checkpoints
+        a layer only in training mode, and these models stay in eval mode throughout (no dropout in
+        PPO: the first epoch's ratio is 1); the layer's flag alone leaves dropout and attention below
+        it in eval mode."""
+        for layer in self.checkpointed_layers:
+            layer.training = True
+        try:
+            with self.autocast():
+                yield
+        finally:
+            for layer in self.checkpointed_layers:
+                layer.training = False
 
     def trained(self) -> dict[str, dict[str, nn.Parameter]]:
         """Trained weights by model: all of a full model's, only the adapters (and value head) with LoRA."""
@@ -149,7 +167,30 @@ def load_models(cfg: PPOStageConfig, device: torch.device, bf16: bool, dist: Dis
     # --dpo-ref differs from --ref only when the DPO model came from another model.
     if cfg.uses_dpo and cfg.dpo_ref and Path(cfg.dpo_ref).resolve() != Path(cfg.ref or cfg.policy).resolve():
         models.dpo_ref = place.frozen(load_causal_lm(cfg.dpo_ref, "DPO reference model"))
+    if cfg.gradient_checkpointing:
+        models.checkpointed_layers = checkpoint_layers(models.trained_modules())
     return models
+
+
+def checkpoint_layers(trained: list[nn.Module]) -> list[nn.Module]:
+    """transformers' activation checkpointing on the trained models (non-reentrant: it works with
+    frozen inputs, LoRA and FSDP2, whose hooks stay outside the recomputed forward); their decoder
+    layers, which PPOModels.update_forward puts in training mode."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = []
+    for model in trained:
+        if not hasattr(model, "supports_gradient_checkpointing"):
+            continue  # the LoRA critic's value head
+        if not model.supports_gradient_checkpointing:
+            raise UserError(f"ppo: --gradient-checkpointing: {type(model).__name__} does not support activation "
+                            "checkpointing in transformers")
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        layers += [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        raise UserError("ppo: --gradient-checkpointing: the trained models have no layers transformers can checkpoint")
+    return layers
 
 
 class _Placer:

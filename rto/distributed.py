@@ -59,17 +59,20 @@ def _end_group_at_exit() -> None:
 
 def exit_if_launched(code: int) -> None:
     """Ends a process of a multi-process command (`accelerate launch -m rto ppo`, torchrun) with
-    `code` at once, its output flushed, skipping the interpreter's shutdown. There, gloo's threads
-    abort the process now and then ('terminate called without an active exception', SIGABRT)
-    after a run that finished and wrote everything: seen in 1 of about 80 two-process runs on a
-    loaded 2-core machine, with or without destroy_process_group, whose process groups FSDP2's
-    modules still reference until the interpreter tears them down. Every file is written and
-    closed (atomically renamed) before this point; nothing is lost by skipping that teardown."""
+    `code` once the command has returned: exit handlers run (trackers such as wandb finish there,
+    and the process group is destroyed) and the output is flushed, then the process leaves without
+    the interpreter's teardown. There gloo's threads abort the process now and then ('terminate
+    called without an active exception', SIGABRT) after a run that finished and wrote everything:
+    1 in about 80 two-process runs on a loaded 2-core machine, with or without
+    destroy_process_group, since FSDP2's modules keep the process groups alive until the
+    interpreter tears them down. Every file is written and renamed into place before this point."""
     if "torch.distributed" not in sys.modules:
         return
+    import atexit
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        atexit._run_exitfuncs()  # what a normal exit runs first; the rest of the teardown is skipped
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -197,16 +197,21 @@ def test_two_process_cli_run_and_a_dead_process(tiny_dirs, prompt_file, tmp_path
 
 
 def test_a_launched_process_exits_at_once_with_its_code_and_its_output(tmp_path):
-    """After a multi-process command the process ends through os._exit (no interpreter teardown,
-    where gloo's threads sometimes abort a finished run), its code kept and its output flushed."""
+    """After a multi-process command the process runs its exit handlers (trackers finish there),
+    flushes its output and leaves with its code, skipping the interpreter's teardown (where gloo's
+    threads sometimes abort a finished run): a finaliser of the main module's never runs."""
     script = (
         "import atexit, sys, torch.distributed as dist\n"
         f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
-        "atexit.register(lambda: print('teardown ran', flush=True))\n"
+        "class Finalised:\n"
+        "    def __del__(self): print(' teardown', end='', flush=True)\n"
+        "kept = Finalised()\n"
+        "atexit.register(lambda: print(' exit handlers', end=''))\n"
         "print('summary', end='')\n"
         "from rto.distributed import exit_if_launched\n"
         "exit_if_launched(3)\n"
         "print('not reached')\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output buffered, as usual
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 3 and proc.stdout == "summary", (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert proc.returncode == 3 and proc.stdout == "summary exit handlers", (proc.returncode, proc.stdout,
+                                                                             proc.stderr[-2000:])

@@ -59,11 +59,11 @@ def _end_group_at_exit() -> None:
 
 def exit_if_launched(code: int) -> None:
     """Ends a process of a multi-process command (`accelerate launch -m rto ppo`, torchrun) with
-    `code` once the command has returned: exit handlers run (trackers such as wandb finish there,
-    and the process group is destroyed) and the output is flushed, then the process leaves without
-    the interpreter's teardown. There gloo's threads abort the process now and then ('terminate
-    called without an active exception', SIGABRT) after a run that finished and wrote everything:
-    1 in about 80 two-process runs on a loaded 2-core machine, with or without
+    `code` once the command has returned: the exit handlers run (libraries' own, such as a
+    tracker's final flush, and the process group's end), the output is flushed, and the process
+    leaves without the interpreter's teardown. There gloo's threads abort the process now and then
+    ('terminate called without an active exception', SIGABRT) after a run that finished and wrote
+    everything: 1 in about 80 two-process runs on a loaded 2-core machine, with or without
     destroy_process_group, since FSDP2's modules keep the process groups alive until the
     interpreter tears them down. Every file is written and renamed into place before this point."""
     if "torch.distributed" not in sys.modules:

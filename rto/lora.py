@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,6 +118,15 @@ def rm_value_head(rm) -> nn.Linear:
     return copy
 
 
+@contextlib.contextmanager
+def peft_quietly():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model:
+    the FutureWarning is about peft's code, with nothing for the user to do, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
+
+
 class SharedBase:
     """One frozen base (the SFT model) with adapters `policy`, `critic` and optionally `dpo`.
 
@@ -129,7 +139,8 @@ class SharedBase:
 
         base.requires_grad_(False)
         config = lora_config(r, alpha, target)
-        self.model = get_peft_model(base, config, adapter_name="policy")
+        with peft_quietly():
+            self.model = get_peft_model(base, config, adapter_name="policy")
         rm_lora = None
         if critic_adapter is not None:
             critic_config, rm_lora = rm_adapter_weights(critic_adapter)

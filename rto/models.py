@@ -125,7 +125,7 @@ def _load(cls, path: str | Path, what: str, **kwargs):
 
 def _load_any(cls, path: str | Path, what: str, **kwargs):
     """A model directory, or a LoRA adapter directory (`--lora-r`) merged into its base."""
-    from rto.lora import adapter_base, is_adapter_dir
+    from rto.lora import adapter_base, is_adapter_dir, peft_quietly
 
     if not is_adapter_dir(_check_dir(path, what)):
         return _load(cls, path, what, **kwargs)
@@ -133,7 +133,8 @@ def _load_any(cls, path: str | Path, what: str, **kwargs):
 
     base = _load(cls, adapter_base(path), f"{what}'s base model", **kwargs)
     try:
-        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        with peft_quietly():
+            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     except Exception as e:
         raise UserError(f"{what} {path}: cannot apply the adapter ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     disable_dropout(model)

@@ -197,7 +197,7 @@ def test_two_process_cli_run_and_a_dead_process(tiny_dirs, prompt_file, tmp_path
 
 
 def test_a_launched_process_exits_at_once_with_its_code_and_its_output(tmp_path):
-    """After a multi-process command the process runs its exit handlers (trackers finish there),
+    """After a multi-process command the process runs its exit handlers (libraries register theirs),
     flushes its output and leaves with its code, skipping the interpreter's teardown (where gloo's
     threads sometimes abort a finished run): a finaliser of the main module's never runs."""
     script = (

@@ -165,6 +165,27 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out as `like`: this process's shard of it when `like` is a DTensor (a
+    collective: every process calls it in the same order), else the tensor as it is."""
+    if not hasattr(like, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements)
+
+
+def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """After an optimizer loaded whole states (a one-process checkpoint) for sharded parameters:
+    each per-element state (Adam's moments) becomes this process's shard, laid out as its parameter."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape == p.shape:
+                    state[key] = shard_like(value, p)
+
+
 def scalar(t) -> float:
     return float(full_tensor(t)) if torch.is_tensor(t) else float(t)
 

@@ -173,3 +173,41 @@ def test_bf16_lora_sharded_run_exports_a_merged_policy(tiny_dirs, prompt_file, t
     start = load_file(str(Path(tiny_dirs["policy"]) / "model.safetensors"))
     assert saved.keys() == start.keys() and not any("lora_" in k for k in saved)
     AutoModelForCausalLM.from_pretrained(out / "policy")
+
+
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_a_one_process_checkpoint_resumes_sharded_over_two(tiny_dirs, prompt_file, tmp_path, lora_r):
+    """A run started in one process continues over several: every trained weight and Adam state of
+    its checkpoint arrives exactly, each process holding its shard of it (DCP covers the other way)."""
+    from rto.checkpoint import list_checkpoints, load_checkpoint
+    from rto.config import to_dict
+    from rto.stages.ppo import PPOTrainer
+    from tests.test_distributed import launch
+    from tests.test_ppo import _cfg
+
+    cfg = _cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1, rollout_batch_size=4, mini_batch_size=2,
+               save_every=1, lora_r=lora_r, iterations=1)
+    PPOTrainer(cfg).train()
+    checkpoint = list_checkpoints(tmp_path / "out" / "checkpoints")[-1]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(to_dict(cfg)))
+    out = tmp_path / "resumed.safetensors"
+    proc, _ = launch([str(ROOT / "tests/fixtures/resume_sharded.py"), str(config), str(checkpoint), str(out), "full"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved, _ = load_checkpoint(checkpoint)
+    resumed = load_file(str(out))
+    moments = [k for k in resumed if ".adam." in k and not k.startswith("layout.") and not k.endswith(".step")]
+    weights = [k for k in resumed if ".weights." in k]
+    assert len(moments) == 2 * len(weights) > 0 and any(k.startswith("critic.") for k in weights)
+    for key in weights + moments:
+        assert torch.equal(resumed[key], saved[key]), key
+    assert all(resumed[f"layout.{k}"] == 1.0 for k in moments)  # held as shards, not whole
+    steps = [k for k in resumed if k.endswith(".step") and not k.startswith("layout.")]
+    assert steps and all(float(resumed[k]) == float(saved[k]) for k in steps)
+    # And the run goes on from it, sharded, under the FSDP config (its Adam steps on the shards).
+    proc = _launch(["--config", str(config), "--resume", "auto", "--iterations", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "after iteration 1" in proc.stderr and "sharded over 2 processes" in proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["processes"] == 2

@@ -21,7 +21,8 @@ from rto.core.selection import divergence
 from rto.data import write_json
 from rto.errors import UserError
 from rto.models import save_model, write_model_card
-from rto.sharding import full_state_dict, is_wrapped, load_sharded, save_sharded
+from rto.sharding import (full_state_dict, is_wrapped, load_sharded, save_sharded, shard_like,
+                          shard_optimizer_state)
 
 SELECTED = "policy_selected"  # OUT/ subdirectory: the dev selection's best policy so far
 
@@ -92,21 +93,20 @@ class CheckpointMixin:
         sharded = (path / "shards").is_dir()
         if sharded:
             load_sharded(*self._state_parts(), path / "shards")
-        elif self._sharded_state:
-            raise UserError(f"ppo: checkpoint {path} was written by one process: resume it with one process")
-        with torch.no_grad():
+        with torch.no_grad():  # a one-process checkpoint: whole tensors, into shards where sharded now
             for model, params in ({} if sharded else self._trained()).items():
                 for n, p in params.items():
                     key = f"{model}.weights.{n}"
                     if key not in tensors or tensors[key].shape != p.shape:
                         raise UserError(f"ppo: checkpoint {path} does not match the models ({key})")
-                    p.copy_(tensors[key])
+                    p.copy_(shard_like(tensors[key], p))
         opts = [("policy", self.policy_opt, self.policy_sched)]
         if self.models.critic is not None:
             opts.append(("critic", self.critic_opt, self.critic_sched))
         for name, opt, sched in opts:
             if not sharded:
                 load_optimizer_state(opt, tensors, meta[f"{name}_optimizer"], f"{name}.adam")
+                shard_optimizer_state(opt)
             sched.load_state_dict(meta[f"{name}_scheduler"])
         load_rng_state(tensors, meta["rng"], self.generator)
         self.order = list(meta["order"])

@@ -68,7 +68,6 @@ def exit_if_launched(code: int) -> None:
     interpreter tears them down. Every file is written and renamed into place before this point."""
     if "torch.distributed" not in sys.modules:
         return
-    import atexit
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo smoke test clean
+.PHONY: install demo smoke test test-integrations clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ smoke: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2
+
+# Checks against the real packages rto integrates with (verl, vLLM), each in its own environment,
+# built once: see integrations/run. Not part of `make test` (the environments take minutes to build).
+test-integrations: $(STAMP)
+	integrations/run
 
 clean:
 	rm -rf runs .pytest_cache

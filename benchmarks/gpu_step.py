@@ -5,6 +5,8 @@
     python benchmarks/gpu_step.py --out FILE.json --model qwen2.5-1.5b --processes 8   # sharded (FSDP2) over 8 GPUs
     python benchmarks/gpu_step.py --out FILE.json --model tiny    # anywhere (the test suite runs this)
 
+(The vLLM rollout backend on a GPU, PASS/FAIL per point: benchmarks/gpu_vllm_check.py.)
+
 With `--processes N` > 1 (default on CUDA: every GPU present) ours run sharded over N processes
 (torchrun; `--shard full`, frozen models sharded too, bf16 compute on fp32 shards) on the same
 global batch; TRL's PPO runs in one process (its PPOTrainer has no sharded path of its own here).

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time whole PPO/RTO iterations (rollout + scoring + optimisation): ours against TRL 1.12's PPOTrainer.
 
-    python benchmarks/step_throughput.py --out FILE.json [--configs small,large] [--reps 5] [--rounds 2] [--skip-trl]
+    python benchmarks/step_throughput.py [--out FILE.json] [--configs small,large] [--reps 5] [--rounds 2] [--skip-trl]
 
 Same work on both sides: the same random Llama-style models (policy, reference, RM/critic, and
 a DPO model for RTO), the same 64 prompts of 9 tokens per rollout, 24 response tokens every time,
@@ -31,16 +31,10 @@ are pooled over the rounds before taking the median.
 Also timed: RTO in the LoRA shared-base mode (`--lora-r 16`: policy, critic and DPO model are
 adapters on one frozen base, the reference is the base), with its own peak memory.
 
-The floor (`iteration_flops`): the matrix-multiply arithmetic one iteration needs. Generation
-processes P + R - 1 tokens per sequence (the prompt's prefill, then every sampled token but the
-last), the LM head at R positions (prefill's last, then one per step); each scoring pass
-(reference, DPO model for RTO, RM, critic) and each trained pass (policy, critic: forward +
-backward = 3 x forward) processes all P + R tokens; the LM head is charged only where logits are
-computed (R + 1 positions, `logits_to_keep`), the value/RM heads only at the positions read;
-attention adds QK^T and AV: 4 x layers x hidden x context FLOPs per token, the context being
-the tokens it attends to (causal). Divided by the best fp32 matrix-multiply rate measured
-inside the very process of the side it bounds (each child measures its own rate before and
-after its timed loop; a side's floor takes the best of its children's rates over the rounds).
+The floor (`iteration_flops`, which says how it counts): the matrix-multiply arithmetic one
+iteration needs, divided by the best fp32 matrix-multiply rate measured inside the very process
+of the side it bounds (before and after its timed loop, the best over the rounds).
+docs/performance.md's tables are written from the JSON (benchmarks/throughput_doc.py).
 """
 
 from __future__ import annotations
@@ -57,6 +51,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from throughput_doc import TARGETS, targets, write_doc  # noqa: E402,F401 (the targets live with the page's tables)
+
 TRL_VENV = HERE / ".venv-trl112"
 CONFIGS = {
     "small": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
@@ -70,7 +67,6 @@ MODEL_VOCAB = 2 + SYMBOLS
 TIMED_REGION = ("whole iterations of each trainer's own train() loop (rollout, scoring, rewards/advantages, "
                 "PPO update, loop bookkeeping): ours between consecutive rollout starts, TRL between "
                 "consecutive on_step_end callbacks; one warm-up iteration per child dropped")
-TARGETS = {"small_speedup_vs_trl": ">= 3", "large_ours_rto_vs_floor": "<= 1.5", "rto_overhead": "<= 1.10"}
 
 
 # --- shared set-up: models and prompts in a temporary directory --------------------------
@@ -158,7 +154,11 @@ def matmul_rate(seconds: float = 2.0) -> float:
 
 def iteration_flops(arch: dict, vocab: int, batch: int, prompt_len: int, response_len: int, dense: bool,
                     ppo_epochs: int = 1) -> dict[str, float]:
-    """Matrix-multiply FLOPs of one iteration, pass by pass (see the module's docstring).
+    """Matrix-multiply FLOPs of one iteration, pass by pass. Generation processes P + R - 1 tokens
+    per sequence (prefill, then every sampled token but the last) with the LM head at R positions;
+    each scoring pass (reference, DPO model for RTO, RM, critic) and each trained pass (policy,
+    critic) processes all P + R tokens, the LM head only at the R + 1 positions `logits_to_keep`
+    computes, the value/RM heads only at the positions read.
 
     Per token, a forward costs 2 x (the layers' linear weights) + attention's 4 x layers x hidden
     x context; the LM head (2 x hidden x vocab) and a scalar head (2 x hidden) only at the
@@ -328,34 +328,23 @@ def summarise(params: int, flops_ppo: float, flops_rto: float, ours: dict[str, d
     return row
 
 
-def targets(configs: dict[str, dict]) -> dict:
-    """Each target against the corrected figures: the value, the target, whether it is met."""
-    out = {}
-
-    def check(key, value, ok):
-        out[key] = {"value": value, "target": TARGETS[key.split(":")[0]], "met": bool(ok)}
-
-    if "small" in configs and "speedup_vs_trl" in configs["small"]:
-        check("small_speedup_vs_trl", configs["small"]["speedup_vs_trl"], configs["small"]["speedup_vs_trl"] >= 3)
-    if "large" in configs:
-        check("large_ours_rto_vs_floor", configs["large"]["ours_vs_floor"], configs["large"]["ours_vs_floor"] <= 1.5)
-    for name, row in configs.items():
-        check(f"rto_overhead:{name}", row["rto_overhead"], row["rto_overhead"] <= 1.10)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", default=str(HERE.parent / "docs" / "results" / "step_throughput.json"),
+                        help="the JSON to write (default: the one docs/performance.md is built from)")
     parser.add_argument("--configs", default="small,large")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="run every side this many times, alternating the order")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--write-doc", metavar="JSON", help="only rewrite docs/performance.md's tables from this JSON")
     parser.add_argument("--child", choices=["ours"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--reward", default="sparse", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_doc:
+        write_doc(json.loads(Path(args.write_doc).read_text()), CONFIGS)
+        return
     if args.child == "ours":
         print(json.dumps(child_ours(Path(args.root), args.reward, args.reps, args.warmup)))
         return
@@ -397,6 +386,8 @@ def main() -> None:
     results["targets"] = targets(results["configs"])
     print("targets", json.dumps(results["targets"]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
+    if Path(args.out).resolve() == (HERE.parent / "docs" / "results" / "step_throughput.json").resolve():
+        write_doc(results, CONFIGS)  # the page is rebuilt from the JSON it cites
 
 
 if __name__ == "__main__":

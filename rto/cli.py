@@ -2,12 +2,14 @@
 
 Every subcommand takes `--config FILE.yaml` and a flag per setting; flags
 override the file. Bad input ends with one line on stderr and exit code 2
-(`--debug` shows the traceback).
+(`--debug` shows the traceback). stdout carries only the command's result (JSON); logs,
+progress and tables go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -104,6 +106,30 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """While a command runs, whatever it or a library writes to stdout goes to stderr instead:
+    TRL's log dicts, tables, progress, a C library's own writes to file descriptor 1 and the
+    output of child processes that inherit it. stdout then carries only the command's result
+    (main prints it after), so a program can read it; a person sees both on a terminal."""
+    sys.stdout.flush()
+    try:
+        out_fd, err_fd = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout is not a file (a test's capture, a notebook)
+        out_fd = err_fd = None
+    saved = os.dup(out_fd) if out_fd is not None else None
+    if saved is not None:
+        os.dup2(err_fd, out_fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, out_fd)
+            os.close(saved)
+
+
 def _main(argv: list[str] | None) -> int:
     argv = dashed_flags(sys.argv[1:] if argv is None else argv)
     missing = missing_training_stack()
@@ -129,14 +155,17 @@ def _main(argv: list[str] | None) -> int:
                 merged = dict(yaml_values.get(section) or {})
                 merged.update(fields)
                 values[section] = merged
-        result = run(from_sources(cls, yaml_values, str(args.config or ""), values))
-        if args.command not in STAGES:  # pipeline, tune, reproduce print their own tables
-            return 0
-        if isinstance(result, dict) and os.environ.get("RANK", "0") == "0":  # one summary per run, not per process
+        cfg = from_sources(cls, yaml_values, str(args.config or ""), values)
+        with stdout_to_stderr():
+            result = run(cfg)
+        if isinstance(result, dict) and os.environ.get("RANK", "0") == "0":  # one result per run, not per process
             import json
 
-            short = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
-            print(json.dumps(short, indent=2))
+            # A stage's result is its summary's scalars (its curves are in OUT/metrics.json); the
+            # pipeline's, tune's and reproduce's is their whole record (their tables went to stderr).
+            if args.command in STAGES:
+                result = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
+            print(json.dumps(result, indent=2, default=str), flush=True)
         return 0
     except UserError as e:
         if debug:

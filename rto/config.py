@@ -16,7 +16,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from rto.errors import UserError
 
@@ -137,55 +137,68 @@ def _check_range(value: Any, meta: dict, where: str) -> None:
             raise UserError(f"{where}: must be {word} {bound}, got {value}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Alias:
-    """Another tool's name for a setting (TRL's), read silently as ours. `value` turns its value
-    into ours (TRL's `use_peft: true` -> `lora_r: 16`); `boolean`: its value is a switch (its flag
-    takes none). A setting given under its own name wins over an alias."""
-
-    target: str
-    value: Callable[[Any], Any] | None = None
-    boolean: bool = False
-
-
 def build(cls, values: dict[str, Any], where: str):
-    """Make a `cls` from a mapping; unknown keys, bad types and bad ranges raise UserError."""
+    """Make a `cls` from a mapping: our settings, and TRL's as `cls.TRL_FIELDS` decides them
+    (rto/trl_tables.py). Every unknown key, bad value and refused TRL setting is reported at once:
+    one UserError, one line each."""
+    from rto import trl_fields
+
     if not isinstance(values, dict):
         raise UserError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
     hints = _hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
-    if hasattr(cls, "from_trl"):  # another tool's settings that map onto several of ours (TRL's PPO batches)
-        values = cls.from_trl({str(k).replace("-", "_"): v for k, v in values.items()}, where)
+    table = trl_fields.decisions(cls)
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    problems: list[str] = []
+    if hasattr(cls, "from_trl"):  # TRL settings read together (batch sizes, LoRA, saving)
+        values = cls.from_trl(values, where, problems)
     renamed = getattr(cls, "RENAMED", {})  # old name -> new name, still accepted
-    aliases: dict[str, Alias] = getattr(cls, "ALIASES", {})
-    kwargs, from_aliases = {}, {}
-    for key, raw in values.items():
-        name = str(key).replace("-", "_")
-        if name in getattr(cls, "IGNORED", ()):
-            print(f"[rto] {where}: {name!r} (a TRL setting) has no counterpart here; ignored", file=sys.stderr,
-                  flush=True)
-            continue
-        if name in aliases:
-            alias = aliases[name]
-            if alias.boolean:
-                raw = coerce(raw, bool, f"{where}: {name}")
-            from_aliases[alias.target] = (name, alias.value(raw) if alias.value else raw)
-            continue
+    kwargs, from_trl, ignored = {}, {}, []
+    for name, raw in values.items():
+        decision = table.get(name)
         if name in renamed:
             print(f"[rto] {where}: setting {name!r} is now called {renamed[name]!r}; the old name still works",
                   file=sys.stderr, flush=True)
             name = renamed[name]
-        if name not in known:
-            close = [k for k in known if k.startswith(name[:3])][:3]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"{where}: unknown setting {key!r}{hint}")
-        value = coerce(raw, hints[name], f"{where}: {name}")
-        _check_range(value, known[name].metadata, f"{where}: {name}")
-        kwargs[name] = value
-    for name, (alias, raw) in from_aliases.items():
-        if name not in kwargs:
-            kwargs[name] = coerce(raw, hints[name], f"{where}: {alias}")
-            _check_range(kwargs[name], known[name].metadata, f"{where}: {alias}")
+        ours = name in known and not (isinstance(decision, trl_fields.Map) and decision.value)
+        if ours and raw is None and decision is not None and not _base_type(hints[name])[1]:
+            continue  # TRL's "unset" for a setting of ours that has no unset: our default
+        try:
+            if ours:
+                kwargs[name] = coerce(raw, hints[name], f"{where}: {name}")
+                _check_range(kwargs[name], known[name].metadata, f"{where}: {name}")
+            elif isinstance(decision, trl_fields.Map):
+                for target, value in decision.settings(raw, where, name).items():
+                    if target in from_trl and trl_fields._norm(from_trl[target][1]) != trl_fields._norm(value):
+                        problems.append(f"{where}: {name} and {from_trl[target][0]} disagree (both set {target})")
+                    from_trl.setdefault(target, (name, value))
+            elif isinstance(decision, trl_fields.Ignore):
+                if not trl_fields.same(raw, decision.ok):
+                    ignored.append(name)
+            elif isinstance(decision, trl_fields.Refuse):
+                problem = trl_fields.check_not_refused(name, raw, decision, where)
+                if problem:
+                    problems.append(problem)
+            elif decision is None:
+                close = trl_fields.suggest(name, set(known) | {k for k, d in table.items()
+                                                                if isinstance(d, trl_fields.Map)})
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                problems.append(f"{where}: unknown setting {name!r}{hint}")
+        except UserError as e:
+            problems.append(str(e))
+    for name, (trl_name, raw) in from_trl.items():
+        if name not in kwargs and name in known:
+            try:
+                kwargs[name] = coerce(raw, hints[name], f"{where}: {trl_name}")
+                _check_range(kwargs[name], known[name].metadata, f"{where}: {trl_name}")
+            except UserError as e:
+                problems.append(str(e))
+        elif name not in known:
+            problems.append(f"{where}: {trl_name}: has no counterpart in this version ({name})")
+    trl_fields.fail_if(problems)
+    if ignored:
+        print(f"[rto] {where}: TRL settings with no counterpart here, ignored: {', '.join(ignored)} "
+              "(see docs/trl-compatibility.md)", file=sys.stderr, flush=True)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         try:
@@ -271,7 +284,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         choices = f.metadata.get("choices") or (get_args(inner) if get_origin(inner) is Literal else None)
         if choices:
             help_text += f" {{{', '.join(map(str, choices))}}}"
-        help_text += f" (default: {default})"
+        if default not in ("", None, [], {}):
+            help_text += f" (default: {', '.join(map(str, default)) if isinstance(default, list) else default})"
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         if inner is bool:
             target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
@@ -284,17 +298,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         action = argparse.BooleanOptionalAction if inner is bool else "store"
         parser.add_argument("--" + old.replace("_", "-"), dest=old, action=action, default=argparse.SUPPRESS,
                             help=argparse.SUPPRESS)
-    for name in getattr(cls, "IGNORED", ()):  # another tool's flags that build() reads and ignores (hidden)
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, nargs="?", const=True, default=argparse.SUPPRESS,
-                            help=argparse.SUPPRESS)  # a value, or none (a switch such as --push_to_hub)
-    for name, tp in getattr(cls, "TRL_KEYS", {}).items():  # read by cls.from_trl (hidden)
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
-                            action=argparse.BooleanOptionalAction if tp is bool else "store")
-    for name, alias in getattr(cls, "ALIASES", {}).items():  # TRL's flags too (hidden); build() maps them
-        inner, _ = _base_type(hints[alias.target])
-        boolean = alias.boolean or (inner is bool and alias.value is None)
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
-                            action=argparse.BooleanOptionalAction if boolean else "store", help=argparse.SUPPRESS)
+    from rto import trl_fields
+
+    taken = set(parser._option_string_actions)  # our own flags (and --debug, --config) win
+    for name, decision in trl_fields.decisions(cls).items():  # TRL's flags, hidden: build() decides them
+        flag = "--" + name.replace("_", "-")
+        if flag in taken or "--no-" + flag[2:] in taken:
+            continue
+        if trl_fields.hidden_flag_kind(decision) == "bool":
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                                action=argparse.BooleanOptionalAction)
+        else:  # a value, or none (a switch such as --push_to_hub)
+            parser.add_argument(flag, dest=name, nargs="?", const=True, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
 
 
 def dashed_flags(argv: list[str]) -> list[str]:

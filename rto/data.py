@@ -10,8 +10,10 @@
 Each value is plain text or conversational: a list of {"role", "content"} messages, which the
 stage renders with the tokenizer's chat template (TRL's trainers do it themselves). Files are
 JSONL, JSON (a list of objects), Parquet or CSV; `columns` maps our field names to a file's own
-(`{"prompt": "question"}`). A row that cannot be used is an error naming file, row and field, or,
-with `skip_bad_rows`, skipped and counted.
+(`{"prompt": "question"}`). A folder is read as `datasets` reads it, as TRL's users keep data: a
+folder of data files (`load_dataset(folder)`, splits by file name) or a `save_to_disk` folder
+(`load_from_disk`). A row that cannot be used is an error naming file, row and field, or, with
+`skip_bad_rows`, skipped and counted. PPO's prompt pools: rto/prompt_pool.py.
 """
 
 from __future__ import annotations
@@ -162,18 +164,52 @@ def _implicit_prompt(chosen, rejected):
     return None, chosen, rejected
 
 
-def _hub_records(name: str, config: str, split: str):
-    """(row number, record) pairs of a `datasets` hub dataset's split (where a network, or the
-    local datasets cache, has it)."""
-    try:
-        from datasets import load_dataset
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
-        data = load_dataset(name, config or None, split=split)
-    except Exception as e:  # offline, no such dataset, no such split: datasets' errors vary
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{name}: not a data file here, and not a hub dataset that could be loaded "
-                        f"(split {split!r}{', config ' + repr(config) if config else ''}): {type(e).__name__}: {first}") from None
-    yield from enumerate(data, start=1)
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk (a Dataset, or a DatasetDict of splits)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def open_dataset(path: str | Path, split: str = "train", config: str = ""):
+    """A `datasets` Dataset (memory-mapped Arrow) for a folder or a hub id, as TRL's users load data:
+    a `save_to_disk` folder through load_from_disk (its `split`, if it holds several), a folder of
+    data files or a hub id through load_dataset (its `split`, `config`). datasets' own loaders rather
+    than ours: the same folder then reads the same in TRL and here, and datasets caches the Arrow."""
+    import datasets
+
+    path_ = Path(path)
+    try:
+        if path_.is_dir() and is_saved_dataset(path_):
+            data = datasets.load_from_disk(str(path_))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise UserError(f"{path}: a saved DatasetDict with no split {split!r} (it has: "
+                                    f"{', '.join(data)})")
+                data = data[split]
+            return data
+        return datasets.load_dataset(str(path_) if path_.is_dir() else str(path), config or None, split=split)
+    except UserError:
+        raise
+    except Exception as e:  # no data files, no such split or dataset, offline: datasets' errors vary
+        what = "a dataset folder that datasets could not load" if path_.is_dir() else \
+            "not a data file here, and not a hub dataset that could be loaded"
+        raise UserError(f"{path}: {what} (split {split!r}{', config ' + repr(config) if config else ''}): "
+                        f"{_first_line(e)}") from None
+
+
+def source_records(path: str | Path, split: str = "train", config: str = ""):
+    """(where, (row number, record) pairs) of a data file, a dataset folder or a hub dataset; rows
+    of a folder or hub dataset are numbered within the split."""
+    path = Path(path)
+    if path.is_file():
+        return str(path), _records(path)
+    if path.is_dir() or (_looks_like_hub_id(str(path)) and not path.exists()):
+        return f"{path} (split {split})", enumerate(open_dataset(path, split, config), start=1)
+    raise UserError(f"{path}: data file not found")
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -181,61 +217,57 @@ def _looks_like_hub_id(text: str) -> bool:
     return bool(text) and not Path(text).suffix and text.count("/") <= 1 and not text.startswith((".", "/", "~"))
 
 
+def usable_row(record, fields: tuple[str, ...], columns: dict, where: str) -> dict:
+    """One record as a row with every field usable, or RowError naming `where` and the field."""
+    if isinstance(record, RowError):
+        raise record
+    if not isinstance(record, dict):
+        raise RowError(f"{where}: expected a JSON object with fields {', '.join(fields)}")
+    row = {**record, **{f: record.get(columns.get(f, f)) for f in fields}}  # other columns kept
+    whole = (_sft_from_whole(record, columns, where)
+             if fields == SFT_FIELDS and row["prompt"] is None and row["completion"] is None else None)
+    if whole is not None:
+        row["prompt"], row["completion"] = whole
+    elif "prompt" in fields and row["prompt"] is None:
+        conversation = _conversation(record, columns, where) if fields == PROMPT_FIELDS else None
+        if conversation is not None:
+            if conversation[-1]["role"] == "assistant" and len(conversation) > 1:
+                conversation = conversation[:-1]
+            row["prompt"] = conversation
+        elif fields == PREFERENCE_FIELDS and row["chosen"] is not None and row["rejected"] is not None:
+            row["prompt"], row["chosen"], row["rejected"] = _implicit_prompt(row["chosen"], row["rejected"])
+            if not row["prompt"]:
+                raise RowError(f"{where}: no field 'prompt', and chosen and rejected share no beginning "
+                               "to take as an implicit prompt")
+    if fields == SFT_FIELDS and row["prompt"] is None and row["completion"] is None:
+        raise RowError(f"{where}: expected {{prompt, completion}}, {{messages}}, ShareGPT {{conversations}} or "
+                       "{text}")
+    for f in fields:
+        if not (f == "prompt" and row[f] == "" and whole is not None):  # a text row's prompt is empty
+            row[f] = _check_value(row[f], where, columns.get(f, f))
+    return row
+
+
 def read_rows(path: str | Path, fields: tuple[str, ...], columns: dict[str, str] | None = None,
               skip_bad_rows: bool = False, split: str = "train", config: str = "") -> list[dict]:
     """Rows with every field present and usable (non-empty text or a conversation).
 
-    `path`: a data file, or a `datasets` hub id (its `split`, `config`) where a network has it.
-    `columns` renames: {our field: the file's column}. Prompt-only data may give `messages`
-    instead of `prompt` (a final assistant turn, if any, is dropped). Preference data may leave
-    the prompt implicit. With `skip_bad_rows`, unusable rows are skipped and counted on stderr."""
-    import sys
-
-    path = Path(path)
-    if path.is_file():
-        records = _records(path)
-    elif _looks_like_hub_id(str(path)) and not path.exists():
-        records = _hub_records(str(path), config, split)
-    else:
-        raise UserError(f"{path}: data file not found")
+    `path`: a data file, a dataset folder (files or save_to_disk) or a `datasets` hub id (its
+    `split`, `config`) where a network has it. `columns` renames: {our field: the file's column}.
+    Prompt-only data may give `messages` instead of `prompt` (a final assistant turn, if any, is
+    dropped). Preference data may leave the prompt implicit. With `skip_bad_rows`, unusable rows
+    are skipped and counted on stderr."""
+    label, records = source_records(path, split, config)
     columns = dict(columns or {})
     rows, skipped, first_error = [], 0, None
     for lineno, record in records:
-        where = f"{path}: row {lineno}"
         try:
-            if isinstance(record, RowError):
-                raise record
-            if not isinstance(record, dict):
-                raise RowError(f"{where}: expected a JSON object with fields {', '.join(fields)}")
-            row = {**record, **{f: record.get(columns.get(f, f)) for f in fields}}  # other columns kept
-            whole = (_sft_from_whole(record, columns, where)
-                     if fields == SFT_FIELDS and row["prompt"] is None and row["completion"] is None else None)
-            if whole is not None:
-                row["prompt"], row["completion"] = whole
-            elif "prompt" in fields and row["prompt"] is None:
-                conversation = _conversation(record, columns, where) if fields == PROMPT_FIELDS else None
-                if conversation is not None:
-                    if conversation[-1]["role"] == "assistant" and len(conversation) > 1:
-                        conversation = conversation[:-1]
-                    row["prompt"] = conversation
-                elif fields == PREFERENCE_FIELDS and row["chosen"] is not None and row["rejected"] is not None:
-                    row["prompt"], row["chosen"], row["rejected"] = _implicit_prompt(row["chosen"], row["rejected"])
-                    if not row["prompt"]:
-                        raise RowError(f"{where}: no field 'prompt', and chosen and rejected share no beginning "
-                                       "to take as an implicit prompt")
-            if fields == SFT_FIELDS and row["prompt"] is None and row["completion"] is None:
-                raise RowError(f"{where}: expected {{prompt, completion}}, {{messages}}, ShareGPT {{conversations}} or "
-                               "{text}")
-            for f in fields:
-                if not (f == "prompt" and row[f] == "" and whole is not None):  # a text row's prompt is empty
-                    row[f] = _check_value(row[f], where, columns.get(f, f))
+            rows.append(usable_row(record, fields, columns, f"{label}: row {lineno}"))
         except RowError as e:
             if not skip_bad_rows:
                 raise
             skipped += 1
             first_error = first_error or str(e)
-            continue
-        rows.append(row)
     if skipped:
         print(f"[rto] {path}: skipped {skipped} unusable rows (first: {first_error})", file=sys.stderr, flush=True)
     if not rows:
@@ -295,25 +327,8 @@ def as_texts(rows: list[dict], tokenizer) -> tuple[list[str], list[str], list[st
     return prompts, chosen, rejected
 
 
-def read_prompts(path: str | Path, tokenizer, *, max_len: int, long_prompts: str = "error", columns: dict | None = None,
-                 skip_bad_rows: bool = False, what: str = "ppo", split: str = "train") -> list[str]:
-    """Prompt texts as the policy reads them (conversations through the chat template, ending where
-    the assistant speaks), with the length limit applied as `long_prompts` says: error (naming the
-    first long row), skip (counted on stderr) or truncate (left to the encoder, which keeps the end).
-    `path` may be a hub dataset id (its `split`) where a network has it."""
-    prompts = [render(r["prompt"], tokenizer, generation_prompt=True)
-               for r in read_rows(path, PROMPT_FIELDS, columns, skip_bad_rows, split)]
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    long_rows = [i for i, n in enumerate(lengths) if n > max_len]
-    if long_rows and long_prompts == "error":
-        i = long_rows[0]
-        raise UserError(f"{path}: row {i + 1}: field 'prompt' is {lengths[i]} tokens, longer than --max-prompt-len "
-                        f"{max_len} ({len(long_rows)} such rows; --long-prompts skip or truncate to accept them)")
-    if long_rows and long_prompts == "skip":
-        drop = set(long_rows)
-        prompts = [p for i, p in enumerate(prompts) if i not in drop]
-        if not prompts:
-            raise UserError(f"{path}: no prompts left: all {len(drop)} are longer than --max-prompt-len {max_len}")
-        print(f"[rto] {what}: {path}: skipped {len(drop)} of {len(lengths)} prompts longer than --max-prompt-len "
-              f"{max_len}", file=sys.stderr, flush=True)
-    return prompts
+def read_prompts(path: str | Path, tokenizer, **kwargs):
+    """PPO's prompts (a lazily read, cached pool): rto.prompt_pool.read_prompts."""
+    from rto.prompt_pool import read_prompts as read
+
+    return read(path, tokenizer, **kwargs)

@@ -66,7 +66,9 @@ def bin_weights_allowed() -> bool:
     return os.environ.get("RTO_ALLOW_BIN_WEIGHTS") == "1"
 
 
-def load_tokenizer(path: str | Path, what: str = "model"):
+def load_tokenizer(path: str | Path, what: str = "model", chat_template_path: str | Path = ""):
+    """The tokenizer of a model directory (or hub id); `chat_template_path` replaces its chat
+    template, as TRL's setting of that name does (see set_chat_template)."""
     from transformers import AutoTokenizer
 
     hub = is_hub_id(path)
@@ -77,7 +79,43 @@ def load_tokenizer(path: str | Path, what: str = "model"):
         tok = AutoTokenizer.from_pretrained(str(path) if hub else path, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
         raise UserError(f"{what} {path}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if chat_template_path:
+        set_chat_template(tok, chat_template_path)
     return check_tokenizer(tok, f"{what} {path}")
+
+
+def set_chat_template(tok, source: str | Path) -> None:
+    """TRL's chat_template_path: the template of a Jinja file, or of the tokenizer in a directory
+    (or hub id), becomes `tok`'s and is saved with the model. Unlike TRL, for a tokenizer it copies
+    the template only, adding no tokens: the tokens it writes must be in `tok`'s vocabulary."""
+    where = f"chat_template_path {source}"
+    path = Path(source)
+    if path.is_file():
+        try:
+            template = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    elif path.is_dir() or is_hub_id(source):
+        from transformers import AutoTokenizer
+
+        try:
+            template = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False).chat_template
+        except Exception as e:  # as in load_tokenizer
+            raise UserError(f"{where}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if not template:
+            raise UserError(f"{where}: its tokenizer has no chat template")
+    else:
+        raise UserError(f"{where}: not a Jinja file, nor a tokenizer directory")
+    if isinstance(template, dict):  # a tokenizer with named templates: its default one
+        template = template.get("default")
+    if not isinstance(template, str) or not template.strip():
+        raise UserError(f"{where}: the template is empty")
+    tok.chat_template = template
+    try:  # a broken template stops here, not at the first conversational row
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja2's errors for a template
+        raise UserError(f"{where}: the template does not render a user turn ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def check_same_tokenizer(tok, where: str, path: str | Path, what: str) -> None:
@@ -137,6 +175,9 @@ def _load_any(cls, path: str | Path, what: str, **kwargs):
             model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     except Exception as e:
         raise UserError(f"{what} {path}: cannot apply the adapter ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    # peft loads an adapter for inference, its base frozen; merged, the model is a whole model like
+    # any other (a PPO policy trained in full from an `rto sft --lora-r` adapter): trainable.
+    model.requires_grad_(True)
     disable_dropout(model)
     return model
 

@@ -16,11 +16,10 @@ quantity (dense rewards included) is computed exactly as from the padded batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor
@@ -307,10 +306,32 @@ def token_scores(score_model, batch: Batch, packed: Packed | None = None) -> tor
     caught: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda module, args, output: caught.append(output))
     try:
-        score_model(**inputs)
+        with _pooling_pad_id(score_model):
+            score_model(**inputs)
     finally:
         hook.remove()
     return caught[-1].squeeze(-1)
+
+
+@contextlib.contextmanager
+def _pooling_pad_id(score_model):
+    """A placeholder pad id in the config while the forward runs, where the config names none.
+
+    transformers' sequence-classification forward pools its head's output at the last non-pad
+    token, found with `config.pad_token_id`, and refuses batches of more than one without it;
+    many hub checkpoints (Llama's family) keep the pad id only in the tokenizer. Scores here are
+    the head's per-token output (caught above), never that pooled value, so any id serves; -1
+    matches no token. The config is put back as it was."""
+    config = getattr(score_model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text_config is None or getattr(text_config, "pad_token_id", 0) is not None:
+        yield
+        return
+    text_config.pad_token_id = -1
+    try:
+        yield
+    finally:
+        text_config.pad_token_id = None
 
 
 def token_values(critic, batch: Batch, packed: Packed | None = None) -> torch.Tensor:

@@ -25,7 +25,8 @@ def keyed():
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory, keyed):
-    """{"policy", "rm", "dpo"}: a random tiny causal LM, a score model from it, a perturbed copy."""
+    """{"policy", "rm", "dpo"}: a random tiny causal LM, a score model from it (no pad id in its
+    config), a perturbed copy."""
     from rto.models import RM_STATS_FILE, build_causal_lm, load_score_model, save_model
 
     root = tmp_path_factory.mktemp("models")
@@ -41,6 +42,9 @@ def tiny_dirs(tmp_path_factory, keyed):
     torch.manual_seed(2)
     with torch.no_grad():
         rm.score.weight.normal_(0, 0.5)
+    # Like many hub checkpoints (Llama's family), the RM's config names no pad id: the tokenizer's
+    # is the only one, so every PPO test reads scores from such a model (tests/test_any_rm.py).
+    rm.config.pad_token_id = None
     save_model(rm, tok, root / "rm", extra_files={RM_STATS_FILE: {"mean": 0.1, "std": 2.0}})
     return {k: str(root / k) for k in ("policy", "rm", "dpo")}
 
@@ -74,4 +78,7 @@ def chat_model(tiny_dirs, tmp_path):
     cfg = json.loads(cfg_file.read_text())
     cfg["chat_template"] = CHAT_TEMPLATE
     cfg_file.write_text(json.dumps(cfg))
+    # transformers reads a chat_template.jinja file before tokenizer_config.json's template: the
+    # built-in tasks' tokenizers save one, so the template under test goes there too.
+    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return model

@@ -119,3 +119,24 @@ def test_benchmark_models_cannot_sample_pad_or_eos_and_our_generation_runs(tmp_p
     batch = generate(policy, tok, ids, mask, max_new_tokens=st.WORK["response_len"], record_logprobs=True)
     assert batch.response_ids.shape == (16, st.WORK["response_len"]) and bool(batch.response_mask.all())
     assert int(batch.response_ids.max()) < vocab
+
+
+def test_our_benchmark_side_runs_at_the_head(tmp_path):
+    """The throughput benchmark's own child, on its own models (whose configs name no pad id, as
+    many hub checkpoints), runs our trainer through whole iterations: docs/performance.md can be
+    rebuilt at the head."""
+    st.build_models(tmp_path, dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    assert json.loads((tmp_path / "rm" / "config.json").read_text()).get("pad_token_id") is None
+    got = st.run_child([str(ROOT / "benchmarks" / "step_throughput.py"), "--child", "ours", "--root", str(tmp_path),
+                        "--reward", "rto", "--reps", "1", "--warmup", "0"])
+    assert len(got["times"]) == 1 and got["steps_per_iteration"] == 4.0
+
+
+def test_performance_page_shows_the_committed_throughput_json():
+    """docs/performance.md's throughput tables are the committed JSON's, as the benchmark writes them."""
+    import throughput_doc
+
+    results = json.loads((ROOT / "docs" / "results" / "step_throughput.json").read_text())
+    page = (ROOT / "docs" / "performance.md").read_text()
+    block = page.split(throughput_doc.DOC_BEGIN)[1].split(throughput_doc.DOC_END)[0].strip()
+    assert block == throughput_doc.markdown_tables(results, st.CONFIGS)

@@ -43,15 +43,17 @@ def test_smoke_pipeline(tmp_path):
         sel, curve = summary["selection"][m], summary["curves"][m]
         assert sel["metric"] == "gold_reward" and sel["best"] == max(p["gold_reward"] for p in curve)
         assert curve[[p["iteration"] for p in curve].index(sel["best_iteration"])]["gold_reward"] == sel["best"]
-        assert f"{m}: the checkpoint of iteration {sel['best_iteration']}" in proc.stdout
+        assert f"{m}: the checkpoint of iteration {sel['best_iteration']}" in proc.stderr
         if sel["best_iteration"] != sel["iterations_run"]:  # the last checkpoint is evaluated beside it
             assert set(summary["last_checkpoints"][f"{m}@last"]) >= {"gold_reward", "kl_to_sft"}
         else:
-            assert f"{m}@last" not in summary["last_checkpoints"] and "the last one" in proc.stdout
+            assert f"{m}@last" not in summary["last_checkpoints"] and "the last one" in proc.stderr
     assert summary["methods"]["sft"]["win_rate_vs_sft"] == 0.5
     assert abs(summary["methods"]["sft"]["kl_to_sft"]) < 1e-6
     assert (tmp_path / "run" / "training_curve.png").stat().st_size > 1000
-    assert "gold reward" in proc.stdout and "RM held-out accuracy" in proc.stdout
+    assert "gold reward" in proc.stderr and "RM held-out accuracy" in proc.stderr  # the table, for a person
+    # stdout is the result alone, for a program: the summary the pipeline wrote.
+    assert json.loads(proc.stdout) == summary
     assert elapsed < 120, f"smoke pipeline took {elapsed:.0f} s"
     # Each stage's resolved config reruns the stage on its own.
     assert (tmp_path / "run" / "configs" / "ppo.yaml").is_file()
@@ -185,7 +187,7 @@ def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
     assert len(pairs["prefs_judge"]) == len(pairs["prefs"])
     assert not {r["prompt"] for r in pairs["prefs"]} & {r["prompt"] for r in pairs["prefs_judge"]}
     assert "prefs_judge.jsonl" in (run / "configs" / "judge_rm.yaml").read_text()
-    assert 0 <= summary["judge_accuracy"] <= 1 and "judge (held-out RM) accuracy" in proc.stdout
+    assert 0 <= summary["judge_accuracy"] <= 1 and "judge (held-out RM) accuracy" in proc.stderr
     # The judge's test scores, recomputed from the samples with the judge RM by hand.
     from rto.models import load_score_model, load_tokenizer
 
@@ -199,7 +201,7 @@ def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
         assert all("gold_reward" in p for p in curve)  # the gold reward is still logged beside it
         assert summary["methods"][m]["judge_score"] == pytest.approx(
             sum(r["judge_score"] for r in _samples(run, m)) / summary["n_test_prompts"])
-    assert "judge [95% CI]" in proc.stdout
+    assert "judge [95% CI]" in proc.stderr
 
 
 def _samples(run, model):

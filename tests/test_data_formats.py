@@ -143,3 +143,69 @@ def test_sft_rows_as_whole_conversations_sharegpt_or_plain_text(chat_model, tmp_
         result = rto.sft(model=chat_model, data=str(tmp_path / f"{name}.jsonl"), out=str(tmp_path / f"sft-{name}"),
                          epochs=1, batch_size=4, threads=1)
         assert result["rows"] == 8 and result["train_loss"] > 0, name
+
+
+MESSAGES = [{"messages": [{"role": "user", "content": f"s{i} s{i + 1}"}, {"role": "assistant", "content": f"s{i + 1}"}]}
+            for i in range(8)]
+
+
+def test_messages_rows_train_on_a_built_in_tasks_own_model(tmp_path):
+    """The built-in tasks' tokenizers have a chat template: {messages} rows train a new task model,
+    whose saved tokenizer then renders conversational prompts for rto ppo."""
+    import rto
+    from rto.models import load_tokenizer
+    from rto.prompt_pool import read_prompts
+    from rto.tasks import load_task
+
+    result = rto.sft(task="keyed", data=str(_write(tmp_path / "m.jsonl", MESSAGES)), out=str(tmp_path / "sft"),
+                     epochs=1, batch_size=4, threads=1)
+    assert result["rows"] == 8 and result["train_loss"] > 0
+    tok = load_tokenizer(tmp_path / "sft")
+    assert tok.chat_template == load_task("keyed").tokenizer().chat_template
+    prompts = _write(tmp_path / "p.jsonl", [{"messages": MESSAGES[0]["messages"][:1]}])
+    assert list(read_prompts(prompts, tok, max_len=8)) == ["s0 s1 <sep> "]
+    # The prompt renders as the start of the whole conversation: the response follows it.
+    whole = tok.apply_chat_template(MESSAGES[0]["messages"], tokenize=False)
+    assert whole.startswith("s0 s1 <sep> ") and whole.endswith("s1 <eos>")
+
+
+def test_chat_template_path_from_a_jinja_file_or_a_tokenizer_directory(tiny_dirs, tmp_path):
+    """TRL's chat_template_path: a Jinja file's template, or a tokenizer directory's, replaces the
+    tokenizer's in sft/rm/dpo (and is saved with the model) and in ppo; bad ones are one line."""
+    import rto
+    from rto.models import load_tokenizer
+    from rto.stages.ppo import PPOTrainer
+    from rto.stages.ppo_config import PPOStageConfig
+    from rto.tasks import load_task
+
+    jinja = tmp_path / "template.jinja"
+    jinja.write_text("{% for m in messages %}s31 {{ m['content'] }}{% if m['role'] == 'assistant' %} <eos>"
+                     "{% else %} <sep>{% endif %} {% endfor %}")
+    assert load_tokenizer(tiny_dirs["policy"], chat_template_path=jinja).chat_template == jinja.read_text()
+    other = load_task("keyed").tokenizer()
+    other.chat_template = jinja.read_text().replace("s31", "s30")
+    other.save_pretrained(tmp_path / "other_tokenizer")
+    assert load_tokenizer(tiny_dirs["policy"], chat_template_path=tmp_path / "other_tokenizer").chat_template == \
+        other.chat_template
+    # sft: the rows rendered with it, the model saved with it.
+    rto.sft(model=tiny_dirs["policy"], data=str(_write(tmp_path / "m.jsonl", MESSAGES)), out=str(tmp_path / "sft"),
+            chat_template_path=str(jinja), epochs=1, batch_size=4, threads=1)
+    assert load_tokenizer(tmp_path / "sft").chat_template == jinja.read_text()
+    # ppo: the policy's tokenizer, which renders the prompts.
+    prompts = _write(tmp_path / "p.jsonl", [{"messages": m["messages"][:1]} for m in MESSAGES])
+    trainer = PPOTrainer(PPOStageConfig(policy=tiny_dirs["policy"], reward_model=tiny_dirs["rm"], prompts=str(prompts),
+                                        out=str(tmp_path / "ppo"), chat_template_path=str(tmp_path / "other_tokenizer"),
+                                        rollout_batch_size=4, mini_batch_size=4, threads=1))
+    assert trainer.prompts[0] == "s30 s0 s1 <sep> "
+    # Bad ones: one line naming the setting.
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}")
+    none = load_task("keyed").tokenizer()
+    none.chat_template = None
+    none.save_pretrained(tmp_path / "no_template")
+    for source, message in ((tmp_path / "missing.jinja", "not a Jinja file, nor a tokenizer directory"),
+                            (broken, "the template does not render a user turn"),
+                            (tmp_path / "no_template", "its tokenizer has no chat template")):
+        with pytest.raises(UserError, match=f"chat_template_path {source}: {message}") as e:
+            load_tokenizer(tiny_dirs["policy"], chat_template_path=source)
+        assert "\n" not in str(e.value)

@@ -1,6 +1,7 @@
 """What a run shows and leaves: plain progress lines in a log file, model cards with valid hub
 metadata and a loading snippet, a distinct style for every method in the figures."""
 
+import json
 import os
 import subprocess
 import sys
@@ -17,11 +18,33 @@ def test_progress_in_a_log_file_is_plain_lines(tiny_dirs, prompt_file, tmp_path)
                                tiny_dirs["rm"], "--prompts", prompt_file, "--out", str(tmp_path / "ppo"),
                                "--iterations", "2", "--rollout-batch-size", "4", "--mini-batch-size", "4",
                                "--max-new-tokens", "4", "--eval-every", "0", "--threads", "1"],
-                              stdout=subprocess.DEVNULL, stderr=log, env=env, timeout=300)
+                              stdout=subprocess.PIPE, stderr=log, env=env, timeout=300, text=True)
     text = (tmp_path / "log.txt").read_text()
     assert proc.returncode == 0, text[-2000:]
     assert "\r" not in text and "\x1b[" not in text  # no bar redraws, no cursor codes
     assert "[rto] ppo[sparse]: iteration 1/2" in text and "[rto] ppo[sparse]: iteration 2/2" in text
+    # stdout is the run's result alone (JSON a program can read); rto ppo draws its own curves.
+    result = json.loads(proc.stdout)
+    assert result["iterations"] == 2 and result["reward"] == "sparse"
+    assert (tmp_path / "ppo" / "training_curve.png").stat().st_size > 1000
+
+
+def test_stdout_is_the_result_alone_while_trl_logs(tiny_dirs, tmp_path, keyed):
+    """TRL prints its log dicts ({'loss': ...}) to stdout when there are no bars; they belong with
+    the logs on stderr."""
+    from rto.data import write_jsonl
+
+    rows = [{"prompt": p, "completion": " a <eos>"} for p in keyed.prompts("train", 8, seed=0)]
+    write_jsonl(tmp_path / "sft.jsonl", rows)
+    env = {k: v for k, v in ENV.items() if k != "RTO_PROGRESS"}
+    proc = subprocess.run([sys.executable, "-m", "rto", "sft", "--model", tiny_dirs["policy"], "--data",
+                           str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "sft"), "--max-steps", "2",
+                           "--batch-size", "4", "--logging-steps", "1", "--threads", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'loss'" in proc.stderr or '"loss"' in proc.stderr, "TRL logged nothing: the test proves nothing"
+    result = json.loads(proc.stdout)
+    assert isinstance(result, dict) and "'loss'" not in proc.stdout
 
 
 def _card(model_dir):
@@ -75,6 +98,17 @@ def test_help_groups_the_flags_by_purpose_with_their_defaults():
         assert group in headings, (group, headings)
     flags = [a for g in sub.choices["ppo"]._action_groups for a in g._group_actions if a.help and a.help != "==SUPPRESS=="
              and a.dest not in ("help", "config", "debug", "allow_bin_weights")]
-    assert len(flags) > 60 and all("(default:" in a.help for a in flags)
+    assert len(flags) > 60
+    # A flag with a default says it; an empty default is left unsaid, not printed as "(default: )".
+    import dataclasses
+
+    from rto.stages.ppo_config import PPOStageConfig
+
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(PPOStageConfig)}
+    for a in flags:
+        shown = defaults.get(a.dest) not in ("", None, [], {})
+        assert ("(default:" in a.help) == shown or a.dest not in defaults, (a.dest, a.help)
+        assert "(default: )" not in a.help
     dpo = sub.choices["dpo"].format_help()
     assert "dpo settings:" in dpo and "memory and speed:" in dpo

@@ -326,3 +326,27 @@ def test_lora_checkpoint_round_trip(tiny_dirs, prompt_file, tmp_path):
     for (n, p), (_, q) in zip(a.models.shared.model.named_parameters(), b.models.shared.model.named_parameters()):
         assert torch.equal(p, q), n
     assert torch.equal(a.models.shared.value_head.weight, b.models.shared.value_head.weight)
+
+
+def test_a_policy_given_as_an_adapter_folder_trains_in_full(tiny_dirs, prompt_file, tmp_path):
+    """`rto sft --lora-r` writes an adapter folder; `rto ppo` without --lora-r trains its merged
+    weights in full (peft loads an adapter's base frozen: nothing would train)."""
+    import json
+
+    from peft import get_peft_model
+
+    from rto.lora import lora_config
+    from rto.models import load_causal_lm, load_tokenizer
+
+    adapter = tmp_path / "sft_adapter"
+    peft_model = get_peft_model(load_causal_lm(tiny_dirs["policy"]), lora_config(4, 8.0, "all-linear"))
+    peft_model.save_pretrained(adapter)
+    load_tokenizer(tiny_dirs["policy"]).save_pretrained(adapter)
+    cfg_file = adapter / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": tiny_dirs["policy"]}))
+    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, policy=str(adapter), reward="rto", beta1=0.1))
+    before = _params(trainer.models.policy)
+    assert before and all(p.requires_grad for p in trainer.models.policy.parameters())
+    trainer.train_on(trainer.make_experience(trainer._next_prompts()))
+    after = _params(trainer.models.policy)
+    assert any(not torch.equal(before[k], after[k]) for k in before)

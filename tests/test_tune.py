@@ -30,7 +30,7 @@ def test_pipeline_tunes_then_runs_with_the_choice(tmp_path):
         cfg = yaml.safe_load((run / "configs" / f"{name}.yaml").read_text())
         assert {k: cfg[k] for k in preset["ppo"]} == preset["ppo"] and cfg["seed"] == 0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["settings"]["source"].startswith("tuned on the dev split") and "RL settings: tuned" in proc.stdout
+    assert summary["settings"]["source"].startswith("tuned on the dev split") and "RL settings: tuned" in proc.stderr
     # ... and the file runs a pipeline of its own.
     again = rto("pipeline", "--task", "keyed", "--preset", str(run / "preset.yaml"), "--out", str(tmp_path / "again"),
                 "--methods", "sft,ppo", "--jobs", "1")

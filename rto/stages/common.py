@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-from rto.config import Alias, opt
+from rto.config import opt
 from rto.distributed import launched_world_size
 from rto.errors import UserError
 from rto.progress import bars_enabled
@@ -48,31 +48,24 @@ def threads_field():
     return opt(0, "torch threads (0 = torch's default; use 1 per process when processes share cores)", ge=0)
 
 
-# TRL settings about evaluation during training, the hub and log locations: no counterpart here
-# (this tool evaluates with `rto eval` and --eval-prompts, writes OUT/metrics.jsonl, never pushes);
-# read, named in a notice, and ignored. Any other unknown setting stops with an error.
-TRL_IGNORED = ("eval_strategy", "eval_steps", "per_device_eval_batch_size", "do_eval", "do_train", "push_to_hub",
-               "hub_model_id", "hub_strategy", "run_name", "logging_dir", "logging_strategy", "save_strategy",
-               "overwrite_output_dir")
-
-
 @dataclass
 class TrainingFields:
-    """Settings every TRL-backed stage (SFT, RM, DPO) shares; each stage's config extends it and
-    names itself in STAGE (for its messages)."""
+    """Settings every TRL-backed stage (SFT, RM, DPO) shares; each stage's config extends it, names
+    itself in STAGE (for its messages) and decides every TRL config field in TRL_FIELDS
+    (rto/trl_tables.py)."""
 
     STAGE: ClassVar[str] = ""
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data", "out")
-    # TRL's names for these settings (its YAML keys and flags), read as ours.
-    ALIASES: ClassVar[dict[str, Alias]] = {
-        "model_name_or_path": Alias("model"), "dataset_name": Alias("data"), "output_dir": Alias("out"),
-        "dataset_train_split": Alias("data_split"), "dataset_config": Alias("data_config"),
-        "num_train_epochs": Alias("epochs"),
-        "bf16": Alias("precision", lambda on: "bf16" if on else "fp32", boolean=True),
-        "use_peft": Alias("lora_r", lambda on: 16 if on else 0, boolean=True),  # TRL's default rank
-        "save_steps": Alias("save_every"), "save_total_limit": Alias("keep_last"),
-        "resume_from_checkpoint": Alias("resume")}
-    IGNORED: ClassVar[tuple[str, ...]] = TRL_IGNORED
+    TRL_FIELDS: ClassVar[dict] = {}
+
+    @staticmethod
+    def from_trl(values: dict, where: str, problems: list[str]) -> dict:
+        """TRL settings read together: use_peft with the lora_* keys, save_strategy with save_steps."""
+        from rto.trl_fields import trl_peft, trl_saving
+
+        trl_peft(values, where, problems)
+        trl_saving(values, where, problems)
+        return values
 
     # --- models and data ---
     model: str = opt("", "model directory to start from (the SFT model, for rm and dpo)")
@@ -84,6 +77,9 @@ class TrainingFields:
     out: str = opt("", "output model directory")
     columns: dict = opt({}, "the data file's column names, e.g. {prompt: question, chosen: good}")
     skip_bad_rows: bool = opt(False, "skip (and count) data rows that cannot be used instead of stopping")
+    chat_template_path: str = opt("", "the chat template for conversational rows, as TRL's: a Jinja file, or a tokenizer "
+                                      "directory whose template is copied (no tokens added); saved with the model "
+                                      "(empty: the tokenizer's own)")
     max_length: int = opt(128, "longest prompt + response in tokens", ge=2)
     long_rows: Literal["skip", "error", "truncate"] = opt(
         "skip", "rows over --max-length tokens: skip (and count), error (naming the row), or truncate (TRL cuts "
@@ -92,7 +88,14 @@ class TrainingFields:
     epochs: float = opt(3.0, "training epochs", gt=0)
     max_steps: int = opt(0, "optimizer steps to train for, overriding --epochs (0: by epochs)", ge=-1)
     learning_rate: float = opt(5e-4, "peak learning rate", gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = opt(
+        "cosine", "learning-rate decay after warm-up: cosine (to 0), linear (to 0; TRL's default) or constant")
     warmup_ratio: float = opt(0.03, "fraction of steps spent warming up", ge=0, lt=1)
+    warmup_steps: int = opt(0, "warm-up length in optimizer steps, instead of --warmup-ratio (0: by the ratio)", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    adam_beta1: float = opt(0.9, "Adam beta1", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "Adam beta2", ge=0, lt=1)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0)
     batch_size: int = opt(32, "rows (or pairs) per optimizer step over all processes: the global batch, as rto ppo's "
                               "batch sizes are; each process takes batch-size / (processes x "
                               "--gradient-accumulation-steps) per micro-step", ge=1)
@@ -244,7 +247,10 @@ def trl_common_args(cfg: TrainingFields, out: str) -> dict:
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1, per_device_train_batch_size=per_device_batch(cfg),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, max_length=cfg.max_length, seed=cfg.seed, data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
+        logging_steps=cfg.logging_steps, warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(cfg.lr_schedule, cfg.lr_schedule),
+        weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
+        max_grad_norm=cfg.max_grad_norm,
         disable_tqdm=not bars_enabled(), dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         log_level="warning",
     )
@@ -285,6 +291,10 @@ def fit_trl(cfg: TrainingFields, trainer_cls, config_cls, model, tokenizer, rows
 
     from datasets import Dataset
 
+    if cfg.chat_template_path:  # before any row is rendered; the stage saves the tokenizer with it
+        from rto.models import set_chat_template
+
+        set_chat_template(tokenizer, cfg.chat_template_path)
     rows = drop_long_rows(rows, tokenizer, cfg, cfg.data, cfg.STAGE)
     args = config_cls(**(config_kwargs or {}), **trl_common_args(cfg, cfg.out))
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,

@@ -12,11 +12,13 @@ from rto.config import opt
 from rto.data import PREFERENCE_FIELDS
 from rto.errors import UserError
 from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config
+from rto.trl_tables import STAGE_TABLES
 
 
 @dataclass
 class DPOStageConfig(TrainingFields):
     STAGE: ClassVar[str] = "dpo"
+    TRL_FIELDS: ClassVar[dict] = STAGE_TABLES["dpo"]
 
     ref_model: str = opt("", "reference model (empty: a frozen copy of --model)")
     beta: float = opt(0.1, "DPO beta (KL strength)", gt=0)

@@ -13,10 +13,9 @@ One iteration (`PPOTrainer._train`):
     optimizers, gradient clipping and schedules;
  6. adapt the KL coefficient (if a target is set), log, evaluate on dev prompts.
 
-PPO (`--reward sparse`) and RTO (`--reward rto`) share every line but step 3. All models stay
-in eval mode (dropout off); only policy and critic get gradients. Settings: ppo_config.py;
-loading and placing the models: ppo_models.py; checkpoints: ppo_checkpoint.py; the algorithm's
-tensor functions: rto/core/.
+PPO (`--reward sparse`) and RTO (`--reward rto`) share every line but step 3. All models stay in
+eval mode; only policy and critic get gradients. Settings: ppo_config.py; models: ppo_models.py;
+checkpoints: ppo_checkpoint.py; the algorithm's tensor functions: rto/core/.
 """
 
 from __future__ import annotations
@@ -72,12 +71,12 @@ class PPOTrainer(CheckpointMixin):
             print(f"[rto] ppo: {self.layout.describe()}", file=sys.stderr, flush=True)
         self.local_rollout = cfg.rollout_batch_size // self.dist.world
         self.local_mini = cfg.mini_batch_size // self.dist.world
-        self.tokenizer = load_tokenizer(cfg.policy)
+        self.tokenizer = load_tokenizer(cfg.policy, chat_template_path=cfg.chat_template_path)
         check_tokenizers(cfg, self.tokenizer)
         if cfg.generation_backend == "vllm":  # before loading anything: it may not be here at all
             from rto.vllm_backend import require_vllm
 
-            require_vllm(self.device)
+            require_vllm(self.device, cfg)  # its sampling settings too: vLLM's limits differ from generate's
         self.prompts = self._read_prompts(cfg.prompts, cfg.prompts_split)
         self.eval_prompts = (self._read_prompts(cfg.eval_prompts)[:cfg.n_eval] if cfg.eval_prompts and cfg.eval_every
                              else [])
@@ -86,7 +85,7 @@ class PPOTrainer(CheckpointMixin):
         if cfg.generation_backend == "vllm":
             from rto.vllm_backend import VLLMRollout
 
-            self.vllm = VLLMRollout.for_run(cfg, self.tokenizer, self.device, self.dist)
+            self.vllm = VLLMRollout.for_run(cfg, self.tokenizer, self.device, self.dist, self.models)
         self.task = load_task(cfg.task) if cfg.task else None
         self.judge = load_judge(cfg.judge, self.tokenizer, self.device) if cfg.judge and self.dist.is_main else None
         self.delimiter_ids = segment_delimiter_ids(cfg, self.tokenizer)
@@ -108,19 +107,20 @@ class PPOTrainer(CheckpointMixin):
         self.selection = Selection(cfg.select_by, cfg.patience, cfg.kl_budget) if cfg.select_by else None
 
     # --- set-up helpers ------------------------------------------------------------------
-    def _read_prompts(self, path: str, split: str = "train") -> list[str]:
+    def _read_prompts(self, path: str, split: str = "train"):
+        """A prompt pool (rto.prompt_pool): read once into a cached Arrow file, drawn lazily."""
         return read_prompts(path, self.tokenizer, max_len=self.cfg.max_prompt_len, long_prompts=self.cfg.long_prompts,
                             columns=self.cfg.columns, skip_bad_rows=self.cfg.skip_bad_rows, split=split)
 
     def _next_prompts(self) -> list[str]:
         """This process's share of the next rollout's prompts: the global rollout passes over the
-        pool, reshuffled each pass (the same order in every process), process r takes block r."""
-        out = []
-        while len(out) < self.cfg.rollout_batch_size:
+        pool, reshuffled each pass (the same order in every process); process r reads block r."""
+        picks = []
+        while len(picks) < self.cfg.rollout_batch_size:
             if not self.order:
                 self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
-            out.append(self.prompts[self.order.pop()])
-        return out[self.dist.rank * self.local_rollout:(self.dist.rank + 1) * self.local_rollout]
+            picks.append(self.order.pop())
+        return self.prompts.take(picks[self.dist.rank * self.local_rollout:(self.dist.rank + 1) * self.local_rollout])
 
     # --- 1-4: rollout, scoring, rewards, advantages --------------------------------------
     @torch.no_grad()
@@ -365,11 +365,11 @@ class PPOTrainer(CheckpointMixin):
             self.history.append(metrics)
             log.log(metrics, it + 1)
             bar.update(1)
+            shown = {k: metrics[k] for k in ("gold_reward", "rm_score", "kl") if k in metrics}
             if main:
                 progress.report(it + 1, cfg.iterations)
-                progress.milestone(f"ppo[{cfg.reward}]: iteration", it + 1, cfg.iterations, time.time() - start,
-                                   {k: metrics[k] for k in ("gold_reward", "rm_score", "kl") if k in metrics})
-            bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("gold_reward", "rm_score", "kl") if k in metrics})
+                progress.milestone(f"ppo[{cfg.reward}]: iteration", it + 1, cfg.iterations, time.time() - start, shown)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
             if cfg.save_every and (it + 1) % cfg.save_every == 0:
                 self._save_checkpoint(it + 1)
         else:  # ran to the end: the final weights get their dev evaluation too

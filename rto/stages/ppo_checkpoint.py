@@ -21,6 +21,7 @@ from rto.core.selection import divergence
 from rto.data import write_json
 from rto.errors import UserError
 from rto.models import save_model, write_model_card
+from rto.report import plot_run
 from rto.sharding import (full_state_dict, is_wrapped, load_sharded, save_sharded, shard_like,
                           shard_optimizer_state)
 
@@ -231,3 +232,4 @@ class CheckpointMixin:
         if main:
             write_json(out / "metrics.json", summary)
             write_model_card(out / "policy", "ppo", self.cfg, summary)
+            plot_run(summary, self.history, out / "training_curve.png")

@@ -8,68 +8,78 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from rto.config import Alias, opt, require
+from rto.config import opt, require
 from rto.core.rewards import PLACEMENTS, REWARD_KINDS
 from rto.distributed import launched_world_size
 from rto.errors import UserError
-from rto.stages.common import TRL_IGNORED, report_to_field, seed_field, threads_field
+from rto.stages.common import report_to_field, seed_field, threads_field
 from rto.tracking import trackers
+from rto.trl_tables import STAGE_TABLES
+
 
 @dataclass
 class PPOStageConfig:
     # Old names still read from configs and flags, with a one-line notice (rto.config.build).
     RENAMED: ClassVar[dict[str, str]] = {"normalize_reward": "normalize_score", "reward_clip": "score_clip"}
-    # TRL's PPOConfig names (its YAML keys and flags), read as ours.
-    ALIASES: ClassVar[dict[str, Alias]] = {
-        "model_name_or_path": Alias("policy"), "sft_model_path": Alias("policy"),
-        "reward_model_path": Alias("reward_model"), "dataset_name": Alias("prompts"), "output_dir": Alias("out"),
-        "dataset_train_split": Alias("prompts_split"),
-        "num_ppo_epochs": Alias("ppo_epochs"), "cliprange": Alias("clip_range"),
-        "local_rollout_forward_batch_size": Alias("score_batch_size"),
-        "cliprange_value": Alias("value_clip"), "response_length": Alias("max_new_tokens"),
-        "bf16": Alias("precision", lambda on: "bf16" if on else "fp32", boolean=True),
-        "use_peft": Alias("lora_r", lambda on: 16 if on else 0, boolean=True),
-        "save_steps": Alias("save_every"), "save_total_limit": Alias("keep_last")}
-
-    # vf_coef has no effect here: separate Adam optimizers are invariant to a loss scale.
-    IGNORED: ClassVar[tuple[str, ...]] = (*TRL_IGNORED, "vf_coef", "num_sample_generations", "exp_name")
-    # TRL PPOConfig settings that map onto several of ours (read by from_trl).
-    TRL_KEYS: ClassVar[dict[str, type]] = {
+    # Every field of TRL's PPOConfig (and TrainingArguments, ScriptArguments, ModelConfig), decided.
+    TRL_FIELDS: ClassVar[dict] = STAGE_TABLES["ppo"]
+    TRL_TYPES: ClassVar[dict[str, type]] = {
         "learning_rate": float, "per_device_train_batch_size": int, "gradient_accumulation_steps": int,
-        "num_mini_batches": int, "total_episodes": int, "whiten_rewards": bool, "stop_token": str}
+        "num_mini_batches": int, "total_episodes": int, "whiten_rewards": bool, "stop_token": str,
+        "num_train_epochs": float}
 
     @staticmethod
-    def from_trl(values: dict, where: str) -> dict:
+    def from_trl(values: dict, where: str, problems: list[str]) -> dict:
         """TRL's PPO settings in ours. A rollout is per_device_train_batch_size x
         gradient_accumulation_steps x processes prompts (TRL's defaults 8 and 1), num_mini_batches
-        mini-batches of it per epoch, total_episodes prompts in all; learning_rate is the policy's
-        and the critic's (TRL trains both with one optimizer). whiten_rewards and a stop token other
-        than EOS are not offered. Settings of our own names win."""
+        mini-batches of it per epoch, total_episodes prompts in all (num_train_epochs counts only
+        without it, and is refused: the prompt count is not known here); learning_rate is the
+        policy's and the critic's (TRL trains both with one optimizer). whiten_rewards and a stop
+        token other than EOS are not offered. Settings of our own names win."""
         from rto.config import coerce
+        from rto.trl_fields import _norm, trl_peft, trl_saving
 
-        trl = {k: values.pop(k) for k in list(values) if k in PPOStageConfig.TRL_KEYS}
+        trl_peft(values, where, problems)
+        trl_saving(values, where, problems)
+        trl = {k: values.pop(k) for k in list(values) if k in PPOStageConfig.TRL_TYPES}
+
+        def put(key: str, value) -> None:  # ours win; TRL's computed ones are None (unset) in its YAML
+            if values.get(key) is None:
+                values[key] = value
 
         def get(key: str, default):
-            return coerce(trl[key], PPOStageConfig.TRL_KEYS[key], f"{where}: {key}") if key in trl else default
+            if trl.get(key) is None:
+                return default
+            try:
+                return coerce(trl[key], PPOStageConfig.TRL_TYPES[key], f"{where}: {key}")
+            except UserError as e:
+                problems.append(str(e))
+                return default
 
-        if "learning_rate" in trl:
-            values.setdefault("actor_lr", get("learning_rate", None))
-            values.setdefault("critic_lr", get("learning_rate", None))
+        if get("learning_rate", None) is not None:
+            put("actor_lr", get("learning_rate", None))
+            put("critic_lr", get("learning_rate", None))
         if "per_device_train_batch_size" in trl or "gradient_accumulation_steps" in trl:
-            values.setdefault("rollout_batch_size", get("per_device_train_batch_size", 8)
-                              * get("gradient_accumulation_steps", 1) * launched_world_size())
-        rollout = int(values.get("rollout_batch_size", PPOStageConfig.rollout_batch_size))  # (its default)
-        if "num_mini_batches" in trl:
-            n = get("num_mini_batches", 1)
-            if n < 1 or rollout % n:
-                raise UserError(f"{where}: num_mini_batches {n} does not divide the rollout of {rollout} prompts")
-            values.setdefault("mini_batch_size", rollout // n)
-        if "total_episodes" in trl:
-            values.setdefault("iterations", max(1, -(-get("total_episodes", 0) // rollout)))
+            put("rollout_batch_size", get("per_device_train_batch_size", 8)
+                * get("gradient_accumulation_steps", 1) * launched_world_size())
+        try:
+            rollout = int(values.get("rollout_batch_size") or PPOStageConfig.rollout_batch_size)  # (its default)
+        except (TypeError, ValueError):
+            rollout = PPOStageConfig.rollout_batch_size  # build() reports the bad value
+        n = get("num_mini_batches", 1)
+        if n < 1 or rollout % n:
+            problems.append(f"{where}: num_mini_batches {n} does not divide the rollout of {rollout} prompts")
+        elif "num_mini_batches" in trl:
+            put("mini_batch_size", rollout // n)
+        if get("total_episodes", None) is not None:
+            put("iterations", max(1, -(-get("total_episodes", 0) // rollout)))
+        elif get("num_train_epochs", 3.0) != 3.0 and values.get("iterations") is None:
+            problems.append(f"{where}: num_train_epochs: TRL's PPO counts prompts; give total_episodes (or "
+                            "iterations)")
         if get("whiten_rewards", False):
-            raise UserError(f"{where}: whiten_rewards: not offered (advantages are whitened: --whiten-advantages)")
-        if str(get("stop_token", "eos") or "eos").lower() != "eos":
-            raise UserError(f"{where}: stop_token {trl['stop_token']!r}: responses end at the tokenizer's EOS only")
+            problems.append(f"{where}: whiten_rewards: not offered (advantages are whitened: --whiten-advantages)")
+        if str(_norm(trl.get("stop_token")) or "eos").lower() != "eos":  # (None or to_dict()'s mask: unset)
+            problems.append(f"{where}: stop_token {trl['stop_token']!r}: responses end at the tokenizer's EOS only")
         return values
 
     # --- models and data ---
@@ -113,6 +123,7 @@ class PPOStageConfig:
     whiten_advantages: bool = opt(True, "whiten advantages over the rollout")
     # --- optimization ---
     iterations: int = opt(100, "rollout + update iterations", ge=1)
+    seed: int = seed_field()
     rollout_batch_size: int = opt(64, "prompts per rollout", ge=1)
     mini_batch_size: int = opt(16, "responses per optimizer step", ge=1)
     micro_batch_size: int = opt(0, "responses per forward/backward (0: = mini-batch)", ge=0)
@@ -122,8 +133,12 @@ class PPOStageConfig:
     adam_beta1: float = opt(0.9, "Adam beta1", ge=0, lt=1)
     adam_beta2: float = opt(0.95, "Adam beta2", ge=0, lt=1)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
-    lr_schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warm-up (cosine to 10%)")
+    lr_schedule: Literal["cosine", "linear", "constant"] = opt(
+        "cosine", "learning-rate decay after warm-up: cosine (to --lr-min-ratio of the peak), linear (to 0; TRL's "
+                  "default) or constant")
+    lr_min_ratio: float = opt(0.1, "where --lr-schedule cosine ends, as a fraction of the peak", ge=0, lt=1)
     warmup_ratio: float = opt(0.03, "fraction of optimizer steps spent warming up", ge=0, lt=1)
+    warmup_steps: int = opt(0, "warm-up length in optimizer steps, instead of --warmup-ratio (0: by the ratio)", ge=0)
     max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0)
     clip_range: float = opt(0.2, "PPO ratio clip", gt=0)
     value_clip: float | None = opt(0.2, "value clip around rollout values (none: off)", gt=0)
@@ -132,6 +147,9 @@ class PPOStageConfig:
     max_prompt_len: int = opt(512, "prompt length limit in tokens", ge=1)
     columns: dict = opt({}, "the prompt file's column names, e.g. {prompt: question}")
     skip_bad_rows: bool = opt(False, "skip (and count) prompt rows that cannot be used instead of stopping")
+    chat_template_path: str = opt("", "the chat template for conversational prompts, as TRL's: a Jinja file, or a "
+                                      "tokenizer directory whose template is copied (no tokens added); saved with the "
+                                      "policy (empty: the policy tokenizer's own)")
     long_prompts: Literal["error", "skip", "truncate"] = opt(
         "error", "a prompt over --max-prompt-len: error (naming its row), skip (counted), or truncate (keep its end)")
     temperature: float = opt(1.0, "sampling temperature (log-probs use the same)", gt=0)
@@ -147,6 +165,7 @@ class PPOStageConfig:
                                               "forward of every layer per update")
     # --- speed ---
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    threads: int = threads_field()
     precision: Literal["auto", "fp32", "bf16"] = opt(
         "auto", "bf16: frozen models stored in bf16, trained ones in fp32 under bf16 autocast (auto: bf16 on a "
                 "GPU that supports it, else fp32)")
@@ -170,6 +189,7 @@ class PPOStageConfig:
     # --- logging ---
     report_to: list[str] = report_to_field()
     eval_every: int = opt(10, "evaluate on --eval-prompts every N iterations (0: never)", ge=0)
+    n_eval: int = opt(128, "evaluation prompts used", ge=1)
     # --- guards ---
     max_bad_steps: int = opt(3, "consecutive non-finite updates (loss, gradient, reward, log-prob) skipped "
                                 "before the run stops", ge=0)
@@ -178,7 +198,7 @@ class PPOStageConfig:
     save_every: int = opt(0, "write a resumable checkpoint to OUT/checkpoints every N iterations (0: never)", ge=0)
     keep_last: int = opt(2, "checkpoints kept (older ones are deleted; 0: keep all)", ge=0)
     resume: str = opt("", "resume from a checkpoint: auto (the latest in OUT/checkpoints, if any) or its path")
-    n_eval: int = opt(128, "evaluation prompts used", ge=1)
+    save_critic: bool = opt(True, "also save the critic to OUT/critic")
     # --- choosing the result on the dev prompts (rto.core.selection) ---
     judge: str = opt("", "held-out judge of the dev responses, never trained on, logged as judge_score: a reward-model "
                          "directory (e.g. an RM trained on other pairs) or module:function(prompts, responses) -> "
@@ -189,9 +209,6 @@ class PPOStageConfig:
     patience: int = opt(0, "with --select-by: stop after this many evaluations without a new best (0: never)", ge=0)
     kl_budget: float | None = opt(None, "with --select-by: stop once the dev KL to the reference exceeds this "
                                         "(nats per response); a point over it is never selected", gt=0)
-    save_critic: bool = opt(True, "also save the critic to OUT/critic")
-    seed: int = seed_field()
-    threads: int = threads_field()
 
     @property
     def uses_dpo(self) -> bool:

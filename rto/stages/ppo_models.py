@@ -260,14 +260,16 @@ def _shared_base_models(cfg: PPOStageConfig, rm, device: torch.device, bf16: boo
 
 
 def make_optimizer(model: nn.Module, lr: float, cfg: PPOStageConfig, total_steps: int):
-    """AdamW over the model's trained parameters, and its schedule: warm-up, then cosine (to 10%),
-    linear or constant over the run's optimizer steps."""
+    """AdamW over the model's trained parameters, and its schedule: warm-up (--warmup-steps, else
+    --warmup-ratio of the run), then cosine (to --lr-min-ratio of the peak, 10% unless set), linear
+    (to 0) or constant over the run's optimizer steps."""
     from transformers import get_scheduler
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     name = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule]
-    extra = {"min_lr_rate": 0.1} if cfg.lr_schedule == "cosine" else None
-    sched = get_scheduler(name, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+    extra = {"min_lr_rate": cfg.lr_min_ratio} if cfg.lr_schedule == "cosine" else None
+    warmup = min(cfg.warmup_steps, total_steps) if cfg.warmup_steps else math.ceil(cfg.warmup_ratio * total_steps)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup,
                           num_training_steps=total_steps, scheduler_specific_kwargs=extra)
     return opt, sched

@@ -15,13 +15,17 @@ import torch
 from rto.config import opt
 from rto.data import PREFERENCE_FIELDS, as_texts, read_rows
 from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config
+from rto.trl_tables import STAGE_TABLES
 
 
 @dataclass
 class RMStageConfig(TrainingFields):
     STAGE: ClassVar[str] = "rm"
+    TRL_FIELDS: ClassVar[dict] = STAGE_TABLES["rm"]
 
     eval_data: str = opt("", "held-out pairs to report accuracy on (empty: none)")
+    center_rewards_coefficient: float | None = opt(
+        None, "weight of TRL's auxiliary loss that pulls the scores' mean to 0 (none: off)", ge=0)
 
 
 def pair_accuracy(model, tokenizer, rows: list[dict]) -> float:
@@ -47,7 +51,8 @@ def run(cfg: RMStageConfig) -> dict:
     model = load_score_model(cfg.model, what="SFT model")
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer, rows, result, seconds = fit_trl(cfg, RewardTrainer, RewardConfig, model, tokenizer, rows,
-                                             stage_lora_config(cfg, "SEQ_CLS"))
+                                             stage_lora_config(cfg, "SEQ_CLS"),
+                                             {"center_rewards_coefficient": cfg.center_rewards_coefficient})
     model = trainer.model
     if cfg.lora_r:  # the RM is used whole (it shares nothing): merge its adapter and saved head
         model = model.merge_and_unload()

@@ -13,11 +13,13 @@ from typing import ClassVar
 from rto.config import opt
 from rto.data import SFT_FIELDS
 from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config
+from rto.trl_tables import STAGE_TABLES
 
 
 @dataclass
 class SFTStageConfig(TrainingFields):
     STAGE: ClassVar[str] = "sft"
+    TRL_FIELDS: ClassVar[dict] = STAGE_TABLES["sft"]
     REQUIRED: ClassVar[tuple[str, ...]] = ("data", "out")
 
     model: str = opt("", "model directory to start from (empty: a new model for --task)")

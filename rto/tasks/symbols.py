@@ -9,6 +9,12 @@ import re
 from rto.tasks.base import Task
 
 PAD, EOS, SEP, UNK = "<pad>", "<eos>", "<sep>", "<unk>"
+# The chat template of every built-in task's tokenizer, so {messages} data works on the tool's own
+# models: a turn is its text, then <sep> (a user's or system's turn, as a task's prompt ends) or
+# <eos> (an assistant's, as a response ends); the assistant's turn starts after one space, as a
+# response follows a prompt. Prompt-only rendering is thus a prefix of the whole conversation's.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %} <eos>{% else %} <sep>"
+                 "{% endif %}{% if not loop.last %} {% endif %}{% endfor %}{% if add_generation_prompt %} {% endif %}")
 _TOKEN = re.compile(r"<eos>|<sep>|<pad>|<unk>|s\d+")
 
 
@@ -46,10 +52,12 @@ class SymbolTask(Task):
         core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
         core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         # <sep> and <eos> are special, so "...<sep>" + "s3" still splits in two.
-        return PreTrainedTokenizerFast(
+        tok = PreTrainedTokenizerFast(
             tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK,
             additional_special_tokens=[SEP], model_max_length=128,
         )
+        tok.chat_template = CHAT_TEMPLATE
+        return tok
 
     def model_config(self):
         return dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,

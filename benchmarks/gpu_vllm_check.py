@@ -215,8 +215,6 @@ def case_main(root: Path, report) -> None:
 
 
 def case_lora(root: Path, report) -> None:
-    import torch
-
     from rto.models import load_causal_lm, load_tokenizer
     from rto.vllm_backend import VLLMRollout
 

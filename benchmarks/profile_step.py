@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where one PPO/RTO iteration spends its time, phase by phase (the profile in docs/performance.md).
 
-    python benchmarks/profile_step.py [--config small|large] [--reward rto|sparse] [--threads N] [--packing]
+    python benchmarks/profile_step.py [--config small|large] [--reward rto|sparse] [--threads N] [--packing] [--out JSON]
 
 Same models and work as step_throughput.py. Times, per iteration (median over --reps after a
 warm-up): generation, the scoring passes (reference and DPO log-probs, RM score, critic values),
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--packing", action="store_true")
+    p.add_argument("--out", help="also write the medians as JSON (docs/results/profile_CONFIG.json: the page's table)")
     a = p.parse_args()
     import warnings
 
@@ -101,9 +102,23 @@ def main() -> None:
     print(f"{a.config} model, --reward {a.reward}, threads {torch.get_num_threads()}, packing {a.packing}: "
           f"median of {a.reps} iterations")
     total = statistics.median(r["total"] for r in rows)
-    for key in rows[0]:
-        v = statistics.median(r[key] for r in rows)
+    medians = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+    for key, v in medians.items():
         print(f"  {key:<38} {v:8.3f} s  {100 * v / total:5.1f}%")
+    if a.out:
+        import json
+
+        Path(a.out).write_text(json.dumps({"config": a.config, "reward": a.reward, "threads": torch.get_num_threads(),
+                                           "packing": a.packing, "reps": a.reps, "median_s": medians,
+                                           "iterations": rows}, indent=2))
+        from throughput_doc import write_profile_doc
+
+        results = HERE.parent / "docs" / "results"
+        found = {c: results / f"profile_{c}.json" for c in st.CONFIGS}
+        if Path(a.out).resolve() in found.values() and all(f.is_file() for f in found.values()):  # the page's table
+            params = json.loads((HERE.parent / "docs" / "results" / "step_throughput.json").read_text())["configs"]
+            write_profile_doc({c: json.loads(f.read_text()) for c, f in found.items()},
+                              {c: params[c]["params"] for c in found})
 
 
 if __name__ == "__main__":

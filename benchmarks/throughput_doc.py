@@ -42,11 +42,8 @@ def markdown_tables(results: dict, configs: dict) -> str:
 
 
 def write_doc(results: dict, configs: dict, doc: Path = DOC) -> None:
-    """Replace the table block of docs/performance.md with the one these results give."""
-    text = doc.read_text()
-    before, _, rest = text.partition(DOC_BEGIN)
-    _, _, after = rest.partition(DOC_END)
-    doc.write_text(f"{before}{DOC_BEGIN}\n{markdown_tables(results, configs)}\n{DOC_END}{after}")
+    """Replace the throughput and memory tables of docs/performance.md with the ones these results give."""
+    write_blocks(doc, {DOC_BEGIN: markdown_tables(results, configs), MEMORY_BEGIN: memory_table(results)})
 
 
 def targets(configs: dict[str, dict]) -> dict:
@@ -63,3 +60,55 @@ def targets(configs: dict[str, dict]) -> dict:
     for name, row in configs.items():
         check(f"rto_overhead:{name}", row["rto_overhead"], row["rto_overhead"] <= 1.10)
     return out
+
+
+PROFILE_BEGIN = "<!-- profile table: written by benchmarks/step_throughput.py from docs/results/profile_*.json -->"
+PHASES = (("generate", "generation (24 steps, KV cache)"),
+          ("scoring: log-prob passes (ref, DPO)", "reference + DPO log-prob passes"),
+          ("scoring: RM + critic passes", "RM + critic passes"), ("rewards, advantages, rest", "rewards, advantages, the rest"),
+          ("train: forward", "update: forward"), ("train: backward", "update: backward"),
+          ("train: optimizer", "update: optimizer"), ("train: rest", "update: the rest"), ("total", "total"))
+
+
+def profile_table(profiles: dict[str, dict], params: dict[str, float]) -> str:
+    """The phase-by-phase profile (benchmarks/profile_step.py --out), one column per model."""
+    names = list(profiles)
+    lines = ["| phase | " + " | ".join(f"{n} ({params[n] / 1e6:.2f} M params)" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for key, label in PHASES:
+        cells = []
+        for n in names:
+            m = profiles[n]["median_s"]
+            cells.append(f"{m[key]:.3f} s" if key == "total" else f"{m[key]:.3f} s ({100 * m[key] / m['total']:.0f}%)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_profile_doc(profiles: dict[str, dict], params: dict[str, float], doc: Path = DOC) -> None:
+    write_blocks(doc, {PROFILE_BEGIN: profile_table(profiles, params)})
+
+
+MEMORY_BEGIN = "<!-- memory table: written by benchmarks/step_throughput.py -->"
+
+
+def memory_table(results: dict) -> str:
+    """Peak resident memory per side (the same benchmark): full models, the LoRA shared base, TRL."""
+    lines = ["| model | full models: ours (larger of PPO, RTO) | LoRA shared base (r = 16): ours RTO | "
+             "TRL PPO (no DPO model) | RTO step, full / LoRA |", "|---|---|---|---|---|"]
+    for name, row in results["configs"].items():
+        trl = f"{row['trl_peak_rss_mb']:.0f} MB" if "trl_peak_rss_mb" in row else "-"
+        lines.append(f"| {name} | {row['ours_peak_rss_mb']:.0f} MB | {row['ours_lora_peak_rss_mb']:.0f} MB | {trl} | "
+                     f"{row['ours_rto_s']:.3f} s / {row['ours_lora_rto_s']:.3f} s |")
+    return "\n".join(lines)
+
+
+def write_blocks(doc: Path, blocks: dict[str, str]) -> None:
+    """Replace each marked block of the page (its begin marker up to the next end marker)."""
+    text = doc.read_text()
+    for begin, body in blocks.items():
+        before, found, rest = text.partition(begin)
+        if not found:
+            continue
+        _, _, after = rest.partition(DOC_END)
+        text = f"{before}{begin}\n{body}\n{DOC_END}{after}"
+    doc.write_text(text)

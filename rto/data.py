@@ -325,10 +325,3 @@ def as_texts(rows: list[dict], tokenizer) -> tuple[list[str], list[str], list[st
             full = render((r["prompt"] if isinstance(r["prompt"], list) else []) + value, tokenizer)
             out.append(full[len(prompt):] if full.startswith(prompt) else full)
     return prompts, chosen, rejected
-
-
-def read_prompts(path: str | Path, tokenizer, **kwargs):
-    """PPO's prompts (a lazily read, cached pool): rto.prompt_pool.read_prompts."""
-    from rto.prompt_pool import read_prompts as read
-
-    return read(path, tokenizer, **kwargs)

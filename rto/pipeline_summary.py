@@ -75,7 +75,7 @@ def settings_record(pipe, rl_jobs: list) -> dict:
 
 def reference_lines(pipe, ppo_cfg) -> dict:
     """SFT and DPO on the same dev prompts, evaluated as the RL curves are (rto.evaluate.dev_point)."""
-    from rto.data import read_prompts
+    from rto.prompt_pool import read_prompts
     from rto.evaluate import dev_point
     from rto.models import load_causal_lm, load_score_model, load_tokenizer
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from rto.config import build
-from rto.data import read_prompts, write_jsonl
+from rto.data import write_jsonl
+from rto.prompt_pool import read_prompts
 from rto.evaluate import dev_point
 from rto.models import load_causal_lm, load_tokenizer
 from rto.stages.ppo import PPOTrainer

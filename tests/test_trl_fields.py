@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 import rto
-from rto.trl_fields import Hook, Ignore, Map, Refuse, _norm, markdown, same
+from rto.trl_fields import Hook, Ignore, Map, Refuse, _norm, same
+from rto.trl_tables import markdown
 from rto.trl_tables import LEGACY, PPO_LEGACY, STAGE_TABLES, TRL112_PPO_DEFAULTS
 from tests.test_cli import ENV
 
@@ -86,7 +87,7 @@ def test_mapped_fields_name_our_settings(stage):
 
 def test_the_doc_is_the_tables():
     doc = (ROOT / "docs" / "trl-compatibility.md").read_text()
-    assert doc == markdown(), "regenerate: python -c 'from rto.trl_fields import markdown; print(markdown())' " \
+    assert doc == markdown(), "regenerate: python -c 'from rto.trl_tables import markdown; print(markdown())' " \
                               "> docs/trl-compatibility.md"
     for stage, table in STAGE_TABLES.items():
         for name in table:

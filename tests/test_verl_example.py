@@ -36,7 +36,7 @@ def test_rto_token_rewards_on_verls_layout(tiny_dirs, prompt_file, left_padded_p
     import rto_reward
 
     from rto.core.rewards import dpo_token_term, token_rewards
-    from rto.data import read_prompts
+    from rto.prompt_pool import read_prompts
     from rto.models import load_causal_lm, load_tokenizer
     from rto.rollout import Batch, encode_prompts, response_logits, token_logprobs
 

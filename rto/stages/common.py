@@ -16,6 +16,7 @@ from rto.config import opt
 from rto.distributed import launched_world_size
 from rto.errors import UserError
 from rto.progress import bars_enabled
+from rto.trl_fields import trl_peft, trl_saving
 
 
 def setup(seed: int, threads: int) -> None:
@@ -61,8 +62,6 @@ class TrainingFields:
     @staticmethod
     def from_trl(values: dict, where: str, problems: list[str]) -> dict:
         """TRL settings read together: use_peft with the lora_* keys, save_strategy with save_steps."""
-        from rto.trl_fields import trl_peft, trl_saving
-
         trl_peft(values, where, problems)
         trl_saving(values, where, problems)
         return values

@@ -38,13 +38,13 @@ from rto.core.masked import masked_mean
 from rto.core.rewards import dpo_token_term, ensemble_score, kl_estimate, normalise_score, token_rewards
 from rto.core.selection import Selection
 from rto.custom_rewards import CustomRewards
-from rto.data import read_prompts
 from rto.distributed import Dist, is_collective_failure
 from rto.evaluate import dev_point
 from rto.experience import Experience
 from rto.faults import inject_faults
 from rto.judges import load_judge
 from rto.models import load_tokenizer
+from rto.prompt_pool import read_prompts
 from rto.rollout import (Batch, decode_responses, encode_prompts, generate, pack, response_logits, sampling_logits,
                          sequence_scores, token_logprobs, token_values)
 from rto.stages.common import setup

@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from rto.coercion import coerce
 from rto.config import opt, require
 from rto.core.rewards import PLACEMENTS, REWARD_KINDS
 from rto.distributed import launched_world_size
 from rto.errors import UserError
 from rto.stages.common import report_to_field, seed_field, threads_field
 from rto.tracking import trackers
+from rto.trl_fields import _norm, trl_peft, trl_saving
 from rto.trl_tables import STAGE_TABLES
 
 
@@ -36,9 +38,6 @@ class PPOStageConfig:
         without it, and is refused: the prompt count is not known here); learning_rate is the
         policy's and the critic's (TRL trains both with one optimizer). whiten_rewards and a stop
         token other than EOS are not offered. Settings of our own names win."""
-        from rto.config import coerce
-        from rto.trl_fields import _norm, trl_peft, trl_saving
-
         trl_peft(values, where, problems)
         trl_saving(values, where, problems)
         trl = {k: values.pop(k) for k in list(values) if k in PPOStageConfig.TRL_TYPES}

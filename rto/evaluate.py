@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from rto.rollout import (Batch, decode_responses, encode_prompts, generate, response_logits, sequence_scores,
-                         token_logprobs)
+from rto.rollout import (Batch, decode_responses, encode_prompts, encode_responses, generate, response_logits,
+                         sequence_scores, token_logprobs)
 
 
 @torch.no_grad()
@@ -106,3 +106,63 @@ def dev_point(policy, tokenizer, prompts: list[str], *, max_new_tokens: int, tem
         s = rm_scores(rm, batches)
         point["rm_score"] = sum(s) / len(s)
     return point
+
+
+# --- held-out preference pairs: how well a reward model orders them ------------------------------
+
+@torch.no_grad()
+def implicit_reward_margins(policy, reference, tokenizer, rows: list[dict], batch_size: int = 64) -> torch.Tensor:
+    """Per pair, DPO's implicit reward of `chosen` minus that of `rejected`, without beta:
+    sum over the response tokens of log pi(y|x) - log pi_ref(y|x) (at temperature 1, EOS appended
+    where missing, as DPO trained and as RTO's dense reward reads it): [N].
+
+    beta (> 0, the DPO stage's setting) scales every margin alike, so the sign - all an accuracy
+    reads - does not depend on it."""
+    from rto.data import as_texts
+
+    prompts, chosen, rejected = as_texts(rows, tokenizer)
+    device = next(policy.parameters()).device
+    margins = []
+    for i in range(0, len(prompts), batch_size):
+        log_ratios = []
+        for responses in (chosen[i:i + batch_size], rejected[i:i + batch_size]):
+            b = encode_responses(tokenizer, prompts[i:i + batch_size], responses)
+            b = Batch(*(t.to(device) for t in (b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)))
+            log_ratios.append(sequence_logprob(policy, b) - sequence_logprob(reference, b))
+        margins.append((log_ratios[0] - log_ratios[1]).cpu())
+    return torch.cat(margins) if margins else torch.zeros(0)
+
+
+def margin_accuracy(margins) -> float:
+    """Share of pairs ordered right (margin > 0); an exact tie (margin 0) counts half, as a coin
+    flip would score it, so a model that cannot tell the two apart sits at chance (0.5)."""
+    margins = torch.as_tensor(margins, dtype=torch.float64)
+    if not len(margins):
+        return float("nan")
+    return float(((margins > 0).double() + 0.5 * (margins == 0).double()).mean())
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(accuracy: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion observed over n trials (Wilson 1927): the
+    proportions p whose normal test |p_hat - p| <= z sqrt(p (1 - p) / n) accepts. Unlike
+    p_hat +- z se it stays within [0, 1] and keeps its width at 0 or n successes. A tie counted
+    half makes p_hat a multiple of 1/(2n); the formula takes any p_hat."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    z2n = z * z / n
+    centre = (accuracy + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * (accuracy * (1 - accuracy) / n + z2n / (4 * n)) ** 0.5
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def chance_verdict(interval: tuple[float, float] | list[float]) -> str | None:
+    """The rule, fixed before any run: an accuracy is "near chance" when its 95% interval over
+    the held-out pairs includes 0.5 (ends included), "below chance" when it lies wholly under
+    0.5; otherwise None (the pairs tell it from a coin)."""
+    lo, hi = interval
+    if hi < 0.5:
+        return "below chance"
+    return "near chance" if lo <= 0.5 else None

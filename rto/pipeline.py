@@ -22,7 +22,7 @@ from rto import progress
 from rto.config import build, opt, to_dict
 from rto.core.rewards import PLACEMENTS
 from rto.errors import UserError
-from rto.pipeline_summary import last_differs, summarise
+from rto.pipeline_summary import heldout_pairs_file, last_differs, summarise
 from rto.stages import STAGES
 from rto.tune import is_preset_file, read_preset
 
@@ -253,10 +253,10 @@ class Pipeline:
         offline = []
         group_threads = self.threads_for(min(cfg.jobs, 2))
         if needs_rm:
-            heldout = d / "prefs_heldout.jsonl"
+            heldout = heldout_pairs_file(out)  # the pairs the summary scores the DPO model on, too
             offline.append(("rm", "rm", self.stage_config("rm", "rm", {
                 "model": str(out / "sft"), "data": str(d / "prefs.jsonl"), "out": str(out / "rm"),
-                "eval_data": str(heldout) if heldout.is_file() and heldout.stat().st_size else "",
+                "eval_data": str(heldout or ""),
                 "seed": cfg.seed, "threads": group_threads})))
         for i in range(2, cfg.rm_ensemble + 1 if needs_rm else 0):  # more members, same settings
             offline.append((f"rm_{i}", "rm", self.stage_config("rm", "rm", {

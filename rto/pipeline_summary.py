@@ -1,5 +1,6 @@
-"""The end of `rto pipeline`: OUT/summary.json, the results table, the training plot, and the SFT
-and DPO reference lines on the dev prompts - everything read back from the stages' outputs."""
+"""The end of `rto pipeline`: OUT/summary.json, the results table, the training plot, the SFT
+and DPO reference lines on the dev prompts, and how well the RM and the DPO model (RTO's reward)
+order the held-out pairs - everything read back from the stages' outputs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def summarise(pipe, start: float, rl_jobs: list) -> dict:
 
     out = pipe.out
     ev = json.loads((out / "eval.json").read_text())
-    summary: dict = {"task": pipe.cfg.task, "preset": pipe.cfg.preset, "baseline": "sft",
+    summary: dict = {"task": pipe.cfg.task, "preset": pipe.cfg.preset, "seed": pipe.cfg.seed, "baseline": "sft",
                      "methods": {k: v for k, v in ev["methods"].items() if "@" not in k},
                      "last_checkpoints": {k: v for k, v in ev["methods"].items() if "@" in k},
                      "n_test_prompts": ev["n_prompts"]}
@@ -25,6 +26,7 @@ def summarise(pipe, start: float, rl_jobs: list) -> dict:
             if "eval_accuracy" in rmm:
                 summary[f"{summary_key}_accuracy"] = rmm["eval_accuracy"]
             summary[f"{summary_key}_train_accuracy"] = rmm.get("train_accuracy")
+    summary.update(heldout_accuracies(pipe, summary))
     for summary_key, info_file, field in (("teacher_gold_reward", "data_info.json", "teacher_gold_reward"),
                                           ("label_agreement", "pairs_info.json", "label_agreement_with_gold")):
         f = out / "data" / info_file
@@ -55,6 +57,43 @@ def summarise(pipe, start: float, rl_jobs: list) -> dict:
         print(f"plot: {plot}")
     print(f"summary: {out / 'summary.json'}")
     return summary
+
+
+def heldout_pairs_file(out: Path) -> Path | None:
+    """The held-out pairs (test-split prompts, ordered by gold reward) the RM, the judge and the
+    DPO model are scored on; None where the pairs stage wrote none."""
+    f = Path(out) / "data" / "prefs_heldout.jsonl"
+    return f if f.is_file() and f.stat().st_size else None
+
+
+def heldout_accuracies(pipe, summary: dict) -> dict:
+    """On the held-out pairs: the DPO model's implicit-reward accuracy (RTO's reward model, beside
+    the RM's), and each accuracy's 95% Wilson interval over the pairs - with a few hundred pairs an
+    RM at 0.53 cannot be told from a coin, and the table says so (rto.evaluate.chance_verdict)."""
+    from rto.config import load_yaml
+    from rto.data import PREFERENCE_FIELDS, read_rows
+    from rto.evaluate import implicit_reward_margins, margin_accuracy, wilson_interval
+    from rto.models import load_causal_lm, load_tokenizer
+
+    heldout = heldout_pairs_file(pipe.out)
+    if heldout is None:
+        return {}
+    rows = read_rows(heldout, PREFERENCE_FIELDS)  # as the RM stage reads its eval_data
+    out: dict = {"heldout_pairs": len(rows)}
+    dpo_dir, dpo_cfg = pipe.out / "dpo", pipe.out / "configs" / "dpo.yaml"
+    if dpo_dir.is_dir() and dpo_cfg.is_file():
+        cfg = load_yaml(dpo_cfg)
+        reference = cfg.get("ref_model") or cfg["model"]  # what DPO trained against: the SFT model here
+        margins = implicit_reward_margins(load_causal_lm(dpo_dir, "DPO model"),
+                                          load_causal_lm(reference, "DPO reference model"),
+                                          load_tokenizer(dpo_dir), rows)
+        out.update(dpo_accuracy=margin_accuracy(margins), dpo_accuracy_ties=int((margins == 0).sum()),
+                   dpo_beta=cfg.get("beta"))
+    for key in ("rm", "judge", "dpo"):
+        acc = out.get(f"{key}_accuracy", summary.get(f"{key}_accuracy"))
+        if acc is not None:
+            out[f"{key}_accuracy_ci"] = list(wilson_interval(acc, len(rows)))
+    return out
 
 
 def settings_record(pipe, rl_jobs: list) -> dict:

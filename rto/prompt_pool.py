@@ -184,7 +184,8 @@ def _prepared(raw, tokenizer, columns: dict):
     hand = "__rto_json" in raw.column_names  # read by _hand_rows
     with FileLock(str(cache) + ".lock"):
         return raw.map(_prepare_batch, batched=True, batch_size=10_000, writer_batch_size=10_000,
-                       fn_kwargs={"tokenizer": tokenizer, "columns": columns, "hand": hand},
+                       fn_kwargs={"tokenizer": tokenizer, "count_tokens": token_counter(tokenizer), "columns": columns,
+                                  "hand": hand},
                        remove_columns=[c for c in raw.column_names if c != "__rto_row"],
                        cache_file_name=str(cache), load_from_cache_file=True, new_fingerprint=fingerprint,
                        features=datasets.Features({**({"__rto_row": datasets.Value("int64")} if hand else {}),
@@ -194,7 +195,26 @@ def _prepared(raw, tokenizer, columns: dict):
                        desc="Preparing prompts")
 
 
-def _prepare_batch(batch: dict, *, tokenizer, columns: dict, hand: bool) -> dict:
+def token_counter(tokenizer):
+    """texts -> their lengths in tokens, as `tokenizer(texts)` counts them. A fast tokenizer's Rust
+    backend counts without transformers building an encoding object per text, which was half of a
+    large pool's first read (1M prompts: 17.5 s through `tokenizer(...)`, about 2.7x less this way);
+    a copy of it, so that truncation or padding stored in tokenizer.json (which `tokenizer(...)`
+    turns off per call) cannot shorten a count."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return lambda texts: [len(ids) for ids in tokenizer(texts, return_attention_mask=False,
+                                                           return_token_type_ids=False)["input_ids"]]
+    from tokenizers import Tokenizer
+
+    counter = Tokenizer.from_str(backend.to_str())
+    counter.no_truncation()
+    counter.no_padding()
+    encode = getattr(counter, "encode_batch_fast", counter.encode_batch)  # _fast: no character offsets
+    return lambda texts: [len(e.ids) for e in encode(texts, add_special_tokens=True)]
+
+
+def _prepare_batch(batch: dict, *, tokenizer, count_tokens, columns: dict, hand: bool) -> dict:
     """rto.data's checks for each row (an unusable one keeps its error, whose place is filled in when
     raised), its text as the policy reads it, and its length in tokens."""
     texts, errors = [], []
@@ -218,9 +238,7 @@ def _prepare_batch(batch: dict, *, tokenizer, columns: dict, hand: bool) -> dict
         texts.append(render(row["prompt"], tokenizer, generation_prompt=True))
         errors.append(None)
     ok = [t for t in texts if t is not None]
-    # Lengths only: no masks asked for (a third less time on a large pool's first read).
-    measured = iter(len(ids) for ids in tokenizer(ok, return_attention_mask=False, return_token_type_ids=False)
-                    ["input_ids"]) if ok else iter(())
+    measured = iter(count_tokens(ok)) if ok else iter(())
     out = {"text": [t if t is not None else "" for t in texts],
            "length": [next(measured) if t is not None else -1 for t in texts], "error": errors}
     if hand:

@@ -35,7 +35,7 @@ def results_table(summary: dict) -> str:
                      _fmt(m.get(f"kl_to_{base}"), ".2f"), _fmt(m.get("rm_score")),
                      *([_with_ci(m, "judge_score")] if judged else []), _fmt(m.get("response_length"), ".1f")))
     lines = format_table(rows)
-    notes = []
+    notes = [one_run_note(summary)] if "seed" in summary else []
     for name, sel in (summary.get("selection") or {}).items():
         how = f"stopped early: {sel['stopped']}" if sel.get("stopped") else f"ran {sel['iterations_run']} iterations"
         last = "the last one" if sel["best_iteration"] == sel["iterations_run"] else f"{name}@last is the last"
@@ -50,10 +50,7 @@ def results_table(summary: dict) -> str:
         notes.append(f"RL settings: {summary['settings']['source']}")
     if notes:
         notes.append("")
-    if "rm_accuracy" in summary:
-        notes.append(f"RM held-out accuracy against the gold order: {summary['rm_accuracy']:.3f}")
-    if "judge_accuracy" in summary:
-        notes.append(f"judge (held-out RM) accuracy against the gold order: {summary['judge_accuracy']:.3f}")
+    notes += accuracy_notes(summary)
     if "label_agreement" in summary:
         notes.append(f"preference labels agreeing with the gold order: {summary['label_agreement']:.3f}")
     if "teacher_gold_reward" in summary:
@@ -61,6 +58,48 @@ def results_table(summary: dict) -> str:
     if "seconds" in summary:
         notes.append(f"wall time: {summary['seconds']:.0f} s")
     return "\n".join(lines + [""] + notes)
+
+
+def one_run_note(summary: dict) -> str:
+    """What one run can show: its intervals resample the test prompts of this one training run;
+    the seed's effect (which can reverse a gap between methods) needs runs over seeds."""
+    import shlex
+
+    n = summary.get("n_test_prompts")
+    return (f"one training run (seed {summary['seed']}): the [95% CI]s cover the sampling of the "
+            f"{f'{n} ' if n else ''}test prompts, not the training run's randomness, so a gap between methods "
+            f"here can reverse with another seed; over seeds: rto reproduce --task {shlex.quote(str(summary['task']))} "
+            "--seeds 5 --out DIR")
+
+
+# Which held-out accuracies the table reports, and how it names them.
+_ACCURACIES = (("rm", "RM held-out accuracy against the gold order", "the RM"),
+               ("judge", "judge (held-out RM) accuracy against the gold order", "the judge"),
+               ("dpo", "DPO implicit-reward accuracy on the same pairs (RTO's reward model)", "the DPO model"))
+
+
+def accuracy_notes(summary: dict) -> list[str]:
+    """Each held-out accuracy with its 95% Wilson interval over the pairs, and one plain line for
+    each whose interval says it cannot be told from chance (rto.evaluate.chance_verdict)."""
+    from rto.evaluate import chance_verdict
+
+    n = summary.get("heldout_pairs")
+    notes, warnings = [], []
+    for key, label, who in _ACCURACIES:
+        acc, ci = summary.get(f"{key}_accuracy"), summary.get(f"{key}_accuracy_ci")
+        if acc is None:
+            continue
+        if not ci:  # a summary from before the intervals: the accuracy alone
+            notes.append(f"{label}: {acc:.3f}")
+            continue
+        ties = summary.get(f"{key}_accuracy_ties")
+        notes.append(f"{label}: {acc:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] over {n} pairs"
+                     + (f" ({ties} exact ties, counted half)" if ties else ""))
+        verdict = chance_verdict(ci)
+        if verdict:
+            warnings.append(f"WARNING: {who} orders the held-out pairs {verdict}: the 95% interval of its accuracy "
+                            f"over {n} pairs {'includes' if verdict == 'near chance' else 'lies below'} 0.5")
+    return notes + warnings
 
 
 # Twenty distinct colours (matplotlib's tab20: its ten dark shades, then their light partners) and a

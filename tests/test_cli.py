@@ -37,6 +37,19 @@ def test_smoke_pipeline(tmp_path):
     heldout = [json.loads(line) for line in (tmp_path / "run" / "data" / "prefs_heldout.jsonl").read_text().splitlines()]
     rm, tok = load_score_model(tmp_path / "run" / "rm"), load_tokenizer(tmp_path / "run" / "rm")
     assert summary["rm_accuracy"] == pytest.approx(_pair_accuracy_by_hand(rm, tok, heldout), abs=1e-6)  # float32 mean
+    # The DPO model's implicit-reward accuracy on the same pairs (RTO's reward model), recomputed
+    # the same way: log pi_dpo - log pi_sft over each response's tokens, chosen against rejected.
+    from rto.evaluate import wilson_interval
+    from rto.models import load_causal_lm
+
+    dpo, sft = load_causal_lm(tmp_path / "run" / "dpo"), load_causal_lm(tmp_path / "run" / "sft")
+    by_hand, near_ties = _implicit_accuracy_by_hand(dpo, sft, tok, heldout)
+    assert abs(summary["dpo_accuracy"] - by_hand) <= near_ties / len(heldout) + 1e-9
+    assert summary["heldout_pairs"] == len(heldout) > 0
+    for key in ("rm", "dpo"):  # each with its Wilson interval over the pairs
+        assert summary[f"{key}_accuracy_ci"] == pytest.approx(list(wilson_interval(summary[f"{key}_accuracy"], len(heldout))))
+    assert "DPO implicit-reward accuracy on the same pairs" in proc.stderr
+    assert "one training run (seed 0)" in proc.stderr and "rto reproduce --task keyed --seeds 5" in proc.stderr
     # The RL results are chosen on the dev split (the pipeline's default): the selected checkpoint
     # is the best dev evaluation of its curve, and the last checkpoint is evaluated beside it.
     for m in ("ppo", "rto"):
@@ -95,6 +108,32 @@ def _score_by_hand(rm, tokenizer, prompt, response):
 def _pair_accuracy_by_hand(rm, tokenizer, rows):
     return sum(_score_by_hand(rm, tokenizer, r["prompt"], r["chosen"]) > _score_by_hand(rm, tokenizer, r["prompt"], r["rejected"])
                for r in rows) / len(rows)
+
+
+def _logprob_by_hand(lm, tokenizer, prompt, response):
+    """Sum of the response tokens' log-probs: a plain forward of the unpadded prompt + response
+    (EOS appended where missing, as DPO trains), the logits at position t predicting token t + 1."""
+    import torch
+
+    if not response.endswith(tokenizer.eos_token):
+        response += tokenizer.eos_token
+    p = tokenizer(prompt)["input_ids"]
+    ids = p + tokenizer(response, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(len(p), len(ids)))
+
+
+def _implicit_accuracy_by_hand(dpo, ref, tokenizer, rows):
+    """(Share of pairs where DPO's implicit reward - its log-ratio to the reference - puts chosen
+    above rejected, ties half; how many margins are within float32 noise of 0, where a padded
+    batch and a plain forward may disagree on the sign)."""
+    def log_ratio(r, key):
+        return _logprob_by_hand(dpo, tokenizer, r["prompt"], r[key]) - _logprob_by_hand(ref, tokenizer, r["prompt"], r[key])
+
+    margins = [log_ratio(r, "chosen") - log_ratio(r, "rejected") for r in rows]
+    return (sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(rows),
+            sum(abs(m) < 1e-4 for m in margins))
 
 
 def test_mean_ci_width_is_the_standard_error():

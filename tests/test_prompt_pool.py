@@ -191,3 +191,28 @@ def test_folders_in_an_sft_run_and_a_ppo_run_from_the_command_line(tmp_path, tin
                            "--eval-every", "0", "--threads", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "ppo" / "metrics.json").read_text())["iterations"] == 1
+
+
+def test_token_counts_are_the_tokenizers_own(keyed):
+    """The pool counts tokens through the fast tokenizer's backend: the counts `tokenizer(texts)`
+    gives, special tokens added by a post-processor included, and never cut by a truncation stored
+    in the tokenizer's file (which `tokenizer(...)` turns off per call)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from rto.prompt_pool import token_counter
+
+    texts = ["s1 s2 <sep>", "s3 <sep>", "", "s1 s1 s1 s1 s1 s1 <sep>"]
+    tok = keyed.tokenizer()
+    assert token_counter(tok)(texts) == [len(ids) for ids in tok(texts)["input_ids"]]
+    vocab = {"<unk>": 0, "<bos>": 1, "<pad>": 2, "a": 3, "b": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    backend.enable_truncation(max_length=2)
+    bos = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>", pad_token="<pad>")
+    texts = ["a b a b", "b", "a c"]
+    counted = token_counter(bos)(texts)  # first: a call of the tokenizer turns its stored truncation off
+    assert bos.backend_tokenizer.truncation is not None, "the test needs a truncation stored in the tokenizer"
+    expected = [len(ids) for ids in bos(texts)["input_ids"]]
+    assert expected == [5, 2, 3] and counted == expected

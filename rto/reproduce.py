@@ -66,7 +66,8 @@ class ReproduceConfig(TuneGrid):
     tune: Literal["first-seed", "every-seed"] = opt("first-seed", "tune on the first seed only, or on each")
     gold_references: bool = opt(True, "also run the gold-reward reference points")
     resume: bool = opt(True, "skip runs that finished before with the same settings")
-    report_only: bool = opt(False, "only rebuild results.json, results.md and the figures from OUT/per_seed.json")
+    report_only: bool = opt(False, "only rebuild results.json, results.md and the figures from OUT/per_seed.json "
+                                   "(no run directories needed)")
     ppo: dict = opt({}, "extra `rto ppo` settings for every RL run")
 
     def validate(self):
@@ -185,24 +186,29 @@ class Reproduction:
         start = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         seeds = [cfg.first_seed + i for i in range(cfg.seeds)]
+        previous: dict = {}
         if cfg.report_only:
+            # Everything the report needs is in per_seed.json (each method's per-seed means); the
+            # run directories only add the training curves, taken from results.json where they
+            # are gone. The runs' tuning record, wall time and machine are kept as they were.
             per_seed = json.loads((self.out / "per_seed.json").read_text())
             previous = json.loads((self.out / "results.json").read_text()) if (self.out / "results.json").is_file() else {}
             self.tuning = previous.get("tuning", {}).get("grids", {})
             self.chosen = previous.get("tuning", {}).get("chosen", {})
-            start -= previous.get("wall_time_s", 0.0)
         else:
             per_seed = []
             for i, seed in enumerate(seeds):
                 print(f"[rto] reproduce: seed {seed} ({i + 1} of {len(seeds)})", flush=True)
                 per_seed.append(self.run_seed(seed, tune=i == 0 or cfg.tune == "every-seed"))
                 write_json(self.out / "per_seed.json", per_seed)
-        results = aggregate(per_seed, self.out, cfg)
+        results = aggregate(per_seed, self.out, cfg, previous)
         results["tuning"] = {"grids": self.tuning, "chosen": self.chosen or per_seed[0].get("settings", {}),
                              "protocol": next((f"the preset file of --preset {g['from_preset_file']}"
                                                for g in self.tuning.values() if g.get("from_preset_file")), cfg.tune)}
-        results["wall_time_s"] = time.time() - start
-        results["machine"] = _machine()
+        if previous.get("tuning", {}).get("protocol"):
+            results["tuning"]["protocol"] = previous["tuning"]["protocol"]
+        results["wall_time_s"] = previous.get("wall_time_s", time.time() - start)
+        results["machine"] = previous.get("machine") or _machine()
         write_json(self.out / "results.json", results)
         write_figures(results, per_seed, self.out, cfg)
         from rto.report_reproduce import results_markdown

@@ -3,13 +3,16 @@ over two seeds, each result chosen on the dev split; and a second reproduction f
 file the first one tuned."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from rto.report_reproduce import claims
 from rto.reproduce import TUNING_SEED_OFFSET
+from rto.seed_stats import t_interval
 from tests.test_cli import ENV
 
 
@@ -66,6 +69,25 @@ def test_quick_reproduce(tmp_path):
 
     report = (out / "results.md").read_text()
     assert "| RTO beats PPO |" in report and "| an RM ensemble helps PPO |" in report
+    # Intervals are t intervals over the seeds' paired differences; with 2 seeds no claim is decided.
+    for c in results["comparisons"].values():
+        assert c["ci"] == list(t_interval(c["per_seed"])) and len(c["per_seed"]) == 2
+    assert results["verdict_rules"]["margin"] == 0.04 and "Margin on this task: 0.04" in report
+    assert {c["verdict"] for c in claims(results)} == {"inconclusive (too few seeds)"}
+
+    # --report-only rebuilds the same results from per_seed.json alone, with no run directory.
+    alone = tmp_path / "report_only"
+    alone.mkdir()
+    for name in ("per_seed.json", "results.json"):
+        shutil.copy(out / name, alone / name)
+    rebuilt = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", "--task", "keyed", "--quick", "--out",
+                              str(alone), "--rm-ensemble", "2", "--report-only"], capture_output=True, text=True,
+                             env=ENV, timeout=600)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    again_results = json.loads((alone / "results.json").read_text())
+    for key in ("methods", "comparisons", "data_efficiency", "curves", "tuning", "wall_time_s"):
+        assert again_results[key] == results[key], key
+    assert (alone / "results.md").read_text() == report
     # The choice is written as a preset file that a second reproduction reads instead of tuning.
     preset = yaml.safe_load((out / "preset.yaml").read_text())
     assert preset["base"] == "smoke" and preset["ppo"] == results["tuning"]["chosen"]

@@ -82,3 +82,14 @@ def chat_model(tiny_dirs, tmp_path):
     # built-in tasks' tokenizers save one, so the template under test goes there too.
     (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return model
+
+
+@pytest.fixture
+def prefs(tmp_path):
+    """16 preference pairs on the keyed vocabulary, for the TRL-backed stages' runs."""
+    import json
+
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"s{i} s{i + 1} <sep>", "chosen": f"s{i + 1} <eos>",
+                                        "rejected": f"s{i} <eos>"}) + "\n" for i in range(16)))
+    return path

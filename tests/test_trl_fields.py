@@ -113,14 +113,6 @@ def dump(stage: str, **user) -> dict:
     return yaml.safe_load(yaml.safe_dump({**script, **model, **args}))
 
 
-@pytest.fixture
-def prefs(tmp_path):
-    path = tmp_path / "prefs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"s{i} s{i + 1} <sep>", "chosen": f"s{i + 1} <eos>",
-                                        "rejected": f"s{i} <eos>"}) + "\n" for i in range(8)))
-    return path
-
-
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_a_yaml_written_by_trls_dataclasses_runs_unchanged(tiny_dirs, prefs, tmp_path, stage):
     data = prefs

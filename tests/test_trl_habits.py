@@ -28,14 +28,6 @@ beta: 0.1
 """
 
 
-@pytest.fixture
-def prefs(tmp_path):
-    path = tmp_path / "prefs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"s{i} s{i + 1} <sep>", "chosen": f"s{i + 1} <eos>",
-                                        "rejected": f"s{i} <eos>"}) + "\n" for i in range(16)))
-    return path
-
-
 def test_a_trl_dpo_config_and_flags_run_as_they_are(tiny_dirs, prefs, tmp_path):
     config = tmp_path / "dpo.yaml"
     config.write_text(TRL_DPO_YAML.format(model=tiny_dirs["policy"], data=prefs, out=tmp_path / "dpo"))

@@ -85,7 +85,7 @@ def build(cls, values: dict[str, Any], where: str):
                 _check_range(kwargs[name], known[name].metadata, f"{where}: {name}")
             elif isinstance(decision, trl_fields.Map):
                 for target, value in decision.settings(raw, where, name).items():
-                    if target in from_trl and trl_fields._norm(from_trl[target][1]) != trl_fields._norm(value):
+                    if target in from_trl and trl_fields.normalised(from_trl[target][1]) != trl_fields.normalised(value):
                         problems.append(f"{where}: {name} and {from_trl[target][0]} disagree (both set {target})")
                     from_trl.setdefault(target, (name, value))
             elif isinstance(decision, trl_fields.Ignore):

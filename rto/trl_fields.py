@@ -70,7 +70,7 @@ class Hook:
     why: str  # read by the stage config's from_trl
 
 
-def _norm(v: Any) -> Any:
+def normalised(v: Any) -> Any:
     """One spelling per value: YAML and flag strings, to_dict()'s masks and empties compared alike."""
     if isinstance(v, str):
         low = v.strip().lower()
@@ -83,17 +83,17 @@ def _norm(v: Any) -> Any:
         except ValueError:
             return v
     if isinstance(v, (list, tuple)):
-        return None if not v else [_norm(x) for x in v]
+        return None if not v else [normalised(x) for x in v]
     if isinstance(v, dict):
-        return None if not v else {k: _norm(x) for k, x in v.items()}
+        return None if not v else {k: normalised(x) for k, x in v.items()}
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
     return v
 
 
 def same(value: Any, ok: tuple) -> bool:
-    value = _norm(value)
-    return any(value == _norm(o) and type(value) is type(_norm(o)) for o in ok)
+    value = normalised(value)
+    return any(value == normalised(o) and type(value) is type(normalised(o)) for o in ok)
 
 
 # Names that are close in meaning, not in spelling: suggested for an unknown key when the class has them.
@@ -171,7 +171,7 @@ def trl_saving(values: dict, where: str, problems: list[str]) -> None:
     """TRL's save_strategy: no drops save_steps (our save_every stays 0); steps keeps it."""
     if "save_strategy" not in values:
         return
-    strategy = _norm(values.pop("save_strategy"))
+    strategy = normalised(values.pop("save_strategy"))
     if strategy in (None, False, "no"):
         values.pop("save_steps", None)
     elif strategy != "steps":

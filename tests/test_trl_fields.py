@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import rto
-from rto.trl_fields import Hook, Ignore, Map, Refuse, _norm, same
+from rto.trl_fields import Hook, Ignore, Map, Refuse, normalised, same
 from rto.trl_tables import markdown
 from rto.trl_tables import LEGACY, PPO_LEGACY, STAGE_TABLES, TRL112_PPO_DEFAULTS
 from tests.test_cli import ENV
@@ -156,4 +156,4 @@ def test_a_trl_ppo_yaml_runs_unchanged(tiny_dirs, prompt_file, tmp_path):
 def test_norm_reads_yaml_flag_and_to_dict_spellings_alike():
     assert same("1e-8", (1e-8,)) and same("false", (False,)) and same("<EOS_TOKEN>", (None,))
     assert same([], (None,)) and same("none", (None,)) and not same(True, (1,)) and not same(0.1, (0.0,))
-    assert _norm(["sigmoid"]) == ["sigmoid"]
+    assert normalised(["sigmoid"]) == ["sigmoid"]

@@ -15,7 +15,7 @@ from rto.distributed import launched_world_size
 from rto.errors import UserError
 from rto.stages.common import report_to_field, seed_field, threads_field
 from rto.tracking import trackers
-from rto.trl_fields import _norm, trl_peft, trl_saving
+from rto.trl_fields import normalised, trl_peft, trl_saving
 from rto.trl_tables import STAGE_TABLES
 
 
@@ -77,7 +77,7 @@ class PPOStageConfig:
                             "iterations)")
         if get("whiten_rewards", False):
             problems.append(f"{where}: whiten_rewards: not offered (advantages are whitened: --whiten-advantages)")
-        if str(_norm(trl.get("stop_token")) or "eos").lower() != "eos":  # (None or to_dict()'s mask: unset)
+        if str(normalised(trl.get("stop_token")) or "eos").lower() != "eos":  # (None or to_dict()'s mask: unset)
             problems.append(f"{where}: stop_token {trl['stop_token']!r}: responses end at the tokenizer's EOS only")
         return values
 

@@ -31,7 +31,9 @@ demo: $(STAMP)
 smoke: $(STAMP)
 	$(VENV)/bin/rto pipeline --task keyed --preset smoke --out runs/smoke
 
+# The docs' tables of measurements are rebuilt from the committed JSON and compared first.
 test: $(STAMP)
+	$(PY) docs/tables.py --check
 	$(PY) -m pytest -n 2
 
 # Checks against the real packages rto integrates with (verl, vLLM), each in its own environment,

@@ -111,14 +111,12 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({"config": a.config, "reward": a.reward, "threads": torch.get_num_threads(),
                                            "packing": a.packing, "reps": a.reps, "median_s": medians,
                                            "iterations": rows}, indent=2))
-        from throughput_doc import write_profile_doc
+        from throughput_doc import write_doc
 
         results = HERE.parent / "docs" / "results"
         found = {c: results / f"profile_{c}.json" for c in st.CONFIGS}
         if Path(a.out).resolve() in found.values() and all(f.is_file() for f in found.values()):  # the page's table
-            params = json.loads((HERE.parent / "docs" / "results" / "step_throughput.json").read_text())["configs"]
-            write_profile_doc({c: json.loads(f.read_text()) for c, f in found.items()},
-                              {c: params[c]["params"] for c in found})
+            write_doc()
 
 
 if __name__ == "__main__":

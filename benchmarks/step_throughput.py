@@ -34,7 +34,8 @@ adapters on one frozen base, the reference is the base), with its own peak memor
 The floor (`iteration_flops`, which says how it counts): the matrix-multiply arithmetic one
 iteration needs, divided by the best fp32 matrix-multiply rate measured inside the very process
 of the side it bounds (before and after its timed loop, the best over the rounds).
-docs/performance.md's tables are written from the JSON (benchmarks/throughput_doc.py).
+docs/performance.md's tables are written from the committed JSON by docs/tables.py (its sources:
+docs/tables_performance.py, formatting with benchmarks/throughput_doc.py).
 """
 
 from __future__ import annotations
@@ -337,13 +338,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="run every side this many times, alternating the order")
     parser.add_argument("--skip-trl", action="store_true")
-    parser.add_argument("--write-doc", metavar="JSON", help="only rewrite docs/performance.md's tables from this JSON")
+    parser.add_argument("--write-doc", action="store_true",
+                        help="only rewrite the pages' tables from the committed JSON (python docs/tables.py)")
     parser.add_argument("--child", choices=["ours"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--reward", default="sparse", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_doc:
-        write_doc(json.loads(Path(args.write_doc).read_text()), CONFIGS)
+        write_doc()
         return
     if args.child == "ours":
         print(json.dumps(child_ours(Path(args.root), args.reward, args.reps, args.warmup)))
@@ -387,7 +389,7 @@ def main() -> None:
     print("targets", json.dumps(results["targets"]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     if Path(args.out).resolve() == (HERE.parent / "docs" / "results" / "step_throughput.json").resolve():
-        write_doc(results, CONFIGS)  # the page is rebuilt from the JSON it cites
+        write_doc()  # the page is rebuilt from the JSON it cites
 
 
 if __name__ == "__main__":

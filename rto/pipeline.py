@@ -24,7 +24,7 @@ from rto.core.rewards import PLACEMENTS
 from rto.errors import UserError
 from rto.pipeline_summary import heldout_pairs_file, last_differs, summarise
 from rto.stages import STAGES
-from rto.tune import is_preset_file, read_preset
+from rto.tune import DPO_POLICY, DPO_POLICY_SECTION, dpo_policy_job, is_preset_file, read_preset, tune_pipeline
 
 # RL methods: overrides of the shared `ppo` settings. Every method shares the same SFT model,
 # RM, DPO model, data and settings; only these differ. One per reward placement (named by the
@@ -278,17 +278,6 @@ class Pipeline:
         """The name of the task's preset underneath (a preset file names its own base)."""
         return self.preset_record.get("base", self.cfg.preset)
 
-    def tune_here(self) -> None:
-        """--tune: rto tune's grids on this run's models; the choice goes over the preset's ppo settings."""
-        from rto.tune import TuneGrid, tune_settings, write_preset
-
-        record = tune_settings(self, build(TuneGrid, dict(self.cfg.tune_grid), "pipeline tune_grid"), self.cfg.select_by)
-        self.preset["ppo"] = {**self.preset.get("ppo", {}), **record["chosen"]}
-        base = self.base_preset
-        write_preset(self.out / "preset.yaml", self.task.name, base, self.cfg.seed, record)
-        self.preset_record = {"base": base, "tuned": {"seed": self.cfg.seed,
-                                                      **{k: v for k, v in record.items() if k != "chosen"}}}
-
     def judge_pairs(self) -> dict:
         """With --judge heldout-rm: the pairs stage also writes the judge's pairs (as many as the RM's)."""
         if self.cfg.judge != HELDOUT_RM or "n_judge_pairs" in _merge(self.preset.get("pairs"), self.cfg.pairs):
@@ -346,12 +335,15 @@ class Pipeline:
         self.offline(needs_rm, needs_dpo or (cfg.tune and needs_rm))  # the RTO grid needs the DPO model
         rl_methods = [m for m in cfg.methods if m in RL_METHODS]
         if cfg.tune and rl_methods:
-            self.tune_here()
+            tune_pipeline(self)
         rl_threads = self.threads_for(min(cfg.jobs, len(rl_methods) or 1))
         rl_jobs = [self.rl_job(m, m, self.selection_settings(m), threads=rl_threads) for m in rl_methods]
-        self.run_group(rl_jobs)
+        # A DPO baseline tuned as RTO is (rto tune's DPO grid: --tune, or a preset file's dpo_policy).
+        dpo_policy = ([dpo_policy_job(self, DPO_POLICY, self.preset[DPO_POLICY_SECTION], rl_threads, cfg.seed)]
+                      if "dpo" in cfg.methods and self.preset.get(DPO_POLICY_SECTION) else [])
+        self.run_group(rl_jobs + dpo_policy)
         paths = {"sft": out / "sft", "dpo": out / "dpo"} | {m: out / m / "policy" for m in rl_methods}
-        models = {m: paths[m] for m in cfg.methods}
+        models = {m: paths[m] for m in cfg.methods} | {name: out / name for name, _, _ in dpo_policy}
         models |= {f"{m}@last": out / m / "policy_last" for m in rl_methods if last_differs(out / m)}
         self.evaluate(models, out / "eval.json", needs_rm)
         return summarise(self, start, rl_jobs)

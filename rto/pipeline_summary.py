@@ -42,7 +42,7 @@ def summarise(pipe, start: float, rl_jobs: list) -> dict:
                 selection[name] = {**run["selection"], "iterations_run": run["iterations"]}
             if run.get("divergence"):
                 divergence[name] = run["divergence"]
-    summary.update(curves=curves, selection=selection, divergence=divergence)
+    summary.update(curves=curves, selection=selection, divergence=divergence, dpo_notes=dpo_notes(pipe))
     summary["reference_lines"] = reference_lines(pipe, rl_jobs[0][2]) if curves else {}
     if rl_jobs:
         summary["settings"] = settings_record(pipe, rl_jobs)
@@ -104,7 +104,8 @@ def settings_record(pipe, rl_jobs: list) -> dict:
     if tuned:
         b = tuned["budget"]
         source = (f"tuned on the dev split by rto tune (seed {tuned['seed']}, {tuned['criterion']}; {b['ppo_runs']} PPO "
-                  f"and {b['rto_runs']} RTO runs of {b['iterations_per_run']} iterations)")
+                  f"and {b['rto_runs']} RTO runs of {b['iterations_per_run']} iterations"
+                  + (f"; the DPO policy: {tuned['dpo_policy']['runs']} runs" if tuned.get("dpo_policy") else "") + ")")
     else:
         source = (f"the task's preset {pipe.cfg.preset!r} as it is (not tuned on this task's dev split; --tune or "
                   "`rto tune` would choose them there)")
@@ -142,3 +143,27 @@ def last_differs(run: Path) -> bool:
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     sel = metrics.get("selection")
     return bool(sel) and (run / "policy_last").is_dir() and sel["best_iteration"] != metrics["iterations"]
+
+
+def dpo_notes(pipe) -> list[str]:
+    """Which DPO each DPO row is: the preset's (RTO's token reward, untuned, its last epoch) and,
+    where the run has it, the DPO baseline tuned and dev-selected as RTO is."""
+    from rto.config import load_yaml
+    from rto.tune import DPO_POLICY
+
+    notes, configs = [], pipe.out / "configs"
+    if "dpo" in pipe.cfg.methods and (configs / "dpo.yaml").is_file():
+        c = load_yaml(configs / "dpo.yaml")
+        tuned = (configs / f"{DPO_POLICY}.yaml").is_file()
+        notes.append(f"dpo: the preset's DPO settings (beta {c['beta']:g}, learning rate {c['learning_rate']:g}, "
+                     f"{c['epochs']:g} epoch{'' if c['epochs'] == 1 else 's'}; the last one), not tuned on dev: RTO's token reward"
+                     + ("" if tuned else "; a DPO baseline tuned and dev-selected as RTO is: --tune, or rto reproduce"))
+        if tuned:
+            c = load_yaml(configs / f"{DPO_POLICY}.yaml")
+            sel = json.loads((pipe.out / DPO_POLICY / "metrics.json").read_text()).get("selection") or {}
+            grid = (pipe.preset_record.get("tuned") or {}).get("dpo_policy", {}).get("runs")
+            epoch = "?" if sel.get("best_epoch") is None else f"{sel['best_epoch']:g}"
+            notes.append(f"{DPO_POLICY}: DPO with beta {c['beta']:g}, learning rate {c['learning_rate']:g} (chosen on "
+                         f"dev{f' from {grid} runs' if grid else ''}), epoch {epoch} of "
+                         f"{c['epochs']:g} chosen on dev {sel.get('metric', '')} (0: the SFT model)")
+    return notes

@@ -46,6 +46,7 @@ def results_table(summary: dict) -> str:
         notes.append(f"{name}: OVER-OPTIMISATION from iteration {d['iteration']}: dev {true.replace('_', ' ')} "
                      f"{d[true + '_at_best']:.3f} (iteration {d['true_best_iteration']}) -> {d[true]:.3f} "
                      f"while the RM score rose {d['rm_score_at_best']:.3f} -> {d['rm_score']:.3f}")
+    notes += summary.get("dpo_notes") or []
     if summary.get("settings"):
         notes.append(f"RL settings: {summary['settings']['source']}")
     if notes:

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from rto.data_ratio import claim_fraction, data_limited, ratio_text
 from rto.report import format_table
 from rto.seed_stats import LEVEL, MARGIN_FRACTION, MIN_SEEDS, at_least_verdict, beats_verdict, margin_for, t_interval
+from rto.tune import DPO_POLICY
 
 # The gold reward's achievable range per built-in task, from each task's definition (its
 # docstring and gold_reward): keyed in [0, 2], ordered in (-inf, 1] with 0 for a response with
@@ -144,19 +146,23 @@ def aggregate(per_seed: list[dict], out: Path, cfg, previous: dict | None = None
         ("rto", "ppo"), ("ppo", "sft"), ("rto", "sft"), ("ppo", "dpo"), ("dpo", "sft"), ("rto", "dpo"), ("rs", "rto"),
         ("semi", "ppo"), ("rto", "semi"), ("ddpo", "ppo"), ("rto-reinforce++", "reinforce++"), ("ppo+ens", "ppo"),
         ("rto+ens", "rto"), ("rto+ens", "ppo+ens"), ("rto-gold", "ppo-gold"), ("ppo-dense-gold", "ppo-gold"))}
-    eff = data_limited(per_seed, methods, cfg)
+    for a, b in (("rto", DPO_POLICY), ("ppo", DPO_POLICY), (DPO_POLICY, "sft"), (DPO_POLICY, "dpo")):
+        comparisons[f"{a} - {b}"] = diff(a, b)
+    eff = data_limited(per_seed, methods)
     if eff:
-        comparisons[f"rto@{eff['fractions'][0]:g} - ppo@1"] = diff(f"rto@{eff['fractions'][0]:g}", "ppo@1")
+        f = claim_fraction(eff)
+        comparisons[f"rto@{f:g} - ppo@1"] = diff(f"rto@{f:g}", "ppo@1")
     comparisons = {k: v for k, v in comparisons.items() if v}
     selection = {name: {"best_iteration_per_seed": [(ps.get("selection", {}).get(name) or {}).get("best_iteration")
                                                     for ps in per_seed],
                         "divergence_seeds": sum(bool((ps.get("divergence") or {}).get(name)) for ps in per_seed)}
-                 for name in names if name not in ("sft", "dpo")}
+                 for name in names if name not in ("sft", "dpo", DPO_POLICY)}
+    dpo_selection = [(ps.get("selection", {}).get(DPO_POLICY) or {}).get("best_epoch") for ps in per_seed]
 
     # Training curves (dev prompts), averaged over seeds point by point.
     curves = {}
     for name in names:
-        if name in ("sft", "dpo") or "@" in name:
+        if name in ("sft", "dpo", DPO_POLICY) or "@" in name:  # no RL curve
             continue
         files = [Path(ps["runs"][name]) / "metrics.json" for ps in per_seed if name in ps.get("runs", {})]
         if len(files) < len(per_seed) or not all(f.is_file() for f in files):  # runs gone: the committed curves
@@ -182,30 +188,9 @@ def aggregate(per_seed: list[dict], out: Path, cfg, previous: dict | None = None
         "reference_lines": refs,
         "rm_accuracy": sum(rm_acc) / len(rm_acc) if rm_acc else None, "rm_accuracy_per_seed": rm_acc,
         "dpo_gold_reward": methods.get("dpo", {}).get("gold_reward"),
+        "dpo_policy_best_epoch_per_seed": dpo_selection,
         "token_alignment": {str(ps["seed"]): ps.get("token_alignment", {}) for ps in per_seed},
     }
-
-
-def data_limited(per_seed: list[dict], methods: dict, cfg) -> dict:
-    """The data-limited sweep (each prompt seen once): PPO's and RTO's test gold reward per pool size,
-    and the data ratio - the whole pool over the fewest prompts with which RTO reaches PPO's
-    whole-pool score (its mean, and the lower end of its 95% interval)."""
-    pools = per_seed[0].get("limited_pool") or []
-    if not pools or any(f"{m}@{p['fraction']:g}" not in methods for p in pools for m in ("ppo", "rto")):
-        return {}
-    eff = {"fractions": [p["fraction"] for p in pools], "prompts": [p["prompts"] for p in pools],
-           "iterations": [p["iterations"] for p in pools]}
-    for m in ("ppo", "rto"):
-        eff[m] = [{k: methods[f"{m}@{p['fraction']:g}"][k] for k in ("gold_reward", "gold_reward_ci")} for p in pools]
-    full = eff["ppo"][-1]
-    for key, target in (("ratio", full["gold_reward"]), ("ratio_at_ci_low", full["gold_reward_ci"][0])):
-        reaching = [n for n, r in zip(eff["prompts"], eff["rto"]) if r["gold_reward"] >= target]
-        eff[key] = eff["prompts"][-1] / min(reaching) if reaching else None
-    eff["ratio_is_lower_bound"] = eff["ratio_at_ci_low"] is not None and eff["ratio_at_ci_low"] == eff["prompts"][-1] / eff["prompts"][0]
-    eff["definition"] = ("PPO's whole pool / the fewest prompts with which RTO's mean test gold reward reaches PPO's "
-                         "whole-pool mean (ratio) or the lower end of its 95% interval (ratio_at_ci_low); every "
-                         "prompt seen once")
-    return eff
 
 
 def verdict_rules(task: str) -> dict:
@@ -223,31 +208,37 @@ def verdict_rules(task: str) -> dict:
 
 
 def claims(results: dict) -> list[dict]:
-    """The paper's claims on this task, each with a verdict by the rules of verdict_rules():
-    {"claim", "kind", "verdict", "evidence"}; a claim whose runs are missing is "not tested"."""
+    """The claims on this task, each with a verdict by the rules of verdict_rules(): {"claim",
+    "kind", "verdict", "evidence", "group"}; a claim whose runs are missing is "not tested". group
+    "paper": a claim the paper makes (RTO vs PPO, RTO vs DPO, data efficiency); "tool": a check of
+    the tool's own (ending at or above SFT, PPO vs DPO, RM ensembles)."""
     comp, ms, out = results["comparisons"], results["methods"], []
     n = len(results["seeds"])
     margin = verdict_rules(results["task"])["margin"]
 
-    def paired(name: str, claim: str, kind: str, extra: str = "", loses: str = "") -> None:
+    def paired(name: str, claim: str, kind: str, extra: str = "", loses: str = "", group: str = "tool") -> None:
         c = comp.get(name)
         judge = beats_verdict if kind == "beats" else at_least_verdict
         verdict = judge(c["ci"], n, margin) if c else "not tested"
         if loses:  # "fails (loses)" said of what loses to what
             verdict = verdict.replace("(loses)", f"({loses})")
-        out.append({"claim": claim, "kind": kind, "verdict": verdict,
+        out.append({"claim": claim, "kind": kind, "verdict": verdict, "group": group,
                     "evidence": (f"{name}: {c['mean']:+.3f} {_interval(c['ci'], '+.3f')}" + extra) if c else ""})
 
-    paired("rto - ppo", "RTO beats PPO", "beats", loses="RTO loses to PPO")
-    paired("rto - dpo", "RTO beats the DPO policy", "beats", loses="RTO loses to DPO")
-    paired("ppo - dpo", "PPO beats the DPO policy", "beats", loses="PPO loses to DPO")
+    paired("rto - ppo", "RTO beats PPO", "beats", loses="RTO loses to PPO", group="paper")
+    # The DPO baseline is the tuned, dev-selected DPO policy where the runs have it (older runs: the
+    # preset's DPO, RTO's reward model, with no tuning and its last epoch).
+    dpo = DPO_POLICY if DPO_POLICY in ms else "dpo"
+    which = "the tuned DPO policy" if dpo == DPO_POLICY else "the DPO policy (untuned)"
+    paired(f"rto - {dpo}", f"RTO beats {which}", "beats", loses="RTO loses to DPO", group="paper")
+    paired(f"ppo - {dpo}", f"PPO beats {which}", "beats", loses="PPO loses to DPO")
     for m in ("ppo", "rto"):
         paired(f"{m} - sft", f"{m.upper()} (dev-selected) ends at or above SFT", "at or above")
     eff = results.get("data_efficiency") or {}
     if eff:
-        f0 = eff["fractions"][0]
+        f0 = claim_fraction(eff)
         paired(f"rto@{f0:g} - ppo@1", f"RTO with 1/{1 / f0:g} of the prompts reaches PPO with all of them (each seen once)",
-               "at or above", f"; data ratio {_ratio_text(eff)}")
+               "at or above", f"; data ratio {ratio_text(eff['ratio'])}", group="paper")
     for m in ("ppo", "rto"):
         if f"{m}+ens" in ms:
             paired(f"{m}+ens - {m}", f"an RM ensemble helps {m.upper()}", "beats", loses="it hurts")
@@ -257,17 +248,6 @@ def claims(results: dict) -> list[dict]:
 def _interval(ci: list[float], fmt: str = ".3f") -> str:
     lo, hi = ci
     return "[n/a: 1 seed]" if math.isnan(lo) or math.isnan(hi) else f"[{lo:{fmt}}, {hi:{fmt}}]"
-
-
-def _ratio_text(eff: dict) -> str:
-    # RTO reaching the target at the sweep's smallest pool is the ceiling of what the sweep can
-    # measure: the ratio is then at least that, not that.
-    ceiling = eff["prompts"][-1] / eff["prompts"][0]
-
-    def one(r):
-        return "RTO never reached it" if r is None else f">= {r:.3g}" if math.isclose(r, ceiling) else f"{r:.3g}"
-
-    return f"{one(eff['ratio'])} (at PPO's mean), {one(eff['ratio_at_ci_low'])} (at its 95% lower end)"
 
 
 def summary_table(results: dict) -> str:
@@ -280,7 +260,8 @@ def summary_table(results: dict) -> str:
     eff = results["data_efficiency"]
     lines.append("")
     if eff:
-        lines.append("data ratio, each prompt seen once (PPO's whole pool / RTO's prompts to match it): " + _ratio_text(eff))
+        lines.append("data ratio, each prompt seen once (PPO's whole pool / RTO's prompts to match it): "
+                     + ratio_text(eff["ratio"]))
     if results.get("rm_accuracy") is not None:
         lines.append(f"RM held-out accuracy against the gold order: {results['rm_accuracy']:.3f}")
     return "\n".join(lines)
@@ -319,7 +300,9 @@ def results_markdown(results: dict, command: str) -> str:
                   + " |", "|---|" + "---|" * len(eff["prompts"])]
         for m in ("ppo", "rto"):
             lines.append(f"| {m} | " + " | ".join(_ci(r) for r in eff[m]) + " |")
-        lines += ["", f"Data ratio ({eff['definition']}): {_ratio_text(eff)}."]
+        per = ", ".join("-" if r is None else f"{'>= ' if c else ''}{r:.3g}"
+                        for r, c in zip(eff["ratio"]["ratio_per_seed"], eff["ratio"]["censored_per_seed"]))
+        lines += ["", f"Data ratio ({eff['definition']}): {ratio_text(eff['ratio'])}; per seed: {per}."]
     rules = verdict_rules(results["task"])
     margin = "none" if rules["margin"] is None else f"{rules['margin']:g} ({rules['margin_rule']})"
     lines += ["", "The paper's claims on this task. Verdict rules, fixed before the data: \"beats\" "
@@ -337,6 +320,10 @@ def results_markdown(results: dict, command: str) -> str:
                   "|---|---|---|"]
         lines += [f"| {n} | {', '.join('-' if i is None else str(i) for i in v['best_iteration_per_seed'])} | "
                   f"{v['divergence_seeds']} of {len(v['best_iteration_per_seed'])} |" for n, v in sel.items()]
+    epochs = results.get("dpo_policy_best_epoch_per_seed") or []
+    if any(e is not None for e in epochs):
+        lines += ["", "The tuned DPO policy's epoch chosen on dev per seed (0: the SFT model): "
+                  + ", ".join("-" if e is None else f"{e:g}" for e in epochs) + "."]
     tuning = results.get("tuning", {})
     for seed, grids in tuning.get("grids", {}).items():
         score = "dev_score" if "dev_score" in grids["ppo_grid"][0] else "dev_gold"  # older results: final dev gold
@@ -346,8 +333,17 @@ def results_markdown(results: dict, command: str) -> str:
         lines += [f"| {r['actor_lr']:g} | {r['kl_coef']:g} | {r[score]:.3f} |" for r in grids["ppo_grid"]]
         lines += ["", "| RTO beta1 | dpo_clip | dev score |", "|---|---|---|"]
         lines += [f"| {r['beta1']:g} | {r['dpo_clip']:g} | {r[score]:.3f} |" for r in grids["rto_grid"]]
+        dpo = grids.get("dpo_policy")
+        if dpo:  # tuned on the same seed, at the same dev criterion, with at least RTO's number of runs
+            lines += ["", f"The DPO policy's grid ({dpo['runs']} runs; {dpo['criterion']}):", "",
+                      "| DPO beta | learning rate | selected epoch | dev score |", "|---|---|---|---|"]
+            lines += [f"| {r['beta']:g} | {r['learning_rate']:g} | {r['best_epoch']:g} | {r['dev_score']:.3f} |"
+                      for r in dpo["dpo_grid"]]
     if tuning.get("chosen"):
         lines += ["", "Chosen: " + ", ".join(f"{k} = {v:g}" for k, v in tuning["chosen"].items()) + "."]
+    if tuning.get("dpo_policy"):
+        lines += ["", "The DPO policy (dpo-tuned): " + ", ".join(f"{k} = {v:g}" for k, v in tuning["dpo_policy"].items())
+                  + "; `dpo` is the preset's DPO model, RTO's token reward."]
     if results.get("rm_accuracy") is not None:
         lines += ["", f"RM held-out accuracy against the gold order: {results['rm_accuracy']:.3f} "
                       f"(per seed: {', '.join(f'{a:.3f}' for a in results['rm_accuracy_per_seed'])})."]
@@ -360,12 +356,15 @@ def results_markdown(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cross_task_markdown(results_by_task: dict[str, dict]) -> str:
-    """One table of the paper's claims over tasks: the verdict per task, the evidence below it."""
+def cross_task_markdown(results_by_task: dict[str, dict], group: str | None = None) -> str:
+    """One table of the claims over tasks (those of `group` only, where given: "paper" or "tool"):
+    the verdict per task, the evidence below it."""
     tasks = list(results_by_task)
     rows: dict[str, dict[str, dict]] = {}
     for task, results in results_by_task.items():
         for c in claims(results):
+            if group and c["group"] != group:
+                continue
             key = c["claim"].split(" with 1/")[0] + (" with 1/8 of the prompts ..." if " with 1/" in c["claim"] else "")
             rows.setdefault(key, {})[task] = c
     lines = ["| claim | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]

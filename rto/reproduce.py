@@ -10,12 +10,15 @@ every RL method against them with the same data and the same settings:
     REINFORCE++; `methods` picks), each one fresh run with the seed's own RL seed, the result
     chosen on the dev split (the selection protocol of `rto pipeline`); with `rm_ensemble` N > 1,
     PPO and RTO again on an ensemble of N RMs (`ppo+ens`, `rto+ens`);
- 3. the data-limited sweep: PPO and RTO on the first 1/8 ... 1/1 of a pool of `limited_pool`
+ 3. the DPO baseline policy: DPO with the settings its own dev grid chose (`rto tune`'s DPO grid
+    on the first seed, at least as many runs as RTO's), its epoch chosen on dev as an RL run's
+    iteration is (DPO_POLICY); RTO's reward model stays the preset's DPO model;
+ 4. the data-limited sweep: PPO and RTO on the first 1/32 ... 1/1 of a pool of `limited_pool`
     RL prompts, each prompt seen once (iterations = prompts / rollout size), so that PPO's score
-    grows with its data - the paper's "PPO-level with 1/8 of the data" measured;
- 4. gold references: PPO and RTO with the gold score as the sparse reward, and PPO on the
+    grows with its data - the paper's "PPO-level with 1/8 of the data" measured (rto.data_ratio);
+ 5. gold references: PPO and RTO with the gold score as the sparse reward, and PPO on the
     dense per-token gold reward (where the task has one);
- 5. every policy evaluated on the same test prompts.
+ 6. every policy evaluated on the same test prompts.
 Then `DIR/results.json` and the figures (see `rto.report_reproduce`).
 """
 
@@ -33,7 +36,8 @@ from rto.data import write_json, write_jsonl
 from rto.pipeline import RL_METHODS, Pipeline, PipelineConfig
 from rto.pipeline_summary import reference_lines
 from rto.tasks import Task
-from rto.tune import TUNED_KEYS, TUNING_SEED_OFFSET, TuneGrid, tune_settings, write_preset
+from rto.tune import (DPO_POLICY, DPO_POLICY_SECTION, TUNED_KEYS, TUNING_SEED_OFFSET, TuneGrid, dpo_policy_job,
+                      tune_dpo, tune_settings, write_preset)
 
 METHODS = list(RL_METHODS)  # every RL method of the pipeline (one per reward placement, and REINFORCE++)
 GOLD_REFERENCES = {  # name: (method, extra settings)
@@ -43,7 +47,7 @@ GOLD_REFERENCES = {  # name: (method, extra settings)
 }
 ENSEMBLE_METHODS = ("ppo", "rto")  # run again on the RM ensemble as METHOD+ens
 QUICK = dict(preset="smoke", ppo_lrs=[1e-4], kl_coefs=[0.01, 0.05], rto_beta1s=[0.05, 0.3],
-             fractions=[0.5, 1.0], limited_pool=32)
+             dpo_betas=[0.05, 0.3], dpo_lrs=[5e-4], fractions=[0.5, 1.0], limited_pool=32)
 
 
 @dataclass
@@ -61,7 +65,9 @@ class ReproduceConfig(TuneGrid):
     methods: list[str] = opt(METHODS, "RL methods run on every seed (PPO and RTO always)")
     rm_ensemble: int = opt(1, "N > 1: also PPO and RTO on an ensemble of N RMs (bootstrap resamples; ppo+ens, rto+ens)",
                            ge=1)
-    fractions: list[float] = opt([0.125, 0.25, 0.5, 1.0], "data-limited sweep: fractions of the pool (each prompt seen once)")
+    fractions: list[float] = opt([0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0],
+                                 "data-limited sweep: fractions of the pool (each prompt seen once); below 1/8 so that "
+                                 "the data ratio is bracketed, not only bounded")
     limited_pool: int = opt(6400, "data-limited sweep: prompts in the whole pool (0: no sweep)", ge=0)
     tune: Literal["first-seed", "every-seed"] = opt("first-seed", "tune on the first seed only, or on each")
     gold_references: bool = opt(True, "also run the gold-reward reference points")
@@ -115,6 +121,7 @@ class Reproduction:
         self.out = Path(cfg.out)
         self.tuning: dict = {}  # seed -> rto tune's record
         self.chosen: dict = {}
+        self.dpo_chosen: dict = {}  # the DPO baseline's settings (beta, learning rate)
 
     def pipeline(self, seed: int) -> Pipeline:
         cfg = self.cfg
@@ -129,22 +136,39 @@ class Reproduction:
         if tuned:
             self.tuning = {str(tuned.get("seed", "?")): {**tuned, "from_preset_file": self.cfg.preset}}
             self.chosen = {}
+            self.dpo_chosen = dict(pipe.preset.get(DPO_POLICY_SECTION, {}))
         return bool(tuned)
 
-    def tune(self, pipe: Pipeline) -> None:
-        """rto tune's grids on this seed's models (PPO never less budget than RTO); sets `self.chosen`."""
-        record = tune_settings(pipe, self.cfg, "gold_reward", {"reward_model_ensemble": []})
-        self.tuning[str(pipe.cfg.seed)] = {k: v for k, v in record.items() if k != "chosen"}
-        self.chosen = record["chosen"]
-        write_preset(self.out / "preset.yaml", pipe.task.name, pipe.base_preset, pipe.cfg.seed, record)
+    def tune(self, pipe: Pipeline, rl: bool) -> None:
+        """rto tune's grids on this seed's models (PPO never less budget than RTO; the DPO policy
+        never less than RTO): the RL grids where `rl`, the DPO policy's where no preset gave it.
+        Sets `self.chosen` and `self.dpo_chosen`; writes OUT/preset.yaml."""
+        seed = str(pipe.cfg.seed)
+        if rl:
+            record = tune_settings(pipe, self.cfg, "gold_reward", {"reward_model_ensemble": []})
+            self.tuning[seed] = {k: v for k, v in record.items() if k != "chosen"}
+            self.chosen = record["chosen"]
+        else:  # the preset file's RL choice, as written
+            record = {"chosen": {k: v for k, v in pipe.preset.get("ppo", {}).items() if k in TUNED_KEYS},
+                      **{k: v for k, v in next(iter(self.tuning.values())).items() if k != "from_preset_file"}}
+        if not self.dpo_chosen or self.cfg.tune == "every-seed":
+            dpo = tune_dpo(pipe, self.cfg, "gold_reward")
+            self.dpo_chosen = dpo["chosen"]
+            self.tuning.setdefault(seed, {})["dpo_policy"] = {k: v for k, v in dpo.items() if k != "chosen"}
+        else:
+            dpo = {"chosen": self.dpo_chosen, **record.get("dpo_policy", {})}
+        record.pop("dpo_policy", None)
+        write_preset(self.out / "preset.yaml", pipe.task.name, pipe.base_preset, pipe.cfg.seed, record, dpo)
 
     def run_seed(self, seed: int, tune: bool) -> dict:
         cfg = self.cfg
         pipe = self.pipeline(seed)
         pipe.out.mkdir(parents=True, exist_ok=True)
         pipe.offline(needs_rm=True, needs_dpo=True)
-        if tune and not self.settings_from_preset(pipe):
-            self.tune(pipe)
+        if tune:
+            from_preset = self.settings_from_preset(pipe)
+            if not from_preset or not self.dpo_chosen:
+                self.tune(pipe, rl=not from_preset)
         settings = dict(self.chosen)
         no_ensemble = {"reward_model_ensemble": []}
         specs: list[tuple[str, str, dict, Path | None]] = [(m, m, {**settings, **no_ensemble}, None) for m in cfg.methods]
@@ -161,9 +185,12 @@ class Reproduction:
         # Every result is chosen on the dev split, as `rto pipeline` chooses it.
         jobs = [pipe.rl_job(name, method, {**extra, **pipe.selection_settings(method)}, prompts=prompts, threads=t)
                 for name, method, extra, prompts in specs]
+        # The DPO baseline: the tuned settings, its epoch chosen on dev (RTO's reward model stays "dpo").
+        jobs.append(dpo_policy_job(pipe, DPO_POLICY, self.dpo_chosen, t, seed))
         pipe.run_group(jobs)
         runs = {name: pipe.out / name for name, _, _ in jobs}
-        models = {"sft": pipe.out / "sft", "dpo": pipe.out / "dpo"} | {n: p / "policy" for n, p in runs.items()}
+        models = ({"sft": pipe.out / "sft", "dpo": pipe.out / "dpo"}
+                  | {n: p if n == DPO_POLICY else p / "policy" for n, p in runs.items()})
         ev = pipe.evaluate(models, pipe.out / "eval.json", with_rm=True)
         refs = reference_lines(pipe, jobs[0][2])
         rm = json.loads((pipe.out / "rm" / "metrics.json").read_text())
@@ -173,6 +200,7 @@ class Reproduction:
 
         return {"seed": seed, "runs": {n: str(p) for n, p in runs.items()}, "eval": ev, "reference_lines": refs,
                 "rm_accuracy": rm.get("eval_accuracy"), "settings": settings or {k: v for k, v in pipe.preset.get("ppo", {}).items() if k in TUNED_KEYS},
+                "dpo_policy_settings": dict(self.dpo_chosen),
                 "limited_pool": [{"fraction": f, "prompts": its * rollout, "iterations": its} for f, _, its in pools],
                 "selection": {n: m.get("selection") for n, m in run_metrics.items()},
                 "divergence": {n: m.get("divergence") for n, m in run_metrics.items()},
@@ -195,6 +223,7 @@ class Reproduction:
             previous = json.loads((self.out / "results.json").read_text()) if (self.out / "results.json").is_file() else {}
             self.tuning = previous.get("tuning", {}).get("grids", {})
             self.chosen = previous.get("tuning", {}).get("chosen", {})
+            self.dpo_chosen = previous.get("tuning", {}).get("dpo_policy", {})
         else:
             per_seed = []
             for i, seed in enumerate(seeds):
@@ -203,6 +232,7 @@ class Reproduction:
                 write_json(self.out / "per_seed.json", per_seed)
         results = aggregate(per_seed, self.out, cfg, previous)
         results["tuning"] = {"grids": self.tuning, "chosen": self.chosen or per_seed[0].get("settings", {}),
+                             "dpo_policy": self.dpo_chosen or per_seed[0].get("dpo_policy_settings", {}),
                              "protocol": next((f"the preset file of --preset {g['from_preset_file']}"
                                                for g in self.tuning.values() if g.get("from_preset_file")), cfg.tune)}
         if previous.get("tuning", {}).get("protocol"):

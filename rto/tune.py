@@ -3,7 +3,10 @@
 On the task's own SFT model, RM and DPO model (`Pipeline.offline`, the preset's settings):
  1. PPO: a grid of learning rate (policy and critic) x KL coefficient;
  2. RTO: PPO's choice, then a grid of beta1 (dpo_clip = beta1 x `dpo_clip_ratio`) - RTO tunes
-    only what PPO does not have, and never more runs than PPO (the budget is checked up front).
+    only what PPO does not have, and never more runs than PPO (the budget is checked up front);
+ 3. the DPO policy, the baseline RTO is compared with: a grid of beta x learning rate, each run's
+    epoch (or the SFT model) chosen on dev like an RL run's iteration, never fewer runs than RTO.
+    Its choice is the preset file's `dpo_policy` section; RTO's reward model keeps the `dpo` one.
 Every run is scored by the dev criterion at the checkpoint the dev selection would keep (the
 best evaluation; the task's gold reward, or a held-out judge's score), never by the test split.
 Tuning runs draw their RL randomness from seed + TUNING_SEED_OFFSET, so results rerun afresh
@@ -38,6 +41,9 @@ class TuneGrid:
     rto_beta1s: list[float] = opt([0.05, 0.1, 0.3, 1.0], "RTO grid, on PPO's choice: beta1 values")
     dpo_clip_ratio: float = opt(1.0, "RTO's dpo_clip = beta1 x this (1: the log-ratio is clipped at +-1)", gt=0)
     tune_iterations: int = opt(0, "iterations of each tuning run (0: the preset's; PPO's and RTO's alike)", ge=0)
+    dpo_betas: list[float] = opt([0.05, 0.1, 0.3], "DPO policy grid: betas (the baseline is tuned as hard as RTO)")
+    dpo_lrs: list[float] = opt([2.5e-4, 5e-4, 1e-3], "DPO policy grid: learning rates; every run's epoch (or the "
+                                                     "SFT model) is chosen on dev, as an RL run's iteration is")
     extend_edges: int = opt(0, "rounds of PPO runs one step past the grid's edge where its best point lies on it "
                                "(each round: at most one more learning rate and one more KL coefficient)", ge=0)
 
@@ -48,6 +54,10 @@ class TuneGrid:
         if rto > ppo:
             raise UserError(f"tune: the RTO grid ({rto} runs) is larger than the PPO grid ({ppo} runs): PPO is never "
                             "given less tuning budget than RTO")
+        dpo = len(self.dpo_betas) * len(self.dpo_lrs)
+        if dpo < rto:
+            raise UserError(f"tune: the DPO policy grid ({dpo} runs) is smaller than the RTO grid ({rto} runs): the "
+                            "DPO baseline is never given less tuning budget than RTO")
 
 
 @dataclass
@@ -139,10 +149,69 @@ def tune_settings(pipe, grid: TuneGrid, metric: str, fixed: dict | None = None) 
             "rl_seed": pipe.cfg.seed + TUNING_SEED_OFFSET, "seconds": time.time() - start}
 
 
-def write_preset(path: Path, task_name: str, base: str, seed: int, record: dict) -> Path:
-    """The preset file: the tuned `ppo` settings over the base preset, and how they were chosen."""
-    doc = {"task": task_name, "base": base, "ppo": dict(record["chosen"]),
-           "tuned": {"seed": seed, **{k: v for k, v in record.items() if k != "chosen"}}}
+DPO_POLICY = "dpo-tuned"  # the DPO baseline policy: tuned on dev and dev-selected (RTO's reward model is "dpo")
+DPO_POLICY_SECTION = "dpo_policy"  # its settings in a preset file
+
+
+def dpo_policy_job(pipe, name: str, settings: dict, threads: int, seed: int):
+    """An `rto dpo` run as a baseline policy, OUT/name: the preset's DPO settings with `settings`
+    over them, its epoch (or the SFT model) chosen on the dev prompts by the pipeline's criterion,
+    sampled as the RL runs' dev points are (their response length, temperature and prompt count)."""
+    d, rl = pipe.out / "data", pipe.rl_settings("ppo")
+    wiring = {"model": str(pipe.out / "sft"), "data": str(d / "prefs.jsonl"), "out": str(pipe.out / name),
+              "seed": seed, "threads": threads, "select_by": pipe.cfg.select_by,
+              "eval_prompts": str(d / "dev_prompts.jsonl"), "n_eval": rl.get("n_eval", 128), "task": pipe.cfg.task,
+              "judge": pipe.judge_spec, "eval_max_new_tokens": rl.get("max_new_tokens", 64),
+              "eval_temperature": rl.get("temperature", 1.0)}
+    return name, "dpo", pipe.stage_config("dpo", "dpo", wiring, settings)
+
+
+def tune_dpo(pipe, grid: TuneGrid, metric: str) -> dict:
+    """The DPO policy's grid (beta x learning rate, each run's epoch chosen on dev) on `pipe`'s SFT
+    model and pairs; {"chosen": {"beta", "learning_rate"}, "dpo_grid": [...], ...}."""
+    start = time.time()
+    settings = [{"beta": b, "learning_rate": lr} for b in grid.dpo_betas for lr in grid.dpo_lrs]
+    threads = pipe.threads_for(min(pipe.cfg.jobs, len(settings)))
+    jobs = [dpo_policy_job(pipe, f"tune/dpo_b{s['beta']:g}_lr{s['learning_rate']:g}", s, threads,
+                           pipe.cfg.seed + TUNING_SEED_OFFSET) for s in settings]
+    pipe.run_group(jobs)
+    rows = []
+    for s, (name, _, _) in zip(settings, jobs):
+        selection = json.loads((pipe.out / name / "metrics.json").read_text())["selection"]
+        rows.append({**s, "dev_score": float(selection["best"]), "best_epoch": selection["best_epoch"]})
+    best = max(rows, key=lambda r: r["dev_score"])
+    return {"chosen": {"beta": best["beta"], "learning_rate": best["learning_rate"]}, "dpo_grid": rows,
+            "criterion": f"dev {metric} at the selected epoch", "runs": len(rows), "seconds": time.time() - start}
+
+
+def tune_pipeline(pipe) -> None:
+    """`rto pipeline --tune`: the grids on the pipeline's own models; the choices go over its preset
+    (the RL settings under `ppo`, the DPO policy's under `dpo_policy`), written to OUT/preset.yaml."""
+    from rto.config import build
+
+    grid = build(TuneGrid, dict(pipe.cfg.tune_grid), "pipeline tune_grid")
+    record = tune_settings(pipe, grid, pipe.cfg.select_by)
+    pipe.preset["ppo"] = {**pipe.preset.get("ppo", {}), **record["chosen"]}
+    dpo = tune_dpo(pipe, grid, pipe.cfg.select_by) if "dpo" in pipe.cfg.methods else None
+    if dpo:
+        pipe.preset[DPO_POLICY_SECTION] = dict(dpo["chosen"])
+    base = pipe.base_preset
+    write_preset(pipe.out / "preset.yaml", pipe.task.name, base, pipe.cfg.seed, record, dpo)
+    pipe.preset_record = {"base": base, "tuned": {"seed": pipe.cfg.seed,
+                                                  **{k: v for k, v in record.items() if k != "chosen"},
+                                                  **({"dpo_policy": dpo} if dpo else {})}}
+
+
+def write_preset(path: Path, task_name: str, base: str, seed: int, record: dict, dpo_record: dict | None = None) -> Path:
+    """The preset file: the tuned `ppo` settings over the base preset, the DPO baseline's settings
+    (section `dpo_policy`, over the `dpo` section; RTO's reward model keeps the `dpo` section's),
+    and how they were chosen."""
+    doc = {"task": task_name, "base": base, "ppo": dict(record["chosen"])}
+    if dpo_record:
+        doc[DPO_POLICY_SECTION] = dict(dpo_record["chosen"])
+    doc["tuned"] = {"seed": seed, **{k: v for k, v in record.items() if k != "chosen"}}
+    if dpo_record:
+        doc["tuned"]["dpo_policy"] = {k: v for k, v in dpo_record.items() if k != "chosen"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"# rto tune: RL settings chosen on the dev split of {task_name} (seed {seed}).\n"
@@ -195,9 +264,12 @@ def run(cfg: TuneConfig) -> dict:
     pipe.offline(needs_rm=True, needs_dpo=True)
     grid = TuneGrid(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TuneGrid)})
     record = tune_settings(pipe, grid, cfg.select_by)
-    path = write_preset(pipe.out / "preset.yaml", pipe.task.name, pipe.base_preset, cfg.seed, record)
+    dpo = tune_dpo(pipe, grid, cfg.select_by)
+    path = write_preset(pipe.out / "preset.yaml", pipe.task.name, pipe.base_preset, cfg.seed, record, dpo)
     chosen = ", ".join(f"{k} {v:g}" for k, v in record["chosen"].items())
+    dpo_chosen = ", ".join(f"{k} {v:g}" for k, v in dpo["chosen"].items())
     print(f"[rto] tune: chose {chosen} ({record['budget']['ppo_runs']} PPO runs, {record['budget']['rto_runs']} RTO "
-          f"runs, {record['seconds']:.0f} s); preset: {path}")
-    return record
+          f"runs, {record['seconds']:.0f} s); the DPO policy: {dpo_chosen} ({dpo['runs']} runs, {dpo['seconds']:.0f} s); "
+          f"preset: {path}")
+    return {**record, "dpo_policy": dpo}
 

@@ -138,10 +138,9 @@ def test_performance_page_shows_the_committed_throughput_json():
 
     results = json.loads((ROOT / "docs" / "results" / "step_throughput.json").read_text())
     page = (ROOT / "docs" / "performance.md").read_text()
-    block = page.split(throughput_doc.DOC_BEGIN)[1].split(throughput_doc.DOC_END)[0].strip()
+    block = throughput_doc.page_block(page, throughput_doc.THROUGHPUT)
     assert block == throughput_doc.markdown_tables(results, st.CONFIGS)
-    block = page.split(throughput_doc.MEMORY_BEGIN)[1].split(throughput_doc.DOC_END)[0].strip()
-    assert block == throughput_doc.memory_table(results)
+    assert throughput_doc.page_block(page, throughput_doc.MEMORY) == throughput_doc.memory_table(results)
     profiles = {c: json.loads((ROOT / "docs" / "results" / f"profile_{c}.json").read_text()) for c in st.CONFIGS}
-    block = page.split(throughput_doc.PROFILE_BEGIN)[1].split(throughput_doc.DOC_END)[0].strip()
+    block = throughput_doc.page_block(page, throughput_doc.PROFILE)
     assert block == throughput_doc.profile_table(profiles, {c: results["configs"][c]["params"] for c in st.CONFIGS})

@@ -24,7 +24,8 @@ def test_quick_reproduce(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1]
     expected = {"sft", "dpo", "ppo", "rto", "rs", "semi", "ddpo", "dpo-only", "reinforce++", "rto-reinforce++",
-                "ppo-gold", "rto-gold", "ppo-dense-gold", "ppo+ens", "rto+ens", "ppo@0.5", "rto@0.5", "ppo@1", "rto@1"}
+                "ppo-gold", "rto-gold", "ppo-dense-gold", "ppo+ens", "rto+ens", "ppo@0.5", "rto@0.5", "ppo@1", "rto@1",
+                "dpo-tuned"}
     assert set(results["methods"]) == expected
     for m in results["methods"].values():
         lo, hi = m["gold_reward_ci"]
@@ -63,12 +64,23 @@ def test_quick_reproduce(tmp_path):
         assert yaml.safe_load((seed0 / "configs" / f"{name}.yaml").read_text())["seed"] == 0
     assert not any("tune" in Path(p).parts for ps in per_seed for p in ps["runs"].values())
     tuning_configs = sorted((seed0 / "configs" / "tune").glob("*.yaml"))
-    assert len(tuning_configs) == 4  # 2 PPO grid points + 2 beta1 values
+    assert len(tuning_configs) == 6  # 2 PPO grid points + 2 beta1 values + 2 DPO policy grid points
     assert {yaml.safe_load(f.read_text())["seed"] for f in tuning_configs} == {TUNING_SEED_OFFSET}
     assert results["tuning"]["grids"]["0"]["rl_seed"] == TUNING_SEED_OFFSET
 
+    # The DPO baseline is tuned as hard as RTO (its grid never smaller) and its epoch chosen on dev;
+    # it is a fresh run on the seed's own seed, and RTO's reward model stays the preset's DPO.
+    dpo_grid = results["tuning"]["grids"]["0"]["dpo_policy"]["dpo_grid"]
+    assert len(dpo_grid) >= len(results["tuning"]["grids"]["0"]["rto_grid"])
+    best = max(dpo_grid, key=lambda r: r["dev_score"])
+    assert results["tuning"]["dpo_policy"] == {"beta": best["beta"], "learning_rate": best["learning_rate"]}
+    dpo_cfg = yaml.safe_load((seed0 / "configs" / "dpo-tuned.yaml").read_text())
+    assert dpo_cfg["select_by"] == "gold_reward" and dpo_cfg["seed"] == 0 and dpo_cfg["beta"] == best["beta"]
+    assert per_seed[0]["selection"]["dpo-tuned"]["metric"] == "gold_reward"
+    assert yaml.safe_load((seed0 / "configs" / "rto.yaml").read_text())["dpo_model"] == str(seed0 / "dpo")
     report = (out / "results.md").read_text()
     assert "| RTO beats PPO |" in report and "| an RM ensemble helps PPO |" in report
+    assert "| RTO beats the tuned DPO policy | inconclusive (too few seeds) | rto - dpo-tuned:" in report
     # Intervals are t intervals over the seeds' paired differences; with 2 seeds no claim is decided.
     for c in results["comparisons"].values():
         assert c["ci"] == list(t_interval(c["per_seed"])) and len(c["per_seed"]) == 2
@@ -91,6 +103,7 @@ def test_quick_reproduce(tmp_path):
     # The choice is written as a preset file that a second reproduction reads instead of tuning.
     preset = yaml.safe_load((out / "preset.yaml").read_text())
     assert preset["base"] == "smoke" and preset["ppo"] == results["tuning"]["chosen"]
+    assert preset["dpo_policy"] == results["tuning"]["dpo_policy"]
     assert preset["tuned"]["budget"]["ppo_runs"] >= preset["tuned"]["budget"]["rto_runs"]
 
     # Resume: a second call finds every run done and gives the same numbers.
@@ -108,7 +121,8 @@ def test_quick_reproduce(tmp_path):
                            timeout=600)
     assert third.returncode == 0, third.stderr[-3000:]
     assert not (out2 / "seed0" / "tune").exists() and set(json.loads((out2 / "results.json").read_text())["methods"]) == {
-        "sft", "dpo", "ppo", "rto"}
+        "sft", "dpo", "ppo", "rto", "dpo-tuned"}
+    assert yaml.safe_load((out2 / "seed0" / "configs" / "dpo-tuned.yaml").read_text())["beta"] == preset["dpo_policy"]["beta"]
     for name in ("ppo", "rto"):
         cfg = yaml.safe_load((out2 / "seed0" / "configs" / f"{name}.yaml").read_text())
         assert {k: cfg[k] for k in preset["ppo"]} == preset["ppo"]

@@ -125,7 +125,8 @@ def _seed(seed: int, golds: dict[str, float]) -> dict:
 def test_claims_from_constructed_seeds(tmp_path):
     """The report path end to end on made-up per-seed records (no run directories): the claims'
     verdicts and intervals are the hand computation's."""
-    diffs = {"rto": [0.30, 0.20, 0.25], "dpo": [0.05, -0.05, 0.0], "ppo": [0.0, 0.0, 0.0]}  # minus SFT = 1.0
+    # minus SFT = 1.0; the DPO baseline is the tuned one where the runs have it ("dpo" is RTO's reward model)
+    diffs = {"rto": [0.30, 0.20, 0.25], "dpo-tuned": [0.05, -0.05, 0.0], "dpo": [0.5, 0.5, 0.5], "ppo": [0.0, 0.0, 0.0]}
     per_seed = [_seed(s, {"sft": 1.0, **{k: 1.0 + v[s] for k, v in diffs.items()}}) for s in range(3)]
     cfg = SimpleNamespace(task="count", preset="default")  # margin 0.02
     results = aggregate(per_seed, tmp_path, cfg)
@@ -137,11 +138,13 @@ def test_claims_from_constructed_seeds(tmp_path):
     assert math.isclose(lo, 0.25 - half, abs_tol=1e-12) and math.isclose(hi, 0.25 + half, abs_tol=1e-12)
     assert got["RTO beats PPO"]["verdict"] == "holds"
     # ppo - dpo: -0.05, 0.05, 0.0: mean 0, sd 0.05 -> +-0.124, wider than the margin 0.02: inconclusive
-    assert got["PPO beats the DPO policy"]["verdict"] == "inconclusive"
+    assert got["PPO beats the tuned DPO policy"]["verdict"] == "inconclusive"
     # ppo - sft: 0, 0, 0 -> [0, 0]: not above 0 but above -0.02
     assert got["PPO (dev-selected) ends at or above SFT"]["verdict"] == "holds (within the margin)"
-    assert got["RTO beats the DPO policy"]["verdict"] == "holds"  # 0.25, 0.25, 0.25
-    assert results["comparisons"]["rto - dpo"]["per_seed"] == pytest.approx([0.25, 0.25, 0.25])
+    assert got["RTO beats the tuned DPO policy"]["verdict"] == "holds"  # 0.25, 0.25, 0.25
+    assert results["comparisons"]["rto - dpo-tuned"]["per_seed"] == pytest.approx([0.25, 0.25, 0.25])
+    assert {c["claim"] for c in claims(results) if c["group"] == "paper"} == {"RTO beats PPO",
+                                                                             "RTO beats the tuned DPO policy"}
     two = aggregate(per_seed[:2], tmp_path, cfg)
     assert {c["verdict"] for c in claims(two)} == {"inconclusive (too few seeds)"}
 

@@ -10,9 +10,10 @@ from tests.test_cli import rto
 
 def test_pipeline_tunes_then_runs_with_the_choice(tmp_path):
     run = tmp_path / "run"
-    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(run), "--methods", "sft,ppo,rto",
+    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(run), "--methods", "sft,dpo,ppo,rto",
                "--jobs", "1", "--tune", "--set", "tune_grid.ppo_lrs=[1e-4, 1e-3]", "--set", "tune_grid.kl_coefs=[0.05]",
-               "--set", "tune_grid.rto_beta1s=[0.05, 0.5]", "--set", "tune_grid.extend_edges=1")
+               "--set", "tune_grid.rto_beta1s=[0.05, 0.5]", "--set", "tune_grid.extend_edges=1",
+               "--set", "tune_grid.dpo_betas=[0.1, 0.5]", "--set", "tune_grid.dpo_lrs=[5e-4]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     preset = yaml.safe_load((run / "preset.yaml").read_text())
     # Each grid point's score is its run's best dev evaluation; the choice is the best score.
@@ -31,10 +32,23 @@ def test_pipeline_tunes_then_runs_with_the_choice(tmp_path):
         assert {k: cfg[k] for k in preset["ppo"]} == preset["ppo"] and cfg["seed"] == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["settings"]["source"].startswith("tuned on the dev split") and "RL settings: tuned" in proc.stderr
+    # The DPO baseline is tuned too (its grid scored at each run's dev-selected epoch) and shown
+    # beside the preset's DPO, RTO's reward model, each row saying which it is.
+    dpo_grid = preset["tuned"]["dpo_policy"]["dpo_grid"]
+    for row in dpo_grid:
+        sel = json.loads((run / "tune" / f"dpo_b{row['beta']:g}_lr0.0005" / "metrics.json").read_text())["selection"]
+        assert row["dev_score"] == sel["best"] == max(p["gold_reward"] for p in sel["curve"])
+    best_dpo = max(dpo_grid, key=lambda r: r["dev_score"])
+    assert preset["dpo_policy"] == {"beta": best_dpo["beta"], "learning_rate": 5e-4}
+    assert yaml.safe_load((run / "configs" / "dpo-tuned.yaml").read_text())["beta"] == best_dpo["beta"]
+    assert yaml.safe_load((run / "configs" / "dpo.yaml").read_text())["beta"] == 0.1  # the preset's, for RTO
+    assert set(summary["methods"]) == {"sft", "dpo", "ppo", "rto", "dpo-tuned"}
+    assert "dpo: the preset's DPO settings" in proc.stderr and "dpo-tuned: DPO with beta" in proc.stderr
     # ... and the file runs a pipeline of its own.
     again = rto("pipeline", "--task", "keyed", "--preset", str(run / "preset.yaml"), "--out", str(tmp_path / "again"),
-                "--methods", "sft,ppo", "--jobs", "1")
+                "--methods", "sft,dpo,ppo", "--jobs", "1")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "again" / "configs" / "dpo-tuned.yaml").read_text())["beta"] == best_dpo["beta"]
     cfg = yaml.safe_load((tmp_path / "again" / "configs" / "ppo.yaml").read_text())
     assert cfg["actor_lr"] == preset["ppo"]["actor_lr"] and cfg["iterations"] == 2  # the smoke base
 

@@ -282,7 +282,7 @@ def trl_callbacks(cfg: TrainingFields) -> list:
 
 
 def fit_trl(cfg: TrainingFields, trainer_cls, config_cls, model, tokenizer, rows: list[dict], peft_config,
-            config_kwargs: dict | None = None, **trainer_kwargs):
+            config_kwargs: dict | None = None, extra_callbacks: list | None = None, **trainer_kwargs):
     """Train with one of TRL's trainers, as every TRL stage does: rows over --max-length handled as
     --long-rows says, our common arguments and callbacks, resumed from a checkpoint when asked.
     Returns (trainer, the rows trained on, TRL's train output, seconds)."""
@@ -297,7 +297,8 @@ def fit_trl(cfg: TrainingFields, trainer_cls, config_cls, model, tokenizer, rows
     rows = drop_long_rows(rows, tokenizer, cfg, cfg.data, cfg.STAGE)
     args = config_cls(**(config_kwargs or {}), **trl_common_args(cfg, cfg.out))
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=trl_callbacks(cfg), peft_config=peft_config, **trainer_kwargs)
+                          callbacks=trl_callbacks(cfg) + list(extra_callbacks or []), peft_config=peft_config,
+                          **trainer_kwargs)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, args.output_dir))
     return trainer, rows, result, time.time() - start

@@ -146,7 +146,7 @@ def sharded_notes(root: Path) -> str:
         "**Memory falls as 1/processes.** Each of two processes holds half of the trained weights and their "
         "Adam states and half of every frozen model (counted from each process's own tensors; "
         "`tests/test_distributed.py` checks 0.45-0.55 x the one-process figure on every run it makes). For an "
-        "8B model that is the difference between not fitting and fitting (README, \"RTO on many GPUs\"). Peak "
+        "8B model that is the difference between not fitting and fitting (usage.md, \"RTO on many GPUs and many machines\"). Peak "
         f"resident memory does not fall on this CPU run ({rss} MB): the fixed cost of Python, torch and "
         "transformers dominates at 3.7 M parameters, every process reads each model whole before keeping its "
         "shard (one model at a time), and freed CPU memory is not always handed back to the system; a GPU's "

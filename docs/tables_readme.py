@@ -1,7 +1,11 @@
-"""README.md's measured figures in the "Results of `make demo`" section, written from the committed
-docs/results/demo_seeds.json (see docs/tables.py).
+"""The measured figures of the README and of docs/usage.md (see docs/tables.py).
 
-The README's other tables are not measurements: the commands, the reward placements, the built-in
+README.md holds one table, the paper's claims (`readme.paper-claims`), written by docs/tables_results.py's
+`paper_claims` from the committed docs/results/*/results.json. docs/usage.md's "What `make demo` shows"
+(once the README's) holds the per-seed study of `make demo`, written from the committed
+docs/results/demo_seeds.json; its blocks keep their `readme.` names.
+
+The other tables of these pages are not measurements: the commands, the reward placements, the built-in
 tasks (their teacher figures are checked by tests/test_task.py) and the 8-GPU memory layout
 (arithmetic from parameter counts).
 """
@@ -11,9 +15,11 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import tables_results
 from tables import read_json
 
-PAGE = "README.md"
+README = "README.md"
+PAGE = "docs/usage.md"
 DEMO = "docs/results/demo_seeds.json"
 METHODS = ("sft", "dpo", "ppo", "rto")
 
@@ -48,7 +54,7 @@ def demo_seeds(root: Path) -> str:
               textwrap.fill(
                   f"(code `{d['code'].split()[0]}`; {d['machine']}; {min(minutes):.0f}-{max(minutes):.0f} min a seed; "
                   "the raw per-seed numbers, with the two seed-0 variants, are in "
-                  "[docs/results/demo_seeds.json](docs/results/demo_seeds.json).)", 100)]
+                  "[docs/results/demo_seeds.json](results/demo_seeds.json).)", 100)]
     return "\n".join(lines)
 
 
@@ -78,7 +84,58 @@ def demo_kernels(root: Path) -> str:
     return textwrap.fill(text, 100)
 
 
+def _seeds_where(d: dict, test) -> list[int]:
+    return [run["seed"] for run in d["per_seed"] if test(run)]
+
+
+def _listed(seeds: list[int]) -> str:
+    return " and ".join([", ".join(map(str, seeds[:-1])), str(seeds[-1])] if len(seeds) > 1 else [str(seeds[0])])
+
+
+def _sd(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def demo_spread(root: Path) -> str:
+    """What the per-seed table says: the methods' order on each seed, the low seed, and where
+    RTO's gap over PPO comes from (the gold reward's two parts), every figure from the JSON."""
+    d = read_json(root, DEMO)
+    over, runs, n = d["over_seeds"], d["per_seed"], len(d["per_seed"])
+
+    def every(test) -> str:
+        k = len(_seeds_where(d, test))
+        return "on every seed" if k == n else f"on {k} of {n} seeds"
+
+    rto_ppo = every(lambda r: _gold(r, "rto") > _gold(r, "ppo"))
+    ppo_sft = every(lambda r: _gold(r, "ppo") > _gold(r, "sft"))
+    ppo_dpo = every(lambda r: _gold(r, "ppo") < _gold(r, "dpo"))
+    below_dpo = _seeds_where(d, lambda r: _gold(r, "rto") < _gold(r, "dpo"))
+    gap = over["ppo - sft"]
+    text = (f"RTO ends above PPO {rto_ppo} and PPO above SFT {ppo_sft} ({gap['min']:+.2f} to {gap['max']:+.2f}); "
+            f"RTO against the DPO policy it draws its token reward from is a near tie "
+            f"({over['rto - dpo']['mean']:+.3f} on average"
+            + (f", below it on seed{'s' if len(below_dpo) > 1 else ''} {_listed(below_dpo)}" if below_dpo else "")
+            + f"), and PPO stays below DPO {ppo_dpo}.")
+    low = min(runs, key=lambda r: _gold(r, "sft"))
+    rest = [r for r in runs if r is not low]
+    mostly = all(_sd([_gold(r, m) for r in rest]) < over[m]["sd"] / 2 for m in METHODS)
+    text += (f" Seed {low['seed']}'s SFT model underfits the teacher ({_gold(low, 'sft'):.3f}) and everything built "
+             "on it starts lower" + ("; most of the four methods' standard deviations above is that seed." if mostly
+                                     else "."))
+    local_lower = every(lambda r: r["ppo"]["gold_parts"]["local"] < r["sft"]["gold_parts"]["local"])
+    text += (" Where the gap comes from, on the test samples (means over the seeds above): PPO maximises what its RM "
+             f"learned well (the count: {over['ppo gold:count']['mean']:.3f} of 1.0) but gives up part of the "
+             f"positional key the RM hardly learned (local part {over['sft gold:local']['mean']:.3f} at SFT -> "
+             f"{over['ppo gold:local']['mean']:.3f}, lower {local_lower}); RTO's per-token DPO reward keeps more of it "
+             f"({over['rto gold:local']['mean']:.3f}; DPO {over['dpo gold:local']['mean']:.3f}) while also reaching "
+             f"the count ({over['rto gold:count']['mean']:.3f}).")
+    return textwrap.fill(text, 100)
+
+
 TABLES = {
+    "readme.paper-claims": (README, lambda root: tables_results.paper_claims(root)),
     "readme.demo-kernels": (PAGE, demo_kernels),
     "readme.demo-seeds": (PAGE, demo_seeds),
+    "readme.demo-spread": (PAGE, demo_spread),
 }

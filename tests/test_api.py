@@ -50,12 +50,12 @@ def test_bad_settings_raise_the_command_lines_one_line_error(tiny_dirs, tmp_path
         rto.run("sftt")
 
 
-def test_the_readme_example_runs(tmp_path):
-    """The README's Python example, as printed there, in a fresh process (cwd: a temp dir)."""
+def test_the_usage_pages_python_example_runs(tmp_path):
+    """docs/usage.md's Python example ("From Python"), as printed there, in a fresh process (cwd: a temp dir)."""
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    code = readme.split("### From Python")[1].split("```python\n")[1].split("```")[0]
+    page = (Path(__file__).parent.parent / "docs" / "usage.md").read_text()
+    code = page.split("\n## From Python\n")[1].split("```python\n")[1].split("```")[0]
     env = {**__import__("os").environ, "RTO_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                           timeout=600)

@@ -28,7 +28,7 @@ from rto_verl_support import FakeRMServer, fake_rm_score, make_models, reference
 
 
 def command_overrides(paths: dict, extra: tuple = ()) -> list[str]:
-    """The overrides of the command in the example's docstring (what README shows), with the
+    """The overrides of the command in the example's docstring (what docs/usage.md shows), with the
     $VARIABLES filled in."""
     text = re.search(r"# BEGIN VERL COMMAND\n(.*?)# END VERL COMMAND", EXAMPLE.read_text(), re.S).group(1)
     words = _command_after(text, "python -m verl.trainer.main_ppo")
@@ -43,13 +43,14 @@ def _command_after(text: str, start: str) -> list[str]:
     return shlex.split(" ".join(line.rstrip().rstrip("\\") for line in lines[:end + 1]))
 
 
-def test_readme_shows_the_tested_command():
-    readme = (ROOT / "README.md").read_text()
-    if "verl.trainer.main_ppo" not in readme:
-        pytest.skip("README.md shows no verl command yet")
+def test_the_docs_show_the_tested_command():
+    page = (ROOT / "docs" / "usage.md").read_text()
+    if "verl.trainer.main_ppo" not in page:
+        pytest.skip("docs/usage.md shows no verl command yet")
     example = EXAMPLE.read_text()
     start = "python -m verl.trainer.main_ppo"
-    assert _command_after(readme, start) == _command_after(example, start), "README's verl command is not the tested one"
+    assert _command_after(page, start) == _command_after(example, start), \
+        "docs/usage.md's verl command is not the tested one"
 
 
 def compose(overrides: list[str]):

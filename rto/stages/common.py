@@ -69,7 +69,7 @@ class TrainingFields:
     # --- models and data ---
     model: str = opt("", "model directory to start from (the SFT model, for rm and dpo)")
     data: str = opt("", "training data, JSONL, JSON, Parquet or CSV: {prompt, completion}, {messages} or {text} "
-                        "rows for sft, {prompt, chosen, rejected} pairs for rm and dpo (see README, data formats); "
+                        "rows for sft, {prompt, chosen, rejected} pairs for rm and dpo (see docs/usage.md, data formats); "
                         "or a datasets hub id where a network exists")
     data_split: str = opt("train", "the split of a hub dataset (--data NAME)")
     data_config: str = opt("", "the configuration (subset) of a hub dataset")

@@ -1,0 +1,71 @@
+"""The docs' pages stay true to the tree: README.md is a landing page, docs/architecture.md names
+every module of `rto/`, and no relative link in README.md or docs/*.md points at nothing.
+
+Modules are named by file path from the repository root (`rto/core/rewards.py`,
+`rto/stages/__init__.py`): every `.py` file under rto/, at any depth, `__init__.py` and
+`__main__.py` included, must appear in docs/architecture.md as that path - so adding a module
+without its line there fails here - and every such path the page names must exist.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+README_MAX_LINES = 220
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def rto_modules(root: Path = ROOT) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in (root / "rto").rglob("*.py")
+                  if "__pycache__" not in p.parts)
+
+
+def test_architecture_names_every_module_of_rto():
+    page = ARCHITECTURE.read_text()
+    missing = [m for m in rto_modules() if m not in page]
+    assert not missing, f"docs/architecture.md does not name these modules (add a line for each): {missing}"
+
+
+def test_architecture_names_no_module_that_is_gone():
+    named = set(re.findall(r"\brto/[\w/]+\.py\b", ARCHITECTURE.read_text()))
+    gone = sorted(m for m in named if not (ROOT / m).is_file())
+    assert not gone, f"docs/architecture.md names modules that do not exist: {gone}"
+
+
+def test_readme_is_a_landing_page():
+    n = len((ROOT / "README.md").read_text().splitlines())
+    assert n <= README_MAX_LINES, (f"README.md has {n} lines (at most {README_MAX_LINES}): move the detail to a "
+                                   "page under docs/ and link it")
+
+
+def _pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def relative_links(page: Path) -> list[str]:
+    """The targets of the page's Markdown links and images that are neither URLs nor anchors
+    within the page, outside fenced code blocks, without their #anchor."""
+    text = _FENCE.sub("", page.read_text())
+    out = []
+    for target in _LINK.findall(text):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
+            continue  # https:, mailto:, ...; an anchor on the same page
+        out.append(target.split("#", 1)[0])
+    return out
+
+
+def test_every_relative_link_points_to_an_existing_file():
+    broken = [f"{page.relative_to(ROOT)}: {target}" for page in _pages() for target in relative_links(page)
+              if not (page.parent / target).exists()]
+    assert not broken, "links to nothing:\n" + "\n".join(broken)
+
+
+def test_the_link_check_sees_links():
+    """Guard against a pattern that matches nothing: the README links every page of docs/."""
+    links = relative_links(ROOT / "README.md")
+    for page in ("usage", "algorithm", "architecture", "results", "performance", "reliability", "testing"):
+        assert f"docs/{page}.md" in links, page

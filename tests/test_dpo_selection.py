@@ -55,6 +55,8 @@ def test_dpo_select_by_needs_its_dev_prompts(tiny_dirs, prefs, tmp_path):
         build(DPOStageConfig, base, "test")
     with pytest.raises(UserError, match="needs a --task"):
         build(DPOStageConfig, {**base, "eval_prompts": "dev.jsonl"}, "test")
+    with pytest.raises(UserError, match="cannot --resume yet"):
+        build(DPOStageConfig, {**base, "eval_prompts": "dev.jsonl", "task": "keyed", "resume": "auto"}, "test")
 
 
 def test_the_dpo_grid_is_never_smaller_than_rtos():

@@ -41,6 +41,9 @@ class DPOStageConfig(TrainingFields):
             return
         if not self.eval_prompts:
             raise UserError("dpo: --select-by needs --eval-prompts (the dev prompts)")
+        if self.resume:  # the kept weights and the points so far live in memory, not in TRL's checkpoints
+            raise UserError("dpo: --select-by cannot --resume yet (the dev selection's best weights are not in "
+                            "TRL's checkpoints); run it again from the start")
         if self.select_by == "gold_reward" and not self.task:
             raise UserError("dpo: --select-by gold_reward needs a --task with a gold reward")
         if self.select_by == "judge_score" and not self.judge:

@@ -5,7 +5,8 @@
 Model of one paired comparison (A - B on the same test prompts): value of prompt p on seed s =
 mu + u_s + e_sp, with a between-seed effect u_s ~ N(0, tau^2) (each seed trains its own models)
 and prompt noise e_sp ~ N(0, sigma^2), 512 prompts per seed as in the real runs. tau and sigma
-are estimated from the committed docs/results/<task>/per_seed.json: sigma from each seed's
+are estimated from the committed docs/results/previous-protocol/<task>/per_seed.json (the runs
+before issue 21's rerun, which the simulation was built on): sigma from each seed's
 prompt-bootstrap interval of each method's mean (the two methods' prompt noise taken as
 independent, an upper bound: on the same prompts they are positively correlated), tau from the
 spread of the per-seed differences less the prompt part. Three settings: the median over every
@@ -57,10 +58,13 @@ def estimate(per_seed: list[dict], a: str, b: str) -> dict:
     return {"tau": math.sqrt(tau2), "sigma": math.sqrt(prompt_var_of_mean * n), "seeds": len(diffs)}
 
 
+SOURCE = "docs/results/previous-protocol"  # the per-seed records the simulation's settings come from
+
+
 def real_run_settings(root: Path = ROOT) -> dict:
     pairs = {}
     for task in TASKS:
-        per_seed = json.loads((root / "docs" / "results" / task / "per_seed.json").read_text())
+        per_seed = json.loads((root / SOURCE / task / "per_seed.json").read_text())
         for a, b in CLAIM_PAIRS:
             pairs[f"{task}: {a} - {b}"] = estimate(per_seed, a, b)
     taus, sigmas = [p["tau"] for p in pairs.values()], [p["sigma"] for p in pairs.values()]
@@ -126,7 +130,7 @@ def main(argv=None) -> dict:
     out = {"what": "coverage of nominal 95% intervals for the mean of a paired difference over seeds",
            "model": "prompt value = mu + u_seed + e_prompt, u ~ N(0, tau^2), e ~ N(0, sigma^2), "
                     f"{N_PROMPTS} prompts per seed, mu = 0.1",
-           "estimated_from": "docs/results/{keyed,ordered,count}/per_seed.json",
+           "estimated_from": f"{SOURCE}/{{keyed,ordered,count}}/per_seed.json",
            "t_interval": "rto.seed_stats.seed_interval: Student t on the per-seed means, n - 1 df",
            "hierarchical_bootstrap": "rto.report_reproduce.hierarchical_ci: resample seeds, then prompts; 2,000 draws",
            "real_runs": real, "rows": rows, "wall_time_s": round(time.time() - start, 1),

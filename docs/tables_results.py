@@ -10,7 +10,7 @@ from tables import read_json
 
 from rto.data_ratio import ratio_text
 from rto.report_reproduce import claims, cross_task_markdown
-from rto.tune import DPO_POLICY
+from rto.tuning import DPO_POLICY
 
 PAGE = "docs/results.md"
 TASKS = ("keyed", "ordered", "count")

@@ -23,43 +23,20 @@ calls another view - which PPO's policy-then-critic order does.
 from __future__ import annotations
 
 import contextlib
-import json
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rto.errors import UserError
-
-ADAPTER_CONFIG = "adapter_config.json"
+from rto.models import peft_quietly, score_parts
+from rto.rollout import keeps_logits
 
 
 def lora_config(r: int, alpha: float, target: list[str] | str, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target, bias="none", task_type=task_type)
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def adapter_base(path: str | Path) -> Path:
-    """The base model an adapter directory was trained on (relative paths: from the adapter's parent)."""
-    cfg_file = Path(path) / ADAPTER_CONFIG
-    try:
-        base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{cfg_file}: unreadable adapter config ({e})") from None
-    base_path = Path(base)
-    if not base_path.is_absolute() and not base_path.exists():
-        base_path = Path(path).parent / base_path
-    return base_path
-
-
-def same_path(a: str | Path, b: str | Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
 
 
 def merged_state_dict(peft_model, adapter: str, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -104,8 +81,6 @@ def rm_adapter_weights(path: str | Path) -> tuple[object, dict[str, torch.Tensor
 
 def rm_value_head(rm) -> nn.Linear:
     """A trainable copy of a reward model's score head (a linear layer to one output)."""
-    from rto.models import score_parts
-
     _, head = score_parts(rm)
     if not isinstance(head, nn.Linear) or head.out_features != 1:
         raise UserError(f"reward model: its score head is a {type(head).__name__}, not a linear layer to one "
@@ -116,15 +91,6 @@ def rm_value_head(rm) -> nn.Linear:
         if head.bias is not None:
             copy.bias.copy_(head.bias.float())
     return copy
-
-
-@contextlib.contextmanager
-def peft_quietly():
-    """peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model:
-    the FutureWarning is about peft's code, with nothing for the user to do, so it is not shown."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        yield
 
 
 class SharedBase:
@@ -269,12 +235,10 @@ class CriticView(nn.Module):
         """Values at every position: [rows, L]. The hidden states are caught from one call of the
         shared model's forward (as rto.rollout.token_scores does: a sharded base is gathered there);
         its LM head computes one position only where the model allows it."""
-        from rto.rollout import _keeps_logits
-
         backbone, head = self.score_parts()
         caught: list[torch.Tensor] = []
         hook = backbone.register_forward_hook(lambda module, args, output: caught.append(output.last_hidden_state))
-        keep = {"logits_to_keep": 1} if _keeps_logits(self.shared.model) else {}
+        keep = {"logits_to_keep": 1} if keeps_logits(self.shared.model) else {}
         try:
             with self.shared.active("critic"):
                 self.shared.model(**inputs, **keep)

@@ -10,9 +10,11 @@ so every stage also runs on a user's own model directory:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +23,41 @@ from torch import nn
 from rto.errors import UserError
 
 RM_STATS_FILE = "reward_stats.json"
+
+
+# --- adapter directories (peft), read here so that loading any model needs nothing of rto.lora ---
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> Path:
+    """The base model an adapter directory was trained on (relative paths: from the adapter's parent)."""
+    cfg_file = Path(path) / ADAPTER_CONFIG
+    try:
+        base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{cfg_file}: unreadable adapter config ({e})") from None
+    base_path = Path(base)
+    if not base_path.is_absolute() and not base_path.exists():
+        base_path = Path(path).parent / base_path
+    return base_path
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model:
+    the FutureWarning is about peft's code, with nothing for the user to do, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
 
 
 def _quiet() -> None:
@@ -44,8 +81,6 @@ def _check_dir(path: str | Path, what: str) -> Path:
         return path  # from_pretrained fetches it (safetensors only) or fails with a one-line error
     if not path.is_dir():
         raise UserError(f"{what} {path}: model directory not found")
-    from rto.lora import is_adapter_dir
-
     if is_adapter_dir(path):
         if not (path / "adapter_model.safetensors").is_file():
             raise UserError(f"{what} {path}: no adapter_model.safetensors (only safetensors files are loaded)")
@@ -163,8 +198,6 @@ def _load(cls, path: str | Path, what: str, **kwargs):
 
 def _load_any(cls, path: str | Path, what: str, **kwargs):
     """A model directory, or a LoRA adapter directory (`--lora-r`) merged into its base."""
-    from rto.lora import adapter_base, is_adapter_dir, peft_quietly
-
     if not is_adapter_dir(_check_dir(path, what)):
         return _load(cls, path, what, **kwargs)
     from peft import PeftModel

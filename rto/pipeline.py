@@ -24,7 +24,7 @@ from rto.core.rewards import PLACEMENTS
 from rto.errors import UserError
 from rto.pipeline_summary import heldout_pairs_file, last_differs, summarise
 from rto.stages import STAGES
-from rto.tune import DPO_POLICY, DPO_POLICY_SECTION, dpo_policy_job, is_preset_file, read_preset, tune_pipeline
+from rto.tuning import DPO_POLICY, DPO_POLICY_SECTION, dpo_policy_job, is_preset_file, read_preset, tune_pipeline
 
 # RL methods: overrides of the shared `ppo` settings. Every method shares the same SFT model,
 # RM, DPO model, data and settings; only these differ. One per reward placement (named by the

@@ -98,7 +98,7 @@ def heldout_accuracies(pipe, summary: dict) -> dict:
 
 def settings_record(pipe, rl_jobs: list) -> dict:
     """Where the RL settings came from (tuned on dev, or the preset as it is) and their values."""
-    from rto.tune import TUNED_KEYS
+    from rto.tuning import TUNED_KEYS
 
     tuned = pipe.preset_record.get("tuned")
     if tuned:
@@ -149,7 +149,7 @@ def dpo_notes(pipe) -> list[str]:
     """Which DPO each DPO row is: the preset's (RTO's token reward, untuned, its last epoch) and,
     where the run has it, the DPO baseline tuned and dev-selected as RTO is."""
     from rto.config import load_yaml
-    from rto.tune import DPO_POLICY
+    from rto.tuning import DPO_POLICY
 
     notes, configs = [], pipe.out / "configs"
     if "dpo" in pipe.cfg.methods and (configs / "dpo.yaml").is_file():

@@ -20,7 +20,7 @@ import torch
 from rto.data_ratio import claim_fraction, data_limited, ratio_text
 from rto.report import format_table
 from rto.seed_stats import LEVEL, MARGIN_FRACTION, MIN_SEEDS, at_least_verdict, beats_verdict, margin_for, t_interval
-from rto.tune import DPO_POLICY
+from rto.tuning import DPO_POLICY
 
 # The gold reward's achievable range per built-in task, from each task's definition (its
 # docstring and gold_reward): keyed in [0, 2], ordered in (-inf, 1] with 0 for a response with

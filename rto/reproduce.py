@@ -3,7 +3,7 @@
 Per seed: one SFT model, preference set, RM and DPO model (`Pipeline.offline`), then
 every RL method against them with the same data and the same settings:
  1. settings: a preset file from `rto tune` (`--preset FILE`) when it holds tuned settings;
-    otherwise `rto tune`'s grids (rto.tune.tune_settings) on the first seed (or on each:
+    otherwise `rto tune`'s grids (rto.tuning.tune_settings) on the first seed (or on each:
     `tune: every-seed`), written to DIR/preset.yaml. Tuning runs only choose: they draw their
     RL randomness from seed + TUNING_SEED_OFFSET and are never reported;
  2. the methods and ablations (PPO, RTO, RS, Semi, DDPO, DPO-term only, REINFORCE++, RTO with
@@ -36,8 +36,8 @@ from rto.data import write_json, write_jsonl
 from rto.pipeline import RL_METHODS, Pipeline, PipelineConfig
 from rto.pipeline_summary import reference_lines
 from rto.tasks import Task
-from rto.tune import (DPO_POLICY, DPO_POLICY_SECTION, TUNED_KEYS, TUNING_SEED_OFFSET, TuneGrid, dpo_policy_job,
-                      tune_dpo, tune_settings, write_preset)
+from rto.tuning import (DPO_POLICY, DPO_POLICY_SECTION, TUNED_KEYS, TUNING_SEED_OFFSET, TuneGrid, dpo_policy_job,
+                       tune_dpo, tune_settings, write_preset)
 
 METHODS = list(RL_METHODS)  # every RL method of the pipeline (one per reward placement, and REINFORCE++)
 GOLD_REFERENCES = {  # name: (method, extra settings)

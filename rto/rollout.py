@@ -235,7 +235,7 @@ def _gather(flat_outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat[index]
 
 
-def _keeps_logits(model) -> bool:
+def keeps_logits(model) -> bool:
     """Whether the model underneath (through a peft wrapper or an adapter view) takes `logits_to_keep`."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _forward_takes_logits_to_keep(type(inner))
@@ -259,7 +259,7 @@ def response_logits(model, batch: Batch, packed: Packed | None = None) -> torch.
     R = batch.response_ids.shape[1]
     # Logits of the last R + 1 positions only: the LM head skips the prompt (a large saving
     # for real vocabularies); models without `logits_to_keep` compute all and get sliced.
-    keep = {"logits_to_keep": R + 1} if _keeps_logits(model) else {}
+    keep = {"logits_to_keep": R + 1} if keeps_logits(model) else {}
     logits = model(input_ids=batch.input_ids, attention_mask=attn, position_ids=position_ids(attn),
                    use_cache=False, **keep).logits
     return logits[:, -(R + 1):-1]

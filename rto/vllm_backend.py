@@ -90,7 +90,7 @@ def check_sampling(vllm, settings: dict) -> None:
 def engine_model(policy: str | Path) -> str:
     """The directory vLLM starts from: the policy's, or a LoRA adapter's base (vLLM needs a
     config.json; the adapter is merged into the weights synced before the first rollout)."""
-    from rto.lora import adapter_base, is_adapter_dir
+    from rto.models import adapter_base, is_adapter_dir
 
     return str(adapter_base(policy) if is_adapter_dir(policy) else policy)
 

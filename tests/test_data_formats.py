@@ -93,7 +93,7 @@ def test_stages_run_on_conversational_data_from_the_command_line(chat_model, tmp
     rto("sft", "--model", model, "--data", files["sft"], "--out", tmp_path / "sft", *common)
     rto("rm", "--model", tmp_path / "sft", "--data", files["prefs"], "--out", tmp_path / "rm", "--lora-r", "4", *common)
     rto("sft", "--model", model, "--data", files["sft"], "--out", tmp_path / "sft_lora", "--lora-r", "4", *common)
-    from rto.lora import is_adapter_dir
+    from rto.models import is_adapter_dir
     from rto.models import load_causal_lm
 
     assert is_adapter_dir(tmp_path / "sft_lora")

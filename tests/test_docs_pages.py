@@ -69,3 +69,49 @@ def test_the_link_check_sees_links():
     links = relative_links(ROOT / "README.md")
     for page in ("usage", "algorithm", "architecture", "results", "performance", "reliability", "testing"):
         assert f"docs/{page}.md" in links, page
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """rto's modules and the rto modules each imports, at the top or inside a function."""
+    import ast
+
+    root = ROOT / "rto"
+    modules = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {m: set() for m in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_import_circle_in_rto():
+    """docs/architecture.md says dependencies point one way: no module of rto/ reaches itself
+    again through its imports (those inside functions included)."""
+    graph = _import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                circle = path[path.index(target):] + [target]
+                raise AssertionError("import circle: " + " -> ".join(circle))
+            if target not in state:
+                visit(target)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)

@@ -10,7 +10,7 @@ import torch
 from rto.data_ratio import NEVER, REACHES_AT_SMALLEST, claim_fraction, crossing, measured_ratio, ratio_text
 from rto.errors import UserError
 from rto.seed_stats import t_interval
-from rto.tune import TuneGrid
+from rto.tuning import TuneGrid
 
 
 def test_dpo_keeps_the_dev_best_epoch_not_the_last(tmp_path, tiny_dirs, prompt_file, prefs, monkeypatch):

@@ -242,7 +242,7 @@ def test_lora_dpo_adapter_joins_the_shared_base(tiny_dirs, prompt_file, tmp_path
     """`rto dpo --lora-r` writes an adapter; `rto ppo --lora-r` mounts it on the policy's base and
     gets the same DPO token rewards as a full run reading the adapter merged into a model."""
     from rto.data import write_jsonl
-    from rto.lora import is_adapter_dir
+    from rto.models import is_adapter_dir
     from rto.stages.dpo import DPOStageConfig, run as run_dpo
 
     prefs = tmp_path / "prefs.jsonl"

@@ -78,7 +78,7 @@ def test_presets_build_every_stage(name):
 def test_packaged_tuned_presets_are_rto_tunes_choice(name):
     """--preset tuned: the committed file holds what its grids chose (nothing edited by hand)."""
     from rto.tasks import tuned_preset_file
-    from rto.tune import TUNED_KEYS, read_preset
+    from rto.tuning import TUNED_KEYS, read_preset
 
     task = load_task(name)
     path = tuned_preset_file(task)

@@ -65,7 +65,7 @@ def test_tune_refuses_more_budget_for_rto_and_foreign_presets(tmp_path):
 
 
 def test_edge_steps_go_one_step_past_a_best_point_on_the_edge():
-    from rto.tune import edge_steps
+    from rto.tuning import edge_steps
 
     def rows(scores):  # lr x kl grid {1, 2, 4} x {0.01, 0.1}
         return [{"actor_lr": lr, "kl_coef": kl, "dev_score": scores[(lr, kl)]} for lr in (1, 2, 4) for kl in (0.01, 0.1)]

@@ -19,8 +19,9 @@ from torch import nn
 
 from rto.distributed import Dist
 from rto.errors import UserError
-from rto.lora import SharedBase, adapter_base, is_adapter_dir, rm_value_head, same_path
-from rto.models import check_same_tokenizer, load_causal_lm, load_score_model, read_reward_stats
+from rto.lora import SharedBase, rm_value_head
+from rto.models import (adapter_base, check_same_tokenizer, is_adapter_dir, load_causal_lm, load_score_model,
+                        read_reward_stats, same_path)
 from rto.sharding import Layout, wrap
 from rto.stages.ppo_config import PPOStageConfig
 

@@ -21,9 +21,9 @@ from rto.core.selection import divergence
 from rto.data import write_json
 from rto.errors import UserError
 from rto.models import save_model, write_model_card
-from rto.report import plot_run
 from rto.sharding import (full_state_dict, is_wrapped, load_sharded, save_sharded, shard_like,
                           shard_optimizer_state)
+from rto.stages.ppo_plot import plot_run
 
 SELECTED = "policy_selected"  # OUT/ subdirectory: the dev selection's best policy so far
 

@@ -141,8 +141,9 @@ class Reproduction:
 
     def tune(self, pipe: Pipeline, rl: bool) -> None:
         """rto tune's grids on this seed's models (PPO never less budget than RTO; the DPO policy
-        never less than RTO): the RL grids where `rl`, the DPO policy's where no preset gave it.
-        Sets `self.chosen` and `self.dpo_chosen`; writes OUT/preset.yaml."""
+        never less than RTO): the RL grids where `rl` (else the preset file's choice stands), and
+        always the DPO policy's - this is called only where no preset file gave it, or on every
+        seed with `tune: every-seed`. Sets `self.chosen` and `self.dpo_chosen`; writes OUT/preset.yaml."""
         seed = str(pipe.cfg.seed)
         if rl:
             record = tune_settings(pipe, self.cfg, "gold_reward", {"reward_model_ensemble": []})
@@ -151,12 +152,9 @@ class Reproduction:
         else:  # the preset file's RL choice, as written
             record = {"chosen": {k: v for k, v in pipe.preset.get("ppo", {}).items() if k in TUNED_KEYS},
                       **{k: v for k, v in next(iter(self.tuning.values())).items() if k != "from_preset_file"}}
-        if not self.dpo_chosen or self.cfg.tune == "every-seed":
-            dpo = tune_dpo(pipe, self.cfg, "gold_reward")
-            self.dpo_chosen = dpo["chosen"]
-            self.tuning.setdefault(seed, {})["dpo_policy"] = {k: v for k, v in dpo.items() if k != "chosen"}
-        else:
-            dpo = {"chosen": self.dpo_chosen, **record.get("dpo_policy", {})}
+        dpo = tune_dpo(pipe, self.cfg, "gold_reward")
+        self.dpo_chosen = dpo["chosen"]
+        self.tuning.setdefault(seed, {})["dpo_policy"] = {k: v for k, v in dpo.items() if k != "chosen"}
         record.pop("dpo_policy", None)
         write_preset(self.out / "preset.yaml", pipe.task.name, pipe.base_preset, pipe.cfg.seed, record, dpo)
 

@@ -68,14 +68,9 @@ def build(cls, values: dict[str, Any], where: str):
     problems: list[str] = []
     if hasattr(cls, "from_trl"):  # TRL settings read together (batch sizes, LoRA, saving)
         values = cls.from_trl(values, where, problems)
-    renamed = getattr(cls, "RENAMED", {})  # old name -> new name, still accepted
     kwargs, from_trl, ignored = {}, {}, []
     for name, raw in values.items():
         decision = table.get(name)
-        if name in renamed:
-            print(f"[rto] {where}: setting {name!r} is now called {renamed[name]!r}; the old name still works",
-                  file=sys.stderr, flush=True)
-            name = renamed[name]
         ours = name in known and not (isinstance(decision, trl_fields.Map) and decision.value)
         if ours and raw is None and decision is not None and not _base_type(hints[name])[1]:
             continue  # TRL's "unset" for a setting of ours that has no unset: our default
@@ -209,11 +204,6 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         else:
             target.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 help=help_text)
-    for old, new in getattr(cls, "RENAMED", {}).items():  # old flags still parse (hidden); build() maps them
-        inner, _ = _base_type(hints[new])
-        action = argparse.BooleanOptionalAction if inner is bool else "store"
-        parser.add_argument("--" + old.replace("_", "-"), dest=old, action=action, default=argparse.SUPPRESS,
-                            help=argparse.SUPPRESS)
     taken = set(parser._option_string_actions)  # our own flags (and --debug, --config) win
     for name, decision in trl_fields.decisions(cls).items():  # TRL's flags, hidden: build() decides them
         flag = "--" + name.replace("_", "-")

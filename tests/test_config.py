@@ -71,22 +71,13 @@ def test_pipeline_set_overrides_and_bad_section_keys(tmp_path):
         build(PipelineConfig, {"out": "o", "method_overrides": {"magic": {}}}, "x.yaml")
 
 
-def test_renamed_settings_still_read_with_a_notice(capsys):
-    """`reward_clip` / `normalize_reward` act on the RM's score: now `score_clip` / `normalize_score`;
-    the old names still work in configs and as flags, with one line saying so."""
-    import argparse
-
-    from rto.config import add_arguments
-
-    cfg = build(PPOStageConfig, {**REQUIRED, "reward_clip": 3.0, "normalize_reward": False}, "old.yaml")
-    assert cfg.score_clip == 3.0 and cfg.normalize_score is False
-    err = capsys.readouterr().err
-    assert "'reward_clip' is now called 'score_clip'" in err and "'normalize_reward' is now called" in err
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, PPOStageConfig)
-    flags = vars(parser.parse_args(["--reward-clip", "2.5", "--no-normalize-reward"]))
-    cfg = build(PPOStageConfig, {**REQUIRED, **flags}, "command line")
-    assert cfg.score_clip == 2.5 and cfg.normalize_score is False
+def test_the_old_names_of_score_settings_are_refused():
+    """`reward_clip` / `normalize_reward` were renamed `score_clip` / `normalize_score` (they act on
+    the RM's score); the shim that still read the old names is gone, so a config that uses them
+    stops with one line naming the setting instead of running with the default."""
+    for old in ("reward_clip", "normalize_reward"):
+        with pytest.raises(UserError, match=f"old.yaml: unknown setting '{old}'"):
+            build(PPOStageConfig, {**REQUIRED, old: 3.0 if old == "reward_clip" else False}, "old.yaml")
 
 
 def test_choices_come_from_the_reward_registry():

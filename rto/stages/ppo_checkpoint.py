@@ -84,7 +84,7 @@ class CheckpointMixin:
 
         tensors, meta = load_checkpoint(path)
         mine, defaults = to_dict(self.cfg), to_dict(type(self.cfg)())
-        theirs = {self.cfg.RENAMED.get(k, k): v for k, v in meta.get("config", {}).items()}  # older names
+        theirs = meta.get("config", {})
         # A setting newer than the checkpoint counts as unchanged at its default.
         changed = sorted(k for k in set(mine) | set(theirs)
                          if k not in self.RESUMABLE_CHANGES and mine.get(k) != theirs.get(k, defaults.get(k)))

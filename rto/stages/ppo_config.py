@@ -21,8 +21,6 @@ from rto.trl_tables import STAGE_TABLES
 
 @dataclass
 class PPOStageConfig:
-    # Old names still read from configs and flags, with a one-line notice (rto.config.build).
-    RENAMED: ClassVar[dict[str, str]] = {"normalize_reward": "normalize_score", "reward_clip": "score_clip"}
     # Every field of TRL's PPOConfig (and TrainingArguments, ScriptArguments, ModelConfig), decided.
     TRL_FIELDS: ClassVar[dict] = STAGE_TABLES["ppo"]
     TRL_TYPES: ClassVar[dict[str, type]] = {

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -308,14 +309,25 @@ def save_model(model, tokenizer, out: str | Path, extra_files: dict[str, dict] |
     return out
 
 
-def read_reward_stats(path: str | Path) -> dict[str, float]:
-    """The RM's score mean/std recorded at training time (mean 0, std 1 if absent)."""
+@dataclass(frozen=True)
+class ScoreStats:
+    """An RM's score mean and std over its training pairs (RM_STATS_FILE beside the model), by which
+    `rto ppo` standardises its scores; mean 0 and std 1 leave a score as it is."""
+    mean: float = 0.0
+    std: float = 1.0
+
+    def as_json(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def read_reward_stats(path: str | Path) -> ScoreStats:
+    """The RM's score statistics recorded at training time (mean 0, std 1 if absent)."""
     f = Path(path) / RM_STATS_FILE
     if not f.is_file():
-        return {"mean": 0.0, "std": 1.0}
+        return ScoreStats()
     try:
         stats = json.loads(f.read_text())
-        return {"mean": float(stats["mean"]), "std": float(stats["std"])}
+        return ScoreStats(mean=float(stats["mean"]), std=float(stats["std"]))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{f}: unreadable reward statistics ({e})") from None
 

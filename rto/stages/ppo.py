@@ -180,13 +180,13 @@ class PPOTrainer(CheckpointMixin):
             dpo_term, dpo_clip_frac = dpo_token_term(dpo_logp, dpo_ref_logp, rmask, cfg.beta1, cfg.dpo_clip)
         raw_score = (self._score(lambda b, pk: sequence_scores(models.rm, b, pk), batch) if models.rm is not None
                      else torch.zeros(len(prompts), device=self.device))
-        score = (normalise_score(raw_score, models.rm_stats["mean"], models.rm_stats["std"], cfg.score_clip)
+        score = (normalise_score(raw_score, models.rm_stats.mean, models.rm_stats.std, cfg.score_clip)
                  if cfg.normalize_score else raw_score)
         disagreement = None
         if models.rm_ensemble:  # a conservative score from several RMs, each standardised with its own stats
-            members = [normalise_score(raw_score, models.rm_stats["mean"], models.rm_stats["std"], None)]
+            members = [normalise_score(raw_score, models.rm_stats.mean, models.rm_stats.std, None)]
             members += [normalise_score(self._score(lambda b, pk, rm=rm: sequence_scores(rm, b, pk), batch),
-                                        stats["mean"], stats["std"], None) for rm, stats in models.rm_ensemble]
+                                        stats.mean, stats.std, None) for rm, stats in models.rm_ensemble]
             score, disagreement = ensemble_score(torch.stack(members), cfg.ensemble_reduce, cfg.ensemble_std_coef)
             score = score.clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip is not None else score
         has_eos = ((tokens == self.tokenizer.eos_token_id) & (rmask > 0)).any(-1)

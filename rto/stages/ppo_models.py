@@ -20,8 +20,8 @@ from torch import nn
 from rto.distributed import Dist
 from rto.errors import UserError
 from rto.lora import SharedBase, rm_value_head
-from rto.models import (adapter_base, check_same_tokenizer, is_adapter_dir, load_causal_lm, load_score_model,
-                        read_reward_stats, same_path)
+from rto.models import (ScoreStats, adapter_base, check_same_tokenizer, is_adapter_dir, load_causal_lm,
+                        load_score_model, read_reward_stats, same_path)
 from rto.sharding import Layout, wrap
 from rto.stages.ppo_config import PPOStageConfig
 
@@ -37,8 +37,8 @@ class PPOModels:
     bf16: bool
     critic: nn.Module | None = None  # value model for GAE (None with REINFORCE++)
     rm: nn.Module | None = None  # reward model (None for dpo-only)
-    rm_stats: dict = field(default_factory=lambda: {"mean": 0.0, "std": 1.0})  # its score mean/std at RM training
-    rm_ensemble: list[tuple[nn.Module, dict]] = field(default_factory=list)  # more RMs, each with its stats
+    rm_stats: ScoreStats = field(default_factory=ScoreStats)  # its score mean/std at RM training
+    rm_ensemble: list[tuple[nn.Module, ScoreStats]] = field(default_factory=list)  # more RMs, each with its stats
     dpo: nn.Module | None = None  # DPO model (dense variants)
     dpo_ref: nn.Module | None = None  # the DPO model's own reference, when it is not `ref`
     shared: SharedBase | None = None
@@ -142,7 +142,7 @@ def load_models(cfg: PPOStageConfig, device: torch.device, bf16: bool, dist: Dis
     trained weights. Each model is placed as soon as it is read, so while loading a process holds
     at most one whole model beside the others' shards."""
     place = _Placer(device, bf16, dist, layout)
-    rm, rm_stats = None, {"mean": 0.0, "std": 1.0}
+    rm, rm_stats = None, ScoreStats()
     if cfg.uses_rm:
         rm = load_score_model(cfg.reward_model, "reward model")
         if cfg.normalize_score:

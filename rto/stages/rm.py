@@ -44,7 +44,7 @@ def run(cfg: RMStageConfig) -> dict:
     eval_rows = read_rows(cfg.eval_data, PREFERENCE_FIELDS, cfg.columns, cfg.skip_bad_rows) if cfg.eval_data else []
     from trl import RewardConfig, RewardTrainer
 
-    from rto.models import RM_STATS_FILE, load_score_model, load_tokenizer
+    from rto.models import RM_STATS_FILE, ScoreStats, load_score_model, load_tokenizer
     from rto.rollout import score_texts
 
     tokenizer = load_tokenizer(cfg.model)
@@ -61,10 +61,10 @@ def run(cfg: RMStageConfig) -> dict:
     with torch.no_grad():
         scores = torch.cat([score_texts(model, tokenizer, prompts, chosen),
                             score_texts(model, tokenizer, prompts, rejected)])
-    stats = {"mean": float(scores.mean()), "std": float(scores.std())}
+    stats = ScoreStats(mean=float(scores.mean()), std=float(scores.std()))
     metrics = {"train_loss": result.training_loss, "seconds": seconds, "pairs": len(rows),
-               "train_accuracy": pair_accuracy(model, tokenizer, rows), "score_mean": stats["mean"],
-               "score_std": stats["std"]}
+               "train_accuracy": pair_accuracy(model, tokenizer, rows), "score_mean": stats.mean,
+               "score_std": stats.std}
     if eval_rows:
         metrics["eval_accuracy"] = pair_accuracy(model, tokenizer, eval_rows)
-    return finish_trl_stage(trainer, cfg, "rm", metrics, model, tokenizer, extra_files={RM_STATS_FILE: stats})
+    return finish_trl_stage(trainer, cfg, "rm", metrics, model, tokenizer, extra_files={RM_STATS_FILE: stats.as_json()})

@@ -31,8 +31,11 @@ demo: $(STAMP)
 smoke: $(STAMP)
 	$(VENV)/bin/rto pipeline --task keyed --preset smoke --out runs/smoke
 
-# The docs' tables of measurements are rebuilt from the committed JSON and compared first.
+# Lint and format (ruff, configured in pyproject.toml), then the docs' tables of measurements
+# rebuilt from the committed JSON and compared, then the tests.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) docs/tables.py --check
 	$(PY) -m pytest -n 2
 

@@ -9,8 +9,8 @@ Memory: the peak over the update of the bytes autograd holds for backward (activ
 other saved tensors, each counted while it is alive; the models' own weights, which autograd
 also references, left out) - exact and the same on any device; on a GPU also the allocator's
 peak during the update. Time: the update (scoring excluded), both settings alternating over
---rounds on the same rollout (after --warmup untimed rounds), medians. The model is a random Llama shape (benchmarks/gpu_step.py's
-`build`: every response runs to its full length).
+--rounds on the same rollout (after --warmup untimed rounds), medians. The model is a random
+Llama shape (benchmarks/gpu_step.py's `build`: every response runs to its full length).
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def main() -> None:
 
     import torch
 
-    from rto.config import build as build_cfg
-    from rto.stages.ppo import PPOStageConfig, PPOTrainer
+    from rto.io.config import build as build_cfg
+    from rto.rl.trainer import PPOStageConfig, PPOTrainer
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,12 +79,29 @@ def main() -> None:
         build(root, args.model, args.prompts)
         trainers = {}
         for name, on in (("plain", False), ("checkpointed", True)):
-            cfg = build_cfg(PPOStageConfig, dict(
-                policy=str(root / "policy"), reward_model=str(root / "rm"), dpo_model=str(root / "dpo"),
-                prompts=str(root / "prompts.jsonl"), out=str(root / f"out-{name}"), reward="rto", beta1=0.1,
-                rollout_batch_size=args.prompts, mini_batch_size=args.prompts, micro_batch_size=args.micro_batch,
-                max_new_tokens=args.response_len, actor_lr=1e-6, critic_lr=1e-6, eval_every=0,
-                device=args.device, threads=args.threads, gradient_checkpointing=on), "benchmark")
+            cfg = build_cfg(
+                PPOStageConfig,
+                dict(
+                    policy=str(root / "policy"),
+                    reward_model=str(root / "rm"),
+                    dpo_model=str(root / "dpo"),
+                    prompts=str(root / "prompts.jsonl"),
+                    out=str(root / f"out-{name}"),
+                    reward="rto",
+                    beta1=0.1,
+                    rollout_batch_size=args.prompts,
+                    mini_batch_size=args.prompts,
+                    micro_batch_size=args.micro_batch,
+                    max_new_tokens=args.response_len,
+                    actor_lr=1e-6,
+                    critic_lr=1e-6,
+                    eval_every=0,
+                    device=args.device,
+                    threads=args.threads,
+                    gradient_checkpointing=on,
+                ),
+                "benchmark",
+            )
             trainers[name] = PPOTrainer(cfg)
         plain = trainers["plain"]
         torch.manual_seed(0)
@@ -92,10 +109,13 @@ def main() -> None:
         assert int(exp.batch.response_mask.sum()) == args.prompts * args.response_len
         rows: dict[str, list[dict]] = {name: [] for name in trainers}
         for r in range(args.warmup + args.rounds):
-            for name in (list(trainers) if r % 2 == 0 else list(trainers)[::-1]):
+            for name in list(trainers) if r % 2 == 0 else list(trainers)[::-1]:
                 trainer = trainers[name]
-                weights = {p.untyped_storage().data_ptr() for m in (*trainer.models.trained_modules(),
-                           *trainer.models.frozen()) for p in m.parameters()}
+                weights = {
+                    p.untyped_storage().data_ptr()
+                    for m in (*trainer.models.trained_modules(), *trainer.models.frozen())
+                    for p in m.parameters()
+                }
                 meter = HeldBytes(weights)
                 if args.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -110,12 +130,21 @@ def main() -> None:
                 if r >= args.warmup:
                     rows[name].append(row)
                 print(name, "warm-up" if r < args.warmup else "", json.dumps(row), flush=True)
-    out = {name: {key: statistics.median(row[key] for row in found) for key in found[0]} for name, found in rows.items()}
-    result = {"model": args.model, "arch": MODELS[args.model], "device": args.device, "prompts": args.prompts,
-              "micro_batch": args.micro_batch, "response_len": args.response_len, "rounds": args.rounds,
-              "settings": out,
-              "held_ratio": out["checkpointed"]["held_for_backward_mb"] / out["plain"]["held_for_backward_mb"],
-              "time_ratio": out["checkpointed"]["update_s"] / out["plain"]["update_s"]}
+    out = {
+        name: {key: statistics.median(row[key] for row in found) for key in found[0]} for name, found in rows.items()
+    }
+    result = {
+        "model": args.model,
+        "arch": MODELS[args.model],
+        "device": args.device,
+        "prompts": args.prompts,
+        "micro_batch": args.micro_batch,
+        "response_len": args.response_len,
+        "rounds": args.rounds,
+        "settings": out,
+        "held_ratio": out["checkpointed"]["held_for_backward_mb"] / out["plain"]["held_for_backward_mb"],
+        "time_ratio": out["checkpointed"]["update_s"] / out["plain"]["update_s"],
+    }
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -14,9 +14,9 @@ spread of the per-seed differences less the prompt part. Three settings: the med
 favourable case for the old method, whose prompt resampling is what it adds); and the pair where
 it is smallest (seeds dominate, the least favourable).
 
-Coverage = how often the interval holds mu. The new method (rto.seed_stats.seed_interval, a t
+Coverage = how often the interval holds mu. The new method (rto.experiments.seed_stats.seed_interval, a t
 interval on the per-seed means) runs on `reps` data sets; the old one (the real
-rto.report_reproduce.hierarchical_ci, 2,000 bootstrap draws, about 0.1-0.2 s a call) on the first
+rto.experiments.report_reproduce.hierarchical_ci, 2,000 bootstrap draws, about 0.1-0.2 s a call) on the first
 `old_reps` of the same data sets, which is enough to place it (binomial SE 2-4%).
 Runs in 3-7 minutes on 2 shared cores (196 s for the committed JSON).
 """
@@ -36,12 +36,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rto.report_reproduce import hierarchical_ci  # noqa: E402
-from rto.seed_stats import seed_interval  # noqa: E402
+from rto.experiments.report_reproduce import hierarchical_ci  # noqa: E402
+from rto.experiments.seed_stats import seed_interval  # noqa: E402
 
 TASKS = ("keyed", "ordered", "count")
-CLAIM_PAIRS = (("rto", "ppo"), ("rto", "dpo"), ("ppo", "dpo"), ("ppo", "sft"), ("rto", "sft"),
-               ("rto@0.125", "ppo@1"), ("ppo+ens", "ppo"), ("rto+ens", "rto"))
+CLAIM_PAIRS = (
+    ("rto", "ppo"),
+    ("rto", "dpo"),
+    ("ppo", "dpo"),
+    ("ppo", "sft"),
+    ("rto", "sft"),
+    ("rto@0.125", "ppo@1"),
+    ("ppo+ens", "ppo"),
+    ("rto+ens", "rto"),
+)
 N_PROMPTS = 512
 SEED_COUNTS = (3, 5, 10)
 
@@ -71,14 +79,19 @@ def real_run_settings(root: Path = ROOT) -> dict:
     # prompt SE of a seed's mean against tau: largest where the old method's prompt draws matter most
     ratio = {k: p["sigma"] / math.sqrt(N_PROMPTS) / max(p["tau"], 1e-9) for k, p in pairs.items()}
     prompt_heavy, seed_heavy = max(ratio, key=ratio.get), min(ratio, key=ratio.get)
-    return {"per_comparison": pairs,
-            "settings": {"median": {"tau": statistics.median(taus), "sigma": statistics.median(sigmas)},
-                         f"prompt-noise-heavy ({prompt_heavy})": {k: pairs[prompt_heavy][k] for k in ("tau", "sigma")},
-                         f"seed-spread-heavy ({seed_heavy})": {k: pairs[seed_heavy][k] for k in ("tau", "sigma")}}}
+    return {
+        "per_comparison": pairs,
+        "settings": {
+            "median": {"tau": statistics.median(taus), "sigma": statistics.median(sigmas)},
+            f"prompt-noise-heavy ({prompt_heavy})": {k: pairs[prompt_heavy][k] for k in ("tau", "sigma")},
+            f"seed-spread-heavy ({seed_heavy})": {k: pairs[seed_heavy][k] for k in ("tau", "sigma")},
+        },
+    }
 
 
-def simulate(n_seeds: int, reps: int, tau: float, sigma: float, n_prompts: int = N_PROMPTS, mu: float = 0.1,
-             seed: int = 0):
+def simulate(
+    n_seeds: int, reps: int, tau: float, sigma: float, n_prompts: int = N_PROMPTS, mu: float = 0.1, seed: int = 0
+):
     """Yield `reps` data sets: (n_seeds, n_prompts) tensors of values, true mean mu."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(reps):
@@ -87,8 +100,16 @@ def simulate(n_seeds: int, reps: int, tau: float, sigma: float, n_prompts: int =
         yield mu + u + e
 
 
-def coverage(interval, n_seeds: int, reps: int, tau: float, sigma: float, n_prompts: int = N_PROMPTS,
-             mu: float = 0.1, seed: int = 0) -> dict:
+def coverage(
+    interval,
+    n_seeds: int,
+    reps: int,
+    tau: float,
+    sigma: float,
+    n_prompts: int = N_PROMPTS,
+    mu: float = 0.1,
+    seed: int = 0,
+) -> dict:
     """How often interval(values) -> (lo, hi) holds mu (values: a (seeds, prompts) tensor), and the
     median width of the interval."""
     hits, widths = 0, []
@@ -97,12 +118,11 @@ def coverage(interval, n_seeds: int, reps: int, tau: float, sigma: float, n_prom
         hits += lo <= mu <= hi
         widths.append(hi - lo)
     p = hits / reps
-    return {"coverage": p, "se": math.sqrt(p * (1 - p) / reps), "reps": reps,
-            "median_width": statistics.median(widths)}
+    return {"coverage": p, "se": math.sqrt(p * (1 - p) / reps), "reps": reps, "median_width": statistics.median(widths)}
 
 
 def t_method(data: torch.Tensor) -> tuple[float, float]:
-    """rto.seed_stats.seed_interval (the per-seed means are taken in torch: the same numbers, faster)."""
+    """rto.experiments.seed_stats.seed_interval (the per-seed means are taken in torch: the same numbers, faster)."""
     return seed_interval([[m] for m in data.mean(1).tolist()])
 
 
@@ -125,16 +145,24 @@ def main(argv=None) -> dict:
             new = coverage(t_method, k, args.reps, s["tau"], s["sigma"], seed=k)
             old = coverage(old_method, k, args.old_reps, s["tau"], s["sigma"], seed=k)  # same first data sets
             rows.append({"setting": name, "seeds": k, "t_interval": new, "hierarchical_bootstrap": old})
-            print(f"{name:60s} seeds {k:2d}: t {new['coverage']:.3f} (+-{new['se']:.3f}), "
-                  f"old bootstrap {old['coverage']:.3f} (+-{old['se']:.3f})", flush=True)
-    out = {"what": "coverage of nominal 95% intervals for the mean of a paired difference over seeds",
-           "model": "prompt value = mu + u_seed + e_prompt, u ~ N(0, tau^2), e ~ N(0, sigma^2), "
-                    f"{N_PROMPTS} prompts per seed, mu = 0.1",
-           "estimated_from": f"{SOURCE}/{{keyed,ordered,count}}/per_seed.json",
-           "t_interval": "rto.seed_stats.seed_interval: Student t on the per-seed means, n - 1 df",
-           "hierarchical_bootstrap": "rto.report_reproduce.hierarchical_ci: resample seeds, then prompts; 2,000 draws",
-           "real_runs": real, "rows": rows, "wall_time_s": round(time.time() - start, 1),
-           "command": "python benchmarks/ci_coverage.py"}
+            print(
+                f"{name:60s} seeds {k:2d}: t {new['coverage']:.3f} (+-{new['se']:.3f}), "
+                f"old bootstrap {old['coverage']:.3f} (+-{old['se']:.3f})",
+                flush=True,
+            )
+    out = {
+        "what": "coverage of nominal 95% intervals for the mean of a paired difference over seeds",
+        "model": "prompt value = mu + u_seed + e_prompt, u ~ N(0, tau^2), e ~ N(0, sigma^2), "
+        f"{N_PROMPTS} prompts per seed, mu = 0.1",
+        "estimated_from": f"{SOURCE}/{{keyed,ordered,count}}/per_seed.json",
+        "t_interval": "rto.experiments.seed_stats.seed_interval: Student t on the per-seed means, n - 1 df",
+        "hierarchical_bootstrap": "rto.experiments.report_reproduce.hierarchical_ci: resample seeds, then prompts; "
+        "2,000 draws",
+        "real_runs": real,
+        "rows": rows,
+        "wall_time_s": round(time.time() - start, 1),
+        "command": "python benchmarks/ci_coverage.py",
+    }
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out} in {out['wall_time_s']} s")
     return out

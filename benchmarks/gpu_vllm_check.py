@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The vLLM rollout backend (rto/vllm_backend.py) on a real GPU with the real vLLM 0.33: PASS/FAIL per point.
+"""The vLLM rollout backend (rto/rl/vllm.py) on a real GPU with the real vLLM 0.33: PASS/FAIL per point.
 
     integrations/vllm/check                                   # once, on the GPU machine: builds its .venv
     integrations/vllm/.venv/bin/python benchmarks/gpu_vllm_check.py [--out FILE.json]
@@ -49,14 +49,24 @@ def build(root: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from rto.lora import lora_config
+    from rto.lm.lora import lora_config
 
     core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=0, eos_token_id=EOS, bos_token_id=None, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=EOS,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     a = LlamaForCausalLM(config)
     for name, model in (("a", a), ("b", None)):
@@ -81,8 +91,16 @@ def build(root: Path) -> None:
 
 
 def _cfg(policy: Path, **kw):
-    values = dict(policy=str(policy), max_new_tokens=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0,
-                  vllm_gpu_memory_utilization=0.25, seed=7, max_prompt_len=MAX_PROMPT)
+    values = dict(
+        policy=str(policy),
+        max_new_tokens=MAX_NEW,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        vllm_gpu_memory_utilization=0.25,
+        seed=7,
+        max_prompt_len=MAX_PROMPT,
+    )
     values.update(kw)
     return types.SimpleNamespace(**values)
 
@@ -103,8 +121,10 @@ def _logprob_gap(rollout, model, ids, mask) -> float:
     """Mean |vLLM's log-prob - `model`'s| of the tokens vLLM samples (16 per prompt)."""
     import torch
 
-    params = [rollout.SamplingParams(**{**rollout.sampling, "max_tokens": 16, "ignore_eos": True}, logprobs=0, seed=i)
-              for i in range(len(ids))]
+    params = [
+        rollout.SamplingParams(**{**rollout.sampling, "max_tokens": 16, "ignore_eos": True}, logprobs=0, seed=i)
+        for i in range(len(ids))
+    ]
     prompts = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask)]
     gaps = []
     for prompt, out in zip(prompts, rollout.llm.generate(prompts, params, use_tqdm=False)):
@@ -144,15 +164,16 @@ def _current_device():
 def _engine_device(rollout) -> str:
     def where(worker):
         return str(next(worker.model_runner.get_model().parameters()).device)
+
     return rollout.llm.collective_rpc(where)[0]
 
 
 def case_main(root: Path, report) -> None:
     import torch
 
-    from rto.errors import UserError
-    from rto.models import load_causal_lm, load_tokenizer
-    from rto.vllm_backend import VLLMRollout, check_sampling, sampling_settings
+    from rto.io.errors import UserError
+    from rto.lm.models import load_causal_lm, load_tokenizer
+    from rto.rl.vllm import VLLMRollout, check_sampling, sampling_settings
 
     index = 1 if torch.cuda.device_count() > 1 else 0
     device = _device(index)
@@ -163,10 +184,16 @@ def case_main(root: Path, report) -> None:
     start = time.time()
     rollout = VLLMRollout.for_run(_cfg(root / "a"), tok, device, types.SimpleNamespace(world=1, local_world=1), models)
     report("engine start", True, f"{time.time() - start:.0f}s (dtype {rollout.llm.llm_engine.model_config.dtype})")
-    report("engine on the run's GPU", _engine_device(rollout) == str(device),
-           f"engine on {_engine_device(rollout)}, run on {device}" + ("" if index else " (one GPU: cuda:N>0 not tried)"))
-    report("RNG states and current device kept", torch.equal(torch.get_rng_state(), rng)
-           and _current_device() == current, "")
+    report(
+        "engine on the run's GPU",
+        _engine_device(rollout) == str(device),
+        f"engine on {_engine_device(rollout)}, run on {device}" + ("" if index else " (one GPU: cuda:N>0 not tried)"),
+    )
+    report(
+        "RNG states and current device kept",
+        torch.equal(torch.get_rng_state(), rng) and _current_device() == current,
+        "",
+    )
 
     ids, mask, _ = _prompts(tok, 64, device)
     torch.manual_seed(5)
@@ -175,9 +202,12 @@ def case_main(root: Path, report) -> None:
     last = [int(row[n - 1]) for row, n in zip(batch.response_ids, lengths)]
     bad = [(n, t) for n, t in zip(lengths, last) if t != EOS and n != MAX_NEW]
     alt_inside = int(((batch.response_ids == ALT) & (batch.response_mask > 0)).sum())
-    report("responses stop only at the tokenizer's EOS", not bad and alt_inside > 0,
-           f"{sum(t == EOS for t in last)} ended at EOS, {sum(n == MAX_NEW for n in lengths)} at the limit, "
-           f"{alt_inside} generation-config EOS ids sampled inside responses, wrong stops: {bad[:4]}")
+    report(
+        "responses stop only at the tokenizer's EOS",
+        not bad and alt_inside > 0,
+        f"{sum(t == EOS for t in last)} ended at EOS, {sum(n == MAX_NEW for n in lengths)} at the limit, "
+        f"{alt_inside} generation-config EOS ids sampled inside responses, wrong stops: {bad[:4]}",
+    )
     torch.manual_seed(5)
     report("same seeds, same responses", torch.equal(rollout.generate(ids, mask).response_ids, batch.response_ids), "")
 
@@ -191,15 +221,19 @@ def case_main(root: Path, report) -> None:
     logging.getLogger("vllm").removeHandler(caught)
     after_b, after_a = (_logprob_gap(rollout, m, ids[:16], mask[:16]) for m in (b, models.policy_root))
     # bf16 engine vs the fp32 model: a small gap; models A and B are nats apart.
-    report("weight sync: vLLM samples from the synced weights", after_b < 0.2 * min(after_a, before_b),
-           f"mean |log-prob gap| to the synced model {before_b:.3f} -> {after_b:.3f}, to the directory's {after_a:.3f}; "
-           f"sync {took:.2f}s")
+    report(
+        "weight sync: vLLM samples from the synced weights",
+        after_b < 0.2 * min(after_a, before_b),
+        f"mean |log-prob gap| to the synced model {before_b:.3f} -> {after_b:.3f}, to the directory's {after_a:.3f}; "
+        f"sync {took:.2f}s",
+    )
     warned = [m for m in caught.messages if "dtype" in m]
     report("weight sync: no dtype warning (fp32 cast to bf16 before sending)", not warned, "; ".join(warned[:2]))
 
-    for name, weights, want in (("a shape mismatch", [("model.norm.weight", torch.zeros(3, device=device))],
-                                 "AssertionError"),
-                                ("an unknown name", [("model.layers.0.nope.weight", torch.zeros(1, device=device))], "")):
+    for name, weights, want in (
+        ("a shape mismatch", [("model.norm.weight", torch.zeros(3, device=device))], "AssertionError"),
+        ("an unknown name", [("model.layers.0.nope.weight", torch.zeros(1, device=device))], ""),
+    ):
         try:
             rollout.sync_weights(weights)
             report(f"weight sync: {name} is a one-line error", False, "no error")
@@ -215,29 +249,33 @@ def case_main(root: Path, report) -> None:
 
 
 def case_lora(root: Path, report) -> None:
-    from rto.models import load_causal_lm, load_tokenizer
-    from rto.vllm_backend import VLLMRollout
+    from rto.lm.models import load_causal_lm, load_tokenizer
+    from rto.rl.vllm import VLLMRollout
 
     device = _device()
     tok = load_tokenizer(root / "adapter")
     merged = load_causal_lm(root / "adapter").to(device)  # rto's loading: the adapter merged into its base
     base = load_causal_lm(root / "a").to(device)
     models = types.SimpleNamespace(policy_root=merged, shared=None, bf16=True)
-    rollout = VLLMRollout.for_run(_cfg(root / "adapter"), tok, device, types.SimpleNamespace(world=1, local_world=1),
-                                  models)
+    rollout = VLLMRollout.for_run(
+        _cfg(root / "adapter"), tok, device, types.SimpleNamespace(world=1, local_world=1), models
+    )
     started = rollout.llm.llm_engine.model_config.model
     report("LoRA policy: engine starts from the adapter's base", Path(started) == root / "a", f"model {started}")
     ids, mask, _ = _prompts(tok, 16, device)
     to_merged, to_base = _logprob_gap(rollout, merged, ids, mask), _logprob_gap(rollout, base, ids, mask)
-    report("LoRA policy: the first rollout samples the merged policy", to_merged < 0.2 * to_base,
-           f"mean |log-prob gap| to merged {to_merged:.3f}, to base {to_base:.3f}")
+    report(
+        "LoRA policy: the first rollout samples the merged policy",
+        to_merged < 0.2 * to_base,
+        f"mean |log-prob gap| to merged {to_merged:.3f}, to base {to_base:.3f}",
+    )
 
 
 def case_fp32(root: Path, report) -> None:
     import torch
 
-    from rto.models import load_causal_lm, load_tokenizer
-    from rto.vllm_backend import VLLMRollout
+    from rto.lm.models import load_causal_lm, load_tokenizer
+    from rto.rl.vllm import VLLMRollout
 
     device = _device()
     tok = load_tokenizer(root / "a")
@@ -247,18 +285,24 @@ def case_fp32(root: Path, report) -> None:
     dtype = rollout.llm.llm_engine.model_config.dtype
     ids, mask, _ = _prompts(tok, 16, device)
     batch = rollout.generate(ids, mask)
-    gap, gap_a = _logprob_gap(rollout, b, ids, mask), _logprob_gap(rollout, load_causal_lm(root / "a").to(device), ids, mask)
-    report("fp32 run: fp32 engine starts, samples, syncs", dtype == torch.float32 and batch.response_mask.sum() > 0
-           and gap < 0.2 * gap_a, f"dtype {dtype}, mean |log-prob gap| to the synced model {gap:.4f}, to A {gap_a:.3f}")
+    gap, gap_a = (
+        _logprob_gap(rollout, b, ids, mask),
+        _logprob_gap(rollout, load_causal_lm(root / "a").to(device), ids, mask),
+    )
+    report(
+        "fp32 run: fp32 engine starts, samples, syncs",
+        dtype == torch.float32 and batch.response_mask.sum() > 0 and gap < 0.2 * gap_a,
+        f"dtype {dtype}, mean |log-prob gap| to the synced model {gap:.4f}, to A {gap_a:.3f}",
+    )
 
 
 def case_ppo(root: Path, report) -> None:
     """`rto ppo --generation-backend vllm` itself: two iterations; the engine holds the updated policy."""
     import torch
 
-    from rto.config import build as build_cfg
-    from rto.models import RM_STATS_FILE, load_score_model, load_tokenizer, save_model
-    from rto.stages.ppo import PPOStageConfig, PPOTrainer
+    from rto.io.config import build as build_cfg
+    from rto.lm.models import RM_STATS_FILE, load_score_model, load_tokenizer, save_model
+    from rto.rl.trainer import PPOStageConfig, PPOTrainer
 
     tok = load_tokenizer(root / "a")
     save_model(load_score_model(root / "a"), tok, root / "rm", extra_files={RM_STATS_FILE: {"mean": 0.0, "std": 1.0}})
@@ -266,11 +310,29 @@ def case_ppo(root: Path, report) -> None:
     with open(root / "prompts.jsonl", "w") as fh:
         for row, m in zip(ids, mask):
             fh.write(json.dumps({"prompt": tok.decode(row[m.bool()])}) + "\n")
-    cfg = build_cfg(PPOStageConfig, dict(
-        policy=str(root / "a"), reward_model=str(root / "rm"), prompts=str(root / "prompts.jsonl"),
-        out=str(root / "ppo"), reward="sparse", iterations=2, rollout_batch_size=8, mini_batch_size=8,
-        max_new_tokens=16, max_prompt_len=MAX_PROMPT, actor_lr=1e-2, critic_lr=1e-3, warmup_ratio=0.0, eval_every=0,
-        device=str(_device()), generation_backend="vllm", vllm_gpu_memory_utilization=0.25), "gpu_vllm_check")
+    cfg = build_cfg(
+        PPOStageConfig,
+        dict(
+            policy=str(root / "a"),
+            reward_model=str(root / "rm"),
+            prompts=str(root / "prompts.jsonl"),
+            out=str(root / "ppo"),
+            reward="sparse",
+            iterations=2,
+            rollout_batch_size=8,
+            mini_batch_size=8,
+            max_new_tokens=16,
+            max_prompt_len=MAX_PROMPT,
+            actor_lr=1e-2,
+            critic_lr=1e-3,
+            warmup_ratio=0.0,
+            eval_every=0,
+            device=str(_device()),
+            generation_backend="vllm",
+            vllm_gpu_memory_utilization=0.25,
+        ),
+        "gpu_vllm_check",
+    )
     trainer = PPOTrainer(cfg)
     trainer.train()
     rows = (root / "ppo" / "metrics.jsonl").read_text().splitlines()
@@ -280,11 +342,15 @@ def case_ppo(root: Path, report) -> None:
 
     def engine_weight(worker):
         return dict(worker.model_runner.get_model().named_parameters())[name].detach().float().cpu()
-    got = trainer.vllm.llm.collective_rpc(engine_weight)[0]
+
+    got = trainer.experience.vllm.llm.collective_rpc(engine_weight)[0]
     want = torch.cat([state[f"model.layers.1.self_attn.{x}_proj.weight"] for x in "qkv"]).to(got.device)
-    dtype = trainer.vllm.dtype
-    report("rto ppo: the engine holds the updated policy", torch.equal(got, want.to(dtype).float()),
-           f"max |engine - policy| {float((got - want).abs().max()):.2e} (engine {dtype})")
+    dtype = trainer.experience.vllm.dtype
+    report(
+        "rto ppo: the engine holds the updated policy",
+        torch.equal(got, want.to(dtype).float()),
+        f"max |engine - policy| {float((got - want).abs().max()):.2e} (engine {dtype})",
+    )
 
 
 CASES = {"main": case_main, "lora": case_lora, "fp32": case_fp32, "ppo": case_ppo}
@@ -302,7 +368,11 @@ def child(case: str, root: Path) -> None:
 
         CASES[case](root, report)
     except Exception as e:  # noqa: BLE001 - a crash is one FAIL line, then the next case runs
-        report("ran to the end", False, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+        report(
+            "ran to the end",
+            False,
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+        )
     (root / f"result-{case}.json").write_text(json.dumps(results))
 
 
@@ -323,8 +393,11 @@ def main() -> None:
         sys.exit(f"FAIL setup: {e} (run integrations/vllm/check on this machine first, then its .venv's python)")
     if not torch.cuda.is_available():
         sys.exit("FAIL setup: no CUDA GPU")
-    print(f"vllm {vllm.__version__}, torch {torch.__version__}, {torch.cuda.device_count()} x "
-          f"{torch.cuda.get_device_name(0)}", flush=True)
+    print(
+        f"vllm {vllm.__version__}, torch {torch.__version__}, {torch.cuda.device_count()} x "
+        f"{torch.cuda.get_device_name(0)}",
+        flush=True,
+    )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -333,8 +406,9 @@ def main() -> None:
         for case in args.cases.split(","):
             start = time.time()
             try:
-                proc = subprocess.run([sys.executable, __file__, "--case", case, "--root", str(root)], env=env,
-                                      timeout=args.case_timeout)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--case", case, "--root", str(root)], env=env, timeout=args.case_timeout
+                )
             except subprocess.TimeoutExpired:
                 proc = types.SimpleNamespace(returncode=f"timeout after {args.case_timeout}s")
             file = root / f"result-{case}.json"

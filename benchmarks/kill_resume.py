@@ -27,16 +27,25 @@ ITERATIONS = 8
 
 
 def build_models(root: Path) -> dict:
-    from rto.data import write_jsonl
-    from rto.models import RM_STATS_FILE, build_causal_lm, load_score_model, save_model
-    from rto.tasks import load_task
-
     import torch
+
+    from rto.io.data import write_jsonl
+    from rto.lm.models import RM_STATS_FILE, build_causal_lm, load_score_model, save_model
+    from rto.tasks import load_task
 
     task = load_task("keyed")
     tok = task.tokenizer()
-    policy = build_causal_lm(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=128, max_position_embeddings=64), seed=0)
+    policy = build_causal_lm(
+        tok,
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+        ),
+        seed=0,
+    )
     save_model(policy, tok, root / "policy")
     torch.manual_seed(1)
     with torch.no_grad():
@@ -51,19 +60,63 @@ def build_models(root: Path) -> dict:
 
 
 def args_for(d: dict, root: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "rto.cli", "ppo", "--policy", d["policy"], "--reward-model", d["rm"],
-            "--dpo-model", d["dpo"], "--prompts", str(root / "prompts.jsonl"), "--eval-prompts", str(root / "dev.jsonl"),
-            "--task", "keyed", "--eval-every", "3", "--n-eval", "16", "--out", str(out), "--reward", "rto",
-            "--beta1", "0.1", "--iterations", str(ITERATIONS), "--rollout-batch-size", "16", "--mini-batch-size", "8",
-            "--max-new-tokens", "8", "--actor-lr", "1e-3", "--critic-lr", "1e-3", "--threads", "1",
-            "--save-every", "1", "--keep-last", "2", "--seed", "5"]
+    return [
+        sys.executable,
+        "-m",
+        "rto.cli",
+        "ppo",
+        "--policy",
+        d["policy"],
+        "--reward-model",
+        d["rm"],
+        "--dpo-model",
+        d["dpo"],
+        "--prompts",
+        str(root / "prompts.jsonl"),
+        "--eval-prompts",
+        str(root / "dev.jsonl"),
+        "--task",
+        "keyed",
+        "--eval-every",
+        "3",
+        "--n-eval",
+        "16",
+        "--out",
+        str(out),
+        "--reward",
+        "rto",
+        "--beta1",
+        "0.1",
+        "--iterations",
+        str(ITERATIONS),
+        "--rollout-batch-size",
+        "16",
+        "--mini-batch-size",
+        "8",
+        "--max-new-tokens",
+        "8",
+        "--actor-lr",
+        "1e-3",
+        "--critic-lr",
+        "1e-3",
+        "--threads",
+        "1",
+        "--save-every",
+        "1",
+        "--keep-last",
+        "2",
+        "--seed",
+        "5",
+    ]
 
 
 def outcome(out: Path) -> tuple:
     from safetensors.torch import load_file
 
-    log = [{k: v for k, v in json.loads(line).items() if not k.startswith("time/") and k != "tokens_per_s"}
-           for line in (out / "metrics.jsonl").read_text().splitlines()]
+    log = [
+        {k: v for k, v in json.loads(line).items() if not k.startswith("time/") and k != "tokens_per_s"}
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
     weights = {}
     for part in ("policy", "critic"):
         w = load_file(str(out / part / "model.safetensors"))
@@ -73,8 +126,9 @@ def outcome(out: Path) -> tuple:
 
 
 def same(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and a[2] == b[2] and a[1].keys() == b[1].keys() and all(
-        (a[1][k] == b[1][k]).all() for k in a[1])
+    return (
+        a[0] == b[0] and a[2] == b[2] and a[1].keys() == b[1].keys() and all((a[1][k] == b[1][k]).all() for k in a[1])
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen) -> float:
@@ -96,8 +150,9 @@ def main() -> None:
         root = Path(tmp)
         d = build_models(root)
         start = time.time()
-        proc = subprocess.Popen(args_for(d, root, root / "reference"), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            args_for(d, root, root / "reference"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         startup_s = wait_for(root / "reference" / "metrics.jsonl", proc) - start
         if proc.wait() != 0:
             sys.exit("the reference run failed")
@@ -107,8 +162,9 @@ def main() -> None:
             out = root / f"point{i}"
             in_save = i % 5 == 4
             point_env = dict(env, RTO_FAULT_KILL_IN_SAVE=str(rng.randint(1, ITERATIONS - 1))) if in_save else env
-            proc = subprocess.Popen(args_for(d, root, out), env=point_env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                args_for(d, root, out), env=point_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             # Uniform over the training part (model loading excluded), a little past its end too.
             delay = rng.uniform(0.0, 1.05) * train_s
             if not in_save:
@@ -119,16 +175,31 @@ def main() -> None:
                     proc.send_signal(signal.SIGKILL)
             proc.wait()
             killed = proc.returncode == -signal.SIGKILL
-            checkpoints = sorted(x.name for x in (out / "checkpoints").iterdir()) if (out / "checkpoints").is_dir() else []
-            resumed = subprocess.run([*args_for(d, root, out), "--resume", "auto"], env=env, capture_output=True,
-                                     text=True)
+            checkpoints = (
+                sorted(x.name for x in (out / "checkpoints").iterdir()) if (out / "checkpoints").is_dir() else []
+            )
+            resumed = subprocess.run(
+                [*args_for(d, root, out), "--resume", "auto"], env=env, capture_output=True, text=True
+            )
             ok = resumed.returncode == 0 and same(reference, outcome(out))
-            results.append({"point": i, "killed": killed, "in_save": in_save, "delay_s": None if in_save else delay,
-                            "checkpoints_at_kill": checkpoints, "exact": ok})
+            results.append(
+                {
+                    "point": i,
+                    "killed": killed,
+                    "in_save": in_save,
+                    "delay_s": None if in_save else delay,
+                    "checkpoints_at_kill": checkpoints,
+                    "exact": ok,
+                }
+            )
             print(json.dumps(results[-1]), flush=True)
-    summary = {"points": len(results), "killed": sum(r["killed"] for r in results),
-               "killed_in_save": sum(r["in_save"] and r["killed"] for r in results),
-               "exact": sum(r["exact"] for r in results), "results": results}
+    summary = {
+        "points": len(results),
+        "killed": sum(r["killed"] for r in results),
+        "killed_in_save": sum(r["in_save"] and r["killed"] for r in results),
+        "exact": sum(r["exact"] for r in results),
+        "results": results,
+    }
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
     if a.out:
         Path(a.out).write_text(json.dumps(summary, indent=2))

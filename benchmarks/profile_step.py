@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Where one PPO/RTO iteration spends its time, phase by phase (the profile in docs/performance.md).
 
-    python benchmarks/profile_step.py [--config small|large] [--reward rto|sparse] [--threads N] [--packing] [--out JSON]
+    python benchmarks/profile_step.py [--config small|large] [--reward rto|sparse] [--threads N] [--packing]
+                                      [--out JSON]
 
 Same models and work as step_throughput.py. Times, per iteration (median over --reps after a
 warm-up): generation, the scoring passes (reference and DPO log-probs, RM score, critic values),
@@ -42,20 +43,36 @@ def main() -> None:
     # The optimizer's step is wrapped for timing, which the LR scheduler notices and warns about.
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step()` has been overridden")
 
-    import rto.rollout as rollout
-    import rto.stages.ppo as ppo_module
-    from rto.config import build
+    import rto.lm.rollout as rollout
+    import rto.rl.experience as experience_module
+    import rto.rl.trainer as ppo_module
+    from rto.io.config import build
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
         root = Path(tmp)
         st.build_models(root, st.CONFIGS[a.config])
         n = st.WORK["prompts"]
-        cfg = build(ppo_module.PPOStageConfig, dict(
-            policy=str(root / "policy"), reward_model=str(root / "rm"), dpo_model=str(root / "dpo"),
-            prompts=str(root / "prompts.jsonl"), out=str(root / "out"), reward=a.reward, beta1=0.1,
-            iterations=a.reps + 1, rollout_batch_size=n, mini_batch_size=n // st.WORK["mini_batches"],
-            ppo_epochs=st.WORK["ppo_epochs"], max_new_tokens=st.WORK["response_len"], eval_every=0,
-            threads=a.threads, packing=a.packing), "profile")
+        cfg = build(
+            ppo_module.PPOStageConfig,
+            dict(
+                policy=str(root / "policy"),
+                reward_model=str(root / "rm"),
+                dpo_model=str(root / "dpo"),
+                prompts=str(root / "prompts.jsonl"),
+                out=str(root / "out"),
+                reward=a.reward,
+                beta1=0.1,
+                iterations=a.reps + 1,
+                rollout_batch_size=n,
+                mini_batch_size=n // st.WORK["mini_batches"],
+                ppo_epochs=st.WORK["ppo_epochs"],
+                max_new_tokens=st.WORK["response_len"],
+                eval_every=0,
+                threads=a.threads,
+                packing=a.packing,
+            ),
+            "profile",
+        )
         trainer = ppo_module.PPOTrainer(cfg)
     spent: dict[str, float] = defaultdict(float)
 
@@ -65,17 +82,19 @@ def main() -> None:
             out = fn(*args, **kwargs)
             spent[name] += time.perf_counter() - t
             return out
+
         return wrapper
 
-    # Scoring passes and generation are module functions, called by the trainer under the names
-    # it imported (rto.stages.ppo's); the update is timed around its calls.
+    # Scoring passes and generation are module functions, called under the names the experience
+    # maker and the trainer imported (rto.rl.experience's, rto.rl.trainer's); the update is timed
+    # around its calls.
     for name in ("generate", "response_logits", "token_values", "sequence_scores"):
-        setattr(ppo_module, name, timed(getattr(rollout, name), name))
+        for module in (experience_module, ppo_module):
+            if hasattr(module, name):
+                setattr(module, name, timed(getattr(rollout, name), name))
     torch.Tensor.backward = timed(torch.Tensor.backward, "train: backward")
-    for opt_name in ("policy_opt", "critic_opt"):
-        o = getattr(trainer, opt_name, None)
-        if o is not None:
-            o.step = timed(o.step, "train: optimizer")
+    for net in trainer.trained:
+        net.opt.step = timed(net.opt.step, "train: optimizer")
     rows = []
     for i in range(a.reps + 1):
         spent.clear()
@@ -87,9 +106,11 @@ def main() -> None:
         trainer.train_on(exp)
         t2 = time.perf_counter()
         train = dict(spent)
-        row = {"generate": scoring.get("generate", 0.0),
-               "scoring: log-prob passes (ref, DPO)": scoring.get("response_logits", 0.0),
-               "scoring: RM + critic passes": scoring.get("sequence_scores", 0.0) + scoring.get("token_values", 0.0)}
+        row = {
+            "generate": scoring.get("generate", 0.0),
+            "scoring: log-prob passes (ref, DPO)": scoring.get("response_logits", 0.0),
+            "scoring: RM + critic passes": scoring.get("sequence_scores", 0.0) + scoring.get("token_values", 0.0),
+        }
         row["rewards, advantages, rest"] = (t1 - t0) - sum(row.values())
         fwd = train.get("response_logits", 0.0) + train.get("token_values", 0.0)
         row["train: forward"] = fwd
@@ -99,8 +120,10 @@ def main() -> None:
         row["total"] = t2 - t0
         if i:
             rows.append(row)
-    print(f"{a.config} model, --reward {a.reward}, threads {torch.get_num_threads()}, packing {a.packing}: "
-          f"median of {a.reps} iterations")
+    print(
+        f"{a.config} model, --reward {a.reward}, threads {torch.get_num_threads()}, packing {a.packing}: "
+        f"median of {a.reps} iterations"
+    )
     total = statistics.median(r["total"] for r in rows)
     medians = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     for key, v in medians.items():
@@ -108,9 +131,20 @@ def main() -> None:
     if a.out:
         import json
 
-        Path(a.out).write_text(json.dumps({"config": a.config, "reward": a.reward, "threads": torch.get_num_threads(),
-                                           "packing": a.packing, "reps": a.reps, "median_s": medians,
-                                           "iterations": rows}, indent=2))
+        Path(a.out).write_text(
+            json.dumps(
+                {
+                    "config": a.config,
+                    "reward": a.reward,
+                    "threads": torch.get_num_threads(),
+                    "packing": a.packing,
+                    "reps": a.reps,
+                    "median_s": medians,
+                    "iterations": rows,
+                },
+                indent=2,
+            )
+        )
         from throughput_doc import write_doc
 
         results = HERE.parent / "docs" / "results"

@@ -4,7 +4,7 @@
 
     python benchmarks/prompt_pool.py --out docs/results/prompt_pool.json      # 2 CPU cores: ~6 minutes
 
-The pool is read through datasets' cached Arrow files (rto/prompt_pool.py): `cold` runs with an
+The pool is read through datasets' cached Arrow files (rto/io/prompt_pool.py): `cold` runs with an
 empty datasets cache (HF_DATASETS_CACHE, a fresh folder: the file is converted to Arrow and every
 prompt checked and measured in tokens once), `warm` runs again on that cache, as every later run
 on the same file does. Each round runs 64 cold, 64 warm, 1M cold, 1M warm (the order of the two
@@ -35,16 +35,27 @@ def build(root: Path) -> dict:
     """Tiny policy and RM (tests/conftest.py's shapes), and the two prompt files."""
     import torch
 
-    from rto.models import RM_STATS_FILE, build_causal_lm, load_score_model, save_model
+    from rto.lm.models import RM_STATS_FILE, build_causal_lm, load_score_model, save_model
     from rto.tasks import load_task
 
     task = load_task("keyed")
     tok = task.tokenizer()
-    policy = build_causal_lm(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=128, max_position_embeddings=64), seed=0)
+    policy = build_causal_lm(
+        tok,
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+        ),
+        seed=0,
+    )
     save_model(policy, tok, root / "policy")
     torch.manual_seed(1)
-    save_model(load_score_model(root / "policy"), tok, root / "rm", extra_files={RM_STATS_FILE: {"mean": 0.0, "std": 1.0}})
+    save_model(
+        load_score_model(root / "policy"), tok, root / "rm", extra_files={RM_STATS_FILE: {"mean": 0.0, "std": 1.0}}
+    )
     # Prompts as the keyed task writes them (2 to 8 distinct symbols, then <sep>), drawn at random:
     # the 1M file is ~40 MB, ~40 bytes a row.
     rng = random.Random(0)
@@ -57,11 +68,42 @@ def build(root: Path) -> dict:
 
 def run_once(models: dict, prompts: Path, out: Path, cache: Path) -> dict:
     """One `rto ppo` run in a child process: wall seconds and peak RSS (MB)."""
-    env = dict(os.environ, RTO_PROGRESS="0", OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(cache),
-               HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-    cmd = [sys.executable, "-m", "rto.cli", "ppo", "--policy", models["policy"], "--reward-model", models["rm"],
-           "--prompts", str(prompts), "--out", str(out), "--iterations", "2", "--rollout-batch-size", "8",
-           "--mini-batch-size", "8", "--max-new-tokens", "4", "--eval-every", "0", "--threads", "1", "--seed", "0"]
+    env = dict(
+        os.environ,
+        RTO_PROGRESS="0",
+        OMP_NUM_THREADS="1",
+        HF_DATASETS_CACHE=str(cache),
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "rto.cli",
+        "ppo",
+        "--policy",
+        models["policy"],
+        "--reward-model",
+        models["rm"],
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--iterations",
+        "2",
+        "--rollout-batch-size",
+        "8",
+        "--mini-batch-size",
+        "8",
+        "--max-new-tokens",
+        "4",
+        "--eval-every",
+        "0",
+        "--threads",
+        "1",
+        "--seed",
+        "0",
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = proc.stderr.read()
@@ -85,26 +127,38 @@ def main() -> None:
         root = Path(tmp)
         models = build(root)
         for r in range(args.rounds):
-            for size in (list(SIZES) if r % 2 == 0 else list(reversed(SIZES))):
+            for size in list(SIZES) if r % 2 == 0 else list(reversed(SIZES)):
                 cache = root / f"hf_cache_{size}"
                 shutil.rmtree(cache, ignore_errors=True)  # cold: nothing converted or prepared yet
                 for state in ("cold", "warm"):
                     result = run_once(models, root / f"prompts_{size}.jsonl", root / "out", cache)
                     runs[f"{size}/{state}"].append(result)
                     print(f"round {r + 1}: {size} {state}: {result}", file=sys.stderr, flush=True)
-        cache_mb = {size: round(sum(f.stat().st_size for f in (root / f"hf_cache_{size}").rglob("*") if f.is_file())
-                                / 2**20, 1) for size in SIZES}
+        cache_mb = {
+            size: round(sum(f.stat().st_size for f in (root / f"hf_cache_{size}").rglob("*") if f.is_file()) / 2**20, 1)
+            for size in SIZES
+        }
         file_mb = {size: round((root / f"prompts_{size}.jsonl").stat().st_size / 2**20, 1) for size in SIZES}
 
     median = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "peak_rss_mb")} for k, v in runs.items()}
-    added = {state: {"wall_s": round(median[f"1M/{state}"]["wall_s"] - median[f"64/{state}"]["wall_s"], 3),
-                     "peak_rss_mb": round(median[f"1M/{state}"]["peak_rss_mb"] - median[f"64/{state}"]["peak_rss_mb"], 1)}
-             for state in ("cold", "warm")}
-    result = {"what": "rto ppo, 2 iterations, tiny models, prompts from a 64-row vs a 1,000,000-row JSONL; "
-                      "cold: empty datasets cache, warm: its second run",
-              "rounds": args.rounds, "median": median, "added_by_1M_pool": added, "runs": runs,
-              "prompt_file_mb": file_mb, "datasets_cache_mb": cache_mb,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+    added = {
+        state: {
+            "wall_s": round(median[f"1M/{state}"]["wall_s"] - median[f"64/{state}"]["wall_s"], 3),
+            "peak_rss_mb": round(median[f"1M/{state}"]["peak_rss_mb"] - median[f"64/{state}"]["peak_rss_mb"], 1),
+        }
+        for state in ("cold", "warm")
+    }
+    result = {
+        "what": "rto ppo, 2 iterations, tiny models, prompts from a 64-row vs a 1,000,000-row JSONL; "
+        "cold: empty datasets cache, warm: its second run",
+        "rounds": args.rounds,
+        "median": median,
+        "added_by_1M_pool": added,
+        "runs": runs,
+        "prompt_file_mb": file_mb,
+        "datasets_cache_mb": cache_mb,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"median": median, "added_by_1M_pool": added}, indent=2))

@@ -42,20 +42,58 @@ def main() -> None:
     for rev in (args.rev_a, args.rev_b):
         code = work / f"code_{rev}"
         if not code.exists():
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(code), rev], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(code), rev],
+                check=True,
+                capture_output=True,
+            )
         codes[rev] = code
     pipe = work / "inputs"
     if not (pipe / "configs" / "rto.done").is_file():
-        sh([sys.executable, "-m", "rto.cli", "pipeline", "--task", "keyed", "--preset", "smoke", "--jobs", "1",
-            "--threads", "1", "--out", str(pipe)], codes[args.rev_a], work / "inputs.log")
+        sh(
+            [
+                sys.executable,
+                "-m",
+                "rto.cli",
+                "pipeline",
+                "--task",
+                "keyed",
+                "--preset",
+                "smoke",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(pipe),
+            ],
+            codes[args.rev_a],
+            work / "inputs.log",
+        )
     digests = {}
     for rev, code in codes.items():
         for method in ("ppo", "rto"):
             out = work / f"run_{rev}" / method
-            sh([sys.executable, "-m", "rto.cli", "ppo", "--config", str(pipe / "configs" / f"{method}.yaml"),
-                "--out", str(out), "--iterations", str(args.iterations), "--threads", "1", "--eval-every", "2"],
-               code, work / f"run_{rev}_{method}.log")
+            sh(
+                [
+                    sys.executable,
+                    "-m",
+                    "rto.cli",
+                    "ppo",
+                    "--config",
+                    str(pipe / "configs" / f"{method}.yaml"),
+                    "--out",
+                    str(out),
+                    "--iterations",
+                    str(args.iterations),
+                    "--threads",
+                    "1",
+                    "--eval-every",
+                    "2",
+                ],
+                code,
+                work / f"run_{rev}_{method}.log",
+            )
             for model in ("policy", "critic"):
                 f = out / model / "model.safetensors"
                 digests[(rev, method, model)] = hashlib.sha256(f.read_bytes()).hexdigest()

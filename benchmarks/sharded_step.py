@@ -41,19 +41,37 @@ LAYOUTS = ("one", "replicated", "sharded")
 def child(args) -> None:
     import torch
 
-    from rto.config import build as build_cfg
-    from rto.rollout import encode_prompts, generate
-    from rto.sharding import resident_bytes
-    from rto.stages.ppo import PPOStageConfig, PPOTrainer
+    from rto.io.config import build as build_cfg
+    from rto.lm.rollout import encode_prompts, generate
+    from rto.rl.trainer import PPOStageConfig, PPOTrainer
+    from rto.runtime.sharding import resident_bytes
 
     root = Path(args.root)
     n = args.prompts
-    cfg = build_cfg(PPOStageConfig, dict(
-        policy=str(root / "policy"), reward_model=str(root / "rm"), dpo_model=str(root / "dpo"),
-        prompts=str(root / "prompts.jsonl"), out=str(root / f"out-{args.child}"), reward="rto", beta1=0.1,
-        iterations=1000, rollout_batch_size=n, mini_batch_size=n // 2, ppo_epochs=1, max_new_tokens=args.response_len,
-        actor_lr=1e-6, critic_lr=1e-6, eval_every=0, device=args.device, threads=args.threads,
-        shard="full" if args.child == "sharded" else "none"), "benchmark")
+    cfg = build_cfg(
+        PPOStageConfig,
+        dict(
+            policy=str(root / "policy"),
+            reward_model=str(root / "rm"),
+            dpo_model=str(root / "dpo"),
+            prompts=str(root / "prompts.jsonl"),
+            out=str(root / f"out-{args.child}"),
+            reward="rto",
+            beta1=0.1,
+            iterations=1000,
+            rollout_batch_size=n,
+            mini_batch_size=n // 2,
+            ppo_epochs=1,
+            max_new_tokens=args.response_len,
+            actor_lr=1e-6,
+            critic_lr=1e-6,
+            eval_every=0,
+            device=args.device,
+            threads=args.threads,
+            shard="full" if args.child == "sharded" else "none",
+        ),
+        "benchmark",
+    )
     trainer = PPOTrainer(cfg)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     rows = []
@@ -69,22 +87,37 @@ def child(args) -> None:
         t2 = time.perf_counter()
         with torch.no_grad(), trainer.models.autocast():  # the rollout again, the policy left sharded
             ids, mask = encode_prompts(trainer.tokenizer, prompts, cfg.max_prompt_len)
-            generate(trainer.models.policy, trainer.tokenizer, ids.to(trainer.device), mask.to(trainer.device),
-                     max_new_tokens=cfg.max_new_tokens, record_logprobs=True)
+            generate(
+                trainer.models.policy,
+                trainer.tokenizer,
+                ids.to(trainer.device),
+                mask.to(trainer.device),
+                max_new_tokens=cfg.max_new_tokens,
+                record_logprobs=True,
+            )
         sync()
         t3 = time.perf_counter()
         start = time.perf_counter()
         with torch.no_grad():
-            trainer.rollout(prompts)
+            trainer.experience.rollout(prompts)
         sync()
-        rows.append({"iteration_s": t2 - t0, "experience_s": t1 - t0, "update_s": t2 - t1,
-                     "rollout_gathered_s": time.perf_counter() - start, "rollout_per_token_gather_s": t3 - t2})
+        rows.append(
+            {
+                "iteration_s": t2 - t0,
+                "experience_s": t1 - t0,
+                "update_s": t2 - t1,
+                "rollout_gathered_s": time.perf_counter() - start,
+                "rollout_per_token_gather_s": t3 - t2,
+            }
+        )
         assert int(exp.batch.response_mask.sum()) == len(prompts) * args.response_len
-    opts = [trainer.policy_opt, trainer.critic_opt]
-    mine = {"bytes_trained": resident_bytes(trainer.models.trained_modules(), opts),
-            "bytes_frozen": resident_bytes(trainer.models.frozen()),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "times": rows[args.warmup:]}
+    opts = [net.opt for net in trainer.trained]
+    mine = {
+        "bytes_trained": resident_bytes(trainer.models.trained_modules(), opts),
+        "bytes_frozen": resident_bytes(trainer.models.frozen()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "times": rows[args.warmup :],
+    }
     if args.device == "cuda":
         mine["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     everyone = [mine]
@@ -101,14 +134,40 @@ def run_layout(layout: str, root: Path, args) -> dict:
     procs = 1 if layout == "one" else args.processes
     cores = os.cpu_count() or 1
     threads = max(1, cores // procs)
-    common = ["--child", layout, "--root", str(root), "--prompts", str(args.prompts), "--response-len",
-              str(args.response_len), "--reps", str(args.reps), "--warmup", str(args.warmup), "--device", args.device,
-              "--threads", str(threads), "--out", "-"]
+    common = [
+        "--child",
+        layout,
+        "--root",
+        str(root),
+        "--prompts",
+        str(args.prompts),
+        "--response-len",
+        str(args.response_len),
+        "--reps",
+        str(args.reps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--threads",
+        str(threads),
+        "--out",
+        "-",
+    ]
     if procs == 1:
         cmd = [sys.executable, __file__, *common]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-               str(29400 + os.getpid() % 500), __file__, *common]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(procs),
+            "--master_port",
+            str(29400 + os.getpid() % 500),
+            __file__,
+            *common,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "RTO_PROGRESS": "0"}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -153,7 +212,7 @@ def main() -> None:
         root = Path(tmp)
         build(root, args.model, args.prompts)
         for r in range(args.rounds):
-            for layout in (LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]):
+            for layout in LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]:
                 runs[layout].append(run_layout(layout, root, args))
                 print(layout, json.dumps(summarise(runs[layout])), flush=True)
     rows = {layout: summarise(found) for layout, found in runs.items()}
@@ -161,8 +220,15 @@ def main() -> None:
     for row in rows.values():
         row["trained_vs_one"] = row["bytes_trained_per_process"] / one["bytes_trained_per_process"]
         row["frozen_vs_one"] = row["bytes_frozen_per_process"] / one["bytes_frozen_per_process"]
-    result = {"model": args.model, "arch": MODELS[args.model], "device": args.device, "prompts": args.prompts,
-              "response_len": args.response_len, "rounds": args.rounds, "layouts": rows}
+    result = {
+        "model": args.model,
+        "arch": MODELS[args.model],
+        "device": args.device,
+        "prompts": args.prompts,
+        "response_len": args.response_len,
+        "rounds": args.rounds,
+        "layouts": rows,
+    }
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 

@@ -65,9 +65,11 @@ SYMBOLS = 32
 PROMPT_LEN = 9  # 8 symbols + <sep>
 # Model ids: <sep>, <unk>, the symbols. Tokenizer ids past the model's vocabulary: <eos>, <pad>.
 MODEL_VOCAB = 2 + SYMBOLS
-TIMED_REGION = ("whole iterations of each trainer's own train() loop (rollout, scoring, rewards/advantages, "
-                "PPO update, loop bookkeeping): ours between consecutive rollout starts, TRL between "
-                "consecutive on_step_end callbacks; one warm-up iteration per child dropped")
+TIMED_REGION = (
+    "whole iterations of each trainer's own train() loop (rollout, scoring, rewards/advantages, "
+    "PPO update, loop bookkeeping): ours between consecutive rollout starts, TRL between "
+    "consecutive on_step_end callbacks; one warm-up iteration per child dropped"
+)
 
 
 # --- shared set-up: models and prompts in a temporary directory --------------------------
@@ -81,14 +83,26 @@ def build_models(root: Path, arch: dict) -> None:
     assert vocab["<eos>"] == MODEL_VOCAB and vocab["<pad>"] == MODEL_VOCAB + 1
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                  additional_special_tokens=["<sep>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=["<sep>"],
+    )
     # The model's vocabulary stops before <eos> and <pad>: a response can neither end early (ours
     # stops at EOS) nor be cut at a sampled pad (TRL's sequence length is "up to the first pad").
     # The config names no pad id (an embedding's padding_idx must lie inside its table); neither
     # side needs one: both read the RM's score from the backbone at positions they compute.
-    config = LlamaConfig(vocab_size=MODEL_VOCAB, max_position_embeddings=128, tie_word_embeddings=True,
-                         pad_token_id=None, eos_token_id=vocab["<eos>"], bos_token_id=None, **arch)
+    config = LlamaConfig(
+        vocab_size=MODEL_VOCAB,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=None,
+        eos_token_id=vocab["<eos>"],
+        bos_token_id=None,
+        **arch,
+    )
     torch.manual_seed(0)
     policy = LlamaForCausalLM(config)
     for name, model in (("policy", policy), ("dpo", None)):
@@ -117,7 +131,7 @@ def build_dpo_adapter(root: Path) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rto.lora import lora_config
+    from rto.lm.lora import lora_config
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "policy"), lora_config(16, 32, "all-linear"))
     with torch.no_grad():
@@ -153,8 +167,9 @@ def matmul_rate(seconds: float = 2.0) -> float:
     return best
 
 
-def iteration_flops(arch: dict, vocab: int, batch: int, prompt_len: int, response_len: int, dense: bool,
-                    ppo_epochs: int = 1) -> dict[str, float]:
+def iteration_flops(
+    arch: dict, vocab: int, batch: int, prompt_len: int, response_len: int, dense: bool, ppo_epochs: int = 1
+) -> dict[str, float]:
     """Matrix-multiply FLOPs of one iteration, pass by pass. Generation processes P + R - 1 tokens
     per sequence (prefill, then every sampled token but the last) with the LM head at R positions;
     each scoring pass (reference, DPO model for RTO, RM, critic) and each trained pass (policy,
@@ -172,8 +187,9 @@ def iteration_flops(arch: dict, vocab: int, batch: int, prompt_len: int, respons
 
     def forward(tokens: int, lm_positions: int = 0, head_positions: int = 0) -> float:
         context = tokens * (tokens + 1) // 2  # causal: token i (from 1) attends to i tokens
-        return (2 * linear * tokens + 4 * n_layers * d * context + 2 * d * vocab * lm_positions
-                + 2 * d * head_positions) * batch
+        return (
+            2 * linear * tokens + 4 * n_layers * d * context + 2 * d * vocab * lm_positions + 2 * d * head_positions
+        ) * batch
 
     T = P + R
     passes = {
@@ -210,22 +226,39 @@ def optimiser_steps(opt) -> int:
 def child_ours(root: Path, reward: str, reps: int, warmup: int) -> dict:
     import torch
 
-    from rto.config import build
-    from rto.stages.ppo import PPOStageConfig, PPOTrainer
+    from rto.io.config import build
+    from rto.rl.trainer import PPOStageConfig, PPOTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
     rates = [matmul_rate(1.0)]
     n = WORK["prompts"]
     lora = reward == "rto-lora"
     iterations = warmup + reps + 1  # marks at the start of each rollout: one more than the periods timed
-    cfg = build(PPOStageConfig, dict(
-        policy=str(root / "policy"), reward_model=str(root / "rm"), dpo_model=str(root / ("dpo_lora" if lora else "dpo")),
-        lora_r=16 if lora else 0, lora_alpha=32,
-        prompts=str(root / "prompts.jsonl"), out=tempfile.mkdtemp(prefix=f"ours-{reward}-", dir=root),  # fresh each round
-        reward="rto" if lora else reward, beta1=0.1,
-        iterations=iterations, rollout_batch_size=n, mini_batch_size=n // WORK["mini_batches"],
-        ppo_epochs=WORK["ppo_epochs"], max_new_tokens=WORK["response_len"], actor_lr=WORK["lr"],
-        critic_lr=WORK["lr"], kl_coef=WORK["kl_coef"], eval_every=0, threads=os.cpu_count() or 1), "benchmark")
+    cfg = build(
+        PPOStageConfig,
+        dict(
+            policy=str(root / "policy"),
+            reward_model=str(root / "rm"),
+            dpo_model=str(root / ("dpo_lora" if lora else "dpo")),
+            lora_r=16 if lora else 0,
+            lora_alpha=32,
+            prompts=str(root / "prompts.jsonl"),
+            out=tempfile.mkdtemp(prefix=f"ours-{reward}-", dir=root),  # fresh each round
+            reward="rto" if lora else reward,
+            beta1=0.1,
+            iterations=iterations,
+            rollout_batch_size=n,
+            mini_batch_size=n // WORK["mini_batches"],
+            ppo_epochs=WORK["ppo_epochs"],
+            max_new_tokens=WORK["response_len"],
+            actor_lr=WORK["lr"],
+            critic_lr=WORK["lr"],
+            kl_coef=WORK["kl_coef"],
+            eval_every=0,
+            threads=os.cpu_count() or 1,
+        ),
+        "benchmark",
+    )
     trainer = PPOTrainer(cfg)
     marks: list[float] = []
     make_experience = trainer.make_experience
@@ -243,13 +276,19 @@ def child_ours(root: Path, reward: str, reps: int, warmup: int) -> dict:
     trainer.train()
     assert len(marks) == iterations, f"timed {len(marks)} rollouts of {iterations}: the hook missed train()'s loop"
     times = [b - a for a, b in zip(marks, marks[1:])]
-    steps = optimiser_steps(trainer.policy_opt)
+    steps = optimiser_steps(trainer.trained[0].opt)
     rates.append(matmul_rate(1.0))
     # For reference only: the narrower region the trainer logs itself (experience + update).
-    inner = [h["time/rollout_s"] + h["time/train_s"] for h in trainer.history if "time/train_s" in h]
-    return {"times": times[warmup:], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "matmul_flops": max(rates), "optimiser_steps": steps, "iterations": iterations,
-            "steps_per_iteration": steps / iterations, "experience_update_times": inner[warmup:-1]}
+    inner = [h["time/rollout_s"] + h["time/train_s"] for h in trainer.state.history if "time/train_s" in h]
+    return {
+        "times": times[warmup:],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "matmul_flops": max(rates),
+        "optimiser_steps": steps,
+        "iterations": iterations,
+        "steps_per_iteration": steps / iterations,
+        "experience_update_times": inner[warmup:-1],
+    }
 
 
 def run_child(args: list[str], python: str | list[str] = sys.executable) -> dict:
@@ -268,8 +307,10 @@ def ensure_trl_venv() -> str:
     links = ["--find-links", "/opt/wheels"] if Path("/opt/wheels").is_dir() else []
     pip = [str(python), "-m", "pip", "install", "-q", *links]
     subprocess.run([*pip, "torch==2.13.0"], check=True)
-    subprocess.run([*pip, "torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0",
-                    "datasets==5.2.0"], check=True)
+    subprocess.run(
+        [*pip, "torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0", "datasets==5.2.0"],
+        check=True,
+    )
     (TRL_VENV / ".installed").touch()
     return str(python)
 
@@ -286,10 +327,13 @@ def round_order(round_index: int, with_trl: bool) -> list[str]:
 
 def pool(runs: list[dict]) -> dict:
     """One side's children over the rounds: times pooled, the best matmul rate, the peak memory."""
-    return {"times": [t for r in runs for t in r["times"]], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            "matmul_flops": max(r["matmul_flops"] for r in runs),
-            "steps_per_iteration": sorted({r["steps_per_iteration"] for r in runs}),
-            "experience_update_times": [t for r in runs for t in r.get("experience_update_times", [])]}
+    return {
+        "times": [t for r in runs for t in r["times"]],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "matmul_flops": max(r["matmul_flops"] for r in runs),
+        "steps_per_iteration": sorted({r["steps_per_iteration"] for r in runs}),
+        "experience_update_times": [t for r in runs for t in r.get("experience_update_times", [])],
+    }
 
 
 def summarise(params: int, flops_ppo: float, flops_rto: float, ours: dict[str, dict], trl: dict | None) -> dict:
@@ -303,16 +347,23 @@ def summarise(params: int, flops_ppo: float, flops_rto: float, ours: dict[str, d
         if side["steps_per_iteration"] != [want]:
             raise RuntimeError(f"{name}: {side['steps_per_iteration']} optimiser steps per iteration, expected {want}")
     med = {name: statistics.median(side["times"]) for name, side in sides.items()}
-    row = {"params": params, "timed_region": TIMED_REGION, "optimiser_steps_per_iteration": want,
-           "ours_ppo_s": med["ours_ppo"], "ours_rto_s": med["ours_rto"],
-           "floor_flops_ppo": flops_ppo, "floor_flops_rto": flops_rto,
-           # each side's floor at the rate measured in that side's own processes
-           "floor_ppo_s": floor_seconds(flops_ppo, ours["sparse"]["matmul_flops"]),
-           "floor_rto_s": floor_seconds(flops_rto, ours["rto"]["matmul_flops"]),
-           "matmul_gflops": {name: side["matmul_flops"] / 1e9 for name, side in sides.items()},
-           "ours_peak_rss_mb": max(ours[r]["peak_rss_mb"] for r in ("sparse", "rto")),
-           "ours_lora_rto_s": med["ours_rto-lora"], "ours_lora_peak_rss_mb": ours["rto-lora"]["peak_rss_mb"],
-           "iterations_timed": {name: len(side["times"]) for name, side in sides.items()}}
+    row = {
+        "params": params,
+        "timed_region": TIMED_REGION,
+        "optimiser_steps_per_iteration": want,
+        "ours_ppo_s": med["ours_ppo"],
+        "ours_rto_s": med["ours_rto"],
+        "floor_flops_ppo": flops_ppo,
+        "floor_flops_rto": flops_rto,
+        # each side's floor at the rate measured in that side's own processes
+        "floor_ppo_s": floor_seconds(flops_ppo, ours["sparse"]["matmul_flops"]),
+        "floor_rto_s": floor_seconds(flops_rto, ours["rto"]["matmul_flops"]),
+        "matmul_gflops": {name: side["matmul_flops"] / 1e9 for name, side in sides.items()},
+        "ours_peak_rss_mb": max(ours[r]["peak_rss_mb"] for r in ("sparse", "rto")),
+        "ours_lora_rto_s": med["ours_rto-lora"],
+        "ours_lora_peak_rss_mb": ours["rto-lora"]["peak_rss_mb"],
+        "iterations_timed": {name: len(side["times"]) for name, side in sides.items()},
+    }
     for r in OURS:  # the narrower region, for reference: how much of ours is loop bookkeeping
         inner = ours[r].get("experience_update_times")
         if inner:
@@ -331,15 +382,21 @@ def summarise(params: int, flops_ppo: float, flops_rto: float, ours: dict[str, d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(HERE.parent / "docs" / "results" / "step_throughput.json"),
-                        help="the JSON to write (default: the one docs/performance.md is built from)")
+    parser.add_argument(
+        "--out",
+        default=str(HERE.parent / "docs" / "results" / "step_throughput.json"),
+        help="the JSON to write (default: the one docs/performance.md is built from)",
+    )
     parser.add_argument("--configs", default="small,large")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="run every side this many times, alternating the order")
     parser.add_argument("--skip-trl", action="store_true")
-    parser.add_argument("--write-doc", action="store_true",
-                        help="only rewrite the pages' tables from the committed JSON (python docs/tables.py)")
+    parser.add_argument(
+        "--write-doc",
+        action="store_true",
+        help="only rewrite the pages' tables from the committed JSON (python docs/tables.py)",
+    )
     parser.add_argument("--child", choices=["ours"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--reward", default="sparse", help=argparse.SUPPRESS)
@@ -351,9 +408,15 @@ def main() -> None:
         print(json.dumps(child_ours(Path(args.root), args.reward, args.reps, args.warmup)))
         return
 
-    results = {"machine": f"{os.cpu_count()} CPU cores", "work": {**WORK, "prompt_len": PROMPT_LEN},
-               "reps": args.reps, "warmup": args.warmup, "rounds": args.rounds, "timed_region": TIMED_REGION,
-               "configs": {}}
+    results = {
+        "machine": f"{os.cpu_count()} CPU cores",
+        "work": {**WORK, "prompt_len": PROMPT_LEN},
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "timed_region": TIMED_REGION,
+        "configs": {},
+    }
     trl_python = None if args.skip_trl else ensure_trl_venv()
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -368,23 +431,60 @@ def main() -> None:
                 orders.append(order)
                 for side in order:
                     if side == "trl":
-                        got = run_child([str(HERE / "trl_ppo_child.py"), *common, "--lr", str(WORK["lr"]),
-                                         "--kl-coef", str(WORK["kl_coef"]), "--prompts", str(WORK["prompts"]),
-                                         "--response-len", str(WORK["response_len"]),
-                                         "--mini-batches", str(WORK["mini_batches"])], python=trl_python)
+                        got = run_child(
+                            [
+                                str(HERE / "trl_ppo_child.py"),
+                                *common,
+                                "--lr",
+                                str(WORK["lr"]),
+                                "--kl-coef",
+                                str(WORK["kl_coef"]),
+                                "--prompts",
+                                str(WORK["prompts"]),
+                                "--response-len",
+                                str(WORK["response_len"]),
+                                "--mini-batches",
+                                str(WORK["mini_batches"]),
+                            ],
+                            python=trl_python,
+                        )
                     else:
                         got = run_child([__file__, "--child", "ours", "--reward", side, *common, "--out", "-"])
                     runs[side].append(got)
-            flops = {dense: iteration_flops(CONFIGS[name], MODEL_VOCAB, WORK["prompts"], PROMPT_LEN,
-                                            WORK["response_len"], dense, WORK["ppo_epochs"]) for dense in (False, True)}
-            row = summarise(params, flops[False]["total"], flops[True]["total"], {r: pool(runs[r]) for r in OURS},
-                            pool(runs["trl"]) if trl_python else None)
+            flops = {
+                dense: iteration_flops(
+                    CONFIGS[name],
+                    MODEL_VOCAB,
+                    WORK["prompts"],
+                    PROMPT_LEN,
+                    WORK["response_len"],
+                    dense,
+                    WORK["ppo_epochs"],
+                )
+                for dense in (False, True)
+            }
+            row = summarise(
+                params,
+                flops[False]["total"],
+                flops[True]["total"],
+                {r: pool(runs[r]) for r in OURS},
+                pool(runs["trl"]) if trl_python else None,
+            )
             row["floor_passes_rto"] = flops[True]
             row["round_orders"] = orders
             row["times"] = {side: [t for r in got for t in r["times"]] for side, got in runs.items()}
             results["configs"][name] = row
-            print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
-                                    if k not in ("times", "floor_passes_rto", "timed_region")}), flush=True)
+            print(
+                name,
+                json.dumps(
+                    {
+                        k: round(v, 4) if isinstance(v, float) else v
+                        for k, v in row.items()
+                        if k not in ("times", "floor_passes_rto", "timed_region")
+                    }
+                ),
+                flush=True,
+            )
     results["targets"] = targets(results["configs"])
     print("targets", json.dumps(results["targets"]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

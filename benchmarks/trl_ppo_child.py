@@ -30,8 +30,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,  # noqa: E402
-                          TrainerCallback)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,24 +73,43 @@ def main():
         # Rollout = per-device batch x accumulation = a.prompts; each of the a.mini_batches
         # mini-batches is one micro-batch and one optimiser step, as on our side.
         args = PPOConfig(
-            output_dir=out, per_device_train_batch_size=a.prompts, gradient_accumulation_steps=1,
-            num_mini_batches=a.mini_batches, num_ppo_epochs=1, local_rollout_forward_batch_size=a.prompts,
-            response_length=a.response_len, stop_token=None, total_episodes=a.prompts * iterations,
-            learning_rate=a.lr, kl_coef=a.kl_coef, temperature=1.0, num_sample_generations=0, report_to="none",
-            save_strategy="no", bf16=a.bf16, gradient_checkpointing=False, use_cpu=not cuda, disable_tqdm=True,
-            seed=0, logging_steps=1000,
+            output_dir=out,
+            per_device_train_batch_size=a.prompts,
+            gradient_accumulation_steps=1,
+            num_mini_batches=a.mini_batches,
+            num_ppo_epochs=1,
+            local_rollout_forward_batch_size=a.prompts,
+            response_length=a.response_len,
+            stop_token=None,
+            total_episodes=a.prompts * iterations,
+            learning_rate=a.lr,
+            kl_coef=a.kl_coef,
+            temperature=1.0,
+            num_sample_generations=0,
+            report_to="none",
+            save_strategy="no",
+            bf16=a.bf16,
+            gradient_checkpointing=False,
+            use_cpu=not cuda,
+            disable_tqdm=True,
+            seed=0,
+            logging_steps=1000,
         )
         clock = Clock(cuda)
         trainer = PPOTrainer(
-            args=args, processing_class=tok,
+            args=args,
+            processing_class=tok,
             model=AutoModelForCausalLM.from_pretrained(f"{root}/policy"),
             ref_model=AutoModelForCausalLM.from_pretrained(f"{root}/policy"),
             reward_model=AutoModelForSequenceClassification.from_pretrained(f"{root}/rm", num_labels=1),
             value_model=AutoModelForSequenceClassification.from_pretrained(f"{root}/rm", num_labels=1),
-            train_dataset=dataset, callbacks=[clock],
+            train_dataset=dataset,
+            callbacks=[clock],
         )
-        assert args.local_batch_size == a.prompts and args.local_mini_batch_size == a.prompts // a.mini_batches, \
-            (args.local_batch_size, args.local_mini_batch_size)
+        assert args.local_batch_size == a.prompts and args.local_mini_batch_size == a.prompts // a.mini_batches, (
+            args.local_batch_size,
+            args.local_mini_batch_size,
+        )
         clock.marks = [time.perf_counter()]
         trainer.train()
         steps = optimiser_steps(trainer.optimizer)
@@ -103,8 +121,13 @@ def main():
     assert steps == a.mini_batches * iterations, f"TRL took {steps} optimiser steps in {iterations} iterations"
     times = [b - a_ for a_, b in zip(clock.marks, clock.marks[1:])]
     assert len(times) == iterations
-    out = {"times": times[a.warmup:], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "optimiser_steps": steps, "iterations": iterations, "steps_per_iteration": steps / iterations}
+    out = {
+        "times": times[a.warmup :],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "optimiser_steps": steps,
+        "iterations": iterations,
+        "steps_per_iteration": steps / iterations,
+    }
     if not cuda:
         rates.append(matmul_rate(1.0))
         out["matmul_flops"] = max(rates)

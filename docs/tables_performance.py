@@ -117,7 +117,8 @@ def memory_notes(root: Path) -> str:
         "products to every linear layer and the base still runs in full for every pass. With full models our "
         f"peak is above TRL's PPO ({full:.0f} vs {large['trl_peak_rss_mb']:.0f} MB on the large model): RTO "
         f"holds one more model than TRL's PPO (the DPO model, {4 * large['params'] / 1e6:.0f} MB of fp32 "
-        "weights); the rest of the difference was not investigated.")
+        "weights); the rest of the difference was not investigated."
+    )
 
 
 SHARDED = "docs/results/sharded_cpu.json"
@@ -126,16 +127,24 @@ LAYOUT_NAMES = {"one": "one process", "replicated": "two, replicated", "sharded"
 
 def sharded(root: Path) -> str:
     layouts = read_json(root, SHARDED)["layouts"]
-    lines = ["| layout | trained weights + Adam, per process | frozen models, per process | iteration s | "
-             "experience s | update s | rollout s (ours: gathered once) | rollout s (gathered per token) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| layout | trained weights + Adam, per process | frozen models, per process | iteration s | "
+        "experience s | update s | rollout s (ours: gathered once) | rollout s (gathered per token) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, row in layouts.items():
         one = key == "one"
-        trained = f"{row['bytes_trained_per_process'] / 1e6:.1f} MB" + ("" if one else f" ({row['trained_vs_one']:.3f} x)")
+        trained = f"{row['bytes_trained_per_process'] / 1e6:.1f} MB" + (
+            "" if one else f" ({row['trained_vs_one']:.3f} x)"
+        )
         frozen = f"{row['bytes_frozen_per_process'] / 1e6:.1f} MB" + ("" if one else f" ({row['frozen_vs_one']:.3f} x)")
-        per_token = f"{row['rollout_per_token_gather_s']:.3f}" + (" (the same generation: nothing to gather)" if one else "")
-        lines.append(f"| {LAYOUT_NAMES.get(key, key)} | {trained} | {frozen} | {row['iteration_s']:.3f} | "
-                     f"{row['experience_s']:.3f} | {row['update_s']:.3f} | {row['rollout_gathered_s']:.3f} | {per_token} |")
+        per_token = f"{row['rollout_per_token_gather_s']:.3f}" + (
+            " (the same generation: nothing to gather)" if one else ""
+        )
+        lines.append(
+            f"| {LAYOUT_NAMES.get(key, key)} | {trained} | {frozen} | {row['iteration_s']:.3f} | "
+            f"{row['experience_s']:.3f} | {row['update_s']:.3f} | {row['rollout_gathered_s']:.3f} | {per_token} |"
+        )
     return "\n".join(lines)
 
 
@@ -146,7 +155,8 @@ def sharded_notes(root: Path) -> str:
         "**Memory falls as 1/processes.** Each of two processes holds half of the trained weights and their "
         "Adam states and half of every frozen model (counted from each process's own tensors; "
         "`tests/test_distributed.py` checks 0.45-0.55 x the one-process figure on every run it makes). For an "
-        "8B model that is the difference between not fitting and fitting (usage.md, \"RTO on many GPUs and many machines\"). Peak "
+        "8B model that is the difference between not fitting and fitting "
+        '(usage.md, "RTO on many GPUs and many machines"). Peak '
         f"resident memory does not fall on this CPU run ({rss} MB): the fixed cost of Python, torch and "
         "transformers dominates at 3.7 M parameters, every process reads each model whole before keeping its "
         "shard (one model at a time), and freed CPU memory is not always handed back to the system; a GPU's "
@@ -161,7 +171,7 @@ def sharded_notes(root: Path) -> str:
         "per-token gathers also hang when processes finish their responses after different numbers of steps, "
         "which is why the trainer never generates that way. Replicated, FSDP2's per-forward bookkeeping alone "
         f"costs {rep['rollout_per_token_gather_s']:.3f} against {rep['rollout_gathered_s']:.3f} s, so the "
-        "rollout is \"gathered\" there too.",
+        'rollout is "gathered" there too.',
         "**Time on 2 CPU cores is not a speed-up**: two processes with one core each take "
         f"{rep['iteration_s']:.2f} s (replicated) and {sh['iteration_s']:.2f} s (sharded) for what one process "
         f"with two cores does in {one['iteration_s']:.2f} s. On this machine the gradients' all-reduce "
@@ -178,11 +188,15 @@ def sharded_notes(root: Path) -> str:
 def checkpointing(root: Path) -> str:
     r = read_json(root, "docs/results/checkpointing_cpu.json")
     plain, ckpt = r["settings"]["plain"], r["settings"]["checkpointed"]
-    return "\n".join([
-        "| update | held for backward (peak) | update s |", "|---|---|---|",
-        f"| plain | {plain['held_for_backward_mb']:.1f} MB | {plain['update_s']:.3f} |",
-        f"| `--gradient-checkpointing` | {ckpt['held_for_backward_mb']:.1f} MB ({r['held_ratio']:.2f} x) | "
-        f"{ckpt['update_s']:.3f} ({r['time_ratio']:.2f} x) |"])
+    return "\n".join(
+        [
+            "| update | held for backward (peak) | update s |",
+            "|---|---|---|",
+            f"| plain | {plain['held_for_backward_mb']:.1f} MB | {plain['update_s']:.3f} |",
+            f"| `--gradient-checkpointing` | {ckpt['held_for_backward_mb']:.1f} MB ({r['held_ratio']:.2f} x) | "
+            f"{ckpt['update_s']:.3f} ({r['time_ratio']:.2f} x) |",
+        ]
+    )
 
 
 def prompt_pool(root: Path) -> str:
@@ -191,19 +205,27 @@ def prompt_pool(root: Path) -> str:
     lines = ["| pool | cold: s | cold: peak RSS | warm: s | warm: peak RSS |", "|---|---|---|---|---|"]
     for key, label in (("64", "64 prompts"), ("1M", "1,000,000 prompts")):
         cold, warm = m[f"{key}/cold"], m[f"{key}/warm"]
-        lines.append(f"| {label} | {cold['wall_s']:.2f} | {cold['peak_rss_mb']:.0f} MB | {warm['wall_s']:.2f} | "
-                     f"{warm['peak_rss_mb']:.0f} MB |")
+        lines.append(
+            f"| {label} | {cold['wall_s']:.2f} | {cold['peak_rss_mb']:.0f} MB | {warm['wall_s']:.2f} | "
+            f"{warm['peak_rss_mb']:.0f} MB |"
+        )
     cold, warm = added["cold"], added["warm"]
-    lines.append(f"| added by the 1M pool | +{cold['wall_s']:.2f} | +{cold['peak_rss_mb']:.0f} MB | "
-                 f"**+{warm['wall_s']:.2f}** | **+{warm['peak_rss_mb']:.0f} MB** |")
+    lines.append(
+        f"| added by the 1M pool | +{cold['wall_s']:.2f} | +{cold['peak_rss_mb']:.0f} MB | "
+        f"**+{warm['wall_s']:.2f}** | **+{warm['peak_rss_mb']:.0f} MB** |"
+    )
     ok = {k: added[k]["wall_s"] < 5 and added[k]["peak_rss_mb"] < 300 for k in ("cold", "warm")}
     verdict = {True: "met", False: "missed"}
-    lines += ["", _para(
-        f"The goal (a 1M pool adds under 5 s and 300 MB per process) is {verdict[ok['warm']]} from the second run "
-        f"on a file (warm: +{warm['wall_s']:.2f} s, +{warm['peak_rss_mb']:.0f} MB) and {verdict[ok['cold']]} by "
-        f"the first (cold: +{cold['wall_s']:.2f} s), which reads, checks, renders and counts every prompt once. "
-        f"The 1M-row file is {r['prompt_file_mb']['1M']:.0f} MB; its datasets cache (both Arrow files below) "
-        f"{r['datasets_cache_mb']['1M']:.0f} MB.")]
+    lines += [
+        "",
+        _para(
+            f"The goal (a 1M pool adds under 5 s and 300 MB per process) is {verdict[ok['warm']]} from the second run "
+            f"on a file (warm: +{warm['wall_s']:.2f} s, +{warm['peak_rss_mb']:.0f} MB) and {verdict[ok['cold']]} by "
+            f"the first (cold: +{cold['wall_s']:.2f} s), which reads, checks, renders and counts every prompt once. "
+            f"The 1M-row file is {r['prompt_file_mb']['1M']:.0f} MB; its datasets cache (both Arrow files below) "
+            f"{r['datasets_cache_mb']['1M']:.0f} MB."
+        ),
+    ]
     return "\n".join(lines)
 
 

@@ -30,16 +30,21 @@ def _gold(run: dict, method: str) -> float:
 
 def _row(label: str, run: dict) -> str:
     g = {m: _gold(run, m) for m in METHODS}
-    return (f"| {label} | " + " | ".join(f"{g[m]:.3f}" for m in METHODS)
-            + f" | {g['rto'] - g['ppo']:+.3f} | {g['rto'] - g['dpo']:+.3f} | {run['rm_accuracy']:.3f} |")
+    return (
+        f"| {label} | "
+        + " | ".join(f"{g[m]:.3f}" for m in METHODS)
+        + f" | {g['rto'] - g['ppo']:+.3f} | {g['rto'] - g['dpo']:+.3f} | {run['rm_accuracy']:.3f} |"
+    )
 
 
 def demo_seeds(root: Path) -> str:
     """The per-seed table, the command that made it, and where it ran."""
     d = read_json(root, DEMO)
     over = d["over_seeds"]
-    lines = ["| seed | SFT | DPO | PPO | RTO | RTO - PPO | RTO - DPO | RM held-out acc. |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| seed | SFT | DPO | PPO | RTO | RTO - PPO | RTO - DPO | RM held-out acc. |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     lines += [_row(str(run["seed"]), run) for run in d["per_seed"]]
     keys = [*(m for m in METHODS), "rto - ppo", "rto - dpo", "rm_accuracy"]
     signed = {"rto - ppo", "rto - dpo"}
@@ -48,13 +53,21 @@ def demo_seeds(root: Path) -> str:
     lines.append(_row("seed 0, AVX2 kernels", d["seed0_variants"]["avx2_kernels"]))
     seeds = [run["seed"] for run in d["per_seed"]]
     minutes = [run["seconds"] / 60 for run in d["per_seed"]]
-    lines += ["", "```bash", f"for S in {' '.join(map(str, seeds))}; do",
-              "  rto pipeline --task keyed --preset default --seed $S --jobs 1 --threads 1 --out runs/demo_s$S",
-              "done", "```", "",
-              textwrap.fill(
-                  f"(code `{d['code'].split()[0]}`; {d['machine']}; {min(minutes):.0f}-{max(minutes):.0f} min a seed; "
-                  "the raw per-seed numbers, with the two seed-0 variants, are in "
-                  "[docs/results/demo_seeds.json](results/demo_seeds.json).)", 100)]
+    lines += [
+        "",
+        "```bash",
+        f"for S in {' '.join(map(str, seeds))}; do",
+        "  rto pipeline --task keyed --preset default --seed $S --jobs 1 --threads 1 --out runs/demo_s$S",
+        "done",
+        "```",
+        "",
+        textwrap.fill(
+            f"(code `{d['code'].split()[0]}`; {d['machine']}; {min(minutes):.0f}-{max(minutes):.0f} min a seed; "
+            "the raw per-seed numbers, with the two seed-0 variants, are in "
+            "[docs/results/demo_seeds.json](results/demo_seeds.json).)",
+            100,
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -69,8 +82,12 @@ def demo_kernels(root: Path) -> str:
     text = (
         "**One run is one draw, and which draw depends on the CPU.** On one machine the same seed and settings "
         "give the same run bit for bit"
-        + (f" - here even `make demo`'s own process layout (code `{layout['code']}`) and one thread for every "
-           f"stage (code `{d['code'].split()[0]}`) gave identical weights for every model" if same_layout else "")
+        + (
+            f" - here even `make demo`'s own process layout (code `{layout['code']}`) and one thread for every "
+            f"stage (code `{d['code'].split()[0]}`) gave identical weights for every model"
+            if same_layout
+            else ""
+        )
         + ". But torch picks its CPU kernels at run time from the instruction set (ATen's and MKL's AVX2 or "
         "AVX-512 code), and they round sums differently; the differences grow through training, and once one "
         "sampled token differs, the run takes another path. Measured on this 2-core AVX-512 machine, seed 0: "
@@ -80,7 +97,8 @@ def demo_kernels(root: Path) -> str:
         + f". Those differences (up to {moved:.3f}) are larger than the intervals' half-widths "
         f"({min(half):.3f}-{max(half):.3f}), which cover only the test prompts, and they move RTO - DPO from "
         f"{_gold(seed0, 'rto') - _gold(seed0, 'dpo'):+.3f} to {_gold(avx2, 'rto') - _gold(avx2, 'dpo'):+.3f}. "
-        "So read the spread over seeds, not one run:")
+        "So read the spread over seeds, not one run:"
+    )
     return textwrap.fill(text, 100)
 
 
@@ -112,24 +130,30 @@ def demo_spread(root: Path) -> str:
     ppo_dpo = every(lambda r: _gold(r, "ppo") < _gold(r, "dpo"))
     below_dpo = _seeds_where(d, lambda r: _gold(r, "rto") < _gold(r, "dpo"))
     gap = over["ppo - sft"]
-    text = (f"RTO ends above PPO {rto_ppo} and PPO above SFT {ppo_sft} ({gap['min']:+.2f} to {gap['max']:+.2f}); "
-            f"RTO against the DPO policy it draws its token reward from is a near tie "
-            f"({over['rto - dpo']['mean']:+.3f} on average"
-            + (f", below it on seed{'s' if len(below_dpo) > 1 else ''} {_listed(below_dpo)}" if below_dpo else "")
-            + f"), and PPO stays below DPO {ppo_dpo}.")
+    text = (
+        f"RTO ends above PPO {rto_ppo} and PPO above SFT {ppo_sft} ({gap['min']:+.2f} to {gap['max']:+.2f}); "
+        f"RTO against the DPO policy it draws its token reward from is a near tie "
+        f"({over['rto - dpo']['mean']:+.3f} on average"
+        + (f", below it on seed{'s' if len(below_dpo) > 1 else ''} {_listed(below_dpo)}" if below_dpo else "")
+        + f"), and PPO stays below DPO {ppo_dpo}."
+    )
     low = min(runs, key=lambda r: _gold(r, "sft"))
     rest = [r for r in runs if r is not low]
     mostly = all(_sd([_gold(r, m) for r in rest]) < over[m]["sd"] / 2 for m in METHODS)
-    text += (f" Seed {low['seed']}'s SFT model underfits the teacher ({_gold(low, 'sft'):.3f}) and everything built "
-             "on it starts lower" + ("; most of the four methods' standard deviations above is that seed." if mostly
-                                     else "."))
+    text += (
+        f" Seed {low['seed']}'s SFT model underfits the teacher ({_gold(low, 'sft'):.3f}) and everything built "
+        "on it starts lower"
+        + ("; most of the four methods' standard deviations above is that seed." if mostly else ".")
+    )
     local_lower = every(lambda r: r["ppo"]["gold_parts"]["local"] < r["sft"]["gold_parts"]["local"])
-    text += (" Where the gap comes from, on the test samples (means over the seeds above): PPO maximises what its RM "
-             f"learned well (the count: {over['ppo gold:count']['mean']:.3f} of 1.0) but gives up part of the "
-             f"positional key the RM hardly learned (local part {over['sft gold:local']['mean']:.3f} at SFT -> "
-             f"{over['ppo gold:local']['mean']:.3f}, lower {local_lower}); RTO's per-token DPO reward keeps more of it "
-             f"({over['rto gold:local']['mean']:.3f}; DPO {over['dpo gold:local']['mean']:.3f}) while also reaching "
-             f"the count ({over['rto gold:count']['mean']:.3f}).")
+    text += (
+        " Where the gap comes from, on the test samples (means over the seeds above): PPO maximises what its RM "
+        f"learned well (the count: {over['ppo gold:count']['mean']:.3f} of 1.0) but gives up part of the "
+        f"positional key the RM hardly learned (local part {over['sft gold:local']['mean']:.3f} at SFT -> "
+        f"{over['ppo gold:local']['mean']:.3f}, lower {local_lower}); RTO's per-token DPO reward keeps more of it "
+        f"({over['rto gold:local']['mean']:.3f}; DPO {over['dpo gold:local']['mean']:.3f}) while also reaching "
+        f"the count ({over['rto gold:count']['mean']:.3f})."
+    )
     return textwrap.fill(text, 100)
 
 

@@ -29,7 +29,8 @@ def kill_resume(root: Path) -> str:
         + (f" ({tmp_seen} of them found a half-written checkpoint directory)" if tmp_seen else "")
         + f", {r['killed_in_save']} inside a checkpoint write by fault injection. {r['killed']} of {r['points']} "
         f"were killed before they finished; {exact} {r['exact']} resumed runs ended with the same policy and "
-        "critic weights, log and evaluation curve as the uninterrupted run, bit for bit.")
+        "critic weights, log and evaluation curve as the uninterrupted run, bit for bit."
+    )
     return textwrap.fill(text, 100)
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from tables import read_json
 
-from rto.data_ratio import ratio_text
-from rto.report_reproduce import claims, cross_task_markdown
-from rto.tuning import DPO_POLICY
+from rto.experiments.data_ratio import ratio_text
+from rto.experiments.report_pages import cross_task_markdown
+from rto.experiments.report_reproduce import claims
+from rto.experiments.tuning import DPO_POLICY
 
 PAGE = "docs/results.md"
 TASKS = ("keyed", "ordered", "count")
@@ -34,12 +35,16 @@ def tool_checks(root: Path) -> str:
 
 def runs(root: Path) -> str:
     """How each task's evidence was produced: command, seeds, wall time, machine."""
-    lines = ["| task | seeds | wall time | machine | DPO policy (tuned on dev) | RL settings (tuned on dev) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| task | seeds | wall time | machine | DPO policy (tuned on dev) | RL settings (tuned on dev) |",
+        "|---|---|---|---|---|---|",
+    ]
     for task, r in _results(root).items():
         dpo = ", ".join(f"{k} {v:g}" for k, v in r["tuning"].get("dpo_policy", {}).items()) or "-"
         rl = ", ".join(f"{k} {v:g}" for k, v in r["tuning"]["chosen"].items())
-        lines.append(f"| `{task}` | {len(r['seeds'])} | {r['wall_time_s'] / 60:.0f} min | {r['machine']} | {dpo} | {rl} |")
+        lines.append(
+            f"| `{task}` | {len(r['seeds'])} | {r['wall_time_s'] / 60:.0f} min | {r['machine']} | {dpo} | {rl} |"
+        )
     return "\n".join(lines)
 
 
@@ -50,10 +55,15 @@ def coverage(root: Path) -> str:
     for row in cov["rows"]:
         s = settings[row["setting"]]
         t, h = row["t_interval"], row["hierarchical_bootstrap"]
-        lines.append(f"| {row['setting']} ({s['tau']:.3f}, {s['sigma']:.3f}) | {row['seeds']} | "
-                     f"{t['coverage']:.3f} ± {t['se']:.3f} | {h['coverage']:.3f} ± {h['se']:.3f} |")
-    lines += ["", f"(`{cov['command']}`, {cov['wall_time_s']:.0f} s; {t['reps']} data sets per cell for the t interval, "
-                  f"{h['reps']} for the old method; ± one binomial SE.)"]
+        lines.append(
+            f"| {row['setting']} ({s['tau']:.3f}, {s['sigma']:.3f}) | {row['seeds']} | "
+            f"{t['coverage']:.3f} ± {t['se']:.3f} | {h['coverage']:.3f} ± {h['se']:.3f} |"
+        )
+    lines += [
+        "",
+        f"(`{cov['command']}`, {cov['wall_time_s']:.0f} s; {t['reps']} data sets per cell for the t interval, "
+        f"{h['reps']} for the old method; ± one binomial SE.)",
+    ]
     return "\n".join(lines)
 
 
@@ -61,8 +71,10 @@ def task_table(task: str):
     def build(root: Path) -> str:
         r = read_json(root, f"docs/results/{task}/results.json")
         sel = r.get("selection", {})
-        lines = ["| method | test gold reward [95% CI] | win vs SFT | KL to SFT | RM score | dev-selected at |",
-                 "|---|---|---|---|---|---|"]
+        lines = [
+            "| method | test gold reward [95% CI] | win vs SFT | KL to SFT | RM score | dev-selected at |",
+            "|---|---|---|---|---|---|",
+        ]
         epochs = r.get("dpo_policy_best_epoch_per_seed") or []
         for name, m in r["methods"].items():
             if "@" in name:
@@ -74,13 +86,19 @@ def task_table(task: str):
                 where = f"iteration {its}" + (f" (divergence flagged on {flag})" if flag else "")
             elif name == DPO_POLICY and epochs:
                 where = "epoch " + ", ".join("-" if e is None else f"{e:g}" for e in epochs)
-            lines.append(f"| {name} | {m['gold_reward']:.3f} {_ci(*m['gold_reward_ci'])} | {m['win_rate_vs_sft']:.3f} | "
-                         f"{m['kl_to_sft']:.2f} | {m['rm_score']:.3f} | {where} |")
+            lines.append(
+                f"| {name} | {m['gold_reward']:.3f} {_ci(*m['gold_reward_ci'])} | {m['win_rate_vs_sft']:.3f} | "
+                f"{m['kl_to_sft']:.2f} | {m['rm_score']:.3f} | {where} |"
+            )
         lines += ["", "| paired difference | mean [95% CI] | per seed |", "|---|---|---|"]
         for k, c in r["comparisons"].items():
-            lines.append(f"| {k} | {c['mean']:+.3f} {_ci(*c['ci'], '+.3f')} | "
-                         + ", ".join(f"{x:+.3f}" for x in c["per_seed"]) + " |")
+            lines.append(
+                f"| {k} | {c['mean']:+.3f} {_ci(*c['ci'], '+.3f')} | "
+                + ", ".join(f"{x:+.3f}" for x in c["per_seed"])
+                + " |"
+            )
         return "\n".join(lines)
+
     return build
 
 
@@ -91,23 +109,32 @@ def sweep(root: Path) -> str:
         eff = r.get("data_efficiency") or {}
         if not eff:
             continue
-        out += [f"`{task}` (test gold reward; RL prompts, iterations):", "",
-                "| | " + " | ".join(f"{n} ({i})" for n, i in zip(eff["prompts"], eff["iterations"])) + " |",
-                "|---|" + "---|" * len(eff["prompts"])]
+        out += [
+            f"`{task}` (test gold reward; RL prompts, iterations):",
+            "",
+            "| | " + " | ".join(f"{n} ({i})" for n, i in zip(eff["prompts"], eff["iterations"])) + " |",
+            "|---|" + "---|" * len(eff["prompts"]),
+        ]
         for m in ("ppo", "rto"):
-            out.append(f"| {m} | " + " | ".join(f"{p['gold_reward']:.3f} {_ci(*p['gold_reward_ci'])}" for p in eff[m])
-                       + " |")
+            out.append(
+                f"| {m} | " + " | ".join(f"{p['gold_reward']:.3f} {_ci(*p['gold_reward_ci'])}" for p in eff[m]) + " |"
+            )
         ratio = eff["ratio"]
-        per = ", ".join("-" if x is None else f"{'>= ' if c else ''}{x:.3g}"
-                        for x, c in zip(ratio["ratio_per_seed"], ratio["censored_per_seed"]))
+        per = ", ".join(
+            "-" if x is None else f"{'>= ' if c else ''}{x:.3g}"
+            for x, c in zip(ratio["ratio_per_seed"], ratio["censored_per_seed"])
+        )
         out += ["", f"Data ratio: {ratio_text(ratio)}; per seed: {per}.", ""]
     return "\n".join(out)
 
 
 def dpo_tuning(root: Path) -> str:
     """Each task's DPO policy grid (tuned on dev like RTO) and what the tuning changed."""
-    lines = ["| task | DPO grid runs (RTO's) | chosen beta, learning rate | epoch chosen per seed | "
-             "dpo-tuned - dpo (the preset's) |", "|---|---|---|---|---|"]
+    lines = [
+        "| task | DPO grid runs (RTO's) | chosen beta, learning rate | epoch chosen per seed | "
+        "dpo-tuned - dpo (the preset's) |",
+        "|---|---|---|---|---|",
+    ]
     for task, r in _results(root).items():
         grid = next((g["dpo_policy"] for g in r["tuning"]["grids"].values() if g.get("dpo_policy")), None)
         if not grid:
@@ -117,8 +144,10 @@ def dpo_tuning(root: Path) -> str:
         epochs = ", ".join("-" if e is None else f"{e:g}" for e in r.get("dpo_policy_best_epoch_per_seed", []))
         c = r["comparisons"].get(f"{DPO_POLICY} - dpo")
         diff = f"{c['mean']:+.3f} {_ci(*c['ci'], '+.3f')}" if c else "-"
-        lines.append(f"| `{task}` | {grid['runs']} ({rto_runs}) | {chosen['beta']:g}, {chosen['learning_rate']:g} | "
-                     f"{epochs} | {diff} |")
+        lines.append(
+            f"| `{task}` | {grid['runs']} ({rto_runs}) | {chosen['beta']:g}, {chosen['learning_rate']:g} | "
+            f"{epochs} | {diff} |"
+        )
     return "\n".join(lines)
 
 
@@ -128,8 +157,10 @@ def ensembles_previous(root: Path) -> str:
     for task in TASKS:
         r = read_json(root, f"docs/results/previous-protocol/{task}/results.json")
         found = {c["claim"]: c for c in claims(r) if c["claim"].startswith("an RM ensemble")}
-        cells = [f"{found[k]['verdict']}<br>{found[k]['evidence']}" if k in found else "not tested"
-                 for k in ("an RM ensemble helps PPO", "an RM ensemble helps RTO")]
+        cells = [
+            f"{found[k]['verdict']}<br>{found[k]['evidence']}" if k in found else "not tested"
+            for k in ("an RM ensemble helps PPO", "an RM ensemble helps RTO")
+        ]
         lines.append(f"| `{task}` | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -143,8 +174,10 @@ def user_mirror(root: Path) -> str:
         if name.endswith("@last"):
             label = f"{name} (iteration {s['selection'][name[:-5]]['iterations_run']})"
         lo, hi = m["gold_reward_ci"]
-        lines.append(f"| {label} | {m['gold_reward']:.3f} {_ci(lo, hi)} | {m['win_rate_vs_sft']:.3f} | "
-                     f"{m['kl_to_sft']:.2f} | {m['rm_score']:.3f} |")
+        lines.append(
+            f"| {label} | {m['gold_reward']:.3f} {_ci(lo, hi)} | {m['win_rate_vs_sft']:.3f} | "
+            f"{m['kl_to_sft']:.2f} | {m['rm_score']:.3f} |"
+        )
     return "\n".join(lines)
 
 

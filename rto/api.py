@@ -7,7 +7,7 @@
     rto.rm(model="runs/sft", data="prefs.jsonl", out="runs/rm")
     summary = rto.ppo(policy="runs/sft", reward_model="runs/rm", dpo_model="runs/dpo",
                       prompts="prompts.jsonl", out="runs/rto", reward="rto")
-    rto.run("pipeline", task="keyed", out="runs/demo")     # any command by name
+    rto.pipeline(task="keyed", out="runs/demo")             # or rto.run("pipeline", ...)
 
 Settings are the flags' names with underscores (`--reward-model` -> `reward_model`), values as
 in a YAML config; they are checked as the command line's are, and a bad one raises
@@ -21,8 +21,7 @@ row dicts; they are written to a temporary directory for the run (as `save_pretr
 A run leaves the caller's global state as it found it: the RNGs (Python, NumPy, torch, CUDA),
 which every stage seeds, and torch's thread count are put back afterwards.
 
-`rto.data`, `rto.pipeline`, `rto.tune`, `rto.reproduce` and `rto.config` are this package's
-modules, so those commands run through `rto.run(name, ...)`.
+The functions are made from `rto.COMMANDS`, the one list of commands the command line reads too.
 """
 
 from __future__ import annotations
@@ -34,30 +33,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rto.config import build, to_dict
+from rto.io.config import build, to_dict
 
 
 def command_parts(name: str):
     """(config class, run function) of a command (the `rto` command line dispatches through it too)."""
-    if name == "pipeline":
-        from rto.pipeline import PipelineConfig, run
-        return PipelineConfig, run
-    if name == "tune":
-        from rto.tune import TuneConfig, run
-        return TuneConfig, run
-    if name == "reproduce":
-        from rto.reproduce import ReproduceConfig, run
-        return ReproduceConfig, run
-    from rto.stages import STAGES
+    from rto import COMMANDS
 
-    if name not in STAGES:
-        raise ValueError(f"unknown command {name!r}; expected one of {', '.join([*STAGES, 'pipeline', 'tune', 'reproduce'])}")
-    return STAGES[name].load()
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command {name!r}; expected one of {', '.join(COMMANDS)}")
+    return COMMANDS[name].load()
 
 
 def make_config(command: str, base: Any = None, /, **settings):
     """The checked config object of `command` from keyword settings (on top of `base`, a config
-    object or a mapping, e.g. a YAML file read with rto.config.load_yaml)."""
+    object or a mapping, e.g. a YAML file read with rto.io.config.load_yaml)."""
     cls, _ = command_parts(command)
     values: dict[str, Any] = {}
     if base is not None:
@@ -72,7 +62,7 @@ def make_config(command: str, base: Any = None, /, **settings):
 
 
 def run(command: str, base: Any = None, /, **settings) -> dict:
-    """Run `command` (sft, rm, dpo, ppo, eval, data, pairs, pipeline, tune, reproduce)."""
+    """Run `command` (any name in `rto.COMMANDS`)."""
     _, fn = command_parts(command)
     with tempfile.TemporaryDirectory(prefix="rto-api-") as tmp, _global_state_kept():
         settings = {k: _as_path(v, Path(tmp) / k) for k, v in settings.items()}
@@ -83,7 +73,7 @@ def _as_path(value: Any, where: Path) -> Any:
     """A model or data object written to `where` (returned as its path); anything else as it is."""
     model, tokenizer = value if isinstance(value, tuple) and len(value) == 2 else (value, None)
     if hasattr(model, "save_pretrained") and hasattr(model, "config"):  # a transformers (or peft) model
-        from rto.models import save_model
+        from rto.lm.models import save_model
 
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -93,7 +83,7 @@ def _as_path(value: Any, where: Path) -> Any:
         return str(where)
     rows = value.to_list() if hasattr(value, "to_list") and hasattr(value, "column_names") else value
     if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):  # a dataset's rows
-        from rto.data import write_jsonl
+        from rto.io.data import write_jsonl
 
         return str(write_jsonl(where.with_suffix(".jsonl"), rows))
     return value
@@ -102,13 +92,19 @@ def _as_path(value: Any, where: Path) -> Any:
 @contextlib.contextmanager
 def _global_state_kept():
     """Every RNG state and torch's thread count, put back after the run (stages seed them all)."""
+    import os
+
     import numpy as np
     import torch
 
-    import os
-
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.get_num_threads(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, os.environ.get("OMP_NUM_THREADS"))
+    states = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+        torch.get_num_threads(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        os.environ.get("OMP_NUM_THREADS"),
+    )
     try:
         yield
     finally:
@@ -134,4 +130,10 @@ def _named(command: str):
     return fn
 
 
-sft, pairs, rm, dpo, ppo, eval = (_named(c) for c in ("sft", "pairs", "rm", "dpo", "ppo", "eval"))  # noqa: A001
+def _commands() -> dict:
+    from rto import COMMANDS
+
+    return {name: _named(name) for name in COMMANDS}
+
+
+globals().update(_commands())  # rto.api.sft, ..., rto.api.reproduce: one function per command

@@ -20,39 +20,39 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from rto import __version__  # noqa: E402
-from rto.config import add_arguments, dashed_flags, from_sources, load_yaml  # noqa: E402
-from rto.errors import UserError  # noqa: E402
+from rto.io.config import add_arguments, dashed_flags, from_sources, load_yaml  # noqa: E402
+from rto.io.errors import UserError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
-    from rto.pipeline import PipelineConfig
-    from rto.reproduce import ReproduceConfig
-    from rto.stages import STAGES
-    from rto.tune import TuneConfig
+    from rto import COMMANDS
 
     parser = argparse.ArgumentParser(prog="rto", description="Reinforced Token Optimization (RTO) for RLHF.")
     parser.add_argument("--version", action="version", version=f"rto-rlhf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = {name: (stage.summary, stage.config_class) for name, stage in STAGES.items()}
-    commands["pipeline"] = ("the whole pipeline: data, SFT, pairs, RM, DPO, PPO/RTO, eval, report",
-                            lambda: PipelineConfig)
-    commands["tune"] = ("choose the RL settings on the dev split (PPO: lr x KL; RTO: beta1) and write a preset file",
-                        lambda: TuneConfig)
-    commands["reproduce"] = ("the paper's claims over seeds: every method, ablation, data fraction and tuning grid",
-                             lambda: ReproduceConfig)
-    for name, (summary, config_class) in commands.items():
-        cls = config_class()
+    for name, command in COMMANDS.items():
+        summary, cls = command.summary, command.config_class()
         p = sub.add_parser(name, help=summary, description=summary)
         p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of settings (flags override it)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
-        p.add_argument("--allow-bin-weights", action="store_true",
-                       help="also load pickle-format .bin weights (with torch.load(weights_only=True)); "
-                            "by default only safetensors files are loaded")
+        p.add_argument(
+            "--allow-bin-weights",
+            action="store_true",
+            help="also load pickle-format .bin weights (with torch.load(weights_only=True)); "
+            "by default only safetensors files are loaded",
+        )
         if name == "pipeline":
-            p.add_argument("--set", dest="set_values", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                           help="override a stage setting, e.g. --set ppo.actor_lr=1e-5 (repeatable)")
-            add_arguments(p, cls, skip=("data", "sft", "pairs", "rm", "dpo", "ppo", "method_overrides", "eval",
-                                        "tune_grid"))
+            p.add_argument(
+                "--set",
+                dest="set_values",
+                action="append",
+                default=[],
+                metavar="SECTION.KEY=VALUE",
+                help="override a stage setting, e.g. --set ppo.actor_lr=1e-5 (repeatable)",
+            )
+            add_arguments(
+                p, cls, skip=("data", "sft", "pairs", "rm", "dpo", "ppo", "method_overrides", "eval", "tune_grid")
+            )
         else:
             add_arguments(p, cls)
     return parser
@@ -100,7 +100,7 @@ def missing_training_stack() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    from rto.distributed import exit_if_launched
+    from rto.runtime.distributed import exit_if_launched
 
     exit_if_launched(code)  # a process of a multi-process run ends here, at once
     return code
@@ -134,20 +134,26 @@ def _main(argv: list[str] | None) -> int:
     argv = dashed_flags(sys.argv[1:] if argv is None else argv)
     missing = missing_training_stack()
     if missing:
-        print(f"rto: error: the commands need the training stack, not installed here ({', '.join(missing)}): "
-              "pip install 'rto-rlhf[train]' (rto.core alone needs only torch)", file=sys.stderr)
+        print(
+            f"rto: error: the commands need the training stack, not installed here ({', '.join(missing)}): "
+            "pip install 'rto-rlhf[train]' (rto.core alone needs only torch)",
+            file=sys.stderr,
+        )
         return 2
     debug = "--debug" in argv
     try:
         parser = _parser()
         args = parser.parse_args(argv)
-        values = {k: v for k, v in vars(args).items()
-                  if k not in ("command", "config", "debug", "set_values", "allow_bin_weights")}
+        values = {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("command", "config", "debug", "set_values", "allow_bin_weights")
+        }
         if args.allow_bin_weights:
             os.environ["RTO_ALLOW_BIN_WEIGHTS"] = "1"  # an environment variable reaches the pipeline's processes
         yaml_values = load_yaml(args.config) if args.config else {}
+        from rto import STAGES
         from rto.api import command_parts
-        from rto.stages import STAGES
 
         cls, run = command_parts(args.command)
         if args.command == "pipeline":

@@ -12,8 +12,9 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RTO_PROGRESS", "0")
 torch.set_num_threads(1)
 
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            max_position_embeddings=64)
+TINY = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64
+)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,7 @@ def keyed():
 def tiny_dirs(tmp_path_factory, keyed):
     """{"policy", "rm", "dpo"}: a random tiny causal LM, a score model from it (no pad id in its
     config), a perturbed copy."""
-    from rto.models import RM_STATS_FILE, build_causal_lm, load_score_model, save_model
+    from rto.lm.models import RM_STATS_FILE, build_causal_lm, load_score_model, save_model
 
     root = tmp_path_factory.mktemp("models")
     tok = keyed.tokenizer()
@@ -51,7 +52,7 @@ def tiny_dirs(tmp_path_factory, keyed):
 
 @pytest.fixture(scope="session")
 def prompt_file(tmp_path_factory, keyed):
-    from rto.data import write_jsonl
+    from rto.io.data import write_jsonl
 
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
     # Prompts of different lengths (2 to 8 symbols), so batches are left-padded.
@@ -62,8 +63,10 @@ def prompt_file(tmp_path_factory, keyed):
 
 # A chat template for the keyed task's word-level vocabulary: a user turn ends with <sep>, an
 # assistant turn with <eos>.
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %} <sep>{% else %} <eos>{% endif %}"
-                 "{% if not loop.last %} {% endif %}{% endfor %}{% if add_generation_prompt %} {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %} <sep>{% else %} <eos>{% endif %}"
+    "{% if not loop.last %} {% endif %}{% endfor %}{% if add_generation_prompt %} {% endif %}"
+)
 
 
 @pytest.fixture
@@ -90,6 +93,11 @@ def prefs(tmp_path):
     import json
 
     path = tmp_path / "prefs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"s{i} s{i + 1} <sep>", "chosen": f"s{i + 1} <eos>",
-                                        "rejected": f"s{i} <eos>"}) + "\n" for i in range(16)))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"s{i} s{i + 1} <sep>", "chosen": f"s{i + 1} <eos>", "rejected": f"s{i} <eos>"})
+            + "\n"
+            for i in range(16)
+        )
+    )
     return path

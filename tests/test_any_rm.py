@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from rto.config import build
-from rto.models import load_score_model, load_tokenizer
-from rto.rollout import encode_responses, score_texts, sequence_scores
-from rto.stages.ppo import PPOStageConfig, PPOTrainer
+from rto.io.config import build
+from rto.lm.models import load_score_model, load_tokenizer
+from rto.lm.rollout import encode_responses
+from rto.lm.scoring import score_texts, sequence_scores
+from rto.rl.trainer import PPOStageConfig, PPOTrainer
 from tests.test_cli import rto
 
 
@@ -41,16 +42,31 @@ def test_scores_of_an_rm_without_a_pad_id_in_its_config(tiny_dirs, tmp_path):
     assert no_pad.config.pad_token_id is None, "the model's config is left as it was"
     # Each row alone (no padding at all) gives the same score: the batched read is the right slot.
     for i in range(3):
-        alone = score_texts(no_pad, tok, prompts[i:i + 1], responses[i:i + 1])
-        torch.testing.assert_close(alone, got[i:i + 1], atol=1e-5, rtol=1e-5)
+        alone = score_texts(no_pad, tok, prompts[i : i + 1], responses[i : i + 1])
+        torch.testing.assert_close(alone, got[i : i + 1], atol=1e-5, rtol=1e-5)
 
 
 def test_ppo_runs_with_such_an_rm_full_and_lora(tiny_dirs, prompt_file, tmp_path):
     for lora_r in (0, 4):
-        cfg = build(PPOStageConfig, dict(policy=tiny_dirs["policy"], reward_model=tiny_dirs["rm"],
-                                         dpo_model=tiny_dirs["dpo"], prompts=prompt_file, out=str(tmp_path / f"o{lora_r}"),
-                                         iterations=1, rollout_batch_size=4, mini_batch_size=4, max_new_tokens=6,
-                                         eval_every=0, threads=1, reward="rto", lora_r=lora_r), "test")
+        cfg = build(
+            PPOStageConfig,
+            dict(
+                policy=tiny_dirs["policy"],
+                reward_model=tiny_dirs["rm"],
+                dpo_model=tiny_dirs["dpo"],
+                prompts=prompt_file,
+                out=str(tmp_path / f"o{lora_r}"),
+                iterations=1,
+                rollout_batch_size=4,
+                mini_batch_size=4,
+                max_new_tokens=6,
+                eval_every=0,
+                threads=1,
+                reward="rto",
+                lora_r=lora_r,
+            ),
+            "test",
+        )
         trainer = PPOTrainer(cfg)
         exp = trainer.make_experience(trainer._next_prompts())
         assert torch.isfinite(exp.rewards).all() and torch.isfinite(exp.values).all()
@@ -59,9 +75,34 @@ def test_ppo_runs_with_such_an_rm_full_and_lora(tiny_dirs, prompt_file, tmp_path
 
 def test_rto_ppo_command_with_such_an_rm(tiny_dirs, prompt_file, tmp_path):
     out = tmp_path / "run"
-    proc = rto("ppo", "--policy", tiny_dirs["policy"], "--reward-model", tiny_dirs["rm"], "--dpo-model",
-               tiny_dirs["dpo"], "--prompts", prompt_file, "--out", str(out), "--iterations", "1",
-               "--rollout-batch-size", "4", "--mini-batch-size", "4", "--max-new-tokens", "6", "--threads", "1",
-               "--eval-prompts", prompt_file, "--n-eval", "4", "--eval-every", "1")
+    proc = rto(
+        "ppo",
+        "--policy",
+        tiny_dirs["policy"],
+        "--reward-model",
+        tiny_dirs["rm"],
+        "--dpo-model",
+        tiny_dirs["dpo"],
+        "--prompts",
+        prompt_file,
+        "--out",
+        str(out),
+        "--iterations",
+        "1",
+        "--rollout-batch-size",
+        "4",
+        "--mini-batch-size",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--threads",
+        "1",
+        "--eval-prompts",
+        prompt_file,
+        "--n-eval",
+        "4",
+        "--eval-every",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -9,8 +9,10 @@ import pytest
 
 
 def test_import_rto_is_light():
-    code = ("import sys, rto; heavy = [m for m in ('torch', 'transformers', 'trl', 'accelerate') if m in sys.modules]; "
-            "print(heavy, sorted(rto.__all__)[:3])")
+    code = (
+        "import sys, rto; heavy = [m for m in ('torch', 'transformers', 'trl', 'accelerate') if m in sys.modules]; "
+        "print(heavy, sorted(rto.__all__)[:3])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("[]")
@@ -19,9 +21,20 @@ def test_import_rto_is_light():
 def test_stages_as_functions(tiny_dirs, prompt_file, tmp_path):
     import rto
 
-    settings = dict(policy=tiny_dirs["policy"], reward_model=tiny_dirs["rm"], dpo_model=tiny_dirs["dpo"],
-                    prompts=prompt_file, out=str(tmp_path / "rto"), reward="rto", iterations=1, rollout_batch_size=4,
-                    mini_batch_size=4, max_new_tokens=4, eval_every=0, threads=1)
+    settings = dict(
+        policy=tiny_dirs["policy"],
+        reward_model=tiny_dirs["rm"],
+        dpo_model=tiny_dirs["dpo"],
+        prompts=prompt_file,
+        out=str(tmp_path / "rto"),
+        reward="rto",
+        iterations=1,
+        rollout_batch_size=4,
+        mini_batch_size=4,
+        max_new_tokens=4,
+        eval_every=0,
+        threads=1,
+    )
     summary = rto.ppo(**settings)
     assert summary["iterations"] == 1 and summary["reward"] == "rto"
     assert (tmp_path / "rto" / "policy" / "model.safetensors").is_file()
@@ -42,8 +55,9 @@ def test_bad_settings_raise_the_command_lines_one_line_error(tiny_dirs, tmp_path
     with pytest.raises(rto.UserError, match=r"rto.ppo: unknown setting 'actor_learning_rate' \(did you mean actor_lr"):
         rto.ppo(policy=tiny_dirs["policy"], prompts="p.jsonl", out=str(tmp_path), actor_learning_rate=1e-5)
     with pytest.raises(rto.UserError, match="rto.ppo: ppo: --reward rto needs --dpo-model"):
-        rto.ppo(policy=tiny_dirs["policy"], prompts="p.jsonl", out=str(tmp_path), reward_model=tiny_dirs["rm"],
-                reward="rto")
+        rto.ppo(
+            policy=tiny_dirs["policy"], prompts="p.jsonl", out=str(tmp_path), reward_model=tiny_dirs["rm"], reward="rto"
+        )
     with pytest.raises(TypeError, match="not a PPOStageConfig"):
         rto.ppo(rto.make_config("eval", models="sft=b", prompts="p.jsonl", out=str(tmp_path / "e.json")))
     with pytest.raises(ValueError, match="unknown command 'sftt'"):
@@ -57,8 +71,9 @@ def test_the_usage_pages_python_example_runs(tmp_path):
     page = (Path(__file__).parent.parent / "docs" / "usage.md").read_text()
     code = page.split("\n## From Python\n")[1].split("```python\n")[1].split("```")[0]
     env = {**__import__("os").environ, "RTO_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RTO gold reward (last rollout):" in proc.stdout
     assert (tmp_path / "runs/api/rto/policy/model.safetensors").is_file()
@@ -81,7 +96,34 @@ def test_a_run_leaves_the_callers_global_state_as_it_was(tiny_dirs, prompt_file,
     random.seed(123)
     np.random.seed(123)
     torch.manual_seed(123)
-    rto.ppo(policy=tiny_dirs["policy"], reward_model=tiny_dirs["rm"], prompts=prompt_file, out=str(tmp_path / "o"),
-            iterations=1, rollout_batch_size=4, mini_batch_size=4, max_new_tokens=4, eval_every=0, threads=2, seed=7)
+    rto.ppo(
+        policy=tiny_dirs["policy"],
+        reward_model=tiny_dirs["rm"],
+        prompts=prompt_file,
+        out=str(tmp_path / "o"),
+        iterations=1,
+        rollout_batch_size=4,
+        mini_batch_size=4,
+        max_new_tokens=4,
+        eval_every=0,
+        threads=2,
+        seed=7,
+    )
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == before
     assert torch.get_num_threads() == 1
+
+
+def test_one_table_of_commands_feeds_the_cli_the_api_and_the_package():
+    """rto.COMMANDS is the single source: each command is a subcommand of `rto`, a function of the
+    API and of the package, and its config class is the package's (rto.PPOConfig, ...)."""
+    import rto
+    from rto import COMMANDS
+    from rto.cli import _parser
+
+    subcommands = next(a for a in _parser()._actions if a.dest == "command").choices
+    assert list(subcommands) == list(COMMANDS)
+    for name, command in COMMANDS.items():
+        assert getattr(rto, name).__name__ == name and name in rto.__all__
+        assert getattr(rto, command.api_config) is command.config_class()
+        assert rto.make_config.__module__ == "rto.api"
+        assert command.load()[1].__name__  # the run function imports

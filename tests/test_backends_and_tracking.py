@@ -12,15 +12,28 @@ import types
 import pytest
 import torch
 
-from rto.config import build
-from rto.stages.ppo import PPOStageConfig, PPOTrainer
+from rto.io.config import build
+from rto.rl.trainer import PPOStageConfig, PPOTrainer
 
 
 def _cfg(tiny_dirs, prompt_file, tmp_path, **kw):
-    values = dict(policy=tiny_dirs["policy"], reward_model=tiny_dirs["rm"], dpo_model=tiny_dirs["dpo"],
-                  prompts=prompt_file, out=str(tmp_path / "out"), iterations=1, rollout_batch_size=4,
-                  mini_batch_size=4, max_new_tokens=6, actor_lr=1e-3, critic_lr=1e-3, warmup_ratio=0.0,
-                  eval_every=0, threads=1, reward="rto")
+    values = dict(
+        policy=tiny_dirs["policy"],
+        reward_model=tiny_dirs["rm"],
+        dpo_model=tiny_dirs["dpo"],
+        prompts=prompt_file,
+        out=str(tmp_path / "out"),
+        iterations=1,
+        rollout_batch_size=4,
+        mini_batch_size=4,
+        max_new_tokens=6,
+        actor_lr=1e-3,
+        critic_lr=1e-3,
+        warmup_ratio=0.0,
+        eval_every=0,
+        threads=1,
+        reward="rto",
+    )
     values.update(kw)
     return build(PPOStageConfig, values, "test")
 
@@ -47,8 +60,13 @@ def _fake_vllm(eos: int, config, cut_at: int, alt_eos: int | None = None):
 
     import numpy as np
 
-    stacked = (("q_proj", "qkv_proj", 0), ("k_proj", "qkv_proj", 1), ("v_proj", "qkv_proj", 2),
-               ("gate_proj", "gate_up_proj", 0), ("up_proj", "gate_up_proj", 1))
+    stacked = (
+        ("q_proj", "qkv_proj", 0),
+        ("k_proj", "qkv_proj", 1),
+        ("v_proj", "qkv_proj", 2),
+        ("gate_proj", "gate_up_proj", 0),
+        ("up_proj", "gate_up_proj", 1),
+    )
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     kv = h // config.num_attention_heads * getattr(config, "num_key_value_heads", config.num_attention_heads)
 
@@ -62,11 +80,19 @@ def _fake_vllm(eos: int, config, cut_at: int, alt_eos: int | None = None):
                 shapes[("lm_head.weight", 0)] = (vocab, h)
             for i in range(config.num_hidden_layers):
                 p = f"model.layers.{i}."
-                shapes.update({(p + "self_attn.qkv_proj.weight", 0): (h, h), (p + "self_attn.qkv_proj.weight", 1): (kv, h),
-                               (p + "self_attn.qkv_proj.weight", 2): (kv, h), (p + "self_attn.o_proj.weight", 0): (h, h),
-                               (p + "mlp.gate_up_proj.weight", 0): (inter, h), (p + "mlp.gate_up_proj.weight", 1): (inter, h),
-                               (p + "mlp.down_proj.weight", 0): (h, inter), (p + "input_layernorm.weight", 0): (h,),
-                               (p + "post_attention_layernorm.weight", 0): (h,)})
+                shapes.update(
+                    {
+                        (p + "self_attn.qkv_proj.weight", 0): (h, h),
+                        (p + "self_attn.qkv_proj.weight", 1): (kv, h),
+                        (p + "self_attn.qkv_proj.weight", 2): (kv, h),
+                        (p + "self_attn.o_proj.weight", 0): (h, h),
+                        (p + "mlp.gate_up_proj.weight", 0): (inter, h),
+                        (p + "mlp.gate_up_proj.weight", 1): (inter, h),
+                        (p + "mlp.down_proj.weight", 0): (h, inter),
+                        (p + "input_layernorm.weight", 0): (h,),
+                        (p + "post_attention_layernorm.weight", 0): (h,),
+                    }
+                )
             self.shapes, self.names, self.dtype = shapes, {n for n, _ in shapes}, dtype
             self.parts, self.calls, self.dtype_warnings = {}, 0, 0
 
@@ -75,7 +101,7 @@ def _fake_vllm(eos: int, config, cut_at: int, alt_eos: int | None = None):
             for name, tensor in weights:
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     continue
-                for part, fused, index in stacked:
+                for part, fused, index in stacked:  # noqa: B007 - `index` is read after the loop (break)
                     if f".{part}." in name:
                         name = name.replace(part, fused)
                         break
@@ -92,18 +118,37 @@ def _fake_vllm(eos: int, config, cut_at: int, alt_eos: int | None = None):
             return torch.cat([parts[i] for i in sorted(parts)])
 
     class LLM:
-        def __init__(self, model, *, tokenizer=None, dtype="auto", seed=0, gpu_memory_utilization=0.92,
-                     enable_prefix_caching=None, max_model_len=None, distributed_executor_backend=None,
-                     device_ids=None):
+        def __init__(
+            self,
+            model,
+            *,
+            tokenizer=None,
+            dtype="auto",
+            seed=0,
+            gpu_memory_utilization=0.92,
+            enable_prefix_caching=None,
+            max_model_len=None,
+            distributed_executor_backend=None,
+            device_ids=None,
+        ):
             if not (Path(model) / "config.json").is_file():
                 raise OSError(f"{model} does not appear to have a file named config.json")
             if max_model_len > config.max_position_embeddings:  # vllm/config/model.py: _get_and_verify_max_len
-                raise ValueError(f"User-specified max_model_len ({max_model_len}) is greater than the derived "
-                                 f"max_model_len (max_position_embeddings={config.max_position_embeddings})\nmore")
-            self.kwargs = {"model": model, "dtype": dtype, "max_model_len": max_model_len,
-                           "executor": distributed_executor_backend, "device_ids": device_ids}
-            self.in_process = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
-                               or distributed_executor_backend == "external_launcher")
+                raise ValueError(
+                    f"User-specified max_model_len ({max_model_len}) is greater than the derived "
+                    f"max_model_len (max_position_embeddings={config.max_position_embeddings})\nmore"
+                )
+            self.kwargs = {
+                "model": model,
+                "dtype": dtype,
+                "max_model_len": max_model_len,
+                "executor": distributed_executor_backend,
+                "device_ids": device_ids,
+            }
+            self.in_process = (
+                os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+                or distributed_executor_backend == "external_launcher"
+            )
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
@@ -129,31 +174,51 @@ def _fake_vllm(eos: int, config, cut_at: int, alt_eos: int | None = None):
                 seed = p.seed if p.seed is not None else int(np.random.randint(2**31))
                 rng = random.Random(seed)
                 n = rng.randint(1, 2 * cut_at)  # n > max_tokens: cut without EOS
-                tokens = [alt_eos if alt_eos and rng.random() < 0.2 else rng.randint(eos + 2, vocab - 1)
-                          for _ in range(min(n, p.max_tokens))]
+                tokens = [
+                    alt_eos if alt_eos and rng.random() < 0.2 else rng.randint(eos + 2, vocab - 1)
+                    for _ in range(min(n, p.max_tokens))
+                ]
                 if n <= cut_at:
                     tokens[-1] = eos
                 ends = [i for i, t in enumerate(tokens) if t in stops]
-                outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(
-                    token_ids=tokens[:ends[0] + 1] if ends else tokens)]))
+                outs.append(
+                    types.SimpleNamespace(
+                        outputs=[types.SimpleNamespace(token_ids=tokens[: ends[0] + 1] if ends else tokens)]
+                    )
+                )
             return outs
 
         def reset_prefix_cache(self):
             self.resets += 1
 
     class SamplingParams:
-        def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=0, seed=None, stop_token_ids=None,
-                     ignore_eos=False, max_tokens=16, detokenize=True):
+        def __init__(
+            self,
+            n=1,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            seed=None,
+            stop_token_ids=None,
+            ignore_eos=False,
+            max_tokens=16,
+            detokenize=True,
+        ):
             if temperature > 2.0:
                 raise VLLMValidationError(f"temperature must be in [0, 2], got {temperature}.")
-            self.seed, self.stop_token_ids, self.ignore_eos, self.max_tokens = seed, stop_token_ids or [], ignore_eos, max_tokens
+            self.seed, self.stop_token_ids, self.ignore_eos, self.max_tokens = (
+                seed,
+                stop_token_ids or [],
+                ignore_eos,
+                max_tokens,
+            )
 
     return types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams)
 
 
 def test_vllm_backend_with_the_real_layout(tiny_dirs, prompt_file, tmp_path, monkeypatch):
-    from rto.errors import UserError
-    from rto.vllm_backend import VLLMRollout, check_gpus
+    from rto.io.errors import UserError
+    from rto.rl.vllm import VLLMRollout, check_gpus
 
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, max_prompt_len=40))
     eos = trainer.tokenizer.eos_token_id
@@ -163,8 +228,10 @@ def test_vllm_backend_with_the_real_layout(tiny_dirs, prompt_file, tmp_path, mon
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     torch.manual_seed(12345)  # a state vLLM's reseeding (to the run's seed) would lose
     before = torch.get_rng_state()
-    trainer.vllm = VLLMRollout.for_run(trainer.cfg, trainer.tokenizer, trainer.device, trainer.dist, trainer.models)
-    llm = trainer.vllm.llm
+    trainer.experience.vllm = VLLMRollout.for_run(
+        trainer.cfg, trainer.tokenizer, trainer.device, trainer.dist, trainer.models
+    )
+    llm = trainer.experience.vllm.llm
     # In-process engine on the run's device, in its precision (fp32 here); KV cache sized for
     # prompt + response limits; vLLM's reseeding undone; the policy synced in before any rollout.
     assert llm.in_process and llm.kwargs["max_model_len"] == 40 + 6 and llm.kwargs["executor"] is None
@@ -174,7 +241,7 @@ def test_vllm_backend_with_the_real_layout(tiny_dirs, prompt_file, tmp_path, mon
 
     torch.manual_seed(5)
     prompts = trainer._next_prompts()
-    batch = trainer.rollout(prompts)
+    batch = trainer.experience.rollout(prompts)
     # Prompts reach vLLM without their left padding; responses come back right-padded with a mask;
     # one cut at the token limit has no EOS and a full mask. The generation config's other EOS id
     # stops nothing: a response ends at the tokenizer's EOS or at the limit.
@@ -189,10 +256,10 @@ def test_vllm_backend_with_the_real_layout(tiny_dirs, prompt_file, tmp_path, mon
         assert has_eos or n == 6, "a response stopped at a token that is not the tokenizer's EOS"
     # Every request carries a seed from the training loop's RNG: the same seed, the same responses.
     torch.manual_seed(5)
-    again = trainer.rollout(prompts)
+    again = trainer.experience.rollout(prompts)
     assert torch.equal(again.response_ids, batch.response_ids)
     torch.manual_seed(6)
-    assert not torch.equal(trainer.rollout(prompts).response_ids, batch.response_ids)
+    assert not torch.equal(trainer.experience.rollout(prompts).response_ids, batch.response_ids)
     # Old log-probs come from the trained policy, not from vLLM: each response checked against a
     # plain forward of its own unpadded prompt + response, with a full log-softmax indexed by hand.
     for b in range(len(prompts)):
@@ -212,25 +279,31 @@ def test_vllm_backend_with_the_real_layout(tiny_dirs, prompt_file, tmp_path, mon
     assert model.calls == 2 and llm.resets == 2 and set(model.parts) == model.names
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        assert torch.equal(model.weight(p + "self_attn.qkv_proj.weight"),
-                           torch.cat([state[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]))
-        assert torch.equal(model.weight(p + "mlp.gate_up_proj.weight"),
-                           torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]))
+        assert torch.equal(
+            model.weight(p + "self_attn.qkv_proj.weight"),
+            torch.cat([state[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
+        )
+        assert torch.equal(
+            model.weight(p + "mlp.gate_up_proj.weight"),
+            torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]),
+        )
     assert torch.equal(model.weight("model.embed_tokens.weight"), state["model.embed_tokens.weight"])
     assert model.dtype_warnings == 0
 
     # What vLLM's loaders raise is a one-line error, not a traceback from inside vLLM: a name its
     # model does not know, a shape it asserts on.
     with pytest.raises(UserError, match="weight sync into vLLM failed .*KeyError"):
-        trainer.vllm.sync_weights([("model.layers.0.self_attn.rotary.weight", torch.zeros(1))])
+        trainer.experience.vllm.sync_weights([("model.layers.0.self_attn.rotary.weight", torch.zeros(1))])
     with pytest.raises(UserError, match="weight sync into vLLM failed .*AssertionError"):
-        trainer.vllm.sync_weights([("model.norm.weight", torch.zeros(3))])
+        trainer.experience.vllm.sync_weights([("model.norm.weight", torch.zeros(3))])
+
     # An error on our side of the stream (e.g. a failed gather) passes through as it was.
     def broken():
         yield "model.norm.weight", torch.zeros(config.hidden_size)
         raise ConnectionError("peer gone")
+
     with pytest.raises(ConnectionError, match="peer gone"):
-        trainer.vllm.sync_weights(broken())
+        trainer.experience.vllm.sync_weights(broken())
     # The engine must be in-process, and processes sharing a GPU are refused.
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     with pytest.raises(UserError, match="VLLM_ENABLE_V1_MULTIPROCESSING"):
@@ -244,10 +317,12 @@ def test_vllm_engine_takes_the_runs_dtype_and_gpu(tiny_dirs, prompt_file, tmp_pa
     (GPUs without bf16): an fp32 engine. --device cuda:N: vLLM's device_ids=[N] (else cuda:0)."""
     import dataclasses
 
-    from rto.vllm_backend import VLLMRollout, engine_settings
+    from rto.rl.vllm import VLLMRollout, engine_settings
 
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, max_prompt_len=40))
-    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(trainer.tokenizer.eos_token_id, trainer.models.policy.config, 6))
+    monkeypatch.setitem(
+        sys.modules, "vllm", _fake_vllm(trainer.tokenizer.eos_token_id, trainer.models.policy.config, 6)
+    )
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     bf16 = dataclasses.replace(trainer.models, bf16=True)
     engine = VLLMRollout.for_run(trainer.cfg, trainer.tokenizer, trainer.device, trainer.dist, bf16)
@@ -263,9 +338,9 @@ def test_vllm_lora_adapter_policy_starts_from_its_base(tiny_dirs, prompt_file, t
     the merged policy is in the engine before the first rollout samples."""
     from peft import get_peft_model
 
-    from rto.lora import lora_config, merged_state_dict
-    from rto.models import load_causal_lm, load_tokenizer
-    from rto.vllm_backend import VLLMRollout
+    from rto.lm.lora import lora_config, merged_state_dict
+    from rto.lm.models import load_causal_lm, load_tokenizer
+    from rto.rl.vllm import VLLMRollout
 
     adapter = tmp_path / "sft_adapter"
     peft_model = get_peft_model(load_causal_lm(tiny_dirs["policy"]), lora_config(4, 8.0, "all-linear"))
@@ -276,7 +351,9 @@ def test_vllm_lora_adapter_policy_starts_from_its_base(tiny_dirs, prompt_file, t
     peft_model.save_pretrained(adapter)
     load_tokenizer(tiny_dirs["policy"]).save_pretrained(adapter)
     cfg_file = adapter / "adapter_config.json"
-    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": tiny_dirs["policy"]}))
+    cfg_file.write_text(
+        json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": tiny_dirs["policy"]})
+    )
 
     # With --lora-r (PPO's own adapter on the merged SFT policy, synced merged); a full-model PPO on
     # an adapter folder is tests/test_ppo.py's.
@@ -284,17 +361,21 @@ def test_vllm_lora_adapter_policy_starts_from_its_base(tiny_dirs, prompt_file, t
     config = trainer.models.policy.config
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(trainer.tokenizer.eos_token_id, config, 6))
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    trainer.vllm = VLLMRollout.for_run(trainer.cfg, trainer.tokenizer, trainer.device, trainer.dist, trainer.models)
-    llm = trainer.vllm.llm
+    trainer.experience.vllm = VLLMRollout.for_run(
+        trainer.cfg, trainer.tokenizer, trainer.device, trainer.dist, trainer.models
+    )
+    llm = trainer.experience.vllm.llm
     assert llm.kwargs["model"] == tiny_dirs["policy"]
-    trainer.rollout(trainer._next_prompts())
+    trainer.experience.rollout(trainer._next_prompts())
     assert llm.synced_at_generate == [1], "the first rollout sampled before the policy was synced"
     state = merged_state_dict(trainer.models.shared.model, "policy")
     base = load_causal_lm(tiny_dirs["policy"]).state_dict()
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(state[q], base[q]), "the adapter should change the policy"
-    assert torch.equal(llm.model.weight("model.layers.0.self_attn.qkv_proj.weight"),
-                       torch.cat([state[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"]))
+    assert torch.equal(
+        llm.model.weight("model.layers.0.self_attn.qkv_proj.weight"),
+        torch.cat([state[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"]),
+    )
 
 
 def test_vllm_settings_it_rejects_fail_at_the_start(tiny_dirs, prompt_file, tmp_path, monkeypatch):
@@ -302,18 +383,22 @@ def test_vllm_settings_it_rejects_fail_at_the_start(tiny_dirs, prompt_file, tmp_
     at the first rollout. What vLLM refuses at its start (a context over the model's) is one line too."""
     import dataclasses
 
-    from rto.errors import UserError
-    from rto.vllm_backend import VLLMRollout, require_vllm
+    from rto.io.errors import UserError
+    from rto.rl.vllm import VLLMRollout, require_vllm
 
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, temperature=2.5, max_prompt_len=40))
-    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(trainer.tokenizer.eos_token_id, trainer.models.policy.config, 6))
+    monkeypatch.setitem(
+        sys.modules, "vllm", _fake_vllm(trainer.tokenizer.eos_token_id, trainer.models.policy.config, 6)
+    )
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     with pytest.raises(UserError, match="temperature of at most 2"):
         require_vllm(torch.device("cuda"), trainer.cfg)
     with pytest.raises(UserError, match="temperature of at most 2"):
         VLLMRollout.for_run(trainer.cfg, trainer.tokenizer, trainer.device, trainer.dist, trainer.models)
     long = dataclasses.replace(trainer.cfg, temperature=1.0, max_prompt_len=200)
-    with pytest.raises(UserError, match=r"vLLM could not start .*\(ValueError: User-specified max_model_len \(206\)[^\n]*$"):
+    with pytest.raises(
+        UserError, match=r"vLLM could not start .*\(ValueError: User-specified max_model_len \(206\)[^\n]*$"
+    ):
         VLLMRollout.for_run(long, trainer.tokenizer, trainer.device, trainer.dist, trainer.models)
 
 
@@ -323,18 +408,33 @@ def _run(*args):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_vllm_backend_missing_is_a_clear_error(tiny_dirs, prompt_file, tmp_path):
-    proc = _run("ppo", "--policy", tiny_dirs["policy"], "--prompts", prompt_file, "--out", str(tmp_path / "o"),
-                "--reward-model", tiny_dirs["rm"], "--generation-backend", "vllm")
+    proc = _run(
+        "ppo",
+        "--policy",
+        tiny_dirs["policy"],
+        "--prompts",
+        prompt_file,
+        "--out",
+        str(tmp_path / "o"),
+        "--reward-model",
+        tiny_dirs["rm"],
+        "--generation-backend",
+        "vllm",
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("rto: error: ppo: --generation-backend vllm: vLLM is not installed")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("rto: error: ppo: --generation-backend vllm: vLLM is not installed")
+    )
 
 
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "trackio", "mlflow"])
 def test_report_to_a_missing_tracker_is_a_clear_error(tracker, tiny_dirs, prompt_file, tmp_path):
     if importlib.util.find_spec(tracker) is not None:
         pytest.skip(f"{tracker} is installed here")
-    from rto.errors import UserError
-    from rto.tracking import trackers
+    from rto.io.errors import UserError
+    from rto.runtime.tracking import trackers
 
     with pytest.raises(UserError, match=f"--report-to {tracker}: the {tracker} package is not installed"):
         trackers([tracker], "ppo")
@@ -343,8 +443,19 @@ def test_report_to_a_missing_tracker_is_a_clear_error(tracker, tiny_dirs, prompt
 def test_report_to_errors_from_the_command_line(tiny_dirs, prompt_file, tmp_path):
     proc = _run("sft", "--data", prompt_file, "--out", str(tmp_path / "o"), "--report-to", "none,tensorboard")
     assert proc.returncode == 2 and "--report-to none cannot be combined with tensorboard" in proc.stderr
-    proc = _run("ppo", "--policy", tiny_dirs["policy"], "--prompts", prompt_file, "--out", str(tmp_path / "o"),
-                "--reward-model", tiny_dirs["rm"], "--report-to", "neptune")
+    proc = _run(
+        "ppo",
+        "--policy",
+        tiny_dirs["policy"],
+        "--prompts",
+        prompt_file,
+        "--out",
+        str(tmp_path / "o"),
+        "--reward-model",
+        tiny_dirs["rm"],
+        "--report-to",
+        "neptune",
+    )
     assert proc.returncode == 2 and "neptune" in proc.stderr
 
 

@@ -7,11 +7,12 @@ import json
 import shutil
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rto.cli import main
-from rto.data import PREFERENCE_FIELDS, PROMPT_FIELDS, SFT_FIELDS, read_jsonl
-from rto.errors import UserError
+from rto.io.data import PREFERENCE_FIELDS, PROMPT_FIELDS, SFT_FIELDS, read_jsonl
+from rto.io.errors import UserError
 
 
 def _fails(capsys, args, *messages):
@@ -27,12 +28,23 @@ def _fails(capsys, args, *messages):
 @pytest.fixture
 def ppo_args(tiny_dirs, prompt_file, tmp_path):
     def make(**over):
-        base = {"--policy": tiny_dirs["policy"], "--reward-model": tiny_dirs["rm"], "--dpo-model": tiny_dirs["dpo"],
-                "--prompts": prompt_file, "--out": str(tmp_path / "out"), "--reward": "rto", "--iterations": "1",
-                "--rollout-batch-size": "4", "--mini-batch-size": "4", "--max-new-tokens": "4", "--eval-every": "0",
-                "--threads": "1"}
+        base = {
+            "--policy": tiny_dirs["policy"],
+            "--reward-model": tiny_dirs["rm"],
+            "--dpo-model": tiny_dirs["dpo"],
+            "--prompts": prompt_file,
+            "--out": str(tmp_path / "out"),
+            "--reward": "rto",
+            "--iterations": "1",
+            "--rollout-batch-size": "4",
+            "--mini-batch-size": "4",
+            "--max-new-tokens": "4",
+            "--eval-every": "0",
+            "--threads": "1",
+        }
         base.update(over)
         return ["ppo", *[x for kv in base.items() for x in kv]]
+
     return make
 
 
@@ -49,16 +61,25 @@ def test_wrong_type(capsys, tmp_path, ppo_args):
     _fails(capsys, ppo_args(**{"--actor-lr": "fast"}), "actor_lr")
 
 
-@pytest.mark.parametrize("flag, value, field", [("--actor-lr", "-1", "actor_lr"), ("--clip-range", "0", "clip_range"),
-                                                ("--beta1", "-0.5", "beta1"), ("--rollout-batch-size", "0",
-                                                                              "rollout_batch_size")])
+@pytest.mark.parametrize(
+    "flag, value, field",
+    [
+        ("--actor-lr", "-1", "actor_lr"),
+        ("--clip-range", "0", "clip_range"),
+        ("--beta1", "-0.5", "beta1"),
+        ("--rollout-batch-size", "0", "rollout_batch_size"),
+    ],
+)
 def test_out_of_range_values(capsys, ppo_args, flag, value, field):
     _fails(capsys, ppo_args(**{flag: value}), field)
 
 
 def test_missing_and_empty_fields(capsys, tmp_path, ppo_args):
-    for row, message in (({"text": "s1 <sep>"}, "missing field 'prompt'"), ({"prompt": "  "}, "field 'prompt' is empty"),
-                         ({"prompt": 3}, "field 'prompt' must be a string")):
+    for row, message in (
+        ({"text": "s1 <sep>"}, "missing field 'prompt'"),
+        ({"prompt": "  "}, "field 'prompt' is empty"),
+        ({"prompt": 3}, "field 'prompt' must be a string"),
+    ):
         f = tmp_path / "p.jsonl"
         f.write_text(json.dumps({"prompt": "s1 <sep>"}) + "\n" + json.dumps(row) + "\n")
         _fails(capsys, ppo_args(**{"--prompts": str(f)}), f"{f}: row 2: {message}")
@@ -73,15 +94,23 @@ def test_non_utf8_bytes(capsys, tmp_path, ppo_args):
 def test_prompt_longer_than_the_limit(capsys, tmp_path, ppo_args):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "s1 <sep>"}) + "\n" + json.dumps({"prompt": "s1 s2 s3 s4 s5 s6 <sep>"}) + "\n")
-    _fails(capsys, ppo_args(**{"--prompts": str(f), "--max-prompt-len": "4"}),
-           f"{f}: row 2: field 'prompt' is 7 tokens", "--max-prompt-len 4")
+    _fails(
+        capsys,
+        ppo_args(**{"--prompts": str(f), "--max-prompt-len": "4"}),
+        f"{f}: row 2: field 'prompt' is 7 tokens",
+        "--max-prompt-len 4",
+    )
 
 
 def test_empty_data_after_filtering(capsys, tmp_path, ppo_args):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "s1 s2 s3 s4 s5 s6 <sep>"}) + "\n")
-    _fails(capsys, ppo_args(**{"--prompts": str(f), "--max-prompt-len": "4", "--long-prompts": "skip"}),
-           f"{f}: no prompts left", "all 1 are longer than --max-prompt-len 4")
+    _fails(
+        capsys,
+        ppo_args(**{"--prompts": str(f), "--max-prompt-len": "4", "--long-prompts": "skip"}),
+        f"{f}: no prompts left",
+        "all 1 are longer than --max-prompt-len 4",
+    )
 
 
 def test_truncated_safetensors(capsys, tmp_path, tiny_dirs, ppo_args):
@@ -121,9 +150,10 @@ def test_bin_weights_are_refused_unless_allowed(capsys, tmp_path, tiny_dirs, ppo
     torch.save(load_file(str(legacy / "model.safetensors")), legacy / "pytorch_model.bin")
     (legacy / "model.safetensors").unlink()
     _fails(capsys, ppo_args(**{"--policy": str(legacy)}), str(legacy), "--allow-bin-weights")
-    from rto.models import load_causal_lm
-
     import os
+
+    from rto.lm.models import load_causal_lm
+
     os.environ["RTO_ALLOW_BIN_WEIGHTS"] = "1"
     try:
         loaded = load_causal_lm(legacy).state_dict()
@@ -147,12 +177,22 @@ def test_a_failed_run_keeps_what_was_written(capsys, tmp_path, ppo_args):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=40).map(str.encode),
-                          st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "completion", "x"]),
-                                          st.one_of(st.none(), st.integers(), st.text(max_size=8), st.lists(st.integers())),
-                                          max_size=4).map(lambda d: json.dumps(d).encode())),
-                min_size=1, max_size=6),
-       st.sampled_from([PROMPT_FIELDS, SFT_FIELDS, PREFERENCE_FIELDS]))
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.text(max_size=40).map(str.encode),
+            st.dictionaries(
+                st.sampled_from(["prompt", "chosen", "rejected", "completion", "x"]),
+                st.one_of(st.none(), st.integers(), st.text(max_size=8), st.lists(st.integers())),
+                max_size=4,
+            ).map(lambda d: json.dumps(d).encode()),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from([PROMPT_FIELDS, SFT_FIELDS, PREFERENCE_FIELDS]),
+)
 def test_random_malformed_rows_get_a_clear_error_or_load(tmp_path_factory, lines, fields):
     """Any bytes at all: the loader returns rows whose fields are non-empty strings, or raises a
     UserError that names the file (and the row, when one is at fault) - never anything else."""
@@ -167,13 +207,16 @@ def test_random_malformed_rows_get_a_clear_error_or_load(tmp_path_factory, lines
     assert rows and all(isinstance(r[f], str) and r[f].strip() for r in rows for f in fields)
 
 
-@pytest.mark.parametrize("task, message", [
-    ("nowhere/task.py:MyTask", "file nowhere/task.py does not exist"),
-    ("{broken}:MyTask", "cannot import"),
-    ("{good}:Missing", "has no Missing"),
-    ("{raises}:MyTask", "cannot import"),
-    ("no_such_task", "no_such_task"),
-])
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ("nowhere/task.py:MyTask", "file nowhere/task.py does not exist"),
+        ("{broken}:MyTask", "cannot import"),
+        ("{good}:Missing", "has no Missing"),
+        ("{raises}:MyTask", "cannot import"),
+        ("no_such_task", "no_such_task"),
+    ],
+)
 def test_bad_task_plugins(capsys, tmp_path, task, message):
     good = tmp_path / "good.py"
     good.write_text("X = 1\n")
@@ -197,20 +240,42 @@ def test_a_hub_id_without_a_network_is_one_line(capsys, ppo_args, monkeypatch):
 
 
 def test_rows_over_max_length_are_named_or_skipped_and_counted(capsys, tmp_path, tiny_dirs):
-    from rto.config import build
-    from rto.models import load_tokenizer
+    from rto.io.config import build
+    from rto.lm.models import load_tokenizer
     from rto.stages.common import drop_long_rows
     from rto.stages.dpo import DPOStageConfig
 
     f = tmp_path / "prefs.jsonl"
-    rows = [{"prompt": "s1 <sep>", "chosen": " s2 <eos>", "rejected": " s3 <eos>"},
-            {"prompt": "s1 s2 s3 s4 <sep>", "chosen": " s1 s2 s3 s4 s5 s6 <eos>", "rejected": " s2 <eos>"}]
+    rows = [
+        {"prompt": "s1 <sep>", "chosen": " s2 <eos>", "rejected": " s3 <eos>"},
+        {"prompt": "s1 s2 s3 s4 <sep>", "chosen": " s1 s2 s3 s4 s5 s6 <eos>", "rejected": " s2 <eos>"},
+    ]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _fails(capsys, ["dpo", "--model", tiny_dirs["policy"], "--data", f, "--out", tmp_path / "o", "--max-length", "8",
-                    "--long-rows", "error", "--threads", "1"],
-           f"{f}: row 2: prompt + response is", "longer than --max-length 8")
-    cfg = build(DPOStageConfig, {"model": tiny_dirs["policy"], "data": str(f), "out": str(tmp_path / "o"),
-                                 "max_length": 8}, "test")
+    _fails(
+        capsys,
+        [
+            "dpo",
+            "--model",
+            tiny_dirs["policy"],
+            "--data",
+            f,
+            "--out",
+            tmp_path / "o",
+            "--max-length",
+            "8",
+            "--long-rows",
+            "error",
+            "--threads",
+            "1",
+        ],
+        f"{f}: row 2: prompt + response is",
+        "longer than --max-length 8",
+    )
+    cfg = build(
+        DPOStageConfig,
+        {"model": tiny_dirs["policy"], "data": str(f), "out": str(tmp_path / "o"), "max_length": 8},
+        "test",
+    )
     kept = drop_long_rows(rows, load_tokenizer(tiny_dirs["policy"]), cfg, str(f), "dpo")
     assert kept == rows[:1]
     assert "skipped 1 of 2 rows longer than --max-length 8" in capsys.readouterr().err

@@ -16,9 +16,31 @@ import step_throughput as st  # noqa: E402
 
 def test_gpu_step_runs_on_cpu_with_a_tiny_model(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_step.py"), "--out", str(out), "--device", "cpu",
-                           "--model", "tiny", "--skip-trl", "--prompts", "4", "--response-len", "4", "--reps", "1",
-                           "--warmup", "0"], capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_step.py"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--model",
+            "tiny",
+            "--skip-trl",
+            "--prompts",
+            "4",
+            "--response-len",
+            "4",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["sides"]) == {"ours_ppo", "ours_rto", "ours_rto-lora"}
@@ -53,8 +75,9 @@ def test_floor_flops_match_a_hand_count():
     assert ppo["total"] == 38384
     assert rto["total"] == 42544 and rto["dpo_model"] == 2 * 2080
     # grouped-query attention shrinks only k and v: 1 KV head of width 2 -> 2*4*2 instead of 2*4*4
-    gqa = st.iteration_flops({**TINY, "num_key_value_heads": 1}, vocab=10, batch=1, prompt_len=3, response_len=2,
-                             dense=False)
+    gqa = st.iteration_flops(
+        {**TINY, "num_key_value_heads": 1}, vocab=10, batch=1, prompt_len=3, response_len=2, dense=False
+    )
     assert gqa["generation"] == 1600 - 2 * 16 * 4
     assert st.floor_seconds(38384, 1e3) == pytest.approx(38.384)
 
@@ -64,8 +87,11 @@ def _side(times, rate, steps=4.0, rss=100.0):
 
 
 def test_summary_uses_each_sides_own_rate_and_reports_the_targets():
-    ours = {"sparse": _side([1.0, 5.0, 2.0], 1e9), "rto": _side([2.2, 2.1, 2.9], 2e9),
-            "rto-lora": _side([5.0], 1e9, rss=50.0)}
+    ours = {
+        "sparse": _side([1.0, 5.0, 2.0], 1e9),
+        "rto": _side([2.2, 2.1, 2.9], 2e9),
+        "rto-lora": _side([5.0], 1e9, rss=50.0),
+    }
     trl = _side([6.0, 7.0, 11.0], 4e9, rss=300.0)  # medians 2.0, 2.2, 7.0 (means differ)
     row = st.summarise(123, flops_ppo=3e9, flops_rto=4e9, ours=ours, trl=trl)
     assert row["ours_ppo_s"] == 2.0 and row["ours_rto_s"] == 2.2 and row["trl_ppo_s"] == 7.0
@@ -88,10 +114,18 @@ def test_summary_refuses_a_side_with_another_optimiser_step_count():
     # TRL's old set-up: gradient accumulation over the 4 mini-batches, one step per rollout
     with pytest.raises(RuntimeError, match="trl_ppo.*1.0.*expected 4"):
         st.summarise(1, 1.0, 1.0, ours, _side([1.0], 1e9, steps=1.0))
-    assert st.pool([{"times": [1.0], "peak_rss_mb": 1.0, "matmul_flops": 1.0, "steps_per_iteration": 4.0},
-                    {"times": [2.0], "peak_rss_mb": 2.0, "matmul_flops": 3.0, "steps_per_iteration": 4.0}]) \
-        == {"times": [1.0, 2.0], "peak_rss_mb": 2.0, "matmul_flops": 3.0, "steps_per_iteration": [4.0],
-            "experience_update_times": []}
+    assert st.pool(
+        [
+            {"times": [1.0], "peak_rss_mb": 1.0, "matmul_flops": 1.0, "steps_per_iteration": 4.0},
+            {"times": [2.0], "peak_rss_mb": 2.0, "matmul_flops": 3.0, "steps_per_iteration": 4.0},
+        ]
+    ) == {
+        "times": [1.0, 2.0],
+        "peak_rss_mb": 2.0,
+        "matmul_flops": 3.0,
+        "steps_per_iteration": [4.0],
+        "experience_update_times": [],
+    }
 
 
 def test_rounds_alternate_which_side_runs_first():
@@ -105,7 +139,7 @@ def test_benchmark_models_cannot_sample_pad_or_eos_and_our_generation_runs(tmp_p
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rto.rollout import encode_prompts, generate
+    from rto.lm.rollout import encode_prompts, generate
 
     st.build_models(tmp_path, dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     tok = AutoTokenizer.from_pretrained(tmp_path / "policy")
@@ -127,8 +161,21 @@ def test_our_benchmark_side_runs_at_the_head(tmp_path):
     rebuilt at the head."""
     st.build_models(tmp_path, dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     assert json.loads((tmp_path / "rm" / "config.json").read_text()).get("pad_token_id") is None
-    got = st.run_child([str(ROOT / "benchmarks" / "step_throughput.py"), "--child", "ours", "--root", str(tmp_path),
-                        "--reward", "rto", "--reps", "1", "--warmup", "0"])
+    got = st.run_child(
+        [
+            str(ROOT / "benchmarks" / "step_throughput.py"),
+            "--child",
+            "ours",
+            "--root",
+            str(tmp_path),
+            "--reward",
+            "rto",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+        ]
+    )
     assert len(got["times"]) == 1 and got["steps_per_iteration"] == 4.0
 
 

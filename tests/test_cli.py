@@ -12,8 +12,9 @@ ENV = dict(os.environ, RTO_PROGRESS="0", OMP_NUM_THREADS="1")
 
 
 def rto(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "rto.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "rto.cli", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
 
 
 def test_smoke_pipeline(tmp_path):
@@ -32,22 +33,26 @@ def test_smoke_pipeline(tmp_path):
 
     _check_gold_from_samples(summary, tmp_path / "run" / "eval_samples.jsonl", load_task("keyed"))
     # The RM's held-out accuracy, recomputed with plain forwards of the unpadded texts.
-    from rto.models import load_score_model, load_tokenizer
+    from rto.lm.models import load_score_model, load_tokenizer
 
-    heldout = [json.loads(line) for line in (tmp_path / "run" / "data" / "prefs_heldout.jsonl").read_text().splitlines()]
+    heldout = [
+        json.loads(line) for line in (tmp_path / "run" / "data" / "prefs_heldout.jsonl").read_text().splitlines()
+    ]
     rm, tok = load_score_model(tmp_path / "run" / "rm"), load_tokenizer(tmp_path / "run" / "rm")
     assert summary["rm_accuracy"] == pytest.approx(_pair_accuracy_by_hand(rm, tok, heldout), abs=1e-6)  # float32 mean
     # The DPO model's implicit-reward accuracy on the same pairs (RTO's reward model), recomputed
     # the same way: log pi_dpo - log pi_sft over each response's tokens, chosen against rejected.
-    from rto.evaluate import wilson_interval
-    from rto.models import load_causal_lm
+    from rto.lm.evaluate import wilson_interval
+    from rto.lm.models import load_causal_lm
 
     dpo, sft = load_causal_lm(tmp_path / "run" / "dpo"), load_causal_lm(tmp_path / "run" / "sft")
     by_hand, near_ties = _implicit_accuracy_by_hand(dpo, sft, tok, heldout)
     assert abs(summary["dpo_accuracy"] - by_hand) <= near_ties / len(heldout) + 1e-9
     assert summary["heldout_pairs"] == len(heldout) > 0
     for key in ("rm", "dpo"):  # each with its Wilson interval over the pairs
-        assert summary[f"{key}_accuracy_ci"] == pytest.approx(list(wilson_interval(summary[f"{key}_accuracy"], len(heldout))))
+        assert summary[f"{key}_accuracy_ci"] == pytest.approx(
+            list(wilson_interval(summary[f"{key}_accuracy"], len(heldout)))
+        )
     assert "DPO implicit-reward accuracy on the same pairs" in proc.stderr
     assert "one training run (seed 0)" in proc.stderr and "rto reproduce --task keyed --seeds 5" in proc.stderr
     # The RL results are chosen on the dev split (the pipeline's default): the selected checkpoint
@@ -106,8 +111,11 @@ def _score_by_hand(rm, tokenizer, prompt, response):
 
 
 def _pair_accuracy_by_hand(rm, tokenizer, rows):
-    return sum(_score_by_hand(rm, tokenizer, r["prompt"], r["chosen"]) > _score_by_hand(rm, tokenizer, r["prompt"], r["rejected"])
-               for r in rows) / len(rows)
+    return sum(
+        _score_by_hand(rm, tokenizer, r["prompt"], r["chosen"])
+        > _score_by_hand(rm, tokenizer, r["prompt"], r["rejected"])
+        for r in rows
+    ) / len(rows)
 
 
 def _logprob_by_hand(lm, tokenizer, prompt, response):
@@ -128,12 +136,17 @@ def _implicit_accuracy_by_hand(dpo, ref, tokenizer, rows):
     """(Share of pairs where DPO's implicit reward - its log-ratio to the reference - puts chosen
     above rejected, ties half; how many margins are within float32 noise of 0, where a padded
     batch and a plain forward may disagree on the sign)."""
+
     def log_ratio(r, key):
-        return _logprob_by_hand(dpo, tokenizer, r["prompt"], r[key]) - _logprob_by_hand(ref, tokenizer, r["prompt"], r[key])
+        return _logprob_by_hand(dpo, tokenizer, r["prompt"], r[key]) - _logprob_by_hand(
+            ref, tokenizer, r["prompt"], r[key]
+        )
 
     margins = [log_ratio(r, "chosen") - log_ratio(r, "rejected") for r in rows]
-    return (sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(rows),
-            sum(abs(m) < 1e-4 for m in margins))
+    return (
+        sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(rows),
+        sum(abs(m) < 1e-4 for m in margins),
+    )
 
 
 def test_mean_ci_width_is_the_standard_error():
@@ -142,7 +155,7 @@ def test_mean_ci_width_is_the_standard_error():
 
     import torch
 
-    from rto.evaluate import mean_ci
+    from rto.lm.evaluate import mean_ci
 
     for seed, n in ((0, 400), (1, 100)):
         x = 5.0 + 2.0 * torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -157,7 +170,7 @@ def test_rm_pair_accuracy_on_constructed_pairs(tiny_dirs, keyed):
     """Pairs built so that the RM (its scores taken by hand) prefers `chosen` in exactly 5 of 8."""
     import random
 
-    from rto.models import load_score_model, load_tokenizer
+    from rto.lm.models import load_score_model, load_tokenizer
     from rto.stages.rm import pair_accuracy
 
     rm, tok = load_score_model(tiny_dirs["rm"]), load_tokenizer(tiny_dirs["rm"])
@@ -175,13 +188,16 @@ def test_rm_pair_accuracy_on_constructed_pairs(tiny_dirs, keyed):
     assert pair_accuracy(rm, tok, pairs) == 5 / 8
 
 
-@pytest.mark.parametrize("args, message", [
-    (["ppo", "--policy", "nowhere", "--prompts", "p.jsonl", "--out", "o", "--reward-model", "rm"], "not found"),
-    (["ppo", "--actor-lr", "-1"], "actor_lr: must be > 0"),
-    (["pipeline", "--out", "x", "--preset", "huge"], "no preset 'huge'"),
-    (["pipeline", "--out", "x", "--methods", "sft,magic"], "unknown method 'magic'"),
-    (["sft", "--data", "missing.jsonl", "--out", "o"], "missing.jsonl: data file not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ppo", "--policy", "nowhere", "--prompts", "p.jsonl", "--out", "o", "--reward-model", "rm"], "not found"),
+        (["ppo", "--actor-lr", "-1"], "actor_lr: must be > 0"),
+        (["pipeline", "--out", "x", "--preset", "huge"], "no preset 'huge'"),
+        (["pipeline", "--out", "x", "--methods", "sft,magic"], "unknown method 'magic'"),
+        (["sft", "--data", "missing.jsonl", "--out", "o"], "missing.jsonl: data file not found"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, message):
     proc = rto(*args)
     assert proc.returncode == 2
@@ -199,8 +215,7 @@ def test_ppo_help_lists_rewards_and_estimators():
 
 def test_smoke_pipeline_every_variant(tmp_path):
     methods = "sft,dpo,ppo,rto,dpo-only,ddpo,semi,rs,reinforce++,rto-reinforce++"
-    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"),
-               "--methods", methods)
+    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"), "--methods", methods)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert list(summary["methods"]) == methods.split(",")
@@ -211,8 +226,21 @@ def test_smoke_pipeline_every_variant(tmp_path):
 def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
     task = os.path.join(os.path.dirname(__file__), "fixtures", "reverse_task.py") + ":ReverseTask"
     # ... chosen by a held-out judge: an RM the pipeline trains on pairs the training RM never saw.
-    proc = rto("pipeline", "--task", task, "--preset", "tiny", "--out", str(tmp_path / "run"), "--jobs", "1",
-               "--judge", "heldout-rm", "--select-by", "judge_score")
+    proc = rto(
+        "pipeline",
+        "--task",
+        task,
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path / "run"),
+        "--jobs",
+        "1",
+        "--judge",
+        "heldout-rm",
+        "--select-by",
+        "judge_score",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
@@ -221,14 +249,16 @@ def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
     from rto.tasks import load_task
 
     _check_gold_from_samples(summary, run / "eval_samples.jsonl", load_task(task))
-    pairs = {name: [json.loads(line) for line in (run / "data" / f"{name}.jsonl").read_text().splitlines()]
-             for name in ("prefs", "prefs_judge")}
+    pairs = {
+        name: [json.loads(line) for line in (run / "data" / f"{name}.jsonl").read_text().splitlines()]
+        for name in ("prefs", "prefs_judge")
+    }
     assert len(pairs["prefs_judge"]) == len(pairs["prefs"])
     assert not {r["prompt"] for r in pairs["prefs"]} & {r["prompt"] for r in pairs["prefs_judge"]}
     assert "prefs_judge.jsonl" in (run / "configs" / "judge_rm.yaml").read_text()
     assert 0 <= summary["judge_accuracy"] <= 1 and "judge (held-out RM) accuracy" in proc.stderr
     # The judge's test scores, recomputed from the samples with the judge RM by hand.
-    from rto.models import load_score_model, load_tokenizer
+    from rto.lm.models import load_score_model, load_tokenizer
 
     judge, tok = load_score_model(run / "judge_rm"), load_tokenizer(run / "judge_rm")
     rows = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()][:8]
@@ -239,27 +269,60 @@ def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
         assert sel["metric"] == "judge_score" and sel["best"] == max(p["judge_score"] for p in curve)
         assert all("gold_reward" in p for p in curve)  # the gold reward is still logged beside it
         assert summary["methods"][m]["judge_score"] == pytest.approx(
-            sum(r["judge_score"] for r in _samples(run, m)) / summary["n_test_prompts"])
+            sum(r["judge_score"] for r in _samples(run, m)) / summary["n_test_prompts"]
+        )
     assert "judge [95% CI]" in proc.stderr
 
 
 def _samples(run, model):
-    return [r for line in (run / "eval_samples.jsonl").read_text().splitlines() if (r := json.loads(line))["model"] == model]
+    return [
+        r for line in (run / "eval_samples.jsonl").read_text().splitlines() if (r := json.loads(line))["model"] == model
+    ]
 
 
 def test_eval_exports_for_alpaca_eval_and_arena_hard(tiny_dirs, prompt_file, tmp_path):
     out = tmp_path / "eval.json"
-    proc = rto("eval", "--models", f"sft={tiny_dirs['policy']},rl={tiny_dirs['dpo']}", "--prompts", prompt_file,
-               "--out", str(out), "--n-prompts", "4", "--max-new-tokens", "4", "--export", "alpaca_eval,arena_hard",
-               "--threads", "1")
+    proc = rto(
+        "eval",
+        "--models",
+        f"sft={tiny_dirs['policy']},rl={tiny_dirs['dpo']}",
+        "--prompts",
+        prompt_file,
+        "--out",
+        str(out),
+        "--n-prompts",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--export",
+        "alpaca_eval,arena_hard",
+        "--threads",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     alpaca = json.loads((tmp_path / "eval_alpaca_eval_rl.json").read_text())
-    assert len(alpaca) == 4 and set(alpaca[0]) >= {"instruction", "output", "generator"} and alpaca[0]["generator"] == "rl"
+    assert (
+        len(alpaca) == 4 and set(alpaca[0]) >= {"instruction", "output", "generator"} and alpaca[0]["generator"] == "rl"
+    )
     assert "<eos>" not in "".join(r["output"] for r in alpaca)
     arena = [json.loads(line) for line in (tmp_path / "eval_arena_hard_sft.jsonl").read_text().splitlines()]
     samples = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
     sft_first = next(r["response"] for r in samples if r["model"] == "sft")
     assert arena[0]["model_id"] == "sft"
     assert arena[0]["choices"][0]["turns"][0]["content"] == sft_first.replace("<eos>", "").strip()
-    assert rto("eval", "--models", "a=x", "--prompts", prompt_file, "--out", str(out), "--baseline", "a",
-               "--export", "judge").returncode == 2
+    assert (
+        rto(
+            "eval",
+            "--models",
+            "a=x",
+            "--prompts",
+            prompt_file,
+            "--out",
+            str(out),
+            "--baseline",
+            "a",
+            "--export",
+            "judge",
+        ).returncode
+        == 2
+    )

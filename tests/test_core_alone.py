@@ -5,8 +5,20 @@ import subprocess
 import sys
 
 # (numpy stays: torch itself imports it.)
-BLOCKED = ("transformers", "trl", "accelerate", "peft", "datasets", "safetensors", "yaml", "tqdm", "matplotlib",
-           "pandas", "tokenizers", "huggingface_hub")
+BLOCKED = (
+    "transformers",
+    "trl",
+    "accelerate",
+    "peft",
+    "datasets",
+    "safetensors",
+    "yaml",
+    "tqdm",
+    "matplotlib",
+    "pandas",
+    "tokenizers",
+    "huggingface_hub",
+)
 
 SCRIPT = f"""
 import importlib.abc, sys

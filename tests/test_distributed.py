@@ -27,14 +27,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], env_extra: dict | None = None, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+def launch(
+    args: list[str], env_extra: dict | None = None, timeout: float = 240
+) -> tuple[subprocess.CompletedProcess, float]:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        *args,
+    ]
     # CPU processes, one thread each (two processes share two cores).
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "RTO_PROGRESS": "0", **(env_extra or {})}
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=Path(__file__).parent.parent)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=Path(__file__).parent.parent
+    )
     return proc, time.time() - start
 
 
@@ -45,7 +63,7 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int):
     """One global Batch from the processes' batches: prompts left-padded, responses right-padded."""
-    from rto.rollout import Batch
+    from rto.lm.rollout import Batch
 
     p_len = max(t["batch.prompt_ids"].shape[1] for t in parts)
     r_len = max(t["batch.response_ids"].shape[1] for t in parts)
@@ -56,11 +74,13 @@ def _concat(parts: list[dict[str, torch.Tensor]], pad_id: int):
     def right(x, fill):
         return torch.nn.functional.pad(x, (0, r_len - x.shape[1]), value=fill)
 
-    return Batch(torch.cat([left(t["batch.prompt_ids"], pad_id) for t in parts]),
-                 torch.cat([left(t["batch.prompt_mask"], 0) for t in parts]),
-                 torch.cat([right(t["batch.response_ids"], pad_id) for t in parts]),
-                 torch.cat([right(t["batch.response_mask"], 0) for t in parts]),
-                 torch.cat([right(t["batch.sampled_logprobs"], 0.0) for t in parts]))
+    return Batch(
+        torch.cat([left(t["batch.prompt_ids"], pad_id) for t in parts]),
+        torch.cat([left(t["batch.prompt_mask"], 0) for t in parts]),
+        torch.cat([right(t["batch.response_ids"], pad_id) for t in parts]),
+        torch.cat([right(t["batch.response_mask"], 0) for t in parts]),
+        torch.cat([right(t["batch.sampled_logprobs"], 0.0) for t in parts]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +88,32 @@ def two_process_runs(tiny_dirs, prompt_file, tmp_path_factory) -> Path:
     """One launch, two processes: a PPO and an RTO iteration with full models, then with the LoRA
     shared base; replicated, then sharded."""
     out = tmp_path_factory.mktemp("two")
-    proc, _ = launch([str(FIXTURE), str(out), tiny_dirs["policy"], tiny_dirs["rm"], tiny_dirs["dpo"], prompt_file,
-                      "none,full", "0", "4"])
+    proc, _ = launch(
+        [
+            str(FIXTURE),
+            str(out),
+            tiny_dirs["policy"],
+            tiny_dirs["rm"],
+            tiny_dirs["dpo"],
+            prompt_file,
+            "none,full",
+            "0",
+            "4",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 @pytest.mark.parametrize("shard", ["none", "full"], ids=["replicated", "sharded"])
 @pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
-def test_two_processes_match_one_process_on_the_same_global_batch(two_process_runs, tiny_dirs, prompt_file, tmp_path,
-                                                                  lora_r, shard):
+def test_two_processes_match_one_process_on_the_same_global_batch(
+    two_process_runs, tiny_dirs, prompt_file, tmp_path, lora_r, shard
+):
     sys.path.insert(0, str(FIXTURE.parent))
     from dist_step import config, memory
 
-    from rto.stages.ppo import PPOTrainer
+    from rto.rl.trainer import PPOTrainer
 
     out = two_process_runs
     for reward in ("sparse", "rto"):
@@ -104,10 +136,10 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
             assert torch.equal(r0[k], r1[k]), f"{run}: {k} differs between the processes"
         # vLLM would get the whole updated policy (full models: its own weights; LoRA: merged
         # into the base's names), the same in both processes.
-        streamed = {k[len("vllm."):]: v for k, v in r0.items() if k.startswith("vllm.")}
+        streamed = {k[len("vllm.") :]: v for k, v in r0.items() if k.startswith("vllm.")}
         assert all(torch.equal(r1[f"vllm.{k}"], v) for k, v in streamed.items())
         if not lora_r:
-            mine = {k[len("policy.weight."):]: v for k, v in r0.items() if k.startswith("policy.weight.")}
+            mine = {k[len("policy.weight.") :]: v for k, v in r0.items() if k.startswith("policy.weight.")}
             assert all(torch.equal(streamed[k], mine[k]) for k in mine)
             # (the tied LM head comes as its own name too: vLLM's loader skips it for tied models)
             assert set(streamed) - set(mine) == {"lm_head.weight"}
@@ -120,17 +152,20 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
 
         # One process, the same global batch (both processes' responses), the same settings and
         # the same starting weights.
-        trainer = PPOTrainer(config(tmp_path / "one", reward, tiny_dirs["policy"], tiny_dirs["rm"], tiny_dirs["dpo"],
-                                    prompt_file, lora_r))
+        trainer = PPOTrainer(
+            config(
+                tmp_path / "one", reward, tiny_dirs["policy"], tiny_dirs["rm"], tiny_dirs["dpo"], prompt_file, lora_r
+            )
+        )
         assert trainer.dist.world == 1
         with torch.no_grad():
-            for model, params in trainer._trained().items():
+            for model, params in trainer.models.trained().items():
                 for name, p in params.items():
                     p.copy_(r0[f"{model}.init.{name}"])
         prompts = meta0["prompts"].split("\x1f") + meta1["prompts"].split("\x1f")
         batch = _concat([r0, r1], trainer.tokenizer.pad_token_id)
-        trainer.train_on(trainer.score_rollout(prompts, batch))
-        for model, params in trainer._trained().items():
+        trainer.train_on(trainer.experience.score_rollout(prompts, batch, trainer.state.kl_ctl.value))
+        for model, params in trainer.models.trained().items():
             for name, p in params.items():
                 # Float tolerance, in norms: the gradient (of the second optimiser step) within 1e-3
                 # of its size, the weights within 1e-3 of how far the update moved them.
@@ -140,9 +175,10 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
                 w2, w1 = r0[f"{model}.weight.{name}"], p.detach()
                 moved = (w1 - r0[f"{model}.init.{name}"]).norm()
                 assert float((w2 - w1).norm()) <= 1e-3 * float(moved) + 1e-9, f"{run}: {model} weight {name}"
-        for model in trainer._trained():
-            moved = sum(float((p.detach() - r0[f"{model}.init.{n}"]).norm())
-                        for n, p in trainer._trained()[model].items())
+        for model in trainer.models.trained():
+            moved = sum(
+                float((p.detach() - r0[f"{model}.init.{n}"]).norm()) for n, p in trainer.models.trained()[model].items()
+            )
             assert moved > 1e-3, f"{run}: the update did not move the {model}: the comparison would prove nothing"
 
         # Memory: each process's weights (with their Adam states) and frozen models, against the one
@@ -157,10 +193,39 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
 
 
 def _ppo_args(tiny_dirs, prompt_file, out: Path, iterations: int) -> list[str]:
-    return ["-m", "rto", "ppo", "--reward", "rto", "--policy", tiny_dirs["policy"], "--reward-model", tiny_dirs["rm"],
-            "--dpo-model", tiny_dirs["dpo"], "--prompts", prompt_file, "--out", str(out), "--iterations",
-            str(iterations), "--rollout-batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6",
-            "--save-every", "1", "--threads", "1", "--eval-every", "0", "--dist-timeout", "60"]
+    return [
+        "-m",
+        "rto",
+        "ppo",
+        "--reward",
+        "rto",
+        "--policy",
+        tiny_dirs["policy"],
+        "--reward-model",
+        tiny_dirs["rm"],
+        "--dpo-model",
+        tiny_dirs["dpo"],
+        "--prompts",
+        prompt_file,
+        "--out",
+        str(out),
+        "--iterations",
+        str(iterations),
+        "--rollout-batch-size",
+        "4",
+        "--mini-batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--save-every",
+        "1",
+        "--threads",
+        "1",
+        "--eval-every",
+        "0",
+        "--dist-timeout",
+        "60",
+    ]
 
 
 def test_two_process_cli_run_and_a_dead_process(tiny_dirs, prompt_file, tmp_path):
@@ -180,7 +245,7 @@ def test_two_process_cli_run_and_a_dead_process(tiny_dirs, prompt_file, tmp_path
     assert proc.returncode != 0
     assert "process 1 dies at iteration 2" in text
     # Process 0 notices the broken collective itself (or is stopped by the launcher): one line each.
-    assert ("another process died or stopped responding" in text or "stopped by the launcher" in text), text[-3000:]
+    assert "another process died or stopped responding" in text or "stopped by the launcher" in text, text[-3000:]
     assert "[rank0]:" not in text  # no traceback from process 0 (the launcher prints its own)
     assert seconds < 60, f"took {seconds:.0f} s to stop"
     assert (out / "checkpoints").is_dir()  # iteration 1's checkpoint, to resume from
@@ -208,10 +273,14 @@ def test_a_launched_process_exits_at_once_with_its_code_and_its_output(tmp_path)
         "kept = Finalised()\n"
         "atexit.register(lambda: print(' exit handlers', end=''))\n"
         "print('summary', end='')\n"
-        "from rto.distributed import exit_if_launched\n"
+        "from rto.runtime.distributed import exit_if_launched\n"
         "exit_if_launched(3)\n"
-        "print('not reached')\n")
+        "print('not reached')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output buffered, as usual
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 3 and proc.stdout == "summary exit handlers", (proc.returncode, proc.stdout,
-                                                                             proc.stderr[-2000:])
+    assert proc.returncode == 3 and proc.stdout == "summary exit handlers", (
+        proc.returncode,
+        proc.stdout,
+        proc.stderr[-2000:],
+    )

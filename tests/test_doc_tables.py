@@ -11,8 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _check(root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "docs" / "tables.py"), "--check", "--root", str(root)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "tables.py"), "--check", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_the_committed_docs_match_their_json():
@@ -39,6 +43,6 @@ def test_a_json_value_or_a_table_changed_by_hand_fails_the_check(tmp_path):
     text = page.read_text()
     start = text.index("<!-- table results-coverage")
     row = text.index("| median", start)
-    page.write_text(text[:row] + "| median (edited by hand)" + text[row + len("| median"):])
+    page.write_text(text[:row] + "| median (edited by hand)" + text[row + len("| median") :])
     proc = _check(tmp_path)
     assert proc.returncode == 1 and "table 'results-coverage' differs" in proc.stderr, proc.stderr

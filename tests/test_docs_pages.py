@@ -20,8 +20,7 @@ _FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
 
 def rto_modules(root: Path = ROOT) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in (root / "rto").rglob("*.py")
-                  if "__pycache__" not in p.parts)
+    return sorted(p.relative_to(root).as_posix() for p in (root / "rto").rglob("*.py") if "__pycache__" not in p.parts)
 
 
 def test_architecture_names_every_module_of_rto():
@@ -38,8 +37,9 @@ def test_architecture_names_no_module_that_is_gone():
 
 def test_readme_is_a_landing_page():
     n = len((ROOT / "README.md").read_text().splitlines())
-    assert n <= README_MAX_LINES, (f"README.md has {n} lines (at most {README_MAX_LINES}): move the detail to a "
-                                   "page under docs/ and link it")
+    assert n <= README_MAX_LINES, (
+        f"README.md has {n} lines (at most {README_MAX_LINES}): move the detail to a page under docs/ and link it"
+    )
 
 
 def _pages() -> list[Path]:
@@ -59,8 +59,12 @@ def relative_links(page: Path) -> list[str]:
 
 
 def test_every_relative_link_points_to_an_existing_file():
-    broken = [f"{page.relative_to(ROOT)}: {target}" for page in _pages() for target in relative_links(page)
-              if not (page.parent / target).exists()]
+    broken = [
+        f"{page.relative_to(ROOT)}: {target}"
+        for page in _pages()
+        for target in relative_links(page)
+        if not (page.parent / target).exists()
+    ]
     assert not broken, "links to nothing:\n" + "\n".join(broken)
 
 
@@ -105,7 +109,7 @@ def test_no_import_circle_in_rto():
         path.append(module)
         for target in sorted(graph[module]):
             if state.get(target) == 1:
-                circle = path[path.index(target):] + [target]
+                circle = path[path.index(target) :] + [target]
                 raise AssertionError("import circle: " + " -> ".join(circle))
             if target not in state:
                 visit(target)
@@ -115,3 +119,30 @@ def test_no_import_circle_in_rto():
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+# The rooms in the order docs/architecture.md gives them ("What imports what"): a module imports
+# only from its own room or one listed before it.
+ROOMS = ("core", "io", "tasks", "runtime", "lm", "rl", "stages", "experiments", "api", "cli", "__main__")
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None  # None: the package root, which imports no module of rto
+
+
+def test_no_import_runs_back_up_a_room():
+    page = ARCHITECTURE.read_text()
+    order = page[page.index("## What imports what") : page.index("## The modules")]
+    listed = re.findall(r"^\d+\. `([\w_]+)`", order, re.M)
+    assert tuple(listed[: len(ROOMS) - 2]) == ROOMS[:-2], listed  # the page and this test agree
+    graph = _import_graph()
+    assert {_room(m) for m in graph} - {None} <= set(ROOMS), "a room missing from ROOMS and the page"
+    back = [
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if _room(module) and _room(target) and ROOMS.index(_room(target)) > ROOMS.index(_room(module))
+    ]
+    assert not back, "imports that run back up a room:\n" + "\n".join(sorted(back))
+    assert not graph["rto"], "rto/__init__.py imports modules of rto at import time"

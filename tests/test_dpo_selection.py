@@ -1,5 +1,5 @@
 """The DPO policy's epoch chosen on dev (rto dpo --select-by), as an RL run's iteration is, and
-the data ratio measured from the data-limited sweep (rto.data_ratio), checked by hand."""
+the data ratio measured from the data-limited sweep (rto.experiments.data_ratio), checked by hand."""
 
 import json
 import math
@@ -7,18 +7,18 @@ import math
 import pytest
 import torch
 
-from rto.data_ratio import NEVER, REACHES_AT_SMALLEST, claim_fraction, crossing, measured_ratio, ratio_text
-from rto.errors import UserError
-from rto.seed_stats import t_interval
-from rto.tuning import TuneGrid
+from rto.experiments.data_ratio import NEVER, REACHES_AT_SMALLEST, claim_fraction, crossing, measured_ratio, ratio_text
+from rto.experiments.seed_stats import t_interval
+from rto.experiments.tuning import TuneGrid
+from rto.io.errors import UserError
 
 
 def test_dpo_keeps_the_dev_best_epoch_not_the_last(tmp_path, tiny_dirs, prompt_file, prefs, monkeypatch):
     """The real TRL run with the dev scores scripted (0.5 at the start, 0.9 after epoch 1, 0.2
     after epoch 2): the saved model is the weights after epoch 1, and metrics.json says so."""
     import rto.stages.dev_selection as dev_selection
-    from rto.config import build
-    from rto.models import load_causal_lm
+    from rto.io.config import build
+    from rto.lm.models import load_causal_lm
     from rto.stages.dpo import DPOStageConfig, run
 
     scores, snapshots = iter([0.5, 0.9, 0.2]), []
@@ -29,10 +29,24 @@ def test_dpo_keeps_the_dev_best_epoch_not_the_last(tmp_path, tiny_dirs, prompt_f
         return {"gold_reward": next(scores), "kl_to_ref": 0.0}
 
     monkeypatch.setattr(dev_selection, "dev_point", scripted_dev_point)
-    cfg = build(DPOStageConfig, {"model": tiny_dirs["policy"], "data": str(prefs), "out": str(tmp_path / "dpo"),
-                                 "epochs": 2, "learning_rate": 0.05, "select_by": "gold_reward",
-                                 "eval_prompts": prompt_file, "n_eval": 5, "task": "keyed", "eval_max_new_tokens": 3,
-                                 "threads": 1, "warmup_ratio": 0.0}, "test")
+    cfg = build(
+        DPOStageConfig,
+        {
+            "model": tiny_dirs["policy"],
+            "data": str(prefs),
+            "out": str(tmp_path / "dpo"),
+            "epochs": 2,
+            "learning_rate": 0.05,
+            "select_by": "gold_reward",
+            "eval_prompts": prompt_file,
+            "n_eval": 5,
+            "task": "keyed",
+            "eval_max_new_tokens": 3,
+            "threads": 1,
+            "warmup_ratio": 0.0,
+        },
+        "test",
+    )
     run(cfg)
     selection = json.loads((tmp_path / "dpo" / "metrics.json").read_text())["selection"]
     assert [p["gold_reward"] for p in selection["curve"]] == [0.5, 0.9, 0.2]
@@ -47,7 +61,7 @@ def test_dpo_keeps_the_dev_best_epoch_not_the_last(tmp_path, tiny_dirs, prompt_f
 
 
 def test_dpo_select_by_needs_its_dev_prompts(tiny_dirs, prefs, tmp_path):
-    from rto.config import build
+    from rto.io.config import build
     from rto.stages.dpo import DPOStageConfig
 
     base = {"model": tiny_dirs["policy"], "data": str(prefs), "out": str(tmp_path / "o"), "select_by": "gold_reward"}
@@ -75,7 +89,7 @@ def test_crossing_is_interpolated_on_log_pool_size():
     n, how = crossing(PROMPTS, [0.1, 0.3, 0.5, 0.6], 0.4)
     assert how == "" and n == pytest.approx(200 * math.sqrt(2))
     # a quarter of the way: 0.35 between 0.3 and 0.5 -> 200 * 2 ** 0.25
-    assert crossing(PROMPTS, [0.1, 0.3, 0.5, 0.6], 0.35)[0] == pytest.approx(200 * 2 ** 0.25)
+    assert crossing(PROMPTS, [0.1, 0.3, 0.5, 0.6], 0.35)[0] == pytest.approx(200 * 2**0.25)
     # exactly on a point: that pool size
     assert crossing(PROMPTS, [0.1, 0.3, 0.5, 0.6], 0.5)[0] == pytest.approx(400)
 

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from rto.core.rewards import ensemble_score, normalise_score
-from rto.models import RM_STATS_FILE, load_score_model, load_tokenizer, save_model
-from rto.rollout import sequence_scores
-from rto.stages.ppo import PPOTrainer
+from rto.lm.models import RM_STATS_FILE, load_score_model, load_tokenizer, save_model
+from rto.lm.scoring import sequence_scores
+from rto.rl.trainer import PPOTrainer
 from tests.test_ppo import _cfg
 
 
@@ -31,10 +31,22 @@ def test_the_trainer_pays_the_ensembles_score(tiny_dirs, prompt_file, tmp_path, 
     torch.manual_seed(5)
     with torch.no_grad():
         rm2.score.weight.normal_(0, 1.0)
-    save_model(rm2, load_tokenizer(tiny_dirs["rm"]), tmp_path / "rm2", extra_files={RM_STATS_FILE: {"mean": -0.3, "std": 0.5}})
-    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse", kl_coef=0.0, score_clip=2.0,
-                              reward_model_ensemble=[str(tmp_path / "rm2")], ensemble_reduce=reduce,
-                              ensemble_std_coef=2.0))
+    save_model(
+        rm2, load_tokenizer(tiny_dirs["rm"]), tmp_path / "rm2", extra_files={RM_STATS_FILE: {"mean": -0.3, "std": 0.5}}
+    )
+    trainer = PPOTrainer(
+        _cfg(
+            tiny_dirs,
+            prompt_file,
+            tmp_path,
+            reward="sparse",
+            kl_coef=0.0,
+            score_clip=2.0,
+            reward_model_ensemble=[str(tmp_path / "rm2")],
+            ensemble_reduce=reduce,
+            ensemble_std_coef=2.0,
+        )
+    )
     exp = trainer.make_experience(trainer._next_prompts())
     with torch.no_grad():
         s1 = (sequence_scores(load_score_model(tiny_dirs["rm"]), exp.batch) - 0.1) / 2.0  # the fixture's stats
@@ -45,15 +57,32 @@ def test_the_trainer_pays_the_ensembles_score(tiny_dirs, prompt_file, tmp_path, 
     assert not torch.allclose(exp.score, normalise_score(exp.raw_score, 0.1, 2.0, 2.0))  # not the first RM alone
     # Paid at the last response token (kl_coef 0: the score is the whole reward).
     assert torch.allclose(exp.rewards.sum(-1), exp.score, atol=1e-5)
-    assert exp.metrics(0.0)["reward/ensemble_disagreement"] == pytest.approx(float(members.std(0, correction=0).mean()), abs=1e-5)
+    assert exp.metrics(0.0)["reward/ensemble_disagreement"] == pytest.approx(
+        float(members.std(0, correction=0).mean()), abs=1e-5
+    )
 
 
 def test_pipeline_trains_bootstrap_members(tmp_path):
     from tests.test_cli import rto
 
     run = tmp_path / "run"
-    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(run), "--methods", "sft,ppo",
-               "--rm-ensemble", "3", "--set", "ppo.iterations=1", "--jobs", "1")
+    proc = rto(
+        "pipeline",
+        "--task",
+        "keyed",
+        "--preset",
+        "smoke",
+        "--out",
+        str(run),
+        "--methods",
+        "sft,ppo",
+        "--rm-ensemble",
+        "3",
+        "--set",
+        "ppo.iterations=1",
+        "--jobs",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     prefs = (run / "data" / "prefs.jsonl").read_text().splitlines()
     boots = [(run / "data" / f"prefs_boot{i}.jsonl").read_text().splitlines() for i in (2, 3)]

@@ -6,17 +6,29 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from rto.errors import UserError
+from rto.io.errors import UserError
 from tests.test_ppo import _cfg
 
 
 def _update(tiny_dirs, prompt_file, tmp_path, **kw):
     """One update on a fixed rollout: the gradients each optimiser step applies, the calls of the
     first decoder layer's MLP during the update, and the bytes autograd kept for backward."""
-    from rto.stages.ppo import PPOTrainer
+    from rto.rl.trainer import PPOTrainer
 
-    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1, rollout_batch_size=4,
-                              mini_batch_size=4, micro_batch_size=2, max_grad_norm=1e9, **kw))
+    trainer = PPOTrainer(
+        _cfg(
+            tiny_dirs,
+            prompt_file,
+            tmp_path,
+            reward="rto",
+            beta1=0.1,
+            rollout_batch_size=4,
+            mini_batch_size=4,
+            micro_batch_size=2,
+            max_grad_norm=1e9,
+            **kw,
+        )
+    )
     torch.manual_seed(7)
     exp = trainer.make_experience(trainer.prompts[:4])
     base = trainer.models.policy_root
@@ -34,8 +46,13 @@ def _update(tiny_dirs, prompt_file, tmp_path, **kw):
         return forward(*args, **kwargs)
 
     mlp.forward = counted
-    hooks = [register_optimizer_step_pre_hook(lambda opt, args, kwargs: grads.append(
-                 [p.grad.detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None]))]
+    hooks = [
+        register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs: grads.append(
+                [p.grad.detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            )
+        )
+    ]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             trainer.train_on(exp)
@@ -50,8 +67,9 @@ def _update(tiny_dirs, prompt_file, tmp_path, **kw):
 @pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
 def test_checkpointed_update_recomputes_layers_and_keeps_the_gradients(tiny_dirs, prompt_file, tmp_path, lora_r):
     plain_grads, plain_calls, plain_kept = _update(tiny_dirs, prompt_file, tmp_path, lora_r=lora_r)
-    ckpt_grads, ckpt_calls, ckpt_kept = _update(tiny_dirs, prompt_file, tmp_path, lora_r=lora_r,
-                                                gradient_checkpointing=True)
+    ckpt_grads, ckpt_calls, ckpt_kept = _update(
+        tiny_dirs, prompt_file, tmp_path, lora_r=lora_r, gradient_checkpointing=True
+    )
     # Every forward of the layer with gradients runs again in backward.
     assert plain_calls > 0 and ckpt_calls == 2 * plain_calls
     assert ckpt_kept < 0.8 * plain_kept  # what autograd holds for backward shrinks
@@ -65,7 +83,7 @@ def test_checkpointed_update_recomputes_layers_and_keeps_the_gradients(tiny_dirs
 def test_a_model_transformers_cannot_checkpoint_is_refused(tiny_dirs, prompt_file, tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM
 
-    from rto.stages.ppo import PPOTrainer
+    from rto.rl.trainer import PPOTrainer
 
     monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
     with pytest.raises(UserError, match="does not support activation checkpointing"):

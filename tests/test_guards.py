@@ -45,13 +45,13 @@ def test_kl_beyond_the_bound_is_reported(tiny_dirs, prompt_file, tmp_path):
 def test_a_nonfinite_loss_skips_the_optimiser_step(tiny_dirs, prompt_file, tmp_path):
     import torch
 
+    from rto.rl.trainer import PPOTrainer
     from tests.test_ppo import _cfg, _params
-    from rto.stages.ppo import PPOTrainer
 
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse"))
     exp = trainer.make_experience(trainer._next_prompts())
     exp.advantages = torch.full_like(exp.advantages, float("nan"))
     before = _params(trainer.models.policy)
     stats = trainer.train_on(exp)
-    assert stats["guard/skipped_steps"] == 2.0 and trainer.bad_steps == 2
+    assert stats["guard/skipped_steps"] == 2.0 and trainer.state.bad_steps == 2
     assert all(torch.equal(before[k], v) for k, v in _params(trainer.models.policy).items())

@@ -3,19 +3,22 @@ fixed in advance, ties counted half, and what one run's table says it can show."
 
 import pytest
 
-from rto.evaluate import chance_verdict, margin_accuracy, wilson_interval
-from rto.report import results_table
+from rto.experiments.report import results_table
+from rto.lm.evaluate import chance_verdict, margin_accuracy, wilson_interval
 
 
-@pytest.mark.parametrize("successes, n, lo, hi", [
-    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson score, no continuity
-    # correction), to the 4 decimals printed there.
-    (81, 263, 0.2553, 0.3662),
-    (15, 148, 0.0624, 0.1605),
-    (0, 20, 0.0, 0.1611),
-    (1, 29, 0.0061, 0.1718),
-    (29, 29, 0.8830, 1.0),
-])
+@pytest.mark.parametrize(
+    "successes, n, lo, hi",
+    [
+        # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson score, no continuity
+        # correction), to the 4 decimals printed there.
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+        (29, 29, 0.8830, 1.0),
+    ],
+)
 def test_wilson_interval_known_values(successes, n, lo, hi):
     got = wilson_interval(successes / n, n)
     assert got[0] == pytest.approx(lo, abs=5e-5) and got[1] == pytest.approx(hi, abs=5e-5)
@@ -57,10 +60,19 @@ def test_margin_accuracy_counts_ties_half():
 
 
 def _summary(rm, dpo, n):
-    return {"task": "keyed", "seed": 3, "baseline": "sft", "n_test_prompts": 512, "heldout_pairs": n,
-            "methods": {"sft": {"gold_reward": 0.1, "gold_reward_ci": [0.0, 0.2]}},
-            "rm_accuracy": rm, "rm_accuracy_ci": list(wilson_interval(rm, n)),
-            "dpo_accuracy": dpo, "dpo_accuracy_ci": list(wilson_interval(dpo, n)), "dpo_accuracy_ties": 2}
+    return {
+        "task": "keyed",
+        "seed": 3,
+        "baseline": "sft",
+        "n_test_prompts": 512,
+        "heldout_pairs": n,
+        "methods": {"sft": {"gold_reward": 0.1, "gold_reward_ci": [0.0, 0.2]}},
+        "rm_accuracy": rm,
+        "rm_accuracy_ci": list(wilson_interval(rm, n)),
+        "dpo_accuracy": dpo,
+        "dpo_accuracy_ci": list(wilson_interval(dpo, n)),
+        "dpo_accuracy_ties": 2,
+    }
 
 
 def test_table_warns_for_each_model_near_chance():
@@ -69,8 +81,10 @@ def test_table_warns_for_each_model_near_chance():
     assert "DPO implicit-reward accuracy on the same pairs (RTO's reward model): 0.800" in table
     assert "(2 exact ties, counted half)" in table
     warnings = [line for line in table.splitlines() if line.startswith("WARNING")]
-    assert warnings == ["WARNING: the RM orders the held-out pairs near chance: the 95% interval of its accuracy "
-                        "over 250 pairs includes 0.5"]
+    assert warnings == [
+        "WARNING: the RM orders the held-out pairs near chance: the 95% interval of its accuracy "
+        "over 250 pairs includes 0.5"
+    ]
     table = results_table(_summary(0.80, 0.55, 250))
     assert [w.split(" orders")[0] for w in table.splitlines() if w.startswith("WARNING")] == ["WARNING: the DPO model"]
     assert "WARNING" not in results_table(_summary(0.80, 0.90, 250))
@@ -79,8 +93,10 @@ def test_table_warns_for_each_model_near_chance():
 
 def test_table_says_what_one_run_shows():
     table = results_table(_summary(0.8, 0.8, 250))
-    assert ("one training run (seed 3): the [95% CI]s cover the sampling of the 512 test prompts, not the training "
-            "run's randomness") in table
+    assert (
+        "one training run (seed 3): the [95% CI]s cover the sampling of the 512 test prompts, not the training "
+        "run's randomness"
+    ) in table
     assert "rto reproduce --task keyed --seeds 5 --out DIR" in table
     user = results_table({**_summary(0.8, 0.8, 250), "task": "my tasks/t.py:Mirror"})
     assert "rto reproduce --task 'my tasks/t.py:Mirror' --seeds 5" in user  # quoted for the shell

@@ -1,4 +1,4 @@
-"""Held-out judges (rto.judges): logged at every dev evaluation, usable as the selection
+"""Held-out judges (rto.lm.judges): logged at every dev evaluation, usable as the selection
 criterion, read as the training RM reads a rollout, and refused in one line when broken."""
 
 import shutil
@@ -6,12 +6,12 @@ import shutil
 import pytest
 import torch
 
-from rto.errors import UserError
-from rto.judges import load_judge
-from rto.stages.ppo import PPOTrainer
+from rto.io.errors import UserError
+from rto.lm.judges import load_judge
+from rto.rl.trainer import PPOTrainer
 from tests.test_ppo import _cfg
 
-JUDGES = '''
+JUDGES = """
 from rto.tasks import load_task
 
 TASK = load_task("keyed")
@@ -27,7 +27,7 @@ def short(prompts, responses):
 
 def broken(prompts, responses):
     raise RuntimeError("no judge today")
-'''
+"""
 
 
 @pytest.fixture
@@ -39,20 +39,34 @@ def judges_file(tmp_path):
 
 def test_a_function_judge_is_logged_and_selects(tiny_dirs, prompt_file, tmp_path, judges_file):
     # The judge is the task's gold reward under another name: every dev point must carry the same value twice.
-    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, iterations=3, eval_every=1, eval_prompts=prompt_file,
-                              task="keyed", judge=f"{judges_file}:gold", select_by="judge_score"))
+    trainer = PPOTrainer(
+        _cfg(
+            tiny_dirs,
+            prompt_file,
+            tmp_path,
+            iterations=3,
+            eval_every=1,
+            eval_prompts=prompt_file,
+            task="keyed",
+            judge=f"{judges_file}:gold",
+            select_by="judge_score",
+        )
+    )
     summary = trainer.train()
     curve = summary["curve"]
     assert len(curve) == 4 and all(p["judge_score"] == p["gold_reward"] for p in curve)
     assert all(p["judge_score_se"] == p["gold_reward_se"] for p in curve)
     best = max(curve, key=lambda p: p["judge_score"])
     assert summary["selection"]["metric"] == "judge_score" and summary["selection"]["best"] == best["judge_score"]
-    assert summary["selection"]["best_iteration"] == min(p["iteration"] for p in curve if p["judge_score"] == best["judge_score"])
+    assert summary["selection"]["best_iteration"] == min(
+        p["iteration"] for p in curve if p["judge_score"] == best["judge_score"]
+    )
 
 
 def test_a_model_judge_reads_text_as_the_rm_reads_a_rollout(tiny_dirs, keyed, tmp_path):
-    from rto.models import load_causal_lm, load_score_model, load_tokenizer
-    from rto.rollout import decode_responses, encode_prompts, generate, sequence_scores
+    from rto.lm.models import load_causal_lm, load_score_model, load_tokenizer
+    from rto.lm.rollout import decode_responses, encode_prompts, generate
+    from rto.lm.scoring import sequence_scores
 
     shutil.copytree(tiny_dirs["rm"], tmp_path / "judge")
     tok = load_tokenizer(tiny_dirs["policy"])
@@ -73,8 +87,14 @@ def test_a_model_judge_reads_text_as_the_rm_reads_a_rollout(tiny_dirs, keyed, tm
             assert j != pytest.approx(d, abs=1e-5)
 
 
-@pytest.mark.parametrize("name, message", [("short", "returned 15 scores for 16 responses"),
-                                           ("broken", "RuntimeError: no judge today"), ("missing", "has no missing")])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("short", "returned 15 scores for 16 responses"),
+        ("broken", "RuntimeError: no judge today"),
+        ("missing", "has no missing"),
+    ],
+)
 def test_a_broken_judge_is_one_line(judges_file, keyed, name, message):
     tok = keyed.tokenizer()
     with pytest.raises(UserError, match=message):

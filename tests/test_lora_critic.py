@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from rto.rollout import sequence_scores
-from rto.stages.ppo import PPOTrainer
+from rto.lm.scoring import sequence_scores
+from rto.rl.trainer import PPOTrainer
 from tests.test_ppo import _cfg
 
 
@@ -24,8 +24,8 @@ def _rm_adapter(tiny_dirs, out):
     the policy's base, with a trained-looking (random, non-zero) adapter and score head."""
     from peft import get_peft_model
 
-    from rto.lora import lora_config
-    from rto.models import RM_STATS_FILE, load_score_model, load_tokenizer
+    from rto.lm.lora import lora_config
+    from rto.lm.models import RM_STATS_FILE, load_score_model, load_tokenizer
 
     base = load_score_model(tiny_dirs["policy"], "base")
     model = get_peft_model(base, lora_config(8, 16.0, "all-linear", "SEQ_CLS"))
@@ -48,7 +48,7 @@ def test_lora_critic_starts_as_an_rm_adapter_on_the_same_base(tiny_dirs, prompt_
     _rm_adapter(tiny_dirs, rm_dir)
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse", lora_r=4, reward_model=str(rm_dir)))
     torch.manual_seed(0)
-    batch = trainer.rollout(trainer.prompts[:6])
+    batch = trainer.experience.rollout(trainer.prompts[:6])
     with torch.no_grad():
         critic_scores = sequence_scores(trainer.models.critic, batch)
         rm_scores = sequence_scores(trainer.models.rm, batch)

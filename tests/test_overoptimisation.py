@@ -11,13 +11,13 @@ import random
 import torch
 from safetensors.torch import load_file
 
-from rto.config import build
-from rto.data import write_jsonl
-from rto.prompt_pool import read_prompts
-from rto.evaluate import dev_point
-from rto.models import load_causal_lm, load_tokenizer
-from rto.stages.ppo import PPOTrainer
-from rto.stages.ppo_config import PPOStageConfig
+from rto.io.config import build
+from rto.io.data import write_jsonl
+from rto.io.prompt_pool import read_prompts
+from rto.lm.evaluate import dev_point
+from rto.lm.models import load_causal_lm, load_tokenizer
+from rto.rl.config import PPOStageConfig
+from rto.rl.trainer import PPOTrainer
 from rto.stages.rm import RMStageConfig
 from rto.stages.rm import run as run_rm
 
@@ -40,16 +40,46 @@ def test_an_exploitable_rm_is_flagged_and_an_earlier_policy_is_selected(tiny_dir
     write_jsonl(tmp_path / "prefs.jsonl", _flawed_pairs(keyed, 256, trap))
     write_jsonl(tmp_path / "prompts.jsonl", ({"prompt": p} for p in keyed.prompts("train", 64, seed=0)))
     write_jsonl(tmp_path / "dev.jsonl", ({"prompt": p} for p in keyed.prompts("dev", 32, seed=0)))
-    rm_metrics = run_rm(build(RMStageConfig, dict(model=tiny_dirs["policy"], data=str(tmp_path / "prefs.jsonl"),
-                                                  out=str(tmp_path / "rm"), epochs=2.0, learning_rate=1e-3,
-                                                  threads=1), "test"))
+    rm_metrics = run_rm(
+        build(
+            RMStageConfig,
+            dict(
+                model=tiny_dirs["policy"],
+                data=str(tmp_path / "prefs.jsonl"),
+                out=str(tmp_path / "rm"),
+                epochs=2.0,
+                learning_rate=1e-3,
+                threads=1,
+            ),
+            "test",
+        )
+    )
     assert rm_metrics["train_accuracy"] > 0.95  # the RM learnt the flaw
     out = tmp_path / "out"
-    cfg = build(PPOStageConfig, dict(
-        policy=tiny_dirs["policy"], reward_model=str(tmp_path / "rm"), prompts=str(tmp_path / "prompts.jsonl"),
-        out=str(out), iterations=16, rollout_batch_size=16, mini_batch_size=8, max_new_tokens=12, actor_lr=3e-3,
-        critic_lr=1e-3, warmup_ratio=0.0, kl_coef=0.0, eval_every=2, eval_prompts=str(tmp_path / "dev.jsonl"),
-        n_eval=32, task="keyed", select_by="gold_reward", threads=1), "test")
+    cfg = build(
+        PPOStageConfig,
+        dict(
+            policy=tiny_dirs["policy"],
+            reward_model=str(tmp_path / "rm"),
+            prompts=str(tmp_path / "prompts.jsonl"),
+            out=str(out),
+            iterations=16,
+            rollout_batch_size=16,
+            mini_batch_size=8,
+            max_new_tokens=12,
+            actor_lr=3e-3,
+            critic_lr=1e-3,
+            warmup_ratio=0.0,
+            kl_coef=0.0,
+            eval_every=2,
+            eval_prompts=str(tmp_path / "dev.jsonl"),
+            n_eval=32,
+            task="keyed",
+            select_by="gold_reward",
+            threads=1,
+        ),
+        "test",
+    )
     summary = PPOTrainer(cfg).train()
 
     curve = summary["curve"]
@@ -61,13 +91,17 @@ def test_an_exploitable_rm_is_flagged_and_an_earlier_policy_is_selected(tiny_dir
     assert json.loads((out / "metrics.json").read_text())["divergence"] == d
     # The result is the selected policy, not the last; the last writes the trap far more often and
     # earns less gold reward on the dev prompts.
-    selected, last = load_file(str(out / "policy" / "model.safetensors")), load_file(str(out / "policy_last" / "model.safetensors"))
+    selected, last = (
+        load_file(str(out / "policy" / "model.safetensors")),
+        load_file(str(out / "policy_last" / "model.safetensors")),
+    )
     assert any(not torch.equal(selected[k], last[k]) for k in selected)
     tok = load_tokenizer(out / "policy")
     prompts = read_prompts(str(tmp_path / "dev.jsonl"), tok, max_len=64)
     points = {}
     for name in ("policy", "policy_last"):
-        points[name] = dev_point(load_causal_lm(out / name), tok, prompts, max_new_tokens=12, temperature=1.0, seed=0,
-                                 task=keyed)
+        points[name] = dev_point(
+            load_causal_lm(out / name), tok, prompts, max_new_tokens=12, temperature=1.0, seed=0, task=keyed
+        )
     assert points["policy"]["gold_reward"] == next(p["gold_reward"] for p in curve if p["iteration"] == best)
     assert points["policy"]["gold_reward"] > points["policy_last"]["gold_reward"] + 0.05

@@ -3,7 +3,8 @@
 import os
 from dataclasses import dataclass
 
-from rto.pipeline import Pipeline, PipelineConfig
+from rto.experiments.pipeline import Pipeline
+from rto.experiments.pipeline_config import PipelineConfig
 
 
 @dataclass
@@ -20,12 +21,12 @@ def test_resume_reruns_a_stage_whose_input_was_rewritten(tmp_path):
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"weights v1")
     cfg = _StageCfg(policy=str(model), out=str(tmp_path / "rm"))
-    assert not pipe.already_done("rm", cfg)
-    pipe.mark_done("rm", cfg)
-    assert pipe.already_done("rm", cfg)
-    assert not pipe.already_done("rm", _StageCfg(policy=str(model), out=str(tmp_path / "rm"), lr=2e-3))
-    pipe.mark_done("rm", cfg)
+    assert not pipe.runner.already_done("rm", cfg)
+    pipe.runner.mark_done("rm", cfg)
+    assert pipe.runner.already_done("rm", cfg)
+    assert not pipe.runner.already_done("rm", _StageCfg(policy=str(model), out=str(tmp_path / "rm"), lr=2e-3))
+    pipe.runner.mark_done("rm", cfg)
     # The upstream stage ran again: same path, same settings, new weights.
     (model / "model.safetensors").write_bytes(b"weights v2, longer")
     os.utime(model / "model.safetensors", ns=(1, 1))
-    assert not pipe.already_done("rm", cfg)
+    assert not pipe.runner.already_done("rm", cfg)

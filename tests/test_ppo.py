@@ -2,15 +2,27 @@
 
 import torch
 
-from rto.config import build
-from rto.stages.ppo import PPOStageConfig, PPOTrainer
+from rto.io.config import build
+from rto.rl.trainer import PPOStageConfig, PPOTrainer
 
 
 def _cfg(tiny_dirs, prompt_file, tmp_path, **kw):
-    values = dict(policy=tiny_dirs["policy"], reward_model=tiny_dirs["rm"], dpo_model=tiny_dirs["dpo"],
-                  prompts=prompt_file, out=str(tmp_path / "out"), iterations=1, rollout_batch_size=8,
-                  mini_batch_size=4, max_new_tokens=8, actor_lr=1e-3, critic_lr=1e-3, warmup_ratio=0.0,
-                  eval_every=0, threads=1)
+    values = dict(
+        policy=tiny_dirs["policy"],
+        reward_model=tiny_dirs["rm"],
+        dpo_model=tiny_dirs["dpo"],
+        prompts=prompt_file,
+        out=str(tmp_path / "out"),
+        iterations=1,
+        rollout_batch_size=8,
+        mini_batch_size=4,
+        max_new_tokens=8,
+        actor_lr=1e-3,
+        critic_lr=1e-3,
+        warmup_ratio=0.0,
+        eval_every=0,
+        threads=1,
+    )
     values.update(kw)
     return build(PPOStageConfig, values, "test")
 
@@ -54,13 +66,26 @@ def test_gradient_accumulation_invariance(tiny_dirs, prompt_file, tmp_path):
     runs = []
     for micro in (0, 2, 1):
         # No clipping: a clipped gradient of norm > max_grad_norm would hide a wrong scale.
-        trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="sparse", rollout_batch_size=4,
-                                  mini_batch_size=4, micro_batch_size=micro, max_grad_norm=1e9))
+        trainer = PPOTrainer(
+            _cfg(
+                tiny_dirs,
+                prompt_file,
+                tmp_path,
+                reward="sparse",
+                rollout_batch_size=4,
+                mini_batch_size=4,
+                micro_batch_size=micro,
+                max_grad_norm=1e9,
+            )
+        )
         torch.manual_seed(5)
         exp = trainer.make_experience(trainer.prompts[:4])
         grads = []  # per optimiser step: the gradients it is about to apply (policy, then critic)
-        hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: grads.append(
-            [p.grad.detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None]))
+        hook = register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs, grads=grads: grads.append(
+                [p.grad.detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            )
+        )
         try:
             trainer.train_on(exp)
         finally:
@@ -84,26 +109,40 @@ def test_gradient_accumulation_invariance(tiny_dirs, prompt_file, tmp_path):
 
 def test_custom_token_reward_is_added_with_its_weight(tiny_dirs, prompt_file, tmp_path):
     f = tmp_path / "my_rewards.py"
-    f.write_text("import torch\n"
-                 "def first_token_bonus(prompt_ids, prompt_mask, response_ids, response_mask):\n"
-                 "    out = torch.zeros(response_ids.shape)\n"
-                 "    out[:, 0] = 1.0\n"
-                 "    return out\n")
+    f.write_text(
+        "import torch\n"
+        "def first_token_bonus(prompt_ids, prompt_mask, response_ids, response_mask):\n"
+        "    out = torch.zeros(response_ids.shape)\n"
+        "    out[:, 0] = 1.0\n"
+        "    return out\n"
+    )
     base = _rewards(tiny_dirs, prompt_file, tmp_path, reward="sparse")
-    with_bonus = _rewards(tiny_dirs, prompt_file, tmp_path, reward="sparse",
-                          custom_rewards=[f"{f}:first_token_bonus=0.25"])
+    with_bonus = _rewards(
+        tiny_dirs, prompt_file, tmp_path, reward="sparse", custom_rewards=[f"{f}:first_token_bonus=0.25"]
+    )
     expected = base.clone()
     expected[:, 0] += 0.25
     assert torch.allclose(with_bonus, expected)
 
 
 def test_task_gold_token_reward_sums_to_gold(tiny_dirs, prompt_file, tmp_path, keyed):
-    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="dpo-only", beta1=0.0, kl_coef=0.0,
-                              task="keyed", custom_rewards=["task:gold"], estimator="reinforce++"))
+    trainer = PPOTrainer(
+        _cfg(
+            tiny_dirs,
+            prompt_file,
+            tmp_path,
+            reward="dpo-only",
+            beta1=0.0,
+            kl_coef=0.0,
+            task="keyed",
+            custom_rewards=["task:gold"],
+            estimator="reinforce++",
+        )
+    )
     assert trainer.models.rm is None and trainer.models.dpo is None and trainer.models.critic is None
     torch.manual_seed(0)
     exp = trainer.make_experience(trainer.prompts[:8])
-    from rto.rollout import decode_responses
+    from rto.lm.rollout import decode_responses
 
     texts = decode_responses(trainer.tokenizer, exp.batch)
     gold = torch.tensor([keyed.gold_reward(p, t) for p, t in zip(trainer.prompts[:8], texts)])
@@ -115,10 +154,13 @@ def test_same_seed_same_run(tiny_dirs, prompt_file, tmp_path):
     for i in range(2):
         trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path / str(i), reward="rto", beta1=0.1, iterations=2))
         trainer.train()
-        runs.append((_params(trainer.models.policy), _params(trainer.models.critic), trainer.history))
+        runs.append((_params(trainer.models.policy), _params(trainer.models.critic), trainer.state.history))
     (p0, c0, h0), (p1, c1, h1) = runs
     assert all(torch.equal(p0[k], p1[k]) for k in p0) and all(torch.equal(c0[k], c1[k]) for k in c0)
-    strip = lambda h: [{k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per_s"))} for m in h]
+
+    def strip(h):
+        return [{k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per_s"))} for m in h]
+
     assert strip(h0) == strip(h1)
 
 
@@ -132,15 +174,16 @@ def test_old_logprobs_equal_a_fresh_forward(tiny_dirs, prompt_file, tmp_path):
         n = int(batch.response_mask[b].sum())
         r_ids = batch.response_ids[b, :n]
         with torch.no_grad():
-            logits = trainer.models.policy(torch.cat([p_ids, r_ids])[None]).logits[0, len(p_ids) - 1:-1] / 0.8
+            logits = trainer.models.policy(torch.cat([p_ids, r_ids])[None]).logits[0, len(p_ids) - 1 : -1] / 0.8
         fresh = torch.log_softmax(logits, -1).gather(-1, r_ids[:, None]).squeeze(-1)
         assert torch.allclose(exp.old_logp[b, :n], fresh, atol=1e-5)
 
 
 def test_experience_rewards_with_padding_on_both_sides(tiny_dirs, prompt_file, tmp_path):
     """Left-padded prompts, right-padded responses: the score lands on each response's last token."""
-    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.2, dpo_clip=None,
-                              kl_coef=0.1, max_new_tokens=10))
+    trainer = PPOTrainer(
+        _cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.2, dpo_clip=None, kl_coef=0.1, max_new_tokens=10)
+    )
     torch.manual_seed(4)
     exp = trainer.make_experience(trainer.prompts[:8])
     batch = exp.batch
@@ -188,13 +231,30 @@ def test_packed_and_chunked_training_equals_padded(tiny_dirs, prompt_file, tmp_p
     the same rollout gives the same dense rewards, advantages, and weights after an update."""
     runs = []
     for kw in (dict(), dict(packing=True, score_batch_size=3), dict(packing=True, pack_row_tokens=64)):
-        trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.2, dpo_clip=None,
-                                  max_new_tokens=10, mini_batch_size=4, **kw))
-        start = {**_params(trainer.models.policy), **{f"critic.{k}": v for k, v in _params(trainer.models.critic).items()}}
+        trainer = PPOTrainer(
+            _cfg(
+                tiny_dirs,
+                prompt_file,
+                tmp_path,
+                reward="rto",
+                beta1=0.2,
+                dpo_clip=None,
+                max_new_tokens=10,
+                mini_batch_size=4,
+                **kw,
+            )
+        )
+        start = {
+            **_params(trainer.models.policy),
+            **{f"critic.{k}": v for k, v in _params(trainer.models.critic).items()},
+        }
         torch.manual_seed(11)
         exp = trainer.make_experience(trainer.prompts[:8])
         trainer.train_on(exp)
-        after = {**_params(trainer.models.policy), **{f"critic.{k}": v for k, v in _params(trainer.models.critic).items()}}
+        after = {
+            **_params(trainer.models.policy),
+            **{f"critic.{k}": v for k, v in _params(trainer.models.critic).items()},
+        }
         runs.append((exp, start, after))
     base_exp, start, base = runs[0]
     assert len(set(base_exp.batch.response_mask.sum(-1).tolist())) > 1
@@ -212,12 +272,13 @@ def test_packed_and_chunked_training_equals_padded(tiny_dirs, prompt_file, tmp_p
 def test_lora_shared_base_trains_adapters_only(tiny_dirs, prompt_file, tmp_path):
     """--lora-r: one frozen base; the policy starts equal to the reference; a step moves the
     policy and critic adapters and nothing else; the saved policy is a plain merged checkpoint."""
-    from rto.models import load_causal_lm
-    from rto.rollout import response_logits, token_logprobs
+    from rto.lm.models import load_causal_lm
+    from rto.lm.scoring import response_logits, token_logprobs
 
-    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1, lora_r=4,
-                              iterations=1))
-    base = {k: v.clone() for k, v in trainer.models.shared.model.get_base_model().state_dict().items() if "lora_" not in k}
+    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1, lora_r=4, iterations=1))
+    base = {
+        k: v.clone() for k, v in trainer.models.shared.model.get_base_model().state_dict().items() if "lora_" not in k
+    }
     torch.manual_seed(0)
     exp = trainer.make_experience(trainer.prompts[:8])
     m = exp.batch.response_mask.float()
@@ -241,21 +302,51 @@ def test_lora_shared_base_trains_adapters_only(tiny_dirs, prompt_file, tmp_path)
 def test_lora_dpo_adapter_joins_the_shared_base(tiny_dirs, prompt_file, tmp_path):
     """`rto dpo --lora-r` writes an adapter; `rto ppo --lora-r` mounts it on the policy's base and
     gets the same DPO token rewards as a full run reading the adapter merged into a model."""
-    from rto.data import write_jsonl
-    from rto.models import is_adapter_dir
-    from rto.stages.dpo import DPOStageConfig, run as run_dpo
+    from rto.io.data import write_jsonl
+    from rto.lm.models import is_adapter_dir
+    from rto.stages.dpo import DPOStageConfig
+    from rto.stages.dpo import run as run_dpo
 
     prefs = tmp_path / "prefs.jsonl"
-    write_jsonl(prefs, ({"prompt": f"s{i} s{i + 1} <sep>", "chosen": f" s{i} s{i} <eos>", "rejected": f" s{i + 2} <eos>"}
-                        for i in range(16)))
+    write_jsonl(
+        prefs,
+        (
+            {"prompt": f"s{i} s{i + 1} <sep>", "chosen": f" s{i} s{i} <eos>", "rejected": f" s{i + 2} <eos>"}
+            for i in range(16)
+        ),
+    )
     dpo_dir = tmp_path / "dpo_lora"
-    run_dpo(build(DPOStageConfig, dict(model=tiny_dirs["policy"], data=str(prefs), out=str(dpo_dir), lora_r=4,
-                                       epochs=2, batch_size=8, learning_rate=5e-2, threads=1), "test"))
+    run_dpo(
+        build(
+            DPOStageConfig,
+            dict(
+                model=tiny_dirs["policy"],
+                data=str(prefs),
+                out=str(dpo_dir),
+                lora_r=4,
+                epochs=2,
+                batch_size=8,
+                learning_rate=5e-2,
+                threads=1,
+            ),
+            "test",
+        )
+    )
     assert is_adapter_dir(dpo_dir)
     terms = []
     for lora_r in (4, 0):
-        trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.5, dpo_clip=None,
-                                  dpo_model=str(dpo_dir), lora_r=lora_r))
+        trainer = PPOTrainer(
+            _cfg(
+                tiny_dirs,
+                prompt_file,
+                tmp_path,
+                reward="rto",
+                beta1=0.5,
+                dpo_clip=None,
+                dpo_model=str(dpo_dir),
+                lora_r=lora_r,
+            )
+        )
         assert (trainer.models.shared is not None and "dpo" in trainer.models.shared.model.peft_config) == (lora_r > 0)
         torch.manual_seed(3)
         terms.append(trainer.make_experience(trainer.prompts[:8]).dpo_term)
@@ -269,17 +360,20 @@ def test_bf16_mixed_precision_step(tiny_dirs, prompt_file, tmp_path):
     checkpoint (never rounded through bf16), and stay fp32 after a step that moves them; the
     rollout's log-probs and RM scores are within bf16 rounding of an fp32 forward, and the RM's
     differ from it (bf16 is really used)."""
-    from rto.models import load_causal_lm, load_score_model
+    from rto.lm.models import load_causal_lm, load_score_model
 
     policy32, rm32 = load_causal_lm(tiny_dirs["policy"]), load_score_model(tiny_dirs["rm"])
     for lora_r in (0, 4):
-        trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1, precision="bf16",
-                                  lora_r=lora_r))
+        trainer = PPOTrainer(
+            _cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1, precision="bf16", lora_r=lora_r)
+        )
         assert all(p.dtype == torch.float32 for p in trainer.models.policy.parameters())
         assert all(p.dtype == torch.float32 for p in trainer.models.critic.parameters())
         assert all(p.dtype == torch.bfloat16 for p in trainer.models.rm.parameters())
         if lora_r:
-            base = {k: v for k, v in trainer.models.shared.model.get_base_model().state_dict().items() if "lora_" not in k}
+            base = {
+                k: v for k, v in trainer.models.shared.model.get_base_model().state_dict().items() if "lora_" not in k
+            }
             assert all(v.dtype == torch.bfloat16 for v in base.values())
         else:
             assert all(p.dtype == torch.bfloat16 for p in trainer.models.ref.parameters())
@@ -293,7 +387,7 @@ def test_bf16_mixed_precision_step(tiny_dirs, prompt_file, tmp_path):
             n = int(batch.response_mask[b].sum())
             ids = torch.cat([p_ids, batch.response_ids[b, :n]])[None]
             with torch.no_grad():
-                logp = torch.log_softmax(policy32(ids).logits[0, len(p_ids) - 1:-1].float(), -1)
+                logp = torch.log_softmax(policy32(ids).logits[0, len(p_ids) - 1 : -1].float(), -1)
                 score = float(rm32(input_ids=ids).logits.reshape(-1)[0])
             fresh = logp.gather(-1, batch.response_ids[b, :n, None]).squeeze(-1)
             torch.testing.assert_close(exp.old_logp[b, :n], fresh, atol=0.02, rtol=0)
@@ -311,14 +405,14 @@ def test_bf16_mixed_precision_step(tiny_dirs, prompt_file, tmp_path):
 def test_lora_checkpoint_round_trip(tiny_dirs, prompt_file, tmp_path):
     """A shared-base run's checkpoint holds the adapters, value head, optimisers and RNG; a fresh
     trainer restored from it continues exactly as the original does."""
-    from rto.checkpoint import save_checkpoint
+    from rto.runtime.checkpoint import save_checkpoint
 
     kw = dict(reward="rto", beta1=0.1, lora_r=4, iterations=3)
     a = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, **kw))
     a.train_on(a.make_experience(a._next_prompts()))
-    path = save_checkpoint(tmp_path / "ck", 1, *a.state(1))
+    path = save_checkpoint(tmp_path / "ck", 1, *a.checkpoints.contents(1))
     b = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, **kw))
-    assert b.load_state(path) == 1
+    assert b.checkpoints.load(path) == 1
     rng = torch.get_rng_state()  # both trainers draw from the one global RNG of this process
     for t in (a, b):
         torch.set_rng_state(rng)
@@ -335,15 +429,17 @@ def test_a_policy_given_as_an_adapter_folder_trains_in_full(tiny_dirs, prompt_fi
 
     from peft import get_peft_model
 
-    from rto.lora import lora_config
-    from rto.models import load_causal_lm, load_tokenizer
+    from rto.lm.lora import lora_config
+    from rto.lm.models import load_causal_lm, load_tokenizer
 
     adapter = tmp_path / "sft_adapter"
     peft_model = get_peft_model(load_causal_lm(tiny_dirs["policy"]), lora_config(4, 8.0, "all-linear"))
     peft_model.save_pretrained(adapter)
     load_tokenizer(tiny_dirs["policy"]).save_pretrained(adapter)
     cfg_file = adapter / "adapter_config.json"
-    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": tiny_dirs["policy"]}))
+    cfg_file.write_text(
+        json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": tiny_dirs["policy"]})
+    )
     trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, tmp_path, policy=str(adapter), reward="rto", beta1=0.1))
     before = _params(trainer.models.policy)
     assert before and all(p.requires_grad for p in trainer.models.policy.parameters())

@@ -1,4 +1,4 @@
-"""PPO's prompt pool (rto/prompt_pool.py): read through datasets' cached Arrow files, lazily; the
+"""PPO's prompt pool (rto/io/prompt_pool.py): read through datasets' cached Arrow files, lazily; the
 same prompts in the same order as the eager reader it replaced, for every seed and process."""
 
 import json
@@ -8,9 +8,9 @@ import types
 import pytest
 import torch
 
-from rto.data import PROMPT_FIELDS, read_rows, render
-from rto.errors import UserError
-from rto.prompt_pool import read_prompts
+from rto.io.data import PROMPT_FIELDS, read_rows, render
+from rto.io.errors import UserError
+from rto.io.prompt_pool import read_prompts
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +22,11 @@ def own_datasets_cache(tmp_path, monkeypatch):
 
 
 def eager_prompts(path, tokenizer, *, max_len, long_prompts="error", columns=None, skip_bad_rows=False):
-    """The eager reader this pool replaced (rto.data.read_prompts before the pool), as it was."""
-    prompts = [render(r["prompt"], tokenizer, generation_prompt=True)
-               for r in read_rows(path, PROMPT_FIELDS, columns, skip_bad_rows)]
+    """The eager reader this pool replaced (rto.io.data.read_prompts before the pool), as it was."""
+    prompts = [
+        render(r["prompt"], tokenizer, generation_prompt=True)
+        for r in read_rows(path, PROMPT_FIELDS, columns, skip_bad_rows)
+    ]
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     long_rows = [i for i, n in enumerate(lengths) if n > max_len]
     if long_rows and long_prompts == "error":
@@ -41,22 +43,37 @@ def eager_next_prompts(self):
         if not self.order:
             self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
         out.append(self.prompts[self.order.pop()])
-    return out[self.dist.rank * self.local_rollout:(self.dist.rank + 1) * self.local_rollout]
+    return out[self.dist.rank * self.local_rollout : (self.dist.rank + 1) * self.local_rollout]
 
 
 def _sampler(prompts, seed, rank=0, world=1, rollout=8):
-    return types.SimpleNamespace(cfg=types.SimpleNamespace(rollout_batch_size=rollout), order=[], prompts=prompts,
-                                 generator=torch.Generator().manual_seed(seed), local_rollout=rollout // world,
-                                 dist=types.SimpleNamespace(rank=rank))
+    from rto.core.kl_control import FixedKL
+    from rto.rl.checkpoint import RunState
+
+    generator = torch.Generator().manual_seed(seed)
+    return types.SimpleNamespace(
+        cfg=types.SimpleNamespace(rollout_batch_size=rollout),
+        order=[],
+        prompts=prompts,
+        generator=generator,
+        local_rollout=rollout // world,
+        state=RunState(kl_ctl=FixedKL(0.0), selection=None, generator=generator),
+        dist=types.SimpleNamespace(rank=rank),
+    )
 
 
 def _pool_file(tmp_path, keyed):
     """Text and conversational prompts, a blank line, a bad row and prompts over 6 tokens."""
     rows = []
     for i, p in enumerate(keyed.prompts("train", 40, seed=1)):
-        words = p.split()[:1 + i % 8]
-        rows.append(json.dumps({"messages": [{"role": "user", "content": " ".join(words)}]} if i % 3 == 0
-                               else {"prompt": " ".join(words) + " <sep>"}))
+        words = p.split()[: 1 + i % 8]
+        rows.append(
+            json.dumps(
+                {"messages": [{"role": "user", "content": " ".join(words)}]}
+                if i % 3 == 0
+                else {"prompt": " ".join(words) + " <sep>"}
+            )
+        )
     rows.insert(7, "")
     rows.insert(12, json.dumps({"prompt": ""}))
     path = tmp_path / "pool.jsonl"
@@ -66,7 +83,7 @@ def _pool_file(tmp_path, keyed):
 
 @pytest.mark.parametrize("long_prompts", ["skip", "truncate"])
 def test_a_seed_draws_what_the_eager_reader_drew_in_every_process(tmp_path, keyed, long_prompts):
-    from rto.stages.ppo import PPOTrainer
+    from rto.rl.trainer import PPOTrainer
 
     tok = keyed.tokenizer()
     path = _pool_file(tmp_path, keyed)
@@ -77,7 +94,7 @@ def test_a_seed_draws_what_the_eager_reader_drew_in_every_process(tmp_path, keye
         old, new = _sampler(eager, seed), _sampler(pool, seed)
         # Several passes over the pool (a rollout of 8 from ~30 prompts): reshuffles included.
         assert [eager_next_prompts(old) for _ in range(12)] == [PPOTrainer._next_prompts(new) for _ in range(12)]
-        assert old.order == new.order  # what a checkpoint stores: the same, so resuming draws the same
+        assert old.order == new.state.order  # what a checkpoint stores: the same, so resuming draws the same
         # Two processes: each takes its block of the same global rollout, reading only its own.
         shares = [_sampler(pool, seed, rank=r, world=2) for r in (0, 1)]
         old = _sampler(eager, seed)
@@ -112,8 +129,11 @@ def test_a_long_prompt_is_named_by_its_row_in_the_file(tmp_path, keyed):
     path = tmp_path / "p.jsonl"
     # Line 4 is long: after a blank line and a bad row (skipped), as a user counts lines.
     path.write_text('{"prompt": "s1 <sep>"}\n\n{"prompt": " "}\n{"prompt": "s1 s2 s3 s4 s5 s6 <sep>"}\n')
-    with pytest.raises(UserError, match=rf"^{path}: row 4: field 'prompt' is 7 tokens, longer than --max-prompt-len 4 "
-                                        r"\(1 such rows"):
+    with pytest.raises(
+        UserError,
+        match=rf"^{path}: row 4: field 'prompt' is 7 tokens, longer than --max-prompt-len 4 "
+        r"\(1 such rows",
+    ):
         read_prompts(path, tok, max_len=4, skip_bad_rows=True)
     with pytest.raises(UserError, match=rf"^{path}: row 3: field 'prompt' is empty$"):
         read_prompts(path, tok, max_len=4)
@@ -132,8 +152,15 @@ def _folders(tmp_path):
     a saved Dataset."""
     from datasets import Dataset, DatasetDict
 
-    train = [{"prompt": f"s{i} s{i + 1} <sep>", "chosen": f"s{i} <eos>", "rejected": f"s{i + 2} <eos>",
-              "completion": f"s{i + 1} <eos>"} for i in range(6)]
+    train = [
+        {
+            "prompt": f"s{i} s{i + 1} <sep>",
+            "chosen": f"s{i} <eos>",
+            "rejected": f"s{i + 2} <eos>",
+            "completion": f"s{i + 1} <eos>",
+        }
+        for i in range(6)
+    ]
     test = [{**r, "prompt": "s9 " + r["prompt"]} for r in train[:2]]
     files = tmp_path / "files"
     files.mkdir()
@@ -145,7 +172,7 @@ def _folders(tmp_path):
 
 
 def test_dataset_folders_are_read_for_sft_dpo_and_ppo(tmp_path, keyed):
-    from rto.data import PREFERENCE_FIELDS, SFT_FIELDS
+    from rto.io.data import PREFERENCE_FIELDS, SFT_FIELDS
 
     train, test, folders = _folders(tmp_path)
     tok = keyed.tokenizer()
@@ -180,15 +207,41 @@ def test_folders_in_an_sft_run_and_a_ppo_run_from_the_command_line(tmp_path, tin
     from tests.test_cli import ENV
 
     train, _, folders = _folders(tmp_path)
-    assert rto.sft(model=tiny_dirs["policy"], data=str(folders[0]), out=str(tmp_path / "sft"), epochs=1, batch_size=3,
-                   threads=1)["rows"] == len(train)
+    assert rto.sft(
+        model=tiny_dirs["policy"], data=str(folders[0]), out=str(tmp_path / "sft"), epochs=1, batch_size=3, threads=1
+    )["rows"] == len(train)
     cfg = tmp_path / "ppo.yaml"
-    cfg.write_text(f"model_name_or_path: {tiny_dirs['policy']}\nreward_model_path: {tiny_dirs['rm']}\n"
-                   f"dataset_name: {folders[1]}\noutput_dir: {tmp_path / 'ppo'}\n")
+    cfg.write_text(
+        f"model_name_or_path: {tiny_dirs['policy']}\nreward_model_path: {tiny_dirs['rm']}\n"
+        f"dataset_name: {folders[1]}\noutput_dir: {tmp_path / 'ppo'}\n"
+    )
     env = dict(ENV, HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
-    proc = subprocess.run([sys.executable, "-m", "rto.cli", "ppo", "--config", str(cfg), "--iterations", "1",
-                           "--rollout-batch-size", "4", "--mini-batch-size", "4", "--max-new-tokens", "3",
-                           "--eval-every", "0", "--threads", "1"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rto.cli",
+            "ppo",
+            "--config",
+            str(cfg),
+            "--iterations",
+            "1",
+            "--rollout-batch-size",
+            "4",
+            "--mini-batch-size",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--eval-every",
+            "0",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "ppo" / "metrics.json").read_text())["iterations"] == 1
 
@@ -200,7 +253,7 @@ def test_token_counts_are_the_tokenizers_own(keyed):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from rto.prompt_pool import token_counter
+    from rto.io.prompt_pool import token_counter
 
     texts = ["s1 s2 <sep>", "s3 <sep>", "", "s1 s1 s1 s1 s1 s1 <sep>"]
     tok = keyed.tokenizer()

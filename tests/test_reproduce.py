@@ -10,22 +10,58 @@ from pathlib import Path
 
 import yaml
 
-from rto.report_reproduce import claims
-from rto.reproduce import TUNING_SEED_OFFSET
-from rto.seed_stats import t_interval
+from rto.experiments.report_reproduce import claims
+from rto.experiments.reproduce import TUNING_SEED_OFFSET
+from rto.experiments.seed_stats import t_interval
 from tests.test_cli import ENV
 
 
 def test_quick_reproduce(tmp_path):
     out = tmp_path / "repro"
-    proc = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", "--task", "keyed", "--quick", "--out", str(out),
-                           "--rm-ensemble", "2"], capture_output=True, text=True, env=ENV, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rto.cli",
+            "reproduce",
+            "--task",
+            "keyed",
+            "--quick",
+            "--out",
+            str(out),
+            "--rm-ensemble",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1]
-    expected = {"sft", "dpo", "ppo", "rto", "rs", "semi", "ddpo", "dpo-only", "reinforce++", "rto-reinforce++",
-                "ppo-gold", "rto-gold", "ppo-dense-gold", "ppo+ens", "rto+ens", "ppo@0.5", "rto@0.5", "ppo@1", "rto@1",
-                "dpo-tuned"}
+    expected = {
+        "sft",
+        "dpo",
+        "ppo",
+        "rto",
+        "rs",
+        "semi",
+        "ddpo",
+        "dpo-only",
+        "reinforce++",
+        "rto-reinforce++",
+        "ppo-gold",
+        "rto-gold",
+        "ppo-dense-gold",
+        "ppo+ens",
+        "rto+ens",
+        "ppo@0.5",
+        "rto@0.5",
+        "ppo@1",
+        "rto@1",
+        "dpo-tuned",
+    }
     assert set(results["methods"]) == expected
     for m in results["methods"].values():
         lo, hi = m["gold_reward_ci"]
@@ -92,9 +128,26 @@ def test_quick_reproduce(tmp_path):
     alone.mkdir()
     for name in ("per_seed.json", "results.json"):
         shutil.copy(out / name, alone / name)
-    rebuilt = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", "--task", "keyed", "--quick", "--out",
-                              str(alone), "--rm-ensemble", "2", "--report-only"], capture_output=True, text=True,
-                             env=ENV, timeout=600)
+    rebuilt = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rto.cli",
+            "reproduce",
+            "--task",
+            "keyed",
+            "--quick",
+            "--out",
+            str(alone),
+            "--rm-ensemble",
+            "2",
+            "--report-only",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     again_results = json.loads((alone / "results.json").read_text())
     for key in ("methods", "comparisons", "data_efficiency", "curves", "tuning", "wall_time_s"):
@@ -107,22 +160,65 @@ def test_quick_reproduce(tmp_path):
     assert preset["tuned"]["budget"]["ppo_runs"] >= preset["tuned"]["budget"]["rto_runs"]
 
     # Resume: a second call finds every run done and gives the same numbers.
-    again = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", "--task", "keyed", "--quick", "--out",
-                            str(out), "--rm-ensemble", "2"], capture_output=True, text=True, env=ENV, timeout=600)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rto.cli",
+            "reproduce",
+            "--task",
+            "keyed",
+            "--quick",
+            "--out",
+            str(out),
+            "--rm-ensemble",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finished before with the same settings" in again.stderr
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
 
     # From the preset file: nothing is tuned again, and every run uses its settings.
     out2 = tmp_path / "from_preset"
-    third = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", "--task", "keyed", "--quick", "--out",
-                            str(out2), "--preset", str(out / "preset.yaml"), "--seeds", "1", "--methods", "ppo,rto",
-                            "--limited-pool", "0", "--no-gold-references"], capture_output=True, text=True, env=ENV,
-                           timeout=600)
+    third = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rto.cli",
+            "reproduce",
+            "--task",
+            "keyed",
+            "--quick",
+            "--out",
+            str(out2),
+            "--preset",
+            str(out / "preset.yaml"),
+            "--seeds",
+            "1",
+            "--methods",
+            "ppo,rto",
+            "--limited-pool",
+            "0",
+            "--no-gold-references",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert third.returncode == 0, third.stderr[-3000:]
-    assert not (out2 / "seed0" / "tune").exists() and set(json.loads((out2 / "results.json").read_text())["methods"]) == {
-        "sft", "dpo", "ppo", "rto", "dpo-tuned"}
-    assert yaml.safe_load((out2 / "seed0" / "configs" / "dpo-tuned.yaml").read_text())["beta"] == preset["dpo_policy"]["beta"]
+    assert not (out2 / "seed0" / "tune").exists() and set(
+        json.loads((out2 / "results.json").read_text())["methods"]
+    ) == {"sft", "dpo", "ppo", "rto", "dpo-tuned"}
+    assert (
+        yaml.safe_load((out2 / "seed0" / "configs" / "dpo-tuned.yaml").read_text())["beta"]
+        == preset["dpo_policy"]["beta"]
+    )
     for name in ("ppo", "rto"):
         cfg = yaml.safe_load((out2 / "seed0" / "configs" / f"{name}.yaml").read_text())
         assert {k: cfg[k] for k in preset["ppo"]} == preset["ppo"]

@@ -19,11 +19,49 @@ ITERATIONS = 6
 
 
 def _ppo_args(tiny_dirs, prompt_file, out, *extra):
-    return [sys.executable, "-m", "rto.cli", "ppo", "--policy", tiny_dirs["policy"], "--reward-model", tiny_dirs["rm"],
-            "--dpo-model", tiny_dirs["dpo"], "--prompts", prompt_file, "--out", str(out), "--reward", "rto",
-            "--beta1", "0.1", "--iterations", str(ITERATIONS), "--rollout-batch-size", "8", "--mini-batch-size", "4",
-            "--max-new-tokens", "6", "--actor-lr", "1e-3", "--critic-lr", "1e-3", "--eval-every", "0",
-            "--threads", "1", "--save-every", "1", "--keep-last", "2", "--seed", "3", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "rto.cli",
+        "ppo",
+        "--policy",
+        tiny_dirs["policy"],
+        "--reward-model",
+        tiny_dirs["rm"],
+        "--dpo-model",
+        tiny_dirs["dpo"],
+        "--prompts",
+        prompt_file,
+        "--out",
+        str(out),
+        "--reward",
+        "rto",
+        "--beta1",
+        "0.1",
+        "--iterations",
+        str(ITERATIONS),
+        "--rollout-batch-size",
+        "8",
+        "--mini-batch-size",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--actor-lr",
+        "1e-3",
+        "--critic-lr",
+        "1e-3",
+        "--eval-every",
+        "0",
+        "--threads",
+        "1",
+        "--save-every",
+        "1",
+        "--keep-last",
+        "2",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def _log(out: Path) -> list[dict]:
@@ -48,8 +86,9 @@ def reference(tiny_dirs, prompt_file, tmp_path_factory):
 
 
 def _resume(tiny_dirs, prompt_file, out):
-    proc = subprocess.run(_ppo_args(tiny_dirs, prompt_file, out, "--resume", "auto"), capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    proc = subprocess.run(
+        _ppo_args(tiny_dirs, prompt_file, out, "--resume", "auto"), capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
 
@@ -58,8 +97,9 @@ def test_killed_at_a_random_point_resumes_exactly(reference, tiny_dirs, prompt_f
     rng = random.Random(os.getpid())
     out = tmp_path / "run"
     wanted = rng.randint(1, ITERATIONS - 3)  # let this many checkpoints land, then kill at a random moment
-    proc = subprocess.Popen(_ppo_args(tiny_dirs, prompt_file, out), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(
+        _ppo_args(tiny_dirs, prompt_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (out / "checkpoints" / f"step_{wanted:08d}").is_dir():
@@ -88,23 +128,48 @@ def test_killed_in_the_middle_of_a_save_resumes_exactly(reference, tiny_dirs, pr
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(reference, tiny_dirs, prompt_file, tmp_path):
-    proc = subprocess.run(_ppo_args(tiny_dirs, prompt_file, reference, "--resume", "auto", "--actor-lr", "5e-4"),
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(
+        _ppo_args(tiny_dirs, prompt_file, reference, "--resume", "auto", "--actor-lr", "5e-4"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "other settings (actor_lr)" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sft_killed_and_resumed_matches_the_uninterrupted_run(prompt_file, tmp_path):
     """The TRL-backed stages resume from their own checkpoints: the same final weights, bit for bit."""
-    from rto.data import read_jsonl, write_jsonl
+    from rto.io.data import read_jsonl, write_jsonl
 
     data = tmp_path / "sft.jsonl"
     prompts = [r["prompt"] for r in read_jsonl(prompt_file, ("prompt",))]
     write_jsonl(data, ({"prompt": p, "completion": " " + " ".join(reversed(p.split()[:-1]))} for p in prompts * 2))
 
     def args(out):
-        return [sys.executable, "-m", "rto.cli", "sft", "--data", str(data), "--out", str(out), "--task", "keyed",
-                "--epochs", "3", "--batch-size", "8", "--threads", "1", "--save-every", "2", "--keep-last", "2"]
+        return [
+            sys.executable,
+            "-m",
+            "rto.cli",
+            "sft",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--task",
+            "keyed",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--threads",
+            "1",
+            "--save-every",
+            "2",
+            "--keep-last",
+            "2",
+        ]
 
     ref = tmp_path / "ref"
     assert subprocess.run(args(ref), capture_output=True, env=ENV, timeout=300).returncode == 0

@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from rto.core.rewards import (at_last_token, dpo_token_term, kl_estimate, last_token_index, normalise_score,
-                              token_rewards)
+from rto.core.rewards import (
+    at_last_token,
+    dpo_token_term,
+    kl_estimate,
+    last_token_index,
+    normalise_score,
+    token_rewards,
+)
 
 # Two responses: row 0 has 3 tokens (EOS last), row 1 has 2 tokens then padding.
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
@@ -36,8 +42,8 @@ def test_beta1_zero_never_runs_the_dpo_model(tiny_dirs, prompt_file, tmp_path):
     """beta1 = 0 turns RTO into PPO by skipping the DPO pass, not by multiplying its log-ratio by 0:
     with a DPO model whose log-ratio is unbounded (an infinite final norm: non-finite logits), the
     rewards still equal PPO's exactly."""
-    from rto.models import load_causal_lm, load_tokenizer, save_model
-    from rto.stages.ppo import PPOTrainer
+    from rto.lm.models import load_causal_lm, load_tokenizer, save_model
+    from rto.rl.trainer import PPOTrainer
     from tests.test_ppo import _cfg
 
     poisoned = load_causal_lm(tiny_dirs["dpo"])
@@ -75,7 +81,7 @@ def test_kl_estimators():
     assert torch.allclose(kl_estimate(logp, ref, "k1"), torch.tensor([1.0]))
     assert torch.allclose(kl_estimate(logp, ref, "k2"), torch.tensor([0.5]))
     # k3 = exp(ref - logp) - 1 - (ref - logp) = e^-1 - 1 + 1
-    assert torch.allclose(kl_estimate(logp, ref, "k3"), torch.tensor([torch.e ** -1]))
+    assert torch.allclose(kl_estimate(logp, ref, "k3"), torch.tensor([torch.e**-1]))
     with pytest.raises(ValueError):
         kl_estimate(logp, ref, "k9")
 
@@ -114,7 +120,7 @@ def _left_padded(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x)
     for b in range(x.shape[0]):
         n = int(mask[b].sum())
-        out[b, x.shape[1] - n:] = x[b, :n]
+        out[b, x.shape[1] - n :] = x[b, :n]
     return out
 
 
@@ -169,7 +175,13 @@ def test_a_mask_with_gaps_is_refused():
 
     check_response_mask(torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 0]]))  # right, left, empty: fine
     with pytest.raises(ValueError, match=r"row 1 has gaps \(\[1, 0, 1\]\)"):
-        token_rewards("rto", mask=torch.tensor([[1, 1, 0], [1, 0, 1]]), kl=torch.zeros(2, 3), kl_coef=0.1,
-                      score=torch.ones(2), dpo_term=torch.zeros(2, 3))
+        token_rewards(
+            "rto",
+            mask=torch.tensor([[1, 1, 0], [1, 0, 1]]),
+            kl=torch.zeros(2, 3),
+            kl_coef=0.1,
+            score=torch.ones(2),
+            dpo_term=torch.zeros(2, 3),
+        )
     with pytest.raises(ValueError, match="expected 0s and 1s"):
         check_response_mask(torch.tensor([[2, 1, 0]]))

@@ -2,8 +2,9 @@
 
 import torch
 
-from rto.models import load_causal_lm, load_tokenizer
-from rto.rollout import encode_prompts, generate, response_logits, response_mask_from_ids, token_logprobs
+from rto.lm.models import load_causal_lm, load_tokenizer
+from rto.lm.rollout import encode_prompts, generate, response_mask_from_ids
+from rto.lm.scoring import response_logits, token_logprobs
 
 
 def test_response_mask_stops_at_first_eos():
@@ -29,7 +30,7 @@ def test_logprobs_match_unpadded_forward(tiny_dirs, keyed):
         r_ids = batch.response_ids[b, :n]
         full = torch.cat([p_ids, r_ids]).unsqueeze(0)
         with torch.no_grad():
-            logits = model(full).logits[0, len(p_ids) - 1:-1] / 0.7
+            logits = model(full).logits[0, len(p_ids) - 1 : -1] / 0.7
         expected = torch.log_softmax(logits, -1).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)
         assert torch.allclose(logp[b, :n], expected, atol=1e-5)
 
@@ -52,8 +53,9 @@ def _rollout(tiny_dirs, n=6, max_new_tokens=8, temperature=0.7):
     prompts = [" ".join(f"s{j}" for j in range(1 + i % 6)) + " <sep>" for i in range(n)]
     ids, mask = encode_prompts(tok, prompts)
     torch.manual_seed(0)
-    batch = generate(model, tok, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                     record_logprobs=True)
+    batch = generate(
+        model, tok, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, record_logprobs=True
+    )
     return tok, model, batch
 
 
@@ -82,8 +84,9 @@ def test_sampled_logprobs_ignore_the_checkpoints_generation_defaults(tiny_dirs):
 
 
 def test_packed_passes_equal_padded_passes(tiny_dirs):
-    from rto.models import load_score_model
-    from rto.rollout import pack, sequence_scores, token_values
+    from rto.lm.models import load_score_model
+    from rto.lm.rollout import pack
+    from rto.lm.scoring import sequence_scores, token_values
 
     tok, model, batch = _rollout(tiny_dirs, n=9)
     lengths = batch.prompt_mask.sum(-1) + batch.response_mask.sum(-1)
@@ -101,6 +104,7 @@ def test_packed_passes_equal_padded_passes(tiny_dirs):
             assert torch.allclose(sequence_scores(critic, batch, packed), sequence_scores(critic, batch), atol=1e-5)
     assert pack(batch, 1000).input_ids.shape[0] == 1
     padded_fill = float(lengths.sum()) / batch.attention_mask.numel()
+
     def fill(p):  # share of row slots holding real tokens
         return p.n_tokens / p.input_ids.numel()
 
@@ -111,7 +115,7 @@ def test_packed_loss_and_gradients_equal_padded(tiny_dirs):
     from rto.core.losses import policy_loss
 
     _, model, batch = _rollout(tiny_dirs, n=7)
-    from rto.rollout import pack
+    from rto.lm.rollout import pack
 
     adv = torch.randn(batch.response_ids.shape)
     old = batch.sampled_logprobs + 0.05 * torch.randn(adv.shape)

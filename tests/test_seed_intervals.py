@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from rto.report_reproduce import aggregate, claims, hierarchical_ci, verdict_rules
-from rto.seed_stats import at_least_verdict, beats_verdict, seed_interval, t_interval, t_quantile
+from rto.experiments.report_reproduce import aggregate, claims, hierarchical_ci, verdict_rules
+from rto.experiments.seed_stats import at_least_verdict, beats_verdict, seed_interval, t_interval, t_quantile
 from tests.test_cli import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +22,38 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import ci_coverage  # noqa: E402
 
 # Two-sided 95% critical values t_{0.975, df} (any statistics table, e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-        29: 2.045, 30: 2.042}
+T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    16: 2.120,
+    17: 2.110,
+    18: 2.101,
+    19: 2.093,
+    20: 2.086,
+    21: 2.080,
+    22: 2.074,
+    23: 2.069,
+    24: 2.064,
+    25: 2.060,
+    26: 2.056,
+    27: 2.052,
+    28: 2.048,
+    29: 2.045,
+    30: 2.042,
+}
 
 
 def test_t_quantile_matches_tables_and_closed_forms():
@@ -73,8 +101,9 @@ def test_old_bootstrap_undercovers():
     takes hardly move): at 3 seeds it covers far less than 95% (SE at 0.75: 0.035)."""
     s = ci_coverage.real_run_settings()["settings"]
     setting = next(v for k, v in s.items() if k.startswith("seed-spread-heavy"))
-    got = ci_coverage.coverage(lambda x: hierarchical_ci(x.tolist(), n_boot=400), 3, 150, setting["tau"],
-                               setting["sigma"], seed=103)
+    got = ci_coverage.coverage(
+        lambda x: hierarchical_ci(x.tolist(), n_boot=400), 3, 150, setting["tau"], setting["sigma"], seed=103
+    )
     assert got["coverage"] < 0.88, got
 
 
@@ -118,8 +147,17 @@ def test_verdicts_on_hand_intervals():
 
 
 def _seed(seed: int, golds: dict[str, float]) -> dict:
-    return {"seed": seed, "runs": {}, "eval": {"n_prompts": 512, "methods": {
-        k: {"gold_reward": v, "win_rate_vs_sft": 0.5, "kl_to_sft": 1.0, "rm_score": 0.0} for k, v in golds.items()}}}
+    return {
+        "seed": seed,
+        "runs": {},
+        "eval": {
+            "n_prompts": 512,
+            "methods": {
+                k: {"gold_reward": v, "win_rate_vs_sft": 0.5, "kl_to_sft": 1.0, "rm_score": 0.0}
+                for k, v in golds.items()
+            },
+        },
+    }
 
 
 def test_claims_from_constructed_seeds(tmp_path):
@@ -143,8 +181,10 @@ def test_claims_from_constructed_seeds(tmp_path):
     assert got["PPO (dev-selected) ends at or above SFT"]["verdict"] == "holds (within the margin)"
     assert got["RTO beats the tuned DPO policy"]["verdict"] == "holds"  # 0.25, 0.25, 0.25
     assert results["comparisons"]["rto - dpo-tuned"]["per_seed"] == pytest.approx([0.25, 0.25, 0.25])
-    assert {c["claim"] for c in claims(results) if c["group"] == "paper"} == {"RTO beats PPO",
-                                                                             "RTO beats the tuned DPO policy"}
+    assert {c["claim"] for c in claims(results) if c["group"] == "paper"} == {
+        "RTO beats PPO",
+        "RTO beats the tuned DPO policy",
+    }
     two = aggregate(per_seed[:2], tmp_path, cfg)
     assert {c["verdict"] for c in claims(two)} == {"inconclusive (too few seeds)"}
 
@@ -161,8 +201,13 @@ def test_committed_results_rebuild_from_per_seed(tmp_path, task):
     committed = json.loads((src / "results.json").read_text())
     command = (src / "results.md").read_text().splitlines()[0]  # Command: `rto reproduce ...`
     args = command.split("`")[1].split()[2:]
-    proc = subprocess.run([sys.executable, "-m", "rto.cli", "reproduce", *args, "--report-only", "--out", str(out)],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rto.cli", "reproduce", *args, "--report-only", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rebuilt = json.loads((out / "results.json").read_text())
     for key in ("methods", "comparisons", "data_efficiency", "verdict_rules", "curves"):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from rto.core.selection import Selection, divergence
-from rto.stages.ppo import PPOTrainer
+from rto.rl.trainer import PPOTrainer
 from tests.test_ppo import _cfg
 
 
@@ -34,8 +34,12 @@ def test_a_point_over_the_kl_budget_stops_the_run_and_is_never_selected():
 
 
 def test_divergence_flags_where_the_proxy_rises_while_gold_falls():
-    curve = [_point(0, 0.2, rm=0.0), _point(10, 0.5, rm=1.0), _point(20, 0.45, rm=1.5, se=0.01),
-             _point(30, 0.3, rm=2.0, se=0.01)]
+    curve = [
+        _point(0, 0.2, rm=0.0),
+        _point(10, 0.5, rm=1.0),
+        _point(20, 0.45, rm=1.5, se=0.01),
+        _point(30, 0.3, rm=2.0, se=0.01),
+    ]
     # At 20 the fall (0.05) is beyond 2 standard errors (0.02) and the RM score is still rising.
     d = divergence(curve)
     assert d["iteration"] == 20 and d["true_best_iteration"] == 10 and d["rm_score"] == 1.5
@@ -50,9 +54,24 @@ GOLD = [0.10, 0.30, 0.50, 0.40, 0.35, 0.30, 0.25, 0.20, 0.15]  # dev gold by ite
 def _run(tiny_dirs, prompt_file, out, iterations, **kw):
     """A real tiny PPO run whose dev evaluations follow GOLD (the RM score always rising), with a
     snapshot of the policy's weights at every evaluation."""
-    trainer = PPOTrainer(_cfg(tiny_dirs, prompt_file, out, reward="sparse", iterations=iterations, eval_every=1,
-                              eval_prompts=prompt_file, task="keyed", select_by="gold_reward", patience=2,
-                              save_every=1, keep_last=0, lr_schedule="constant", **kw))
+    trainer = PPOTrainer(
+        _cfg(
+            tiny_dirs,
+            prompt_file,
+            out,
+            reward="sparse",
+            iterations=iterations,
+            eval_every=1,
+            eval_prompts=prompt_file,
+            task="keyed",
+            select_by="gold_reward",
+            patience=2,
+            save_every=1,
+            keep_last=0,
+            lr_schedule="constant",
+            **kw,
+        )
+    )
     snapshots = {}
 
     def scripted(iteration):
@@ -71,7 +90,7 @@ def test_the_selected_policy_is_saved_as_the_result_and_the_run_stops(tiny_dirs,
     trainer, summary, snapshots = _run(tiny_dirs, prompt_file, tmp_path / "a", iterations=8)
     out = tmp_path / "a" / "out"
     # Best at 2; no new best at 3 and 4: patience 2 stops the run before iteration 5 trains.
-    assert summary["iterations"] == 4 and len(trainer.history) == 4
+    assert summary["iterations"] == 4 and len(trainer.state.history) == 4
     assert summary["selection"]["best_iteration"] == 2 and "patience 2" in summary["selection"]["stopped"]
     assert summary["divergence"]["iteration"] == 3 and summary["divergence"]["true_best_iteration"] == 2
     selected, last = _saved(out / "policy"), _saved(out / "policy_last")
@@ -88,16 +107,21 @@ def test_the_selected_policy_is_saved_as_the_result_and_the_run_stops(tiny_dirs,
     out_b = tmp_path / "b" / "out"
     assert resumed["selection"] == summary["selection"] and resumed["iterations"] == 4
     for name, w in selected.items():
-        assert torch.equal(_saved(out_b / "policy")[name], w) and torch.equal(_saved(out_b / "policy_last")[name], last[name])
+        assert torch.equal(_saved(out_b / "policy")[name], w) and torch.equal(
+            _saved(out_b / "policy_last")[name], last[name]
+        )
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"select_by": "gold_reward", "eval_every": 1}, "needs a --task"),
-    ({"select_by": "gold_reward", "task": "keyed", "eval_every": 0}, "needs dev prompts"),
-    ({"patience": 3}, "set --select-by"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"select_by": "gold_reward", "eval_every": 1}, "needs a --task"),
+        ({"select_by": "gold_reward", "task": "keyed", "eval_every": 0}, "needs dev prompts"),
+        ({"patience": 3}, "set --select-by"),
+    ],
+)
 def test_selection_settings_are_checked(tiny_dirs, prompt_file, tmp_path, values, message):
-    from rto.errors import UserError
+    from rto.io.errors import UserError
 
     with pytest.raises(UserError, match=message):
         _cfg(tiny_dirs, prompt_file, tmp_path, eval_prompts=prompt_file, **values)

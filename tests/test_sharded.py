@@ -25,18 +25,70 @@ ITERATIONS = 4
 
 def _launch(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    cmd = [accelerate, "launch", "--config_file", str(ROOT / "examples/accelerate/fsdp.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), "-m", "rto", "ppo", *args]
+    cmd = [
+        accelerate,
+        "launch",
+        "--config_file",
+        str(ROOT / "examples/accelerate/fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "rto",
+        "ppo",
+        *args,
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "RTO_PROGRESS": "0", **(env_extra or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
 
 
 def _args(tiny_dirs, prompt_file, out: Path, *extra: str) -> list[str]:
-    return ["--reward", "rto", "--policy", tiny_dirs["policy"], "--reward-model", tiny_dirs["rm"], "--dpo-model",
-            tiny_dirs["dpo"], "--prompts", prompt_file, "--out", str(out), "--iterations", str(ITERATIONS),
-            "--rollout-batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6", "--actor-lr", "1e-3",
-            "--critic-lr", "1e-3", "--beta1", "0.1", "--save-every", "1", "--threads", "1", "--dist-timeout", "60",
-            "--eval-prompts", prompt_file, "--n-eval", "4", "--eval-every", "2", "--task", "keyed", "--select-by", "gold_reward", *extra]
+    return [
+        "--reward",
+        "rto",
+        "--policy",
+        tiny_dirs["policy"],
+        "--reward-model",
+        tiny_dirs["rm"],
+        "--dpo-model",
+        tiny_dirs["dpo"],
+        "--prompts",
+        prompt_file,
+        "--out",
+        str(out),
+        "--iterations",
+        str(ITERATIONS),
+        "--rollout-batch-size",
+        "4",
+        "--mini-batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--actor-lr",
+        "1e-3",
+        "--critic-lr",
+        "1e-3",
+        "--beta1",
+        "0.1",
+        "--save-every",
+        "1",
+        "--threads",
+        "1",
+        "--dist-timeout",
+        "60",
+        "--eval-prompts",
+        prompt_file,
+        "--n-eval",
+        "4",
+        "--eval-every",
+        "2",
+        "--task",
+        "keyed",
+        "--select-by",
+        "gold_reward",
+        *extra,
+    ]
 
 
 def _log(out: Path) -> list[dict]:
@@ -83,14 +135,18 @@ def test_kill_9_of_one_process_then_resume_is_exact(uninterrupted, tiny_dirs, pr
     proc = _launch(_args(tiny_dirs, prompt_file, out), {"RTO_FAULT_KILL": "1:3"})
     assert proc.returncode != 0 and "process 1 is killed (SIGKILL) at iteration 3" in proc.stderr, proc.stderr[-3000:]
     assert time.time() - start < 120
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == \
-        ["step_00000001", "step_00000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step_00000001",
+        "step_00000002",
+    ]
     proc = _launch(_args(tiny_dirs, prompt_file, out, "--resume", "auto"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "step_00000002" in proc.stderr
     assert _log(out) == _log(reference)
-    assert json.loads((out / "metrics.json").read_text())["curve"] == \
-        json.loads((reference / "metrics.json").read_text())["curve"]
+    assert (
+        json.loads((out / "metrics.json").read_text())["curve"]
+        == json.loads((reference / "metrics.json").read_text())["curve"]
+    )
     for name in ("policy", "policy_last", "critic"):
         a, b = load_file(str(out / name / "model.safetensors")), load_file(str(reference / name / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -102,26 +158,41 @@ def test_one_process_resumes_the_sharded_checkpoint(uninterrupted, tiny_dirs, pr
     out, _ = uninterrupted
     before = load_file(str(out / "policy_last" / "model.safetensors"))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RTO_PROGRESS": "0"}
-    proc = subprocess.run([sys.executable, "-m", "rto", "ppo", *_args(tiny_dirs, prompt_file, out, "--resume", "auto")],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rto", "ppo", *_args(tiny_dirs, prompt_file, out, "--resume", "auto")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"step_{ITERATIONS:08d} after iteration {ITERATIONS}" in proc.stderr
     after = load_file(str(out / "policy_last" / "model.safetensors"))
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
 
 
-@pytest.mark.parametrize("env, flag, frozen_flag, trained, frozen", [
-    ({}, "auto", "auto", "replicate", "replicate"),                                  # plain DDP launch
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}, "auto", "auto", "shard", "shard"),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, "auto", "auto", "replicate", "replicate"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "auto", "replicate", "shard", "replicate"),
-    ({"ACCELERATE_USE_FSDP": "true"}, "none", "auto", "replicate", "replicate"),    # the flag wins
-    ({}, "full", "auto", "shard", "shard"),
-])
+@pytest.mark.parametrize(
+    "env, flag, frozen_flag, trained, frozen",
+    [
+        ({}, "auto", "auto", "replicate", "replicate"),  # plain DDP launch
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}, "auto", "auto", "shard", "shard"),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"},
+            "auto",
+            "auto",
+            "replicate",
+            "replicate",
+        ),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "auto", "replicate", "shard", "replicate"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "none", "auto", "replicate", "replicate"),  # the flag wins
+        ({}, "full", "auto", "shard", "shard"),
+    ],
+)
 def test_the_layout_follows_the_accelerate_config_or_the_flag(monkeypatch, env, flag, frozen_flag, trained, frozen):
     from types import SimpleNamespace
 
-    from rto.sharding import plan_layout
+    from rto.runtime.sharding import plan_layout
 
     for key in ("ACCELERATE_USE_FSDP", "FSDP_SHARDING_STRATEGY", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(key, raising=False)
@@ -137,8 +208,8 @@ def test_the_layout_follows_the_accelerate_config_or_the_flag(monkeypatch, env, 
 def test_lora_merge_from_a_gathered_state_equals_peft_merge(tiny_dirs):
     """A sharded LoRA policy is exported from its gathered state dict (B @ A * scaling computed by
     hand): the same weights as peft's own delta on the live modules."""
-    from rto.lora import SharedBase, merged_state_dict
-    from rto.models import load_causal_lm
+    from rto.lm.lora import SharedBase, merged_state_dict
+    from rto.lm.models import load_causal_lm
 
     shared = SharedBase(load_causal_lm(tiny_dirs["policy"], "policy"), 4, 8.0, "all-linear")
     torch.manual_seed(0)
@@ -163,8 +234,15 @@ def test_bf16_lora_sharded_run_exports_a_merged_policy(tiny_dirs, prompt_file, t
     out = tmp_path / "bf16"
     args = _args(tiny_dirs, prompt_file, out)
     args[args.index("--iterations") + 1] = "1"
-    args = args[:args.index("--eval-prompts")] + ["--eval-every", "0", "--precision", "bf16", "--lora-r", "4",
-                                                  "--gradient-checkpointing"]
+    args = args[: args.index("--eval-prompts")] + [
+        "--eval-every",
+        "0",
+        "--precision",
+        "bf16",
+        "--lora-r",
+        "4",
+        "--gradient-checkpointing",
+    ]
     proc = _launch(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bf16 compute on fp32 weights" in proc.stderr
@@ -179,14 +257,24 @@ def test_bf16_lora_sharded_run_exports_a_merged_policy(tiny_dirs, prompt_file, t
 def test_a_one_process_checkpoint_resumes_sharded_over_two(tiny_dirs, prompt_file, tmp_path, lora_r):
     """A run started in one process continues over several: every trained weight and Adam state of
     its checkpoint arrives exactly, each process holding its shard of it (DCP covers the other way)."""
-    from rto.checkpoint import list_checkpoints, load_checkpoint
-    from rto.config import to_dict
-    from rto.stages.ppo import PPOTrainer
+    from rto.io.config import to_dict
+    from rto.rl.trainer import PPOTrainer
+    from rto.runtime.checkpoint import list_checkpoints, load_checkpoint
     from tests.test_distributed import launch
     from tests.test_ppo import _cfg
 
-    cfg = _cfg(tiny_dirs, prompt_file, tmp_path, reward="rto", beta1=0.1, rollout_batch_size=4, mini_batch_size=2,
-               save_every=1, lora_r=lora_r, iterations=1)
+    cfg = _cfg(
+        tiny_dirs,
+        prompt_file,
+        tmp_path,
+        reward="rto",
+        beta1=0.1,
+        rollout_batch_size=4,
+        mini_batch_size=2,
+        save_every=1,
+        lora_r=lora_r,
+        iterations=1,
+    )
     PPOTrainer(cfg).train()
     checkpoint = list_checkpoints(tmp_path / "out" / "checkpoints")[-1]
     config = tmp_path / "config.json"

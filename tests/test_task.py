@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from rto.errors import UserError
+from rto.io.errors import UserError
 from rto.tasks import KeyedTask, load_task
 from rto.tasks.keyed import split_tokens
 
@@ -96,8 +96,10 @@ def test_teacher_mean_gold_reward(keyed):
 
 def test_load_user_task_from_file(tmp_path):
     f = tmp_path / "mytask.py"
-    f.write_text("from rto.tasks import KeyedTask\nclass Short(KeyedTask):\n"
-                 "    def __init__(self, seed=0):\n        super().__init__(seed, response_len=6)\n")
+    f.write_text(
+        "from rto.tasks import KeyedTask\nclass Short(KeyedTask):\n"
+        "    def __init__(self, seed=0):\n        super().__init__(seed, response_len=6)\n"
+    )
     task = load_task(f"{f}:Short")
     assert task.response_len == 6
     with pytest.raises(UserError, match="has no KeyedTaskX"):

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from rto.config import build
-from rto.stages import STAGES
+from rto import STAGES
+from rto.io.config import build
 from rto.tasks import BUILTIN, CountTask, OrderedTask, load_task
 from rto.tasks.ordered import longest_increasing
 
@@ -63,22 +63,33 @@ def test_presets_build_every_stage(name):
     for preset in task.presets.values():
         for section, values in preset.items():
             stage = "ppo" if section == "ppo" else section
-            wiring = {"out": "o", "model": "m", "data": "d", "policy": "p", "prompts": "q", "reward_model": "r",
-                      "dpo_model": "x", "models": ["sft=s"]}
+            wiring = {
+                "out": "o",
+                "model": "m",
+                "data": "d",
+                "policy": "p",
+                "prompts": "q",
+                "reward_model": "r",
+                "dpo_model": "x",
+                "models": ["sft=s"],
+            }
             cls = STAGES[stage].config_class()
             fields = set(cls.__dataclass_fields__)
             build(cls, {**{k: v for k, v in wiring.items() if k in fields}, **values}, f"{name} {section}")
     tok = task.tokenizer()
     for split in ("train", "dev", "test"):
         for p in task.prompts(split, 20, seed=0):
-            assert tok.convert_ids_to_tokens(tok(p)["input_ids"])[-1] == "<sep>" and tok.unk_token_id not in tok(p)["input_ids"]
+            assert (
+                tok.convert_ids_to_tokens(tok(p)["input_ids"])[-1] == "<sep>"
+                and tok.unk_token_id not in tok(p)["input_ids"]
+            )
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
 def test_packaged_tuned_presets_are_rto_tunes_choice(name):
     """--preset tuned: the committed file holds what its grids chose (nothing edited by hand)."""
+    from rto.experiments.tuning import TUNED_KEYS, read_preset
     from rto.tasks import tuned_preset_file
-    from rto.tuning import TUNED_KEYS, read_preset
 
     task = load_task(name)
     path = tuned_preset_file(task)
@@ -89,7 +100,13 @@ def test_packaged_tuned_presets_are_rto_tunes_choice(name):
     best = max(tuned["ppo_grid"], key=lambda r: r["dev_score"])
     best_rto = max(tuned["rto_grid"], key=lambda r: r["dev_score"])
     assert {k: settings["ppo"][k] for k in TUNED_KEYS} == {
-        "actor_lr": best["actor_lr"], "critic_lr": best["critic_lr"], "kl_coef": best["kl_coef"],
-        "beta1": best_rto["beta1"], "dpo_clip": best_rto["dpo_clip"]}
-    assert tuned["budget"]["ppo_runs"] == len(tuned["ppo_grid"]) >= tuned["budget"]["rto_runs"] == len(tuned["rto_grid"])
+        "actor_lr": best["actor_lr"],
+        "critic_lr": best["critic_lr"],
+        "kl_coef": best["kl_coef"],
+        "beta1": best_rto["beta1"],
+        "dpo_clip": best_rto["dpo_clip"],
+    }
+    assert (
+        tuned["budget"]["ppo_runs"] == len(tuned["ppo_grid"]) >= tuned["budget"]["rto_runs"] == len(tuned["rto_grid"])
+    )
     assert settings["data"] == task.presets[doc["base"]]["data"]  # the base preset underneath

@@ -1,4 +1,4 @@
-"""Every field of TRL's configs has one decision (rto/trl_tables.py); YAML files written by TRL's own
+"""Every field of TRL's configs has one decision (rto/io/trl_tables.py); YAML files written by TRL's own
 dataclasses run unchanged; the doc is the tables'."""
 
 import dataclasses
@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 import rto
-from rto.trl_fields import Hook, Ignore, Map, Refuse, normalised, same
-from rto.trl_tables import markdown
-from rto.trl_tables import LEGACY, PPO_LEGACY, STAGE_TABLES, TRL112_PPO_DEFAULTS
+from rto.io.trl_fields import Hook, Ignore, Map, Refuse, normalised, same
+from rto.io.trl_stage_tables import LEGACY, PPO_LEGACY, STAGE_TABLES, TRL112_PPO_DEFAULTS, markdown
 from tests.test_cli import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +51,7 @@ def trl_fields(stage: str) -> dict:
 def test_every_trl_field_has_exactly_one_decision(stage):
     fields, table = trl_fields(stage), STAGE_TABLES[stage]
     undecided = sorted(set(fields) - set(table))
-    assert not undecided, f"TRL fields without a decision in rto/trl_tables.py ({stage}): {undecided}"
+    assert not undecided, f"TRL fields without a decision in rto/io/trl_tables.py ({stage}): {undecided}"
     extra = set(table) - set(fields) - set(LEGACY) - set(PPO_LEGACY)
     assert not extra, f"decisions for fields TRL does not have ({stage}): {sorted(extra)}"
     for name, decision in table.items():
@@ -87,9 +86,11 @@ def test_mapped_fields_name_our_settings(stage):
 
 def test_the_doc_is_the_tables():
     doc = (ROOT / "docs" / "trl-compatibility.md").read_text()
-    assert doc == markdown(), "regenerate: python -c 'from rto.trl_tables import markdown; print(markdown())' " \
-                              "> docs/trl-compatibility.md"
-    for stage, table in STAGE_TABLES.items():
+    assert doc == markdown(), (
+        "regenerate: python -c 'from rto.io.trl_stage_tables import markdown; print(markdown())' "
+        "> docs/trl-compatibility.md"
+    )
+    for table in STAGE_TABLES.values():
         for name in table:
             assert f"| `{name}` |" in doc
 
@@ -119,14 +120,27 @@ def test_a_yaml_written_by_trls_dataclasses_runs_unchanged(tiny_dirs, prefs, tmp
     if stage == "sft":  # the keyed tokenizer has no chat template: TRL's {text} rows
         data = tmp_path / "text.jsonl"
         data.write_text("".join(json.dumps({"text": f"s{i} <sep> s{i + 1} <eos>"}) + "\n" for i in range(8)))
-    values = dump(stage, output_dir=str(tmp_path / stage), model_name_or_path=tiny_dirs["policy"],
-                  dataset_name=str(data), learning_rate=1e-4, num_train_epochs=1, max_steps=2,
-                  per_device_train_batch_size=4, logging_steps=1)
+    values = dump(
+        stage,
+        output_dir=str(tmp_path / stage),
+        model_name_or_path=tiny_dirs["policy"],
+        dataset_name=str(data),
+        learning_rate=1e-4,
+        num_train_epochs=1,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+    )
     assert set(values) == set(trl_fields(stage))  # every field
     config = tmp_path / f"{stage}.yaml"
     config.write_text(yaml.safe_dump(values))
-    proc = subprocess.run([sys.executable, "-m", "rto", stage, "--config", str(config)], capture_output=True,
-                          text=True, env=ENV, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rto", stage, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "lora_dropout" not in proc.stderr  # use_peft false: TRL's lora_* settings are not read
     logs = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
@@ -136,18 +150,36 @@ def test_a_yaml_written_by_trls_dataclasses_runs_unchanged(tiny_dirs, prefs, tmp
 
 
 def test_a_trl_ppo_yaml_runs_unchanged(tiny_dirs, prompt_file, tmp_path):
-    values = dump("ppo", output_dir=str(tmp_path / "ppo"), sft_model_path=tiny_dirs["policy"],
-                  reward_model_path=tiny_dirs["rm"], dataset_name=prompt_file, total_episodes=8,
-                  per_device_train_batch_size=4, response_length=4, num_ppo_epochs=1)
+    values = dump(
+        "ppo",
+        output_dir=str(tmp_path / "ppo"),
+        sft_model_path=tiny_dirs["policy"],
+        reward_model_path=tiny_dirs["rm"],
+        dataset_name=prompt_file,
+        total_episodes=8,
+        per_device_train_batch_size=4,
+        response_length=4,
+        num_ppo_epochs=1,
+    )
     assert set(values) == set(trl_fields("ppo")) and values["logging_steps"] == 10
     config = tmp_path / "ppo.yaml"
     config.write_text(yaml.safe_dump(values))
     cfg = rto.make_config("ppo", values)
     assert (cfg.iterations, cfg.rollout_batch_size, cfg.mini_batch_size, cfg.lr_schedule) == (2, 4, 4, "linear")
-    assert (cfg.actor_lr, cfg.critic_lr, cfg.temperature, cfg.adam_beta2, cfg.warmup_ratio) == (3e-6, 3e-6, 0.7,
-                                                                                               0.999, 0.0)
-    proc = subprocess.run([sys.executable, "-m", "rto", "ppo", "--config", str(config), "--eval-every", "0",
-                           "--threads", "1"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert (cfg.actor_lr, cfg.critic_lr, cfg.temperature, cfg.adam_beta2, cfg.warmup_ratio) == (
+        3e-6,
+        3e-6,
+        0.7,
+        0.999,
+        0.0,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "rto", "ppo", "--config", str(config), "--eval-every", "0", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]

@@ -31,12 +31,16 @@ beta: 0.1
 def test_a_trl_dpo_config_and_flags_run_as_they_are(tiny_dirs, prefs, tmp_path):
     config = tmp_path / "dpo.yaml"
     config.write_text(TRL_DPO_YAML.format(model=tiny_dirs["policy"], data=prefs, out=tmp_path / "dpo"))
-    from rto.config import load_yaml
+    from rto.io.config import load_yaml
 
     cfg = rto.make_config("dpo", load_yaml(config))
     assert (cfg.model, cfg.data, cfg.out) == (tiny_dirs["policy"], str(prefs), str(tmp_path / "dpo"))
-    assert (cfg.learning_rate, cfg.epochs, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == \
-        (5e-7, 1.0, 4, 2)
+    assert (cfg.learning_rate, cfg.epochs, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (
+        5e-7,
+        1.0,
+        4,
+        2,
+    )
     assert (cfg.gradient_checkpointing, cfg.precision, cfg.lora_r, cfg.beta) == (True, "bf16", 8, 0.1)
     assert rto.make_config("dpo", load_yaml(config), lora_r=0).lora_r == 0  # our own name wins over use_peft
     from rto.stages.common import trl_common_args
@@ -47,9 +51,28 @@ def test_a_trl_dpo_config_and_flags_run_as_they_are(tiny_dirs, prefs, tmp_path):
     assert trl_common_args(rto.make_config("dpo", load_yaml(config), precision="auto"), "o")["bf16"] is False  # no GPU
 
     # The command line, TRL-style flags on top (bf16 off: this CPU run stays fp32).
-    proc = subprocess.run([sys.executable, "-m", "rto", "dpo", "--config", str(config), "--no-bf16", "--max_steps", "2",
-                           "--logging_steps=1", "--output_dir", str(tmp_path / "dpo2"), "--threads", "1"],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rto",
+            "dpo",
+            "--config",
+            str(config),
+            "--no-bf16",
+            "--max_steps",
+            "2",
+            "--logging_steps=1",
+            "--output_dir",
+            str(tmp_path / "dpo2"),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     steps = [json.loads(line) for line in (tmp_path / "dpo2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "loss" in r] == [1, 2]  # max_steps 2, a log at every step
@@ -96,8 +119,13 @@ def test_trl_sft_and_reward_configs_run_unchanged(tiny_dirs, prefs, tmp_path, st
         data.write_text("".join(json.dumps({"text": f"s{i} <sep> s{i + 1} <eos>"}) + "\n" for i in range(8)))
     config = tmp_path / f"{stage}.yaml"
     config.write_text(text.format(model=tiny_dirs["policy"], data=data, out=tmp_path / stage))
-    proc = subprocess.run([sys.executable, "-m", "rto", stage, "--config", str(config)], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rto", stage, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     if stage == "sft":  # at TRL's default ("no"), eval_strategy needs no notice; a hub id does
         assert "TRL settings with no counterpart here, ignored: hub_model_id" in proc.stderr
@@ -116,10 +144,25 @@ def test_one_meaning_of_batch_size(tiny_dirs):
 
 
 def test_ppo_reads_trl_ppo_names_and_unknown_keys_still_stop(tiny_dirs):
-    cfg = rto.make_config("ppo", {"sft_model_path": tiny_dirs["policy"], "reward_model_path": tiny_dirs["rm"],
-                                  "dataset_name": "p.jsonl", "output_dir": "o", "learning_rate": 3e-6,
-                                  "num_ppo_epochs": 2, "cliprange": 0.1, "response_length": 7})
-    assert (cfg.policy, cfg.reward_model, cfg.prompts, cfg.out) == (tiny_dirs["policy"], tiny_dirs["rm"], "p.jsonl", "o")
+    cfg = rto.make_config(
+        "ppo",
+        {
+            "sft_model_path": tiny_dirs["policy"],
+            "reward_model_path": tiny_dirs["rm"],
+            "dataset_name": "p.jsonl",
+            "output_dir": "o",
+            "learning_rate": 3e-6,
+            "num_ppo_epochs": 2,
+            "cliprange": 0.1,
+            "response_length": 7,
+        },
+    )
+    assert (cfg.policy, cfg.reward_model, cfg.prompts, cfg.out) == (
+        tiny_dirs["policy"],
+        tiny_dirs["rm"],
+        "p.jsonl",
+        "o",
+    )
     assert (cfg.actor_lr, cfg.ppo_epochs, cfg.clip_range, cfg.max_new_tokens) == (3e-6, 2, 0.1, 7)
     with pytest.raises(rto.UserError, match="packing: packing is not offered for sft"):  # an error, not silence
         rto.make_config("sft", data="d.jsonl", out="o", packing=True)
@@ -129,9 +172,26 @@ def test_ppo_reads_trl_ppo_names_and_unknown_keys_still_stop(tiny_dirs):
 
 def test_a_hub_dataset_id_offline_is_one_line(tiny_dirs, tmp_path):
     env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-m", "rto", "dpo", "--model_name_or_path", tiny_dirs["policy"],
-                           "--dataset_name", "trl-lib/ultrafeedback_binarized", "--dataset_train_split", "test",
-                           "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rto",
+            "dpo",
+            "--model_name_or_path",
+            tiny_dirs["policy"],
+            "--dataset_name",
+            "trl-lib/ultrafeedback_binarized",
+            "--dataset_train_split",
+            "test",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("rto: error: trl-lib/ultrafeedback_binarized: not a data file here, and not a hub dataset")
@@ -141,10 +201,28 @@ def test_a_hub_dataset_id_offline_is_one_line(tiny_dirs, tmp_path):
 
 def test_ppo_prompts_from_a_hub_id_offline_is_one_line(tiny_dirs, tmp_path):
     env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-m", "rto", "ppo", "--sft_model_path", tiny_dirs["policy"],
-                           "--reward_model_path", tiny_dirs["rm"], "--dataset_name", "trl-lib/tldr",
-                           "--dataset_train_split", "validation", "--output_dir", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rto",
+            "ppo",
+            "--sft_model_path",
+            tiny_dirs["policy"],
+            "--reward_model_path",
+            tiny_dirs["rm"],
+            "--dataset_name",
+            "trl-lib/tldr",
+            "--dataset_train_split",
+            "validation",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("rto: error: trl-lib/tldr: not a data file here")
     assert "split 'validation'" in proc.stderr
@@ -175,18 +253,26 @@ eval_strategy: "no"
 def test_a_trl_ppo_config_runs_unchanged(tiny_dirs, prompt_file, tmp_path):
     """TRL's PPO batches mapped onto ours: 4 x 2 prompts per rollout, 2 mini-batches, 16 episodes = 2
     iterations; one learning rate for policy and critic."""
-    from rto.config import load_yaml
+    from rto.io.config import load_yaml
 
     config = tmp_path / "ppo.yaml"
-    config.write_text(TRL_PPO_YAML.format(policy=tiny_dirs["policy"], rm=tiny_dirs["rm"], prompts=prompt_file,
-                                          out=tmp_path / "ppo"))
+    config.write_text(
+        TRL_PPO_YAML.format(policy=tiny_dirs["policy"], rm=tiny_dirs["rm"], prompts=prompt_file, out=tmp_path / "ppo")
+    )
     cfg = rto.make_config("ppo", load_yaml(config))
     assert (cfg.rollout_batch_size, cfg.mini_batch_size, cfg.iterations) == (8, 4, 2)
     assert (cfg.actor_lr, cfg.critic_lr, cfg.max_new_tokens, cfg.score_batch_size) == (3e-6, 3e-6, 6, 4)
     assert cfg.gradient_checkpointing
-    assert rto.make_config("ppo", load_yaml(config), rollout_batch_size=16).iterations == 1  # ours win, the rest follows
-    proc = subprocess.run([sys.executable, "-m", "rto", "ppo", "--config", str(config), "--eval_every", "0",
-                           "--threads", "1"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert (
+        rto.make_config("ppo", load_yaml(config), rollout_batch_size=16).iterations == 1
+    )  # ours win, the rest follows
+    proc = subprocess.run(
+        [sys.executable, "-m", "rto", "ppo", "--config", str(config), "--eval_every", "0", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "TRL settings with no counterpart here, ignored: vf_coef" in proc.stderr
     rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
@@ -204,8 +290,16 @@ PPO_REQUIRED = {"policy": "p", "prompts": "x.jsonl", "out": "o", "reward_model":
 def test_harmless_and_default_trl_settings_are_read(capsys):
     """logging_steps in ppo; TRL's defaults (packing false, assistant_only_loss false, ...) are
     never errors; a harmless setting away from our behaviour is named in one notice line."""
-    cfg = rto.make_config("ppo", {**PPO_REQUIRED, "logging_steps": 10, "ds3_gather_for_generation": True,
-                                  "dataset_test_split": "test", "num_train_epochs": 3.0})
+    cfg = rto.make_config(
+        "ppo",
+        {
+            **PPO_REQUIRED,
+            "logging_steps": 10,
+            "ds3_gather_for_generation": True,
+            "dataset_test_split": "test",
+            "num_train_epochs": 3.0,
+        },
+    )
     assert cfg.iterations == 100 and capsys.readouterr().err == ""  # TRL's defaults: not a word
     rto.make_config("ppo", {**PPO_REQUIRED, "logging_steps": 1, "ds3_gather_for_generation": False})
     assert "ignored: logging_steps, ds3_gather_for_generation" in capsys.readouterr().err
@@ -213,8 +307,16 @@ def test_harmless_and_default_trl_settings_are_read(capsys):
     assert rto.make_config("ppo", {**PPO_REQUIRED, "num_train_epochs": 1, "total_episodes": 128}).iterations == 2
     with pytest.raises(rto.UserError, match="num_train_epochs: TRL's PPO counts prompts; give total_episodes"):
         rto.make_config("ppo", {**PPO_REQUIRED, "num_train_epochs": 1})
-    sft = rto.make_config("sft", data="d.jsonl", out="o", packing=False, assistant_only_loss=False,
-                          lr_scheduler_type="linear", dataset_test_split="test", completion_only_loss=None)
+    sft = rto.make_config(
+        "sft",
+        data="d.jsonl",
+        out="o",
+        packing=False,
+        assistant_only_loss=False,
+        lr_scheduler_type="linear",
+        dataset_test_split="test",
+        completion_only_loss=None,
+    )
     assert sft.lr_schedule == "linear"
     common = {"model": "m", "data": "d.jsonl", "out": "o", "disable_dropout": True}
     assert rto.make_config("rm", common, center_rewards_coefficient=None).center_rewards_coefficient is None
@@ -236,30 +338,41 @@ def test_unknown_keys_get_suggestions_by_meaning_not_spelling():
 
 def test_every_refusal_of_a_file_is_reported_in_one_run(tmp_path):
     config = tmp_path / "sft.yaml"
-    config.write_text("dataset_name: d.jsonl\noutput_dir: o\npacking: true\nfp16: true\nassistant_only_loss: true\n"
-                      "lr_scheduler_type: polynomial\nnum_epochs: 2\nlogging_steps: 1\ntorch_compile: false\n")
-    proc = subprocess.run([sys.executable, "-m", "rto", "sft", "--config", str(config)], capture_output=True,
-                          text=True, env=ENV, timeout=300)
+    config.write_text(
+        "dataset_name: d.jsonl\noutput_dir: o\npacking: true\nfp16: true\nassistant_only_loss: true\n"
+        "lr_scheduler_type: polynomial\nnum_epochs: 2\nlogging_steps: 1\ntorch_compile: false\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "rto", "sft", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     err = proc.stderr
     assert f"rto: error: 5 settings cannot be used:\n{config}: packing: packing is not offered" in err
-    for line in (f"{config}: fp16: fp16 is not offered", f"{config}: assistant_only_loss: the loss covers",
-                 f"{config}: lr_scheduler_type 'polynomial': not offered",
-                 f"{config}: unknown setting 'num_epochs' (did you mean epochs?)"):
+    for line in (
+        f"{config}: fp16: fp16 is not offered",
+        f"{config}: assistant_only_loss: the loss covers",
+        f"{config}: lr_scheduler_type 'polynomial': not offered",
+        f"{config}: unknown setting 'num_epochs' (did you mean epochs?)",
+    ):
         assert line in err, line
     assert "logging_steps" not in err and "torch_compile" not in err
 
 
-@pytest.mark.parametrize("trl_name, at_step_2", [("linear", 0.8), ("cosine", 0.9045), ("constant", 1.0),
-                                                 (None, 0.9140)])
+@pytest.mark.parametrize(
+    "trl_name, at_step_2", [("linear", 0.8), ("cosine", 0.9045), ("constant", 1.0), (None, 0.9140)]
+)
 def test_the_learning_rate_schedule_is_honoured(trl_name, at_step_2):
     """TRL's lr_scheduler_type, as TRL means it (cosine: to 0), in rto ppo's schedule and in the
     TRL stages' arguments; without it ppo decays by cosine to 10% (the stated default)."""
     import torch
     from transformers import get_scheduler
 
+    from rto.rl.models import make_optimizer
     from rto.stages.common import trl_common_args
-    from rto.stages.ppo_models import make_optimizer
 
     trl = {"lr_scheduler_type": trl_name} if trl_name else {}
     cfg = rto.make_config("ppo", {**PPO_REQUIRED, **trl, "warmup_steps": 0})

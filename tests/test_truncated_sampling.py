@@ -3,8 +3,9 @@ truncated distribution the tokens were drawn from, and the training pass compute
 
 import torch
 
-from rto.models import load_causal_lm, load_tokenizer
-from rto.rollout import encode_prompts, generate, response_logits, token_logprobs
+from rto.lm.models import load_causal_lm, load_tokenizer
+from rto.lm.rollout import encode_prompts, generate
+from rto.lm.scoring import response_logits, token_logprobs
 
 T, TOP_K, TOP_P = 0.7, 6, 0.8
 
@@ -31,15 +32,16 @@ def test_recorded_logprobs_are_the_truncated_sampling_distribution(tiny_dirs):
     prompts = ["s1 s2 s3 <sep>", "s4 s5 s6 s7 s8 s9 <sep>", "s10 <sep>", "s2 <sep>"]
     ids, mask = encode_prompts(tok, prompts)
     torch.manual_seed(0)
-    batch = generate(model, tok, ids, mask, max_new_tokens=10, temperature=T, top_k=TOP_K, top_p=TOP_P,
-                     record_logprobs=True)
+    batch = generate(
+        model, tok, ids, mask, max_new_tokens=10, temperature=T, top_k=TOP_K, top_p=TOP_P, record_logprobs=True
+    )
     truncated_gain = []
     for b, prompt in enumerate(prompts):
         p_ids = tok(prompt, return_tensors="pt")["input_ids"][0]
         n = int(batch.response_mask[b].sum())
         r_ids = batch.response_ids[b, :n]
         with torch.no_grad():
-            logits = model(torch.cat([p_ids, r_ids]).unsqueeze(0)).logits[0, len(p_ids) - 1:-1]
+            logits = model(torch.cat([p_ids, r_ids]).unsqueeze(0)).logits[0, len(p_ids) - 1 : -1]
         for t in range(n):
             logp, keep = _truncated_logprobs_by_hand(logits[t])
             token = int(r_ids[t])

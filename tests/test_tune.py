@@ -10,10 +10,32 @@ from tests.test_cli import rto
 
 def test_pipeline_tunes_then_runs_with_the_choice(tmp_path):
     run = tmp_path / "run"
-    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(run), "--methods", "sft,dpo,ppo,rto",
-               "--jobs", "1", "--tune", "--set", "tune_grid.ppo_lrs=[1e-4, 1e-3]", "--set", "tune_grid.kl_coefs=[0.05]",
-               "--set", "tune_grid.rto_beta1s=[0.05, 0.5]", "--set", "tune_grid.extend_edges=1",
-               "--set", "tune_grid.dpo_betas=[0.1, 0.5]", "--set", "tune_grid.dpo_lrs=[5e-4]")
+    proc = rto(
+        "pipeline",
+        "--task",
+        "keyed",
+        "--preset",
+        "smoke",
+        "--out",
+        str(run),
+        "--methods",
+        "sft,dpo,ppo,rto",
+        "--jobs",
+        "1",
+        "--tune",
+        "--set",
+        "tune_grid.ppo_lrs=[1e-4, 1e-3]",
+        "--set",
+        "tune_grid.kl_coefs=[0.05]",
+        "--set",
+        "tune_grid.rto_beta1s=[0.05, 0.5]",
+        "--set",
+        "tune_grid.extend_edges=1",
+        "--set",
+        "tune_grid.dpo_betas=[0.1, 0.5]",
+        "--set",
+        "tune_grid.dpo_lrs=[5e-4]",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     preset = yaml.safe_load((run / "preset.yaml").read_text())
     # Each grid point's score is its run's best dev evaluation; the choice is the best score.
@@ -45,8 +67,19 @@ def test_pipeline_tunes_then_runs_with_the_choice(tmp_path):
     assert set(summary["methods"]) == {"sft", "dpo", "ppo", "rto", "dpo-tuned"}
     assert "dpo: the preset's DPO settings" in proc.stderr and "dpo-tuned: DPO with beta" in proc.stderr
     # ... and the file runs a pipeline of its own.
-    again = rto("pipeline", "--task", "keyed", "--preset", str(run / "preset.yaml"), "--out", str(tmp_path / "again"),
-                "--methods", "sft,dpo,ppo", "--jobs", "1")
+    again = rto(
+        "pipeline",
+        "--task",
+        "keyed",
+        "--preset",
+        str(run / "preset.yaml"),
+        "--out",
+        str(tmp_path / "again"),
+        "--methods",
+        "sft,dpo,ppo",
+        "--jobs",
+        "1",
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert yaml.safe_load((tmp_path / "again" / "configs" / "dpo-tuned.yaml").read_text())["beta"] == best_dpo["beta"]
     cfg = yaml.safe_load((tmp_path / "again" / "configs" / "ppo.yaml").read_text())
@@ -54,8 +87,19 @@ def test_pipeline_tunes_then_runs_with_the_choice(tmp_path):
 
 
 def test_tune_refuses_more_budget_for_rto_and_foreign_presets(tmp_path):
-    proc = rto("tune", "--task", "keyed", "--out", str(tmp_path / "t"), "--ppo-lrs", "1e-4", "--kl-coefs", "0.05",
-               "--rto-beta1s", "0.05,0.3")
+    proc = rto(
+        "tune",
+        "--task",
+        "keyed",
+        "--out",
+        str(tmp_path / "t"),
+        "--ppo-lrs",
+        "1e-4",
+        "--kl-coefs",
+        "0.05",
+        "--rto-beta1s",
+        "0.05,0.3",
+    )
     assert proc.returncode == 2 and "never given less tuning budget than RTO" in proc.stderr
     preset = tmp_path / "p.yaml"
     preset.write_text(yaml.safe_dump({"task": "count", "base": "smoke", "ppo": {"actor_lr": 1e-4}}))
@@ -65,10 +109,12 @@ def test_tune_refuses_more_budget_for_rto_and_foreign_presets(tmp_path):
 
 
 def test_edge_steps_go_one_step_past_a_best_point_on_the_edge():
-    from rto.tuning import edge_steps
+    from rto.experiments.tuning import edge_steps
 
     def rows(scores):  # lr x kl grid {1, 2, 4} x {0.01, 0.1}
-        return [{"actor_lr": lr, "kl_coef": kl, "dev_score": scores[(lr, kl)]} for lr in (1, 2, 4) for kl in (0.01, 0.1)]
+        return [
+            {"actor_lr": lr, "kl_coef": kl, "dev_score": scores[(lr, kl)]} for lr in (1, 2, 4) for kl in (0.01, 0.1)
+        ]
 
     inside = {(lr, kl): 0.0 for lr in (1, 2, 4) for kl in (0.01, 0.1)}
     inside[(2, 0.01)] = 1.0  # lr inside; kl on the low edge

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "verl"))
 def _verl_layout(tokenizer, prompts, lengths, left_padded_prompts, seed=0):
     """verl's [prompt | response] layout with one attention mask over both; responses right-padded,
     prompts left-padded (the rollout's batch) or right-padded (the v1 trainer's reward input)."""
-    from rto.rollout import encode_prompts
+    from rto.lm.rollout import encode_prompts
 
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)  # left-padded
     if not left_padded_prompts:
@@ -36,9 +36,10 @@ def test_rto_token_rewards_on_verls_layout(tiny_dirs, prompt_file, left_padded_p
     import rto_reward
 
     from rto.core.rewards import dpo_token_term, token_rewards
-    from rto.prompt_pool import read_prompts
-    from rto.models import load_causal_lm, load_tokenizer
-    from rto.rollout import Batch, encode_prompts, response_logits, token_logprobs
+    from rto.io.prompt_pool import read_prompts
+    from rto.lm.models import load_causal_lm, load_tokenizer
+    from rto.lm.rollout import Batch, encode_prompts
+    from rto.lm.scoring import response_logits, token_logprobs
 
     tokenizer = load_tokenizer(tiny_dirs["policy"])
     prompts = read_prompts(prompt_file, tokenizer, max_len=64)[:4]
@@ -56,8 +57,9 @@ def test_rto_token_rewards_on_verls_layout(tiny_dirs, prompt_file, left_padded_p
         dpo_logp = token_logprobs(response_logits(dpo_model, ours), ours.response_ids)
     scores = torch.tensor([0.5, -1.0, 12.0, 0.25])  # 12 is past the score clip
     dense, _ = dpo_token_term(dpo_logp, ref_logp, response_mask, 0.5, None)
-    expected = token_rewards("rto", mask=response_mask, kl=torch.zeros_like(dense), kl_coef=0.0,
-                             score=scores.clamp(-10, 10), dpo_term=dense)
+    expected = token_rewards(
+        "rto", mask=response_mask, kl=torch.zeros_like(dense), kl_coef=0.0, score=scores.clamp(-10, 10), dpo_term=dense
+    )
     assert dense.abs().sum() > 0, "a DPO term of 0 everywhere would make the comparison prove nothing"
 
     per_sample = []
@@ -66,9 +68,10 @@ def test_rto_token_rewards_on_verls_layout(tiny_dirs, prompt_file, left_padded_p
         assert p.tolist() == left_ids[i][left_mask[i].bool()].tolist() and len(r) == lengths[i]
         dpo = rto_reward.response_token_logprobs(dpo_model, p, r)
         ref = rto_reward.response_token_logprobs(ref_model, p, r)
-        torch.testing.assert_close(dpo, dpo_logp[i, :lengths[i]], atol=1e-5, rtol=1e-5)
-        rewards, info = rto_reward.rto_token_rewards(dpo, ref, float(scores[i]), beta1=0.5, dpo_clip=None,
-                                                     score_clip=10.0)
+        torch.testing.assert_close(dpo, dpo_logp[i, : lengths[i]], atol=1e-5, rtol=1e-5)
+        rewards, info = rto_reward.rto_token_rewards(
+            dpo, ref, float(scores[i]), beta1=0.5, dpo_clip=None, score_clip=10.0
+        )
         assert info["dpo_term_sum"] == pytest.approx(float(dense[i].sum()), abs=1e-5)
         per_sample.append(rewards.tolist())
     # verl's rm_scores [B, R]: the token rewards on each response's tokens, the RM score on its last.

@@ -50,7 +50,7 @@ class SentimentJudge(Task):
 
     def _load(self):
         if self._lm is None:
-            from rto.models import load_causal_lm, load_tokenizer
+            from rto.lm.models import load_causal_lm, load_tokenizer
 
             if not self.model_dir:
                 raise RuntimeError(f"set {MODEL_ENV} to the SFT model directory (the coherence judge)")
@@ -66,12 +66,13 @@ class SentimentJudge(Task):
     @torch.no_grad()
     def mean_logprobs(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Mean log-prob per response token under the SFT model (prompts are rendered chat strings)."""
-        from rto.rollout import encode_responses, response_logits, token_logprobs
+        from rto.lm.rollout import encode_responses
+        from rto.lm.scoring import response_logits, token_logprobs
 
         lm, tok = self._load()
         out = []
         for i in range(0, len(prompts), 16):
-            batch = encode_responses(tok, prompts[i:i + 16], [self.clean(r) for r in responses[i:i + 16]])
+            batch = encode_responses(tok, prompts[i : i + 16], [self.clean(r) for r in responses[i : i + 16]])
             lp = token_logprobs(response_logits(lm, batch), batch.response_ids)
             m = batch.response_mask.float()
             out += (lp * m).sum(-1).div(m.sum(-1).clamp(min=1)).tolist()

@@ -48,14 +48,16 @@ class MirrorTask(SymbolTask):
         got = response_symbols(response)
         return common_subsequence(got, want) / len(want) - 0.25 * abs(len(got) - len(want)) / len(want)
 
-    presets = {"default": {
-        "data": {"n_sft": 4000, "n_rl_prompts": 2048, "n_dev": 128, "n_test": 512},
-        "sft": {"epochs": 8, "learning_rate": 3e-3},
-        "pairs": {"n_pairs": 2000, "n_heldout": 500, "max_new_tokens": 16},
-        "rm": {"epochs": 4, "learning_rate": 1e-3},
-        "dpo": {"epochs": 3, "learning_rate": 5e-4},
-        # keyed's RL settings, copied as they are (keyed's segment delimiters do not apply here)
-        "ppo": {k: v for k, v in KeyedTask.presets["default"]["ppo"].items() if k != "segment_delimiters"}
-        | {"max_new_tokens": 16},
-        "eval": {"max_new_tokens": 16},
-    }}
+    presets = {
+        "default": {
+            "data": {"n_sft": 4000, "n_rl_prompts": 2048, "n_dev": 128, "n_test": 512},
+            "sft": {"epochs": 8, "learning_rate": 3e-3},
+            "pairs": {"n_pairs": 2000, "n_heldout": 500, "max_new_tokens": 16},
+            "rm": {"epochs": 4, "learning_rate": 1e-3},
+            "dpo": {"epochs": 3, "learning_rate": 5e-4},
+            # keyed's RL settings, copied as they are (keyed's segment delimiters do not apply here)
+            "ppo": {k: v for k, v in KeyedTask.presets["default"]["ppo"].items() if k != "segment_delimiters"}
+            | {"max_new_tokens": 16},
+            "eval": {"max_new_tokens": 16},
+        }
+    }

@@ -100,11 +100,13 @@ except ImportError:  # the reward math works without verl (tests/test_verl_examp
     _verl_registry, RewardManagerBase = None, object
 
 NAME = "rto"  # the name in verl's reward-loop registry
-DEFAULTS = dict(dpo_model=None, ref_model=None, beta1=0.05, dpo_clip=0.05, rm_weight=1.0, score_clip=10.0, kind="rto",
-                device="cpu")
+DEFAULTS = dict(
+    dpo_model=None, ref_model=None, beta1=0.05, dpo_clip=0.05, rm_weight=1.0, score_clip=10.0, kind="rto", device="cpu"
+)
 
 
 # ----------------------------------------------------------------- the reward math (torch + rto.core)
+
 
 def sample_tokens(prompts: torch.Tensor, responses: torch.Tensor, attention_mask: torch.Tensor):
     """One sample's prompt and response token ids, padding dropped. verl lays a sample out as
@@ -122,14 +124,22 @@ def response_token_logprobs(model, prompt_ids: torch.Tensor, response_ids: torch
     Unpadded, one sample: no attention mask or position ids to get wrong."""
     device = next(model.parameters()).device
     ids = torch.cat([prompt_ids, response_ids]).to(device).unsqueeze(0)
-    logits = model(input_ids=ids).logits[0, prompt_ids.numel() - 1:-1].float()
+    logits = model(input_ids=ids).logits[0, prompt_ids.numel() - 1 : -1].float()
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(-1, response_ids.to(device).unsqueeze(-1)).squeeze(-1).cpu()
 
 
-def rto_token_rewards(dpo_logp: torch.Tensor, ref_logp: torch.Tensor, score: float, *, beta1: float,
-                      dpo_clip: float | None, rm_weight: float = 1.0, score_clip: float | None = None,
-                      kind: str = "rto") -> tuple[torch.Tensor, dict]:
+def rto_token_rewards(
+    dpo_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    score: float,
+    *,
+    beta1: float,
+    dpo_clip: float | None,
+    rm_weight: float = 1.0,
+    score_clip: float | None = None,
+    kind: str = "rto",
+) -> tuple[torch.Tensor, dict]:
     """One response's token rewards without the KL penalty (verl adds it), via rto.core; and what
     to log: the summed DPO term, the fraction of tokens whose DPO term the clip cut."""
     mask = torch.ones(1, dpo_logp.numel(), dtype=torch.long)
@@ -137,27 +147,32 @@ def rto_token_rewards(dpo_logp: torch.Tensor, ref_logp: torch.Tensor, score: flo
     s = torch.tensor([float(score)])
     if score_clip is not None:
         s = s.clamp(-score_clip, score_clip)
-    rewards = token_rewards(kind, mask=mask, kl=torch.zeros_like(dense), kl_coef=0.0, score=s, dpo_term=dense,
-                            rm_weight=rm_weight)
+    rewards = token_rewards(
+        kind, mask=mask, kl=torch.zeros_like(dense), kl_coef=0.0, score=s, dpo_term=dense, rm_weight=rm_weight
+    )
     return rewards[0], {"dpo_term_sum": float(dense.sum()), "dpo_clip_frac": float(clipped)}
 
 
-def place_token_rewards(prompts: torch.Tensor, responses: torch.Tensor, attention_mask: torch.Tensor,
-                        rewards: list) -> torch.Tensor:
+def place_token_rewards(
+    prompts: torch.Tensor, responses: torch.Tensor, attention_mask: torch.Tensor, rewards: list
+) -> torch.Tensor:
     """[B, R] rm_scores: row i's token rewards on its response tokens (in order), 0 on padding."""
     out = torch.zeros(responses.shape, dtype=torch.float32)
-    response_mask = attention_mask[:, prompts.shape[-1]:].bool()
+    response_mask = attention_mask[:, prompts.shape[-1] :].bool()
     for i, r in enumerate(rewards):
         r = torch.as_tensor(r, dtype=torch.float32).reshape(-1)
         n = int(response_mask[i].sum())
         if r.numel() != n:
-            raise ValueError(f"rto reward: sample {i} has {n} response tokens but {r.numel()} token rewards; "
-                             "was this manager's run_single (a list per response) used?")
+            raise ValueError(
+                f"rto reward: sample {i} has {n} response tokens but {r.numel()} token rewards; "
+                "was this manager's run_single (a list per response) used?"
+            )
         out[i, response_mask[i]] = r
     return out
 
 
 # ----------------------------------------------------------------- the verl reward-loop manager
+
 
 def _load_causal_lm(path: str, device: str):
     from transformers import AutoModelForCausalLM
@@ -184,12 +199,16 @@ def check_dense_path(config) -> None:
     """Refuse the configurations in which verl would drop or reject the per-token reward."""
     rm = config.reward.reward_model
     if not rm.enable or rm.enable_resource_pool:
-        raise ValueError("rto reward: verl keeps a per-token reward only on its colocated reward path; set "
-                         "reward.reward_model.enable=True reward.reward_model.enable_resource_pool=False "
-                         "(otherwise the agent loop keeps one float per response)")
+        raise ValueError(
+            "rto reward: verl keeps a per-token reward only on its colocated reward path; set "
+            "reward.reward_model.enable=True reward.reward_model.enable_resource_pool=False "
+            "(otherwise the agent loop keeps one float per response)"
+        )
     if not config.reward.custom_reward_function.get("path"):
-        raise ValueError("rto reward: set reward.custom_reward_function.path (this file) and .name=rm_score: "
-                         "without it verl scores with the RM alone and never calls this manager")
+        raise ValueError(
+            "rto reward: set reward.custom_reward_function.path (this file) and .name=rm_score: "
+            "without it verl scores with the RM alone and never calls this manager"
+        )
 
 
 class RTORewardManager(RewardManagerBase):
@@ -214,17 +233,23 @@ class RTORewardManager(RewardManagerBase):
         non_tensor = data_item.non_tensor_batch
         raw_prompt = non_tensor.get("raw_prompt", None)
         extra_info = dict(non_tensor.get("extra_info", None) or {})
-        extra_info.update(raw_prompt=None if raw_prompt is None else list(raw_prompt),
-                          prompt_str=self.tokenizer.decode(prompt_ids, skip_special_tokens=True),
-                          rm_model=self.config.reward.reward_model.model_path,
-                          rm_engine=self.config.reward.reward_model.rollout.name)
+        extra_info.update(
+            raw_prompt=None if raw_prompt is None else list(raw_prompt),
+            prompt_str=self.tokenizer.decode(prompt_ids, skip_special_tokens=True),
+            rm_model=self.config.reward.reward_model.model_path,
+            rm_engine=self.config.reward.reward_model.rollout.name,
+        )
         reward_model = non_tensor.get("reward_model", None) or {}
-        kwargs = dict(data_source=non_tensor.get("data_source", None),
-                      solution_str=self.tokenizer.decode(response_ids, skip_special_tokens=True),
-                      ground_truth=reward_model.get("ground_truth", None), extra_info=extra_info)
+        kwargs = dict(
+            data_source=non_tensor.get("data_source", None),
+            solution_str=self.tokenizer.decode(response_ids, skip_special_tokens=True),
+            ground_truth=reward_model.get("ground_truth", None),
+            extra_info=extra_info,
+        )
         if self.reward_router_address is not None:  # as verl's own managers pass them
-            kwargs.update(reward_router_address=self.reward_router_address,
-                          reward_model_tokenizer=self.reward_model_tokenizer)
+            kwargs.update(
+                reward_router_address=self.reward_router_address, reward_model_tokenizer=self.reward_model_tokenizer
+            )
         result = self.compute_score(**kwargs)
         if inspect.isawaitable(result):
             result = await result
@@ -232,19 +257,30 @@ class RTORewardManager(RewardManagerBase):
 
     async def run_single(self, data) -> dict:
         item = data[-1]  # verl passes one sample (a 1-row DataProto); multi-sequence outputs: the last
-        prompt_ids, response_ids = sample_tokens(item.batch["prompts"], item.batch["responses"],
-                                                 item.batch["attention_mask"])
+        prompt_ids, response_ids = sample_tokens(
+            item.batch["prompts"], item.batch["responses"], item.batch["attention_mask"]
+        )
         score = await self._sentence_score(item, response_ids, prompt_ids)
         if response_ids.numel() == 0:  # nothing generated: no token to pay
-            return {"reward_score": [], "reward_extra_info": {"rm_score": score, "dpo_term_sum": 0.0,
-                                                              "dpo_clip_frac": 0.0}}
+            return {
+                "reward_score": [],
+                "reward_extra_info": {"rm_score": score, "dpo_term_sum": 0.0, "dpo_clip_frac": 0.0},
+            }
 
         def token_rewards_of_sample():
             dpo = response_token_logprobs(self.dpo_model, prompt_ids, response_ids)
             ref = response_token_logprobs(self.ref_model, prompt_ids, response_ids)
             s = self.settings
-            return rto_token_rewards(dpo, ref, score, beta1=s["beta1"], dpo_clip=s["dpo_clip"],
-                                     rm_weight=s["rm_weight"], score_clip=s["score_clip"], kind=s["kind"])
+            return rto_token_rewards(
+                dpo,
+                ref,
+                score,
+                beta1=s["beta1"],
+                dpo_clip=s["dpo_clip"],
+                rm_weight=s["rm_weight"],
+                score_clip=s["score_clip"],
+                kind=s["kind"],
+            )
 
         # The forward passes block: off the event loop, so other samples' RM requests go on meanwhile.
         rewards, info = await self.loop.run_in_executor(None, token_rewards_of_sample)
@@ -256,8 +292,15 @@ class RTORewardManager(RewardManagerBase):
         return place_token_rewards(b["prompts"], b["responses"], b["attention_mask"], scores)
 
 
-async def rm_score(data_source=None, solution_str="", ground_truth=None, extra_info=None, reward_router_address=None,
-                   reward_model_tokenizer=None, **_) -> float:
+async def rm_score(
+    data_source=None,
+    solution_str="",
+    ground_truth=None,
+    extra_info=None,
+    reward_router_address=None,
+    reward_model_tokenizer=None,
+    **_,
+) -> float:
     """The RM's score of one response, from the reward-model server verl starts
     (`reward.reward_model.enable=True`): the prompt's chat plus the response, rendered with the RM's
     chat template, posted to the router as verl's own RM path posts it (reward_loop.py:197-249)."""
@@ -272,7 +315,7 @@ async def rm_score(data_source=None, solution_str="", ground_truth=None, extra_i
         text = reward_model_tokenizer.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
         bos = reward_model_tokenizer.bos_token
         if bos and text.startswith(bos):  # the server's tokenizer adds BOS itself
-            text = text[len(bos):]
+            text = text[len(bos) :]
     else:
         text = info.get("prompt_str", "") + solution_str
     engine, model = info.get("rm_engine"), info.get("rm_model")

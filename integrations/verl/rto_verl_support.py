@@ -11,8 +11,9 @@ import torch
 WORDS = [f"w{i}" for i in range(40)]
 # A chat template for the word-level vocabulary (roles are words too), so the RM's input is text
 # the tokenizer can read back.
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}{% if not loop.last %} {% endif %}"
-                 "{% endfor %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
+)
 
 
 def make_tokenizer():
@@ -23,8 +24,9 @@ def make_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                  unk_token="<unk>")
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
     out.chat_template = CHAT_TEMPLATE
     return out
 
@@ -35,9 +37,18 @@ def make_models(root) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     tok = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     sft = LlamaForCausalLM(cfg)
     paths = {k: str(root / k) for k in ("sft", "dpo", "rm")}
@@ -82,7 +93,7 @@ class FakeRMServer:
             await self.runner.setup()
             site = web.TCPSite(self.runner, "127.0.0.1", 0)
             await site.start()
-            self.address = "127.0.0.1:%d" % site._server.sockets[0].getsockname()[1]
+            self.address = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
             ready.set()
 
         def run():
@@ -110,7 +121,7 @@ def batch_logprobs(model_dir, prompts, prompt_mask, responses, response_mask) ->
     ids, attn = torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
     R = responses.shape[1]
-    logp = torch.log_softmax(logits[:, -R - 1:-1].float(), -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(logits[:, -R - 1 : -1].float(), -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     return logp * response_mask
 
 
@@ -122,8 +133,8 @@ def reference_rewards(models, samples, pad_id, scores, beta1, dpo_clip, score_cl
     prompts, pm = torch.full((len(samples), P), pad_id), torch.zeros((len(samples), P), dtype=torch.long)
     responses, rm = torch.full((len(samples), R), pad_id), torch.zeros((len(samples), R), dtype=torch.long)
     for i, s in enumerate(samples):
-        prompts[i, P - len(s["prompt"]):], pm[i, P - len(s["prompt"]):] = s["prompt"], 1
-        responses[i, :len(s["response"])], rm[i, :len(s["response"])] = s["response"], 1
+        prompts[i, P - len(s["prompt"]) :], pm[i, P - len(s["prompt"]) :] = s["prompt"], 1
+        responses[i, : len(s["response"])], rm[i, : len(s["response"])] = s["response"], 1
     dpo = batch_logprobs(models["dpo"], prompts, pm, responses, rm)
     ref = batch_logprobs(models["sft"], prompts, pm, responses, rm)
     dense, _ = dpo_token_term(dpo, ref, rm, beta1, dpo_clip)

@@ -38,9 +38,9 @@ def command_overrides(paths: dict, extra: tuple = ()) -> list[str]:
 
 def _command_after(text: str, start: str) -> list[str]:
     """The shell words of the command that begins at `start` and goes on over backslash-newlines."""
-    lines = text[text.index(start):].splitlines()
+    lines = text[text.index(start) :].splitlines()
     end = next(i for i, line in enumerate(lines) if not line.rstrip().endswith("\\"))
-    return shlex.split(" ".join(line.rstrip().rstrip("\\") for line in lines[:end + 1]))
+    return shlex.split(" ".join(line.rstrip().rstrip("\\") for line in lines[: end + 1]))
 
 
 def test_the_docs_show_the_tested_command():
@@ -49,8 +49,9 @@ def test_the_docs_show_the_tested_command():
         pytest.skip("docs/usage.md shows no verl command yet")
     example = EXAMPLE.read_text()
     start = "python -m verl.trainer.main_ppo"
-    assert _command_after(page, start) == _command_after(example, start), \
+    assert _command_after(page, start) == _command_after(example, start), (
         "docs/usage.md's verl command is not the tested one"
+    )
 
 
 def compose(overrides: list[str]):
@@ -120,8 +121,9 @@ def _layouts(tokenizer, seed: int = 0):
     for n_prompt, n_resp, ends_eos in [(3, 5, True), (6, 2, False), (1, 7, True)]:
         prompt = " ".join(words[int(i)] for i in torch.randint(len(words), (n_prompt,), generator=g))
         p_ids = torch.tensor(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        r_ids = torch.tensor([tokenizer.convert_tokens_to_ids(words[int(i)])
-                              for i in torch.randint(len(words), (n_resp,), generator=g)])
+        r_ids = torch.tensor(
+            [tokenizer.convert_tokens_to_ids(words[int(i)]) for i in torch.randint(len(words), (n_resp,), generator=g)]
+        )
         if ends_eos:
             r_ids[-1] = tokenizer.eos_token_id
         samples.append(dict(chat=[{"role": "user", "content": prompt}], prompt=p_ids, response=r_ids))
@@ -142,13 +144,15 @@ def _layouts(tokenizer, seed: int = 0):
     for name, left in (("v1", False), ("legacy", True)):
         prompts, prompt_mask = padded([s["prompt"] for s in samples], P, left=left)
         attention_mask = torch.cat([prompt_mask, response_mask], 1)
-        data = {"prompts": prompts, "responses": responses, "attention_mask": attention_mask,
-                "raw_prompt": raw_prompt}
+        data = {"prompts": prompts, "responses": responses, "attention_mask": attention_mask, "raw_prompt": raw_prompt}
         if name == "legacy":
-            data.update(input_ids=torch.cat([prompts, responses], 1), response_mask=response_mask,
-                        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
-                        data_source=np.array(["rto"] * len(samples), dtype=object),
-                        reward_model=np.array([{"ground_truth": None}] * len(samples), dtype=object))
+            data.update(
+                input_ids=torch.cat([prompts, responses], 1),
+                response_mask=response_mask,
+                position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+                data_source=np.array(["rto"] * len(samples), dtype=object),
+                reward_model=np.array([{"ground_truth": None}] * len(samples), dtype=object),
+            )
         out[name] = data
     return out, samples
 
@@ -158,8 +162,13 @@ def _rm_texts(models, tokenizer, samples) -> list[str]:
     from transformers import AutoTokenizer
 
     rm_tok = AutoTokenizer.from_pretrained(models["rm"])
-    return [rm_tok.apply_chat_template(s["chat"] + [{"role": "assistant", "content": tokenizer.decode(
-        s["response"], skip_special_tokens=True)}], tokenize=False) for s in samples]
+    return [
+        rm_tok.apply_chat_template(
+            s["chat"] + [{"role": "assistant", "content": tokenizer.decode(s["response"], skip_special_tokens=True)}],
+            tokenize=False,
+        )
+        for s in samples
+    ]
 
 
 class _InProcessHandle:
@@ -184,15 +193,19 @@ def _verl_rm_scores(cfg, data, rm_server, monkeypatch, n_workers=2):
     manager.config, manager.reward_model_manager = cfg, None
     manager.reward_router_address = rm_server.address
     manager.reward_manager_cls = resolve_reward_manager_cls(cfg)
-    manager.reward_loop_workers = [_InProcessHandle(reward_loop.RewardLoopWorker(cfg, rm_server.address))
-                                   for _ in range(n_workers)]
+    manager.reward_loop_workers = [
+        _InProcessHandle(reward_loop.RewardLoopWorker(cfg, rm_server.address)) for _ in range(n_workers)
+    ]
     monkeypatch.setattr(reward_loop.ray, "get", lambda refs: list(refs))
     return manager.compute_rm_score(data)
 
 
 @pytest.mark.parametrize("layout", ["v1", "legacy"])
-@pytest.mark.parametrize("settings", [(), ("+reward.reward_kwargs.beta1=0.5", "+reward.reward_kwargs.dpo_clip=null")],
-                         ids=["command", "beta1=0.5,no-clip"])
+@pytest.mark.parametrize(
+    "settings",
+    [(), ("+reward.reward_kwargs.beta1=0.5", "+reward.reward_kwargs.dpo_clip=null")],
+    ids=["command", "beta1=0.5,no-clip"],
+)
 def test_verls_reward_loop_gives_rto_core_dense_reward(paths, models, rm_server, monkeypatch, layout, settings):
     from transformers import AutoTokenizer
     from verl import DataProto
@@ -215,8 +228,9 @@ def test_verls_reward_loop_gives_rto_core_dense_reward(paths, models, rm_server,
     # (verl pads the 3 samples to 4 for its 2 workers, pad_dataproto_to_divisor: one is asked twice)
     assert set(rm_server.texts) == set(texts) and len(rm_server.texts) == 4
     scores = torch.tensor([fake_rm_score(t) for t in texts])
-    expected, response_mask, dense = reference_rewards(models, samples, tokenizer.pad_token_id, scores, beta1,
-                                                       dpo_clip, score_clip=10.0)
+    expected, response_mask, dense = reference_rewards(
+        models, samples, tokenizer.pad_token_id, scores, beta1, dpo_clip, score_clip=10.0
+    )
 
     torch.testing.assert_close(rm_scores, expected, atol=1e-5, rtol=1e-5)
     assert (rm_scores[response_mask == 0] == 0).all()
@@ -276,30 +290,47 @@ def test_verls_kl_penalty_and_gae_run_on_the_dense_reward(paths, models, rm_serv
     mask = data.batch["response_mask"]
     g = torch.Generator().manual_seed(3)
     old, ref, values = (torch.randn(mask.shape, generator=g) for _ in range(3))
-    batch = DataProto.from_dict({"response_mask": mask, "token_level_scores": rm_scores, "old_log_probs": old,
-                                 "ref_log_prob": ref, "values": values},
-                                non_tensors={"uid": np.array([str(i) for i in range(len(mask))], dtype=object)})
-    batch, _ = apply_kl_penalty(batch, kl_ctrl=core_algos.get_kl_controller(cfg.algorithm.kl_ctrl),
-                                kl_penalty=cfg.algorithm.kl_penalty)
+    batch = DataProto.from_dict(
+        {
+            "response_mask": mask,
+            "token_level_scores": rm_scores,
+            "old_log_probs": old,
+            "ref_log_prob": ref,
+            "values": values,
+        },
+        non_tensors={"uid": np.array([str(i) for i in range(len(mask))], dtype=object)},
+    )
+    batch, _ = apply_kl_penalty(
+        batch, kl_ctrl=core_algos.get_kl_controller(cfg.algorithm.kl_ctrl), kl_penalty=cfg.algorithm.kl_penalty
+    )
     kl_coef = float(cfg.algorithm.kl_ctrl.kl_coef)
     rewards = rm_scores - kl_coef * (old - ref) * mask  # RTO's full reward: DPO term + RM score - KL
     torch.testing.assert_close(batch.batch["token_level_rewards"], rewards)
     # As the v1 trainer calls it (trainer_base.py:1775); for GAE it hands over to ray_trainer.compute_advantage.
     batch = compute_advantage_for_multi_trajectories(
-        batch, batch_keys=[f"{i}_0_0" for i in range(len(mask))], adv_estimator=cfg.algorithm.adv_estimator,
-        gamma=cfg.algorithm.gamma, lam=cfg.algorithm.lam, num_repeat=cfg.actor_rollout_ref.rollout.n,
-        norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo, config=cfg.algorithm)
+        batch,
+        batch_keys=[f"{i}_0_0" for i in range(len(mask))],
+        adv_estimator=cfg.algorithm.adv_estimator,
+        gamma=cfg.algorithm.gamma,
+        lam=cfg.algorithm.lam,
+        num_repeat=cfg.actor_rollout_ref.rollout.n,
+        norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo,
+        config=cfg.algorithm,
+    )
     _, returns = gae(rewards, values, mask, gamma=float(cfg.algorithm.gamma), lam=float(cfg.algorithm.lam))
     torch.testing.assert_close(batch.batch["returns"] * mask, returns, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("change,message", [
-    (("reward.reward_model.enable=False",), "colocated reward path"),
-    (("reward.reward_model.enable_resource_pool=True",), "colocated reward path"),
-    (("reward.custom_reward_function.path=null",), "custom_reward_function"),
-    (("~reward.reward_kwargs.dpo_model",), "dpo_model"),
-    (("+reward.reward_kwargs.beta=0.1",), "unknown reward.reward_kwargs"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (("reward.reward_model.enable=False",), "colocated reward path"),
+        (("reward.reward_model.enable_resource_pool=True",), "colocated reward path"),
+        (("reward.custom_reward_function.path=null",), "custom_reward_function"),
+        (("~reward.reward_kwargs.dpo_model",), "dpo_model"),
+        (("+reward.reward_kwargs.beta=0.1",), "unknown reward.reward_kwargs"),
+    ],
+)
 def test_refuses_settings_that_would_lose_the_dense_reward(paths, rm_server, change, message):
     from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
 

@@ -1,4 +1,4 @@
-"""rto/vllm_backend.py against the real vLLM 0.33 (CPU platform, no engine: see conftest.py), so a
+"""rto/rl/vllm.py against the real vLLM 0.33 (CPU platform, no engine: see conftest.py), so a
 renamed argument, a changed default or changed stop-token semantics fails here."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import types
 import pytest
 import torch
 
-from rto.errors import UserError
-from rto import vllm_backend as vb
+from rto.io.errors import UserError
+from rto.rl import vllm as vb
 
 
 def _settings(**kw):
@@ -44,6 +44,7 @@ def _engine_view(params, generation_config: dict, eos: int | None):
         request = Request("r", [1, 2, 3], params.clone(), None)
         request.append_output_token_ids([9, last])
         return check_stop(request, max_model_len=64)
+
     return stops_at
 
 
@@ -80,7 +81,6 @@ def test_generation_config_vllm_still_reads_the_eos_ids(tiny_dirs, tmp_path):
 
 def test_vllms_sampling_limits_are_one_line_errors():
     import vllm
-
     from vllm.exceptions import VLLMValidationError  # not a ValueError in 0.33
 
     with pytest.raises(VLLMValidationError, match="temperature"):
@@ -109,8 +109,21 @@ def _llm_kwargs(monkeypatch, model_dir: str, device: torch.device, bf16: bool, w
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     monkeypatch.setattr(vb, "check_gpus", lambda *a: None)
     tok = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
-    vb.VLLMRollout(model_dir, tok, device, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0,
-                   gpu_memory_utilization=0.3, seed=3, max_prompt_len=16, bf16=bf16, world=world, local_world=world)
+    vb.VLLMRollout(
+        model_dir,
+        tok,
+        device,
+        max_new_tokens=8,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        gpu_memory_utilization=0.3,
+        seed=3,
+        max_prompt_len=16,
+        bf16=bf16,
+        world=world,
+        local_world=world,
+    )
     return seen
 
 
@@ -185,7 +198,7 @@ def test_a_lora_adapter_policy_starts_vllm_from_its_base(tmp_path, tiny_dirs):
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": tiny_dirs["llama"]}))
     assert vb.engine_model(adapter) == tiny_dirs["llama"]
     EngineArgs(model=vb.engine_model(adapter), max_model_len=32).create_engine_config()
-    with pytest.raises(Exception):  # the adapter folder itself is no model for vLLM (no config.json)
+    with pytest.raises(Exception):  # noqa: B017 - vLLM's own error type varies by version; the adapter folder itself is no model for vLLM (no config.json)
         EngineArgs(model=str(adapter), max_model_len=32).create_engine_config()
 
 
@@ -218,9 +231,12 @@ def _rollout_on(model, dtype: torch.dtype) -> vb.VLLMRollout:
 
     wrapper = WorkerWrapperBase(rpc_rank=0)
     wrapper.worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(get_model=lambda: model))
-    llm = types.SimpleNamespace(collective_rpc=lambda method, timeout=None, args=(), kwargs=None:
-                                [run_method(wrapper, method, args, kwargs or {})],
-                                reset_prefix_cache=lambda: True)
+    llm = types.SimpleNamespace(
+        collective_rpc=lambda method, timeout=None, args=(), kwargs=None: [
+            run_method(wrapper, method, args, kwargs or {})
+        ],
+        reset_prefix_cache=lambda: True,
+    )
     rollout = vb.VLLMRollout.__new__(vb.VLLMRollout)
     rollout.llm, rollout.dtype, rollout.device = llm, dtype, torch.device("cpu")
     return rollout
@@ -238,6 +254,7 @@ class _Warnings(logging.Handler):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_policy_weights_load_into_the_real_models(arch, tiny_dirs, dist_once):
     from transformers import AutoModelForCausalLM
+
     hf = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32)  # fp32 master weights
     with torch.no_grad():
         for p in hf.parameters():
@@ -260,7 +277,9 @@ def test_policy_weights_load_into_the_real_models(arch, tiny_dirs, dist_once):
         want = torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]).to(torch.bfloat16)
         assert torch.equal(params[p + "mlp.gate_up_proj.weight"], want)
     vocab = hf.config.vocab_size  # vLLM pads its embedding rows (to a multiple of 64)
-    assert torch.equal(params["model.embed_tokens.weight"][:vocab], state["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert torch.equal(
+        params["model.embed_tokens.weight"][:vocab], state["model.embed_tokens.weight"].to(torch.bfloat16)
+    )
     if not hf.config.tie_word_embeddings:
         assert torch.equal(params["lm_head.weight"][:vocab], state["lm_head.weight"].to(torch.bfloat16))
 
@@ -269,10 +288,13 @@ def test_lora_merged_names_load_and_sync_errors_are_one_line(tiny_dirs, dist_onc
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rto.lora import lora_config, merged_state_dict
+    from rto.lm.lora import lora_config, merged_state_dict
 
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32),
-                                lora_config(4, 8.0, "all-linear"), adapter_name="policy")
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32),
+        lora_config(4, 8.0, "all-linear"),
+        adapter_name="policy",
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

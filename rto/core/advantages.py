@@ -1,11 +1,17 @@
-"""Advantage estimators: GAE with a critic, REINFORCE++ without one; whitening.
+"""Advantage estimators: GAE with a critic, REINFORCE++ without one; whitening; `ESTIMATORS`.
 
 Pure tensor functions. Shapes [B, R]; `mask` is 1 on response tokens. Values
 are V(s_t), the value of the state before token t; the state after the last
 token is terminal (value 0).
+
+`ESTIMATORS` is the one registry of names (`rto ppo --estimator`): each entry says whether it
+needs a critic, and the trainer loads, trains and saves a value network only for those.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -20,8 +26,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, all_sum: AllSum = local_sum) -> 
     return out * mask.to(x.dtype)
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation. Returns (advantages, returns = advantages + values).
 
     delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}.
@@ -53,11 +60,43 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     return out
 
 
-def reinforce_pp(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                 all_sum: AllSum = local_sum) -> tuple[torch.Tensor, torch.Tensor]:
+def reinforce_pp(
+    rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, all_sum: AllSum = local_sum
+) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++ (critic-free): discounted return of the token rewards, whitened over the batch.
 
     Returns (advantages, returns); the returns are the un-whitened return-to-go.
     """
     returns = discounted_returns(rewards, mask, gamma)
     return whiten(returns, mask, all_sum=all_sum), returns
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator: `compute(rewards, mask, values, gamma=, lam=, whiten_advantages=,
+    all_sum=) -> (advantages, returns)`, all [B, R]; `values` are zeros when it needs no critic."""
+
+    name: str
+    needs_critic: bool
+    compute: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    summary: str
+
+
+def _gae(rewards, mask, values, *, gamma, lam, whiten_advantages, all_sum):
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    return (whiten(advantages, mask, all_sum=all_sum) if whiten_advantages else advantages), returns
+
+
+def _reinforce_pp(rewards, mask, values, *, gamma, lam, whiten_advantages, all_sum):
+    return reinforce_pp(rewards, mask, gamma, all_sum=all_sum)  # always whitened: it has no other baseline
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e
+    for e in (
+        Estimator("gae", True, _gae, "GAE with a learned critic (PPO)"),
+        Estimator(
+            "reinforce++", False, _reinforce_pp, "REINFORCE++: the whitened return of the token rewards, no critic"
+        ),
+    )
+}

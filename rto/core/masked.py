@@ -6,7 +6,7 @@ padding; shapes [B, R] unless said otherwise.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -27,7 +27,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def masked_mean_var(x: torch.Tensor, mask: torch.Tensor, all_sum: AllSum = local_sum) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_mean_var(
+    x: torch.Tensor, mask: torch.Tensor, all_sum: AllSum = local_sum
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance over the masked elements (the variance unbiased, as in the reference
     implementations) - over every process's elements when `all_sum` sums over processes."""
     m = mask.to(x.dtype)

@@ -21,34 +21,10 @@ names come from) differ only in where the DPO term is paid.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one reward variant pays the DPO term, and which models it needs."""
-
-    name: str  # the value of `rto ppo --reward`
-    method: str  # the method's name in `rto pipeline --methods` and in reports
-    uses_dpo: bool  # pays a DPO term at all
-    uses_rm: bool  # adds the RM score at the last token
-    summary: str
-
-
-PLACEMENTS: dict[str, Placement] = {p.name: p for p in (
-    Placement("sparse", "ppo", False, True, "no DPO term (standard RLHF PPO)"),
-    Placement("rto", "rto", True, True, "every token gets its own DPO term (RTO)"),
-    Placement("dpo-only", "dpo-only", True, False, "every token gets its own DPO term, and there is no RM score"),
-    Placement("ddpo", "ddpo", True, True, "the summed DPO term is paid at the last token (delayed)"),
-    Placement("semi", "semi", True, True, "the summed DPO term of each segment is paid at the segment's end "
-                                           "(a delimiter token, or the last token)"),
-    Placement("rs", "rs", True, True, "rto, minus the summed DPO term at the last token: a potential-based shaping "
-                                       "whose total equals the sparse return"),
-)}
-REWARD_KINDS = tuple(PLACEMENTS)
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -70,8 +46,10 @@ def check_response_mask(mask: torch.Tensor) -> None:
     starts = (m[:, 1:] > m[:, :-1]).sum(-1) + m[:, 0]  # runs of ones begun in each row
     if (starts > 1).any():
         row = int(torch.nonzero(starts > 1)[0, 0])
-        raise ValueError(f"response mask: row {row} has gaps ({m[row].tolist()}); a response's tokens must be one "
-                         "unbroken run (right- or left-padded)")
+        raise ValueError(
+            f"response mask: row {row} has gaps ({m[row].tolist()}); a response's tokens must be one "
+            "unbroken run (right- or left-padded)"
+        )
 
 
 def at_last_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -81,24 +59,34 @@ def at_last_token(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out * mask.to(values.dtype)
 
 
+def _k1(log_ratio: torch.Tensor) -> torch.Tensor:
+    return log_ratio
+
+
+def _k2(log_ratio: torch.Tensor) -> torch.Tensor:
+    return 0.5 * log_ratio.square()
+
+
+def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+# Per-token estimators of KL(pi || pi_ref) from r = pi / pi_ref at tokens sampled from pi:
+# k1 = log r (unbiased, can be negative per token), k2 = (log r)^2 / 2, k3 = r^-1 - 1 + log r
+# (unbiased and non-negative). The one registry of their names (`--kl-estimator`).
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
+
+
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi.
-
-    k1 = log r (unbiased, can be negative per token), k2 = (log r)^2 / 2,
-    k3 = r^-1 - 1 + log r (unbiased and non-negative), with r = pi / pi_ref.
-    """
-    log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio.square()
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    """Per-token estimate of KL(pi || pi_ref) (`KL_ESTIMATORS`) from log-probs of tokens sampled from pi."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {tuple(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logp - ref_logp)
 
 
-def dpo_token_term(dpo_logp: torch.Tensor, dpo_ref_logp: torch.Tensor, mask: torch.Tensor, beta1: float,
-                   clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def dpo_token_term(
+    dpo_logp: torch.Tensor, dpo_ref_logp: torch.Tensor, mask: torch.Tensor, beta1: float, clip: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """beta1 * (log pi_dpo - log pi_dpo_ref), clamped to [-clip, clip] (clip None = no clamp), 0 on
     padding; and the fraction of response tokens whose term the clamp cut."""
     m = mask.to(dpo_logp.dtype)
@@ -115,23 +103,26 @@ def normalise_score(score: torch.Tensor, mean: float, std: float, clip: float | 
     return out.clamp(-clip, clip) if clip is not None else out
 
 
-ENSEMBLE_REDUCTIONS = ("mean", "mean_minus_std", "min")
+# How an ensemble's standardised scores [M, B] become one score [B] (`--ensemble-reduce`): mean;
+# mean_minus_std: mean - std_coef * std over the members (uncertainty-weighted optimisation); min:
+# the worst case (Coste et al., ICLR 2024).
+ENSEMBLE_REDUCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "mean": lambda scores, spread, std_coef: scores.mean(0),
+    "mean_minus_std": lambda scores, spread, std_coef: scores.mean(0) - std_coef * spread,
+    "min": lambda scores, spread, std_coef: scores.min(0).values,
+}
 
 
 def ensemble_score(scores: torch.Tensor, reduce: str, std_coef: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """M reward models' standardised scores of B responses [M, B] -> (one score [B], disagreement [B]).
 
-    mean; mean_minus_std: mean - std_coef * std over the members (uncertainty-weighted
-    optimisation); min: the worst case (Coste et al., ICLR 2024). Disagreement is the std over
-    the members (population std: two members give half their difference), a warning sign of
-    responses the RMs were not trained to judge."""
+    `reduce` names one of `ENSEMBLE_REDUCTIONS`. Disagreement is the std over the members
+    (population std: two members give half their difference), a warning sign of responses the
+    RMs were not trained to judge."""
     if reduce not in ENSEMBLE_REDUCTIONS:
-        raise ValueError(f"reduce must be one of {ENSEMBLE_REDUCTIONS}, got {reduce!r}")
+        raise ValueError(f"reduce must be one of {tuple(ENSEMBLE_REDUCTIONS)}, got {reduce!r}")
     spread = scores.std(0, correction=0)
-    if reduce == "min":
-        return scores.min(0).values, spread
-    mean = scores.mean(0)
-    return (mean - std_coef * spread if reduce == "mean_minus_std" else mean), spread
+    return ENSEMBLE_REDUCTIONS[reduce](scores, spread, std_coef), spread
 
 
 def segment_sums_at_ends(term: torch.Tensor, mask: torch.Tensor, segment_end: torch.Tensor) -> torch.Tensor:
@@ -151,6 +142,67 @@ def segment_sums_at_ends(term: torch.Tensor, mask: torch.Tensor, segment_end: to
     return (running - prev_total) * ends
 
 
+# Where each placement pays the dense DPO term [B, R] (zero on padding): pay(dense, mask, segment_end).
+def _every_token(dense, mask, segment_end):
+    return dense
+
+
+def _summed_at_last(dense, mask, segment_end):
+    return at_last_token(dense.sum(-1), mask)
+
+
+def _shaped(dense, mask, segment_end):
+    return dense - at_last_token(dense.sum(-1), mask)
+
+
+def _summed_at_segment_ends(dense, mask, segment_end):
+    return segment_sums_at_ends(dense, mask, segment_end if segment_end is not None else torch.zeros_like(mask))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one reward variant pays the DPO term (`pay`, None for no DPO term), and which models it needs."""
+
+    name: str  # the value of `rto ppo --reward`
+    method: str  # the method's name in `rto pipeline --methods` and in reports
+    pay: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None
+    uses_rm: bool  # adds the RM score at the last token
+    summary: str
+
+    @property
+    def uses_dpo(self) -> bool:
+        return self.pay is not None
+
+
+PLACEMENTS: dict[str, Placement] = {
+    p.name: p
+    for p in (
+        Placement("sparse", "ppo", None, True, "no DPO term (standard RLHF PPO)"),
+        Placement("rto", "rto", _every_token, True, "every token gets its own DPO term (RTO)"),
+        Placement(
+            "dpo-only", "dpo-only", _every_token, False, "every token gets its own DPO term, and there is no RM score"
+        ),
+        Placement("ddpo", "ddpo", _summed_at_last, True, "the summed DPO term is paid at the last token (delayed)"),
+        Placement(
+            "semi",
+            "semi",
+            _summed_at_segment_ends,
+            True,
+            "the summed DPO term of each segment is paid at the segment's end (a delimiter token, or the last token)",
+        ),
+        Placement(
+            "rs",
+            "rs",
+            _shaped,
+            True,
+            "rto, minus the summed DPO term at the last token: a potential-based "
+            "shaping whose total equals the sparse return",
+        ),
+    )
+}
+REWARD_KINDS = tuple(PLACEMENTS)
+
+
 def token_rewards(
     kind: str,
     *,
@@ -168,9 +220,9 @@ def token_rewards(
     `extra` is any further per-token reward (the weighted sum of custom token rewards),
     added on real response tokens.
     """
-    if kind not in PLACEMENTS:
+    placement = PLACEMENTS.get(kind)
+    if placement is None:
         raise ValueError(f"unknown reward {kind!r}; expected one of {REWARD_KINDS}")
-    placement = PLACEMENTS[kind]
     check_response_mask(mask)
     m = mask.to(kl.dtype)
     rewards = -kl_coef * kl * m
@@ -180,19 +232,8 @@ def token_rewards(
         if score is None:
             raise ValueError(f"reward {kind!r} needs the RM score")
         rewards = rewards + at_last_token(rm_weight * score.to(kl.dtype), mask)
-    if not placement.uses_dpo:
+    if placement.pay is None:
         return rewards
     if dpo_term is None:
         raise ValueError(f"reward {kind!r} needs the DPO term")
-    dense = dpo_term.to(kl.dtype) * m
-    if kind in ("rto", "dpo-only"):
-        return rewards + dense
-    total = at_last_token(dense.sum(-1), mask)
-    if kind == "ddpo":
-        return rewards + total
-    if kind == "rs":
-        return rewards + dense - total
-    # semi
-    if segment_end is None:
-        segment_end = torch.zeros_like(mask)
-    return rewards + segment_sums_at_ends(dense, mask, segment_end)
+    return rewards + placement.pay(dpo_term.to(kl.dtype) * m, mask, segment_end)

@@ -35,8 +35,10 @@ class Selection:
             raise KeyError(f"the evaluation has no {self.metric!r} to select by (it has {', '.join(point)})")
         kl = point.get("kl_to_ref")
         if self.kl_budget is not None and kl is not None and kl > self.kl_budget:
-            self.stop_reason = (f"dev KL to the reference {kl:.3g} exceeds the budget {self.kl_budget:g} at "
-                                f"iteration {point['iteration']}")
+            self.stop_reason = (
+                f"dev KL to the reference {kl:.3g} exceeds the budget {self.kl_budget:g} at "
+                f"iteration {point['iteration']}"
+            )
             return False
         value = float(point[self.metric])
         if value > self.best + self.min_delta or self.best_iteration < 0:
@@ -44,8 +46,10 @@ class Selection:
             return True
         self.since_best += 1
         if self.patience and self.since_best >= self.patience:
-            self.stop_reason = (f"{self.metric} has not improved on {self.best:.4g} (iteration {self.best_iteration}) "
-                                f"for {self.since_best} evaluations (patience {self.patience})")
+            self.stop_reason = (
+                f"{self.metric} has not improved on {self.best:.4g} (iteration {self.best_iteration}) "
+                f"for {self.since_best} evaluations (patience {self.patience})"
+            )
         return False
 
     @property
@@ -60,8 +64,9 @@ class Selection:
             setattr(self, key, value)
 
 
-def divergence(curve: list[dict], proxy: str = "rm_score", true: str = "gold_reward",
-               tolerance: float | str = "se") -> dict | None:
+def divergence(
+    curve: list[dict], proxy: str = "rm_score", true: str = "gold_reward", tolerance: float | str = "se"
+) -> dict | None:
     """The first point where `true` has fallen more than `tolerance` below its best so far while
     `proxy` is above its value at that best: {"metric": true, "iteration", "true_best_iteration",
     true, true + "_at_best", proxy, proxy + "_at_best"}, or None.
@@ -77,7 +82,13 @@ def divergence(curve: list[dict], proxy: str = "rm_score", true: str = "gold_rew
         tol = 2.0 * point.get(f"{true}_se", 0.0) if tolerance == "se" else float(tolerance)
         best = curve[best_i]
         if point[true] < best[true] - tol and point[proxy] > best[proxy]:
-            return {"metric": true, "iteration": point["iteration"], "true_best_iteration": best["iteration"],
-                    f"{true}": point[true], f"{true}_at_best": best[true],
-                    f"{proxy}": point[proxy], f"{proxy}_at_best": best[proxy]}
+            return {
+                "metric": true,
+                "iteration": point["iteration"],
+                "true_best_iteration": best["iteration"],
+                f"{true}": point[true],
+                f"{true}_at_best": best[true],
+                f"{proxy}": point[proxy],
+                f"{proxy}_at_best": best[proxy],
+            }
     return None

@@ -1,7 +1,7 @@
 """Choosing a TRL-trained policy's checkpoint on the dev split, as `rto ppo` chooses its result.
 
 At the start and after every epoch the policy samples one response per dev prompt (the same
-`rto.evaluate.dev_point` that `rto ppo` evaluates with: same prompts, response length,
+`rto.lm.evaluate.dev_point` that `rto ppo` evaluates with: same prompts, response length,
 temperature and sampling seed) and `rto.core.selection.Selection` keeps the best point by the dev
 criterion (a task's gold reward or a held-out judge's score, never the training data's). The
 kept weights are put back into the model before the stage saves it, so OUT is the dev-selected
@@ -19,12 +19,23 @@ import torch
 from transformers import TrainerCallback
 
 from rto.core.selection import Selection
-from rto.evaluate import dev_point
+from rto.lm.evaluate import dev_point
 
 
 class DevSelection(TrainerCallback):
-    def __init__(self, tokenizer, prompts: list[str], *, metric: str, max_new_tokens: int, temperature: float,
-                 seed: int, task=None, judge=None, ref=None):
+    def __init__(
+        self,
+        tokenizer,
+        prompts: list[str],
+        *,
+        metric: str,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        task=None,
+        judge=None,
+        ref=None,
+    ):
         self.tokenizer, self.prompts, self.ref, self.task, self.judge = tokenizer, prompts, ref, task, judge
         self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
         self.selection = Selection(metric)
@@ -34,14 +45,16 @@ class DevSelection(TrainerCallback):
     def _observe(self, model, step: int, epoch: float) -> None:
         was_training = model.training
         model.eval()
-        point = dev_point(model, self.tokenizer, self.prompts, ref=self.ref, task=self.task, judge=self.judge,
-                          **self.sampling)
+        point = dev_point(
+            model, self.tokenizer, self.prompts, ref=self.ref, task=self.task, judge=self.judge, **self.sampling
+        )
         model.train(was_training)
         point = {"iteration": step, "epoch": round(epoch, 4), **point}
         self.curve.append(point)
         if self.selection.observe(point):
-            self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
-                                 if p.requires_grad}
+            self.best_weights = {
+                n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad
+            }
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not self.curve:  # the model DPO starts from is a candidate, as iteration 0 is for `rto ppo`
@@ -57,8 +70,13 @@ class DevSelection(TrainerCallback):
             with torch.no_grad():
                 for name, value in self.best_weights.items():
                     params[name].copy_(value.to(params[name].device))
-        return {"metric": self.selection.metric, "best": self.selection.best,
-                "best_iteration": self.selection.best_iteration,
-                "best_epoch": next((p["epoch"] for p in self.curve if p["iteration"] == self.selection.best_iteration),
-                                   None),
-                "last_iteration": self.curve[-1]["iteration"] if self.curve else None, "curve": self.curve}
+        return {
+            "metric": self.selection.metric,
+            "best": self.selection.best,
+            "best_iteration": self.selection.best_iteration,
+            "best_epoch": next(
+                (p["epoch"] for p in self.curve if p["iteration"] == self.selection.best_iteration), None
+            ),
+            "last_iteration": self.curve[-1]["iteration"] if self.curve else None,
+            "curve": self.curve,
+        }

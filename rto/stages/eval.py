@@ -3,7 +3,7 @@
 Per model: mean gold reward with a 95% bootstrap interval (where the task has a
 gold reward), win rate against the baseline on the gold reward (same prompt,
 ties count half), KL to the baseline (Monte-Carlo, nats per response), the
-proxy RM score, a held-out judge's score (rto.judges) and the response length. Every model is sampled with the same
+proxy RM score, a held-out judge's score (rto.lm.judges) and the response length. Every model is sampled with the same
 seed, one response per prompt.
 """
 
@@ -12,29 +12,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rto.config import opt, require
-from rto.data import PROMPT_FIELDS, read_rows, render, write_json, write_jsonl
-from rto.errors import UserError
-from rto.stages.common import seed_field, setup, threads_field
+from rto.io.config import opt, require
+from rto.io.data import PROMPT_FIELDS, read_rows, render, write_json, write_jsonl
+from rto.io.errors import UserError
+from rto.runtime.process import seed_field, setup, threads_field
 
 
 @dataclass
 class EvalStageConfig:
     models: list[str] = opt([], "models as name=path, comma-separated (e.g. sft=runs/sft,ppo=runs/ppo/policy)")
-    prompts: str = opt("", "held-out test prompts: a file of {prompt}, {messages} or {conversations} rows (JSONL, JSON, "
-                           "Parquet, CSV), or a hub dataset id where a network exists")
+    prompts: str = opt(
+        "",
+        "held-out test prompts: a file of {prompt}, {messages} or {conversations} rows (JSONL, JSON, "
+        "Parquet, CSV), or a hub dataset id where a network exists",
+    )
     prompts_split: str = opt("test", "the split of a hub dataset given as --prompts")
     out: str = opt("", "output JSON file (samples go beside it)")
     task: str = opt("", "task with a gold reward (empty: none)")
     baseline: str = opt("sft", "model name to compute win rates and KL against")
     reward_model: str = opt("", "reward model for the proxy score (empty: none)")
-    judge: str = opt("", "held-out judge scored beside the gold reward: a reward-model directory or "
-                         "module:function(prompts, responses) -> scores (rto/judges.py; empty: none)")
+    judge: str = opt(
+        "",
+        "held-out judge scored beside the gold reward: a reward-model directory or "
+        "module:function(prompts, responses) -> scores (rto/lm/judges.py; empty: none)",
+    )
     n_prompts: int = opt(0, "use only the first N prompts (0: all)", ge=0)
     max_new_tokens: int = opt(64, "response length limit", ge=1)
     temperature: float = opt(1.0, "sampling temperature", gt=0)
-    export: list[str] = opt([], "also write the responses for external judges: alpaca_eval, arena_hard "
-                                "(files beside --out, one per model)", choices=["alpaca_eval", "arena_hard"])
+    export: list[str] = opt(
+        [],
+        "also write the responses for external judges: alpaca_eval, arena_hard (files beside --out, one per model)",
+        choices=["alpaca_eval", "arena_hard"],
+    )
     seed: int = seed_field()
     threads: int = threads_field()
 
@@ -58,12 +67,12 @@ class EvalStageConfig:
 
 def run(cfg: EvalStageConfig) -> dict:
     setup(cfg.seed, cfg.threads)
-    from rto.evaluate import gold_rewards, kl_to, mean_ci, rm_scores, sample, win_rate
-    from rto.models import load_causal_lm, load_score_model, load_tokenizer
+    from rto.lm.evaluate import gold_rewards, kl_to, mean_ci, rm_scores, sample, win_rate
+    from rto.lm.models import load_causal_lm, load_score_model, load_tokenizer
 
     raw_prompts = [r["prompt"] for r in read_rows(cfg.prompts, PROMPT_FIELDS, split=cfg.prompts_split)]
     if cfg.n_prompts:
-        raw_prompts = raw_prompts[:cfg.n_prompts]
+        raw_prompts = raw_prompts[: cfg.n_prompts]
     models = cfg.parsed_models()
     task = None
     if cfg.task:
@@ -73,7 +82,7 @@ def run(cfg: EvalStageConfig) -> dict:
     rm = load_score_model(cfg.reward_model) if cfg.reward_model else None
     judge = None
     if cfg.judge:
-        from rto.judges import load_judge
+        from rto.lm.judges import load_judge
 
         judge = load_judge(cfg.judge, load_tokenizer(models[cfg.baseline]))
     baseline_path = models[cfg.baseline]
@@ -85,10 +94,13 @@ def run(cfg: EvalStageConfig) -> dict:
     order = [cfg.baseline] + [n for n in models if n != cfg.baseline]
     for name in order:
         model = baseline if name == cfg.baseline else load_causal_lm(models[name], f"model {name}")
-        texts, batches = sample(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, seed=cfg.seed)
-        m: dict = {"path": models[name],
-                   "response_length": sum(float(b.response_mask.sum()) for b in batches) / len(prompts)}
+        texts, batches = sample(
+            model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed
+        )
+        m: dict = {
+            "path": models[name],
+            "response_length": sum(float(b.response_mask.sum()) for b in batches) / len(prompts),
+        }
         m[f"kl_to_{cfg.baseline}"] = kl_to(model, baseline, batches, cfg.temperature)
         if task is not None:
             g = gold_rewards(task, prompts, texts)
@@ -151,13 +163,30 @@ def export_for_judges(formats: list[str], out: Path, raw_prompts: list, samples:
         instructions = [_instruction(p) for p in raw_prompts]
         if "alpaca_eval" in formats:
             path = out.with_name(f"{out.stem}_alpaca_eval_{name}.json")
-            write_json(path, [{"instruction": i, "output": o, "generator": name, "dataset": "rto-eval"}
-                              for i, o in zip(instructions, outputs)])
+            write_json(
+                path,
+                [
+                    {"instruction": i, "output": o, "generator": name, "dataset": "rto-eval"}
+                    for i, o in zip(instructions, outputs)
+                ],
+            )
             written.append(path)
         if "arena_hard" in formats:
             path = out.with_name(f"{out.stem}_arena_hard_{name}.jsonl")
-            write_jsonl(path, ({"question_id": str(k), "answer_id": f"{name}-{k}", "model_id": name,
-                                "choices": [{"index": 0, "turns": [{"content": o, "token_len": len(tokenizer(o)["input_ids"])}]}],
-                                "tstamp": _time.time()} for k, o in enumerate(outputs)))
+            write_jsonl(
+                path,
+                (
+                    {
+                        "question_id": str(k),
+                        "answer_id": f"{name}-{k}",
+                        "model_id": name,
+                        "choices": [
+                            {"index": 0, "turns": [{"content": o, "token_len": len(tokenizer(o)["input_ids"])}]}
+                        ],
+                        "tstamp": _time.time(),
+                    }
+                    for k, o in enumerate(outputs)
+                ),
+            )
             written.append(path)
     return written

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from rto.config import opt
-from rto.data import SFT_FIELDS
-from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, setup, stage_lora_config
-from rto.trl_tables import STAGE_TABLES
+from rto.io.config import opt
+from rto.io.data import SFT_FIELDS
+from rto.io.trl_stage_tables import STAGE_TABLES
+from rto.runtime.process import setup
+from rto.stages.common import TrainingFields, finish_trl_stage, fit_trl, stage_lora_config
 
 
 @dataclass
@@ -33,7 +34,7 @@ def run(cfg: SFTStageConfig) -> dict:
     rows = cfg.read_data(SFT_FIELDS)
     from trl import SFTConfig, SFTTrainer
 
-    from rto.models import build_causal_lm, check_tokenizer, load_causal_lm, load_tokenizer
+    from rto.lm.models import build_causal_lm, check_tokenizer, load_causal_lm, load_tokenizer
 
     if cfg.model:
         tokenizer = load_tokenizer(cfg.model)
@@ -44,8 +45,9 @@ def run(cfg: SFTStageConfig) -> dict:
         task = load_task(cfg.task)
         tokenizer = check_tokenizer(task.tokenizer(), f"task {cfg.task}")
         model = build_causal_lm(tokenizer, task.model_config(), cfg.seed)
-    trainer, rows, result, seconds = fit_trl(cfg, SFTTrainer, SFTConfig, model, tokenizer, rows,
-                                             stage_lora_config(cfg, "CAUSAL_LM"))
+    trainer, rows, result, seconds = fit_trl(
+        cfg, SFTTrainer, SFTConfig, model, tokenizer, rows, stage_lora_config(cfg, "CAUSAL_LM")
+    )
     metrics = {"train_loss": result.training_loss, "seconds": seconds, "rows": len(rows)}
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return finish_trl_stage(trainer, cfg, "sft", metrics, trainer.model, tokenizer)

@@ -16,10 +16,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from rto.config import opt, require
-from rto.data import write_json, write_jsonl
-from rto.stages.common import seed_field, setup, threads_field
+from rto.io.config import opt, require
+from rto.io.data import write_json, write_jsonl
+from rto.runtime.process import seed_field, setup, threads_field
 
 
 @dataclass
@@ -50,7 +49,9 @@ def run_data(cfg: DataStageConfig) -> dict:
     write_jsonl(out / "dev_prompts.jsonl", ({"prompt": p} for p in task.prompts("dev", cfg.n_dev, cfg.seed)))
     write_jsonl(out / "test_prompts.jsonl", ({"prompt": p} for p in task.prompts("test", cfg.n_test, cfg.seed)))
     rng = random.Random(f"teacher-score/{cfg.seed}")
-    teacher_gold = sum(task.gold_reward(p, task.demonstration(p, rng)) for p in sft_prompts[:500]) / min(500, len(sft_prompts))
+    teacher_gold = sum(task.gold_reward(p, task.demonstration(p, rng)) for p in sft_prompts[:500]) / min(
+        500, len(sft_prompts)
+    )
     info = {"n_sft": cfg.n_sft, "n_rl_prompts": cfg.n_rl_prompts, "teacher_gold_reward": teacher_gold}
     write_json(out / "data_info.json", info)
     return info
@@ -63,8 +64,12 @@ class PairsStageConfig:
     task: str = opt("keyed", "task whose gold reward labels the pairs")
     n_pairs: int = opt(2000, "training pairs (train-split prompts)", ge=1)
     n_heldout: int = opt(500, "held-out pairs (test-split prompts), ordered by gold reward", ge=0)
-    n_judge_pairs: int = opt(0, "pairs for a held-out judge RM (prefs_judge.jsonl): labelled as the training pairs, "
-                                "on train-split prompts disjoint from theirs", ge=0)
+    n_judge_pairs: int = opt(
+        0,
+        "pairs for a held-out judge RM (prefs_judge.jsonl): labelled as the training pairs, "
+        "on train-split prompts disjoint from theirs",
+        ge=0,
+    )
     bt_temperature: float = opt(0.1, "Bradley-Terry temperature of the labels (label noise)", gt=0)
     max_new_tokens: int = opt(24, "response length limit", ge=1)
     temperature: float = opt(1.0, "sampling temperature", gt=0)
@@ -77,16 +82,18 @@ class PairsStageConfig:
 
 
 def _sample_two(policy, tokenizer, prompts, cfg) -> tuple[list[str], list[str]]:
-    from rto.rollout import decode_responses, encode_prompts, generate
+    from rto.lm.rollout import decode_responses, encode_prompts, generate
 
     first, second = [], []
     for i in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[i:i + cfg.batch_size]
+        chunk = prompts[i : i + cfg.batch_size]
         ids, mask = encode_prompts(tokenizer, chunk + chunk)
-        texts = decode_responses(tokenizer, generate(policy, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                                                      temperature=cfg.temperature))
-        first += [" " + t for t in texts[:len(chunk)]]
-        second += [" " + t for t in texts[len(chunk):]]
+        texts = decode_responses(
+            tokenizer,
+            generate(policy, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+        )
+        first += [" " + t for t in texts[: len(chunk)]]
+        second += [" " + t for t in texts[len(chunk) :]]
     return first, second
 
 
@@ -110,7 +117,7 @@ def _labelled_pairs(task, prompts, policy, tokenizer, rng, cfg) -> tuple[list[di
 
 def run_pairs(cfg: PairsStageConfig) -> dict:
     setup(cfg.seed, cfg.threads)
-    from rto.models import load_causal_lm, load_tokenizer
+    from rto.lm.models import load_causal_lm, load_tokenizer
     from rto.tasks import load_task
 
     task = load_task(cfg.task)
@@ -120,7 +127,7 @@ def run_pairs(cfg: PairsStageConfig) -> dict:
     out = Path(cfg.out)
 
     prompts = task.prompts("train", cfg.n_pairs + cfg.n_judge_pairs, seed=cfg.seed + 2_000_003)
-    rows, agree, informative = _labelled_pairs(task, prompts[:cfg.n_pairs], policy, tokenizer, rng, cfg)
+    rows, agree, informative = _labelled_pairs(task, prompts[: cfg.n_pairs], policy, tokenizer, rng, cfg)
     write_jsonl(out / "prefs.jsonl", rows)
 
     heldout = []
@@ -131,15 +138,28 @@ def run_pairs(cfg: PairsStageConfig) -> dict:
             ga, gb = task.gold_reward(p, ra), task.gold_reward(p, rb)
             if ga != gb:
                 chosen, rejected = (ra, rb) if ga > gb else (rb, ra)
-                heldout.append({"prompt": p, "chosen": chosen, "rejected": rejected,
-                                "gold_chosen": max(ga, gb), "gold_rejected": min(ga, gb)})
+                heldout.append(
+                    {
+                        "prompt": p,
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "gold_chosen": max(ga, gb),
+                        "gold_rejected": min(ga, gb),
+                    }
+                )
         write_jsonl(out / "prefs_heldout.jsonl", heldout)
     # Last, so the other files are the same with or without them; distinct prompts (one draw),
     # so the training RM and the judge never see the same pair.
     if cfg.n_judge_pairs:
-        write_jsonl(out / "prefs_judge.jsonl", _labelled_pairs(task, prompts[cfg.n_pairs:], policy, tokenizer, rng, cfg)[0])
-    info = {"pairs": len(rows), "label_agreement_with_gold": agree / max(informative, 1),
-            "tied_fraction": 1 - informative / len(rows), "heldout_pairs": len(heldout),
-            "sft_sample_gold_reward": sum(r["gold_chosen"] + r["gold_rejected"] for r in rows) / (2 * len(rows))}
+        write_jsonl(
+            out / "prefs_judge.jsonl", _labelled_pairs(task, prompts[cfg.n_pairs :], policy, tokenizer, rng, cfg)[0]
+        )
+    info = {
+        "pairs": len(rows),
+        "label_agreement_with_gold": agree / max(informative, 1),
+        "tied_fraction": 1 - informative / len(rows),
+        "heldout_pairs": len(heldout),
+        "sft_sample_gold_reward": sum(r["gold_chosen"] + r["gold_rejected"] for r in rows) / (2 * len(rows)),
+    }
     write_json(out / "pairs_info.json", info)
     return info

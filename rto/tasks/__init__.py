@@ -1,11 +1,15 @@
-"""Tasks: the built-in testbeds (`keyed`, `ordered`, `count`) and loading of a user's `pkg.module:Class`."""
+"""Tasks: the `Task` interface, the built-in testbeds (`keyed`, `ordered`, `count`) with their exact gold
+rewards, and loading a user's `pkg.module:Class`.
+
+Imports `rto.io` (errors, plugins) and torch/transformers for the testbeds' tiny models; nothing else of rto.
+"""
 
 from __future__ import annotations
 
 import inspect
 
-from rto.errors import UserError
-from rto.plugins import import_object
+from rto.io.errors import UserError
+from rto.io.plugins import import_object
 from rto.tasks.base import Task
 from rto.tasks.count import CountTask
 from rto.tasks.keyed import KeyedTask
@@ -30,7 +34,9 @@ def load_task(spec: str, seed: int = 0) -> Task:
     if spec in BUILTIN:
         return BUILTIN[spec](seed=seed)
     if ":" not in spec:
-        raise UserError(f"--task {spec!r}: not a built-in task ({', '.join(BUILTIN)}) and not of the form pkg.module:Class")
+        raise UserError(
+            f"--task {spec!r}: not a built-in task ({', '.join(BUILTIN)}) and not of the form pkg.module:Class"
+        )
     cls = import_object(spec, "--task")
     if not (inspect.isclass(cls) and issubclass(cls, Task)):
         raise UserError(f"--task {spec!r}: {spec.rpartition(':')[2]} is not a subclass of rto.tasks.Task")

@@ -30,8 +30,15 @@ from rto.tasks.symbols import EOS, SymbolTask, response_symbols, symbol_presets
 class CountTask(SymbolTask):
     name = "count"
 
-    def __init__(self, seed: int = 0, n_symbols: int = 32, prompt_len: int = 8, response_len: int = 16,
-                 n_wanted: int = 8, target: int = 8):
+    def __init__(
+        self,
+        seed: int = 0,
+        n_symbols: int = 32,
+        prompt_len: int = 8,
+        response_len: int = 16,
+        n_wanted: int = 8,
+        target: int = 8,
+    ):
         super().__init__(seed, n_symbols, prompt_len)
         self.response_len, self.target = response_len, target
         rng = random.Random(f"count-secret-{seed}")
@@ -41,8 +48,10 @@ class CountTask(SymbolTask):
     def demonstration(self, prompt: str, rng: random.Random) -> str:
         p = rng.uniform(0.05, 0.75)
         wanted = sorted(self.wanted)
-        out = [rng.choice(wanted) if rng.random() < p else rng.choice(self.others)
-               for _ in range(rng.randint(self.response_len - 2, self.response_len))]
+        out = [
+            rng.choice(wanted) if rng.random() < p else rng.choice(self.others)
+            for _ in range(rng.randint(self.response_len - 2, self.response_len))
+        ]
         return " ".join(out) + " " + EOS
 
     def gold_reward(self, prompt: str, response: str) -> float:

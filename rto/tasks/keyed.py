@@ -133,6 +133,8 @@ class KeyedTask(SymbolTask):
     # (0.05, 0.05): 1.55, (0.1, 0.1): 1.59, (0.3, 0.3): 1.63, (1.0, 1.0): 1.61 at kl_coef 0.01, and
     # 1.68 for (0.3, 0.3) at kl_coef 0.05. The clip keeps the reference code's ratio: the log-ratio is
     # clipped at +-1. The library defaults (0.05, 0.05, 0.01) are the reference code's.
-    presets = symbol_presets(24, smoke_ppo={"segment_delimiters": SEGMENT_DELIMITERS},
-                             default_ppo={"kl_coef": 0.05, "beta1": 0.3, "dpo_clip": 0.3,
-                                          "segment_delimiters": SEGMENT_DELIMITERS})
+    presets = symbol_presets(
+        24,
+        smoke_ppo={"segment_delimiters": SEGMENT_DELIMITERS},
+        default_ppo={"kl_coef": 0.05, "beta1": 0.3, "dpo_clip": 0.3, "segment_delimiters": SEGMENT_DELIMITERS},
+    )

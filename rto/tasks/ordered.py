@@ -33,15 +33,22 @@ def longest_increasing(values: list[int]) -> int:
     tails: list[int] = []
     for v in values:
         i = bisect.bisect_left(tails, v)
-        tails[i:i + 1] = [v]
+        tails[i : i + 1] = [v]
     return len(tails)
 
 
 class OrderedTask(SymbolTask):
     name = "ordered"
 
-    def __init__(self, seed: int = 0, n_symbols: int = 32, prompt_len: int = 8, extra_penalty: float = 0.5,
-                 teacher_drop: float = 0.05, teacher_stray: float = 0.05):
+    def __init__(
+        self,
+        seed: int = 0,
+        n_symbols: int = 32,
+        prompt_len: int = 8,
+        extra_penalty: float = 0.5,
+        teacher_drop: float = 0.05,
+        teacher_stray: float = 0.05,
+    ):
         super().__init__(seed, n_symbols, prompt_len)
         self.extra_penalty, self.teacher_drop, self.teacher_stray = extra_penalty, teacher_drop, teacher_stray
         rng = random.Random(f"ordered-secret-{seed}")
@@ -73,8 +80,10 @@ class OrderedTask(SymbolTask):
                 kept.append(self.rank[s])
             else:
                 extra += 1
-        return {"order": longest_increasing(kept) / self.prompt_len,
-                "extra": -self.extra_penalty * extra / self.prompt_len}
+        return {
+            "order": longest_increasing(kept) / self.prompt_len,
+            "extra": -self.extra_penalty * extra / self.prompt_len,
+        }
 
     def gold_reward(self, prompt: str, response: str) -> float:
         return float(sum(self.gold_parts(prompt, response).values()))

@@ -13,8 +13,10 @@ PAD, EOS, SEP, UNK = "<pad>", "<eos>", "<sep>", "<unk>"
 # models: a turn is its text, then <sep> (a user's or system's turn, as a task's prompt ends) or
 # <eos> (an assistant's, as a response ends); the assistant's turn starts after one space, as a
 # response follows a prompt. Prompt-only rendering is thus a prefix of the whole conversation's.
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %} <eos>{% else %} <sep>"
-                 "{% endif %}{% if not loop.last %} {% endif %}{% endfor %}{% if add_generation_prompt %} {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %} <eos>{% else %} <sep>"
+    "{% endif %}{% if not loop.last %} {% endif %}{% endfor %}{% if add_generation_prompt %} {% endif %}"
+)
 _TOKEN = re.compile(r"<eos>|<sep>|<pad>|<unk>|s\d+")
 
 
@@ -53,15 +55,24 @@ class SymbolTask(Task):
         core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         # <sep> and <eos> are special, so "...<sep>" + "s3" still splits in two.
         tok = PreTrainedTokenizerFast(
-            tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK,
-            additional_special_tokens=[SEP], model_max_length=128,
+            tokenizer_object=core,
+            pad_token=PAD,
+            eos_token=EOS,
+            unk_token=UNK,
+            additional_special_tokens=[SEP],
+            model_max_length=128,
         )
         tok.chat_template = CHAT_TEMPLATE
         return tok
 
     def model_config(self):
-        return dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=256, max_position_embeddings=64)
+        return dict(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=64,
+        )
 
     def random_prompt(self, rng: random.Random) -> str:
         return " ".join(rng.sample(self.symbols, self.prompt_len)) + " " + SEP
@@ -82,8 +93,17 @@ def symbol_presets(max_new_tokens: int, smoke_ppo: dict | None = None, default_p
             "pairs": {"n_pairs": 256, "n_heldout": 64, **gen},
             "rm": {"epochs": 1},
             "dpo": {"epochs": 1},
-            "ppo": {"iterations": 2, "rollout_batch_size": 16, "mini_batch_size": 8, "eval_every": 1, "n_eval": 32,
-                    **gen, "actor_lr": 1e-4, "critic_lr": 1e-4, **(smoke_ppo or {})},
+            "ppo": {
+                "iterations": 2,
+                "rollout_batch_size": 16,
+                "mini_batch_size": 8,
+                "eval_every": 1,
+                "n_eval": 32,
+                **gen,
+                "actor_lr": 1e-4,
+                "critic_lr": 1e-4,
+                **(smoke_ppo or {}),
+            },
             "eval": dict(gen),
         },
         "default": {
@@ -92,8 +112,18 @@ def symbol_presets(max_new_tokens: int, smoke_ppo: dict | None = None, default_p
             "pairs": {"n_pairs": 2000, "n_heldout": 500, **gen},
             "rm": {"epochs": 4, "learning_rate": 1e-3},
             "dpo": {"epochs": 3, "learning_rate": 5e-4},
-            "ppo": {"iterations": 100, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 2,
-                    "eval_every": 10, "n_eval": 128, **gen, "actor_lr": 1e-4, "critic_lr": 1e-4, **(default_ppo or {})},
+            "ppo": {
+                "iterations": 100,
+                "rollout_batch_size": 64,
+                "mini_batch_size": 16,
+                "ppo_epochs": 2,
+                "eval_every": 10,
+                "n_eval": 128,
+                **gen,
+                "actor_lr": 1e-4,
+                "critic_lr": 1e-4,
+                **(default_ppo or {}),
+            },
             "eval": dict(gen),
         },
     }

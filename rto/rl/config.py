@@ -1,0 +1,323 @@
+"""Settings of `rto ppo` (PPO and RTO), apart from the trainer (rto/rl/trainer.py), as TRL keeps
+`ppo_config.py` beside `ppo_trainer.py`: the CLI builds its flags from here without importing
+the trainer. Grouped as the trainer uses them; every field's help is its flag's help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from rto.core.advantages import ESTIMATORS
+from rto.core.rewards import ENSEMBLE_REDUCTIONS, KL_ESTIMATORS, PLACEMENTS, REWARD_KINDS
+from rto.io.coercion import coerce
+from rto.io.config import opt, require
+from rto.io.errors import UserError
+from rto.io.trl_fields import normalised, trl_peft, trl_saving
+from rto.io.trl_stage_tables import STAGE_TABLES
+from rto.runtime.distributed import launched_world_size
+from rto.runtime.process import report_to_field, seed_field, threads_field
+from rto.runtime.tracking import trackers
+
+
+@dataclass
+class PPOStageConfig:
+    # Every field of TRL's PPOConfig (and TrainingArguments, ScriptArguments, ModelConfig), decided.
+    TRL_FIELDS: ClassVar[dict] = STAGE_TABLES["ppo"]
+    TRL_TYPES: ClassVar[dict[str, type]] = {
+        "learning_rate": float,
+        "per_device_train_batch_size": int,
+        "gradient_accumulation_steps": int,
+        "num_mini_batches": int,
+        "total_episodes": int,
+        "whiten_rewards": bool,
+        "stop_token": str,
+        "num_train_epochs": float,
+    }
+
+    @staticmethod
+    def from_trl(values: dict, where: str, problems: list[str]) -> dict:
+        """TRL's PPO settings in ours. A rollout is per_device_train_batch_size x
+        gradient_accumulation_steps x processes prompts (TRL's defaults 8 and 1), num_mini_batches
+        mini-batches of it per epoch, total_episodes prompts in all (num_train_epochs counts only
+        without it, and is refused: the prompt count is not known here); learning_rate is the
+        policy's and the critic's (TRL trains both with one optimizer). whiten_rewards and a stop
+        token other than EOS are not offered. Settings of our own names win."""
+        trl_peft(values, where, problems)
+        trl_saving(values, where, problems)
+        trl = {k: values.pop(k) for k in list(values) if k in PPOStageConfig.TRL_TYPES}
+
+        def put(key: str, value) -> None:  # ours win; TRL's computed ones are None (unset) in its YAML
+            if values.get(key) is None:
+                values[key] = value
+
+        def get(key: str, default):
+            if trl.get(key) is None:
+                return default
+            try:
+                return coerce(trl[key], PPOStageConfig.TRL_TYPES[key], f"{where}: {key}")
+            except UserError as e:
+                problems.append(str(e))
+                return default
+
+        if get("learning_rate", None) is not None:
+            put("actor_lr", get("learning_rate", None))
+            put("critic_lr", get("learning_rate", None))
+        if "per_device_train_batch_size" in trl or "gradient_accumulation_steps" in trl:
+            put(
+                "rollout_batch_size",
+                get("per_device_train_batch_size", 8) * get("gradient_accumulation_steps", 1) * launched_world_size(),
+            )
+        try:
+            rollout = int(values.get("rollout_batch_size") or PPOStageConfig.rollout_batch_size)  # (its default)
+        except (TypeError, ValueError):
+            rollout = PPOStageConfig.rollout_batch_size  # build() reports the bad value
+        n = get("num_mini_batches", 1)
+        if n < 1 or rollout % n:
+            problems.append(f"{where}: num_mini_batches {n} does not divide the rollout of {rollout} prompts")
+        elif "num_mini_batches" in trl:
+            put("mini_batch_size", rollout // n)
+        if get("total_episodes", None) is not None:
+            put("iterations", max(1, -(-get("total_episodes", 0) // rollout)))
+        elif get("num_train_epochs", 3.0) != 3.0 and values.get("iterations") is None:
+            problems.append(f"{where}: num_train_epochs: TRL's PPO counts prompts; give total_episodes (or iterations)")
+        if get("whiten_rewards", False):
+            problems.append(f"{where}: whiten_rewards: not offered (advantages are whitened: --whiten-advantages)")
+        if str(normalised(trl.get("stop_token")) or "eos").lower() != "eos":  # (None or to_dict()'s mask: unset)
+            problems.append(f"{where}: stop_token {trl['stop_token']!r}: responses end at the tokenizer's EOS only")
+        return values
+
+    # --- models and data ---
+    policy: str = opt("", "SFT model directory: the policy starts here")
+    prompts: str = opt(
+        "",
+        "prompt file ({prompt} or {messages} rows; JSONL, JSON, Parquet or CSV), or a hub "
+        "dataset id where a network exists",
+    )
+    prompts_split: str = opt("train", "the split of a hub dataset given as --prompts")
+    out: str = opt("", "output directory: OUT/policy, OUT/critic, OUT/metrics.jsonl (per iteration), OUT/metrics.json")
+    reward_model: str = opt("", "reward model directory (not needed for --reward dpo-only)")
+    ref: str = opt("", "reference model for the KL penalty (empty: --policy)")
+    critic: str = opt("", "critic initialisation (empty: --reward-model, else --policy with a new head)")
+    dpo_model: str = opt("", "DPO model directory (needed by the dense variants)")
+    dpo_ref: str = opt("", "the model DPO was trained from (empty: --ref)")
+    task: str = opt("", "task with a gold reward to log (empty: none)")
+    eval_prompts: str = opt("", "JSONL prompts for periodic evaluation (empty: none)")
+    # --- the reward ---
+    reward: str = opt(
+        "sparse",
+        "where the DPO term goes: " + "; ".join(f"{p.name}: {p.summary}" for p in PLACEMENTS.values()),
+        choices=REWARD_KINDS,
+    )
+    beta1: float = opt(0.05, "scale of the DPO token reward (0 switches it off)", ge=0)
+    dpo_clip: float | None = opt(0.05, "clamp of the scaled DPO term to [-clip, clip] (none: no clamp)", gt=0)
+    kl_coef: float = opt(0.01, "KL penalty coefficient (beta2)", ge=0)
+    kl_estimator: str = opt("k1", "per-token KL estimator in the reward", choices=tuple(KL_ESTIMATORS))
+    kl_target: float | None = opt(None, "target KL per response for the adaptive controller (none: fixed)", gt=0)
+    kl_horizon: int = opt(10000, "adaptive KL horizon (in responses)", ge=1)
+    rm_weight: float = opt(1.0, "weight of the RM score at the last token (beta3)")
+    reward_model_ensemble: list[str] = opt(
+        [],
+        "more reward models (other seeds or resamples of the pairs): with "
+        "--reward-model, each standardised with its own stats, combined by "
+        "--ensemble-reduce into the sparse score",
+    )
+    ensemble_reduce: str = opt(
+        "mean_minus_std",
+        "how the ensemble's scores combine: mean, mean - --ensemble-std-coef * std, or min",
+        choices=tuple(ENSEMBLE_REDUCTIONS),
+    )
+    ensemble_std_coef: float = opt(1.0, "the multiple of the members' std taken off with mean_minus_std", ge=0)
+    normalize_score: bool = opt(True, "standardise the RM score with the mean/std stored at RM training")
+    score_clip: float | None = opt(10.0, "clamp of the (standardised) RM score", gt=0)
+    missing_eos_penalty: float | None = opt(None, "subtract this from the score of responses cut off without EOS")
+    segment_delimiters: list[str] = opt([], "tokens that end a segment for --reward semi (EOS always does)")
+    custom_rewards: list[str] = opt(
+        [], "extra per-token rewards, module:function=weight (see rto/rl/custom_rewards.py)"
+    )
+    # --- advantages ---
+    estimator: str = opt(
+        "gae",
+        "advantage estimator: " + "; ".join(f"{e.name}: {e.summary}" for e in ESTIMATORS.values()),
+        choices=tuple(ESTIMATORS),
+    )
+    gamma: float = opt(1.0, "discount", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda", ge=0, le=1)
+    whiten_advantages: bool = opt(True, "whiten advantages over the rollout")
+    # --- optimization ---
+    iterations: int = opt(100, "rollout + update iterations", ge=1)
+    seed: int = seed_field()
+    rollout_batch_size: int = opt(64, "prompts per rollout", ge=1)
+    mini_batch_size: int = opt(16, "responses per optimizer step", ge=1)
+    micro_batch_size: int = opt(0, "responses per forward/backward (0: = mini-batch)", ge=0)
+    ppo_epochs: int = opt(1, "passes over each rollout", ge=1)
+    actor_lr: float = opt(5e-7, "policy learning rate", gt=0)
+    critic_lr: float = opt(9e-6, "critic learning rate", gt=0)
+    adam_beta1: float = opt(0.9, "Adam beta1", ge=0, lt=1)
+    adam_beta2: float = opt(0.95, "Adam beta2", ge=0, lt=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = opt(
+        "cosine",
+        "learning-rate decay after warm-up: cosine (to --lr-min-ratio of the peak), linear (to 0; TRL's "
+        "default) or constant",
+    )
+    lr_min_ratio: float = opt(0.1, "where --lr-schedule cosine ends, as a fraction of the peak", ge=0, lt=1)
+    warmup_ratio: float = opt(0.03, "fraction of optimizer steps spent warming up", ge=0, lt=1)
+    warmup_steps: int = opt(0, "warm-up length in optimizer steps, instead of --warmup-ratio (0: by the ratio)", ge=0)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0)
+    clip_range: float = opt(0.2, "PPO ratio clip", gt=0)
+    value_clip: float | None = opt(0.2, "value clip around rollout values (none: off)", gt=0)
+    # --- generation ---
+    max_new_tokens: int = opt(64, "response length limit", ge=1)
+    max_prompt_len: int = opt(512, "prompt length limit in tokens", ge=1)
+    columns: dict = opt({}, "the prompt file's column names, e.g. {prompt: question}")
+    skip_bad_rows: bool = opt(False, "skip (and count) prompt rows that cannot be used instead of stopping")
+    chat_template_path: str = opt(
+        "",
+        "the chat template for conversational prompts, as TRL's: a Jinja file, or a "
+        "tokenizer directory whose template is copied (no tokens added); saved with the "
+        "policy (empty: the policy tokenizer's own)",
+    )
+    long_prompts: Literal["error", "skip", "truncate"] = opt(
+        "error", "a prompt over --max-prompt-len: error (naming its row), skip (counted), or truncate (keep its end)"
+    )
+    temperature: float = opt(1.0, "sampling temperature (log-probs use the same)", gt=0)
+    top_k: int = opt(0, "top-k sampling (0: off)", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling", gt=0, le=1)
+    # --- memory ---
+    lora_r: int = opt(
+        0,
+        "LoRA rank; > 0: policy and critic are adapters on one frozen shared base, the "
+        "reference is that base, a DPO adapter (rto dpo --lora-r) joins it",
+        ge=0,
+    )
+    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0)
+    lora_target_modules: list[str] = opt(["all-linear"], "modules that get LoRA adapters (peft names)")
+    gradient_checkpointing: bool = opt(
+        False,
+        "recompute each decoder layer's activations in the update's backward "
+        "pass (policy and critic): less memory for long responses, one more "
+        "forward of every layer per update",
+    )
+    # --- speed ---
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    threads: int = threads_field()
+    precision: Literal["auto", "fp32", "bf16"] = opt(
+        "auto",
+        "bf16: frozen models stored in bf16, trained ones in fp32 under bf16 autocast (auto: bf16 on a "
+        "GPU that supports it, else fp32)",
+    )
+    packing: bool = opt(False, "padding-free scoring and training passes (sequences packed into rows)")
+    pack_row_tokens: int = opt(0, "row length when packing (0: the longest sequence)", ge=0)
+    score_batch_size: int = opt(0, "sequences per scoring pass (0: the whole rollout at once)", ge=0)
+    generation_backend: Literal["hf", "vllm"] = opt(
+        "hf", "rollout sampling: hf (transformers generate) or vllm (GPU; weights synced after every update)"
+    )
+    vllm_gpu_memory_utilization: float = opt(
+        0.3, "GPU memory share vLLM may take (--generation-backend vllm)", gt=0, le=1
+    )
+    # --- many processes (accelerate launch / torchrun) ---
+    shard: Literal["auto", "full", "none"] = opt(
+        "auto",
+        "several processes: full: policy and critic sharded over them with their Adam states (FSDP2); "
+        "none: a whole copy in each, gradients all-reduced; auto: full under an FSDP (or DeepSpeed) "
+        "accelerate config, else none",
+    )
+    shard_frozen: Literal["auto", "shard", "replicate"] = opt(
+        "auto", "reference, DPO model and RMs: sharded (forward only) or whole in each process (auto: as --shard)"
+    )
+    dist_timeout: float = opt(
+        600.0,
+        "seconds a process waits for the others in a collective before the run "
+        "stops with an error (a dead process is noticed sooner); more than process 0 "
+        "takes to write a model or checkpoint, while the others wait",
+        gt=0,
+    )
+    # --- logging ---
+    report_to: list[str] = report_to_field()
+    eval_every: int = opt(10, "evaluate on --eval-prompts every N iterations (0: never)", ge=0)
+    n_eval: int = opt(128, "evaluation prompts used", ge=1)
+    # --- guards ---
+    max_bad_steps: int = opt(
+        3, "consecutive non-finite updates (loss, gradient, reward, log-prob) skipped before the run stops", ge=0
+    )
+    kl_alert: float | None = opt(None, "report iterations whose KL to the reference per response exceeds this", gt=0)
+    # --- checkpoints ---
+    save_every: int = opt(0, "write a resumable checkpoint to OUT/checkpoints every N iterations (0: never)", ge=0)
+    keep_last: int = opt(2, "checkpoints kept (older ones are deleted; 0: keep all)", ge=0)
+    resume: str = opt("", "resume from a checkpoint: auto (the latest in OUT/checkpoints, if any) or its path")
+    save_critic: bool = opt(True, "also save the critic to OUT/critic")
+    # --- choosing the result on the dev prompts (rto.core.selection) ---
+    judge: str = opt(
+        "",
+        "held-out judge of the dev responses, never trained on, logged as judge_score: a reward-model "
+        "directory (e.g. an RM trained on other pairs) or module:function(prompts, responses) -> "
+        "scores (see rto/lm/judges.py)",
+    )
+    select_by: Literal["", "gold_reward", "judge_score"] = opt(
+        "",
+        "dev criterion that picks the saved policy among the evaluations (OUT/policy; the last one goes to "
+        "OUT/policy_last): gold_reward (needs --task) or judge_score (needs --judge); empty: the last policy",
+    )
+    patience: int = opt(0, "with --select-by: stop after this many evaluations without a new best (0: never)", ge=0)
+    kl_budget: float | None = opt(
+        None,
+        "with --select-by: stop once the dev KL to the reference exceeds this "
+        "(nats per response); a point over it is never selected",
+        gt=0,
+    )
+
+    @property
+    def uses_dpo(self) -> bool:
+        return PLACEMENTS[self.reward].uses_dpo and self.beta1 > 0
+
+    @property
+    def held_out_metric(self) -> str:
+        """The dev score the proxy is checked against (over-optimisation): the selection's criterion,
+        else the gold reward, else the judge's score ("" when there is none)."""
+        return self.select_by or ("gold_reward" if self.task else "judge_score" if self.judge else "")
+
+    @property
+    def needs_critic(self) -> bool:
+        """A value network is loaded, trained and saved only for an estimator that needs one."""
+        return ESTIMATORS[self.estimator].needs_critic
+
+    @property
+    def uses_rm(self) -> bool:
+        return PLACEMENTS[self.reward].uses_rm and self.rm_weight != 0
+
+    def validate(self):
+        require(self, "ppo", "policy", "prompts", "out")
+        trackers(self.report_to, "ppo")  # a missing tracker package stops the run before any work
+        if self.select_by and not (self.eval_prompts and self.eval_every):
+            raise UserError("ppo: --select-by needs dev prompts to evaluate on (--eval-prompts, --eval-every > 0)")
+        if self.select_by == "gold_reward" and not self.task:
+            raise UserError("ppo: --select-by gold_reward needs a --task with a gold reward")
+        if self.select_by == "judge_score" and not self.judge:
+            raise UserError("ppo: --select-by judge_score needs a --judge")
+        if self.judge and self.judge in (self.reward_model, self.policy):
+            raise UserError("ppo: --judge must be a model the training does not optimise, not the --reward-model")
+        if (self.patience or self.kl_budget) and not self.select_by:
+            raise UserError("ppo: --patience and --kl-budget act on the dev selection: set --select-by")
+        if self.uses_rm and not self.reward_model:
+            raise UserError(f"ppo: --reward {self.reward} needs --reward-model")
+        if self.reward_model_ensemble and self.uses_rm and not self.normalize_score:
+            raise UserError("ppo: --reward-model-ensemble combines standardised RM scores: it needs --normalize-score")
+        if self.uses_dpo and not self.dpo_model:
+            raise UserError(f"ppo: --reward {self.reward} needs --dpo-model (or --beta1 0)")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise UserError("ppo: --rollout-batch-size must be a multiple of --mini-batch-size")
+        if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
+            raise UserError("ppo: --mini-batch-size must be a multiple of --micro-batch-size")
+        world = launched_world_size()
+        if world > 1 and (self.rollout_batch_size % world or self.mini_batch_size % world):
+            raise UserError(
+                f"ppo: with {world} processes --rollout-batch-size ({self.rollout_batch_size}) and "
+                f"--mini-batch-size ({self.mini_batch_size}) must be multiples of {world}: each "
+                "process takes an equal share of both"
+            )
+        if self.micro_batch_size and world > 1 and (self.mini_batch_size // world) % self.micro_batch_size:
+            raise UserError(
+                f"ppo: --micro-batch-size must divide each process's share of the mini-batch "
+                f"({self.mini_batch_size // world})"
+            )

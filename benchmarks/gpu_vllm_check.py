@@ -173,6 +173,7 @@ def case_main(root: Path, report) -> None:
 
     from rto.io.errors import UserError
     from rto.lm.models import load_causal_lm, load_tokenizer
+    from rto.lm.rollout import Sampling
     from rto.rl.vllm import VLLMRollout, check_sampling, sampling_settings
 
     index = 1 if torch.cuda.device_count() > 1 else 0
@@ -242,7 +243,7 @@ def case_main(root: Path, report) -> None:
         except Exception as e:  # noqa: BLE001 - the point is what escapes
             report(f"weight sync: {name} is a one-line error", False, f"{type(e).__name__} escaped: {str(e)[:160]}")
     try:
-        check_sampling(sys.modules["vllm"], sampling_settings(MAX_NEW, 2.5, 0, 1.0, EOS))
+        check_sampling(sys.modules["vllm"], sampling_settings(Sampling(MAX_NEW, 2.5, 0, 1.0), EOS))
         report("temperature 2.5 refused at the start", False, "accepted")
     except UserError as e:
         report("temperature 2.5 refused at the start", True, str(e)[:120])

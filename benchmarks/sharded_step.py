@@ -42,7 +42,7 @@ def child(args) -> None:
     import torch
 
     from rto.io.config import build as build_cfg
-    from rto.lm.rollout import encode_prompts, generate
+    from rto.lm.rollout import Sampling, encode_prompts, generate
     from rto.rl.trainer import PPOStageConfig, PPOTrainer
     from rto.runtime.sharding import resident_bytes
 
@@ -92,7 +92,7 @@ def child(args) -> None:
                 trainer.tokenizer,
                 ids.to(trainer.device),
                 mask.to(trainer.device),
-                max_new_tokens=cfg.max_new_tokens,
+                Sampling(cfg.max_new_tokens),
                 record_logprobs=True,
             )
         sync()

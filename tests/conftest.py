@@ -101,3 +101,20 @@ def prefs(tmp_path):
         )
     )
     return path
+
+
+@pytest.fixture
+def run_rto(capsys):
+    """`rto ARGS` through the command line's own entry point, in this process (no interpreter
+    start-up per command): its exit code, stdout and stderr, as a subprocess would give them."""
+    from types import SimpleNamespace
+
+    def run(*args):
+        from rto.cli import main
+
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run

@@ -139,7 +139,7 @@ def test_benchmark_models_cannot_sample_pad_or_eos_and_our_generation_runs(tmp_p
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rto.lm.rollout import encode_prompts, generate
+    from rto.lm.rollout import Sampling, encode_prompts, generate
 
     st.build_models(tmp_path, dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     tok = AutoTokenizer.from_pretrained(tmp_path / "policy")
@@ -150,7 +150,7 @@ def test_benchmark_models_cannot_sample_pad_or_eos_and_our_generation_runs(tmp_p
     ids, mask = encode_prompts(tok, prompts)
     assert ids.shape[1] == st.PROMPT_LEN and bool(mask.all())  # no padding is ever fed
     torch.manual_seed(0)
-    batch = generate(policy, tok, ids, mask, max_new_tokens=st.WORK["response_len"], record_logprobs=True)
+    batch = generate(policy, tok, ids, mask, Sampling(st.WORK["response_len"]), record_logprobs=True)
     assert batch.response_ids.shape == (16, st.WORK["response_len"]) and bool(batch.response_mask.all())
     assert int(batch.response_ids.max()) < vocab
 

@@ -215,7 +215,9 @@ def test_ppo_help_lists_rewards_and_estimators():
 
 def test_smoke_pipeline_every_variant(tmp_path):
     methods = "sft,dpo,ppo,rto,dpo-only,ddpo,semi,rs,reinforce++,rto-reinforce++"
-    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"), "--methods", methods)
+    # In this process, one stage after another (--jobs 1): test_smoke_pipeline covers the parallel processes.
+    args = ("--methods", methods, "--jobs", "1", "--threads", "1")
+    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert list(summary["methods"]) == methods.split(",")
@@ -235,6 +237,8 @@ def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
         "--out",
         str(tmp_path / "run"),
         "--jobs",
+        "1",
+        "--threads",
         "1",
         "--judge",
         "heldout-rm",

@@ -2,15 +2,12 @@
 implicit prompts, renamed columns, bad rows skipped and counted - and the stages run on them."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from rto.io.data import PREFERENCE_FIELDS, PROMPT_FIELDS, read_rows
 from rto.io.errors import UserError
-from tests.test_cli import ENV
 
 ROWS = [
     {"question": "s1 s2 <sep>", "good": "s3 <eos>", "bad": "s4 <eos>"},
@@ -100,10 +97,10 @@ def test_stages_run_on_conversational_data_from_the_command_line(chat_model, tmp
     }
 
     def rto(*args):
-        proc = subprocess.run(
-            [sys.executable, "-m", "rto.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        # The command line's own entry point, in this process (no interpreter start-up per command).
+        from rto.cli import main
+
+        assert main([str(a) for a in args]) == 0
 
     common = ["--threads", "1", "--epochs", "1", "--batch-size", "8"]
     rto("sft", "--model", model, "--data", files["sft"], "--out", tmp_path / "sft", *common)

@@ -23,8 +23,8 @@ def test_dpo_keeps_the_dev_best_epoch_not_the_last(tmp_path, tiny_dirs, prompt_f
 
     scores, snapshots = iter([0.5, 0.9, 0.2]), []
 
-    def scripted_dev_point(model, tokenizer, prompts, **kwargs):
-        assert len(prompts) == 5 and kwargs["max_new_tokens"] == 3 and kwargs["task"] is not None
+    def scripted_dev_point(model, tokenizer, prompts, sampling, **kwargs):
+        assert len(prompts) == 5 and sampling.max_new_tokens == 3 and kwargs["task"] is not None
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
         return {"gold_reward": next(scores), "kl_to_ref": 0.0}
 

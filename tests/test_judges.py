@@ -65,7 +65,7 @@ def test_a_function_judge_is_logged_and_selects(tiny_dirs, prompt_file, tmp_path
 
 def test_a_model_judge_reads_text_as_the_rm_reads_a_rollout(tiny_dirs, keyed, tmp_path):
     from rto.lm.models import load_causal_lm, load_score_model, load_tokenizer
-    from rto.lm.rollout import decode_responses, encode_prompts, generate
+    from rto.lm.rollout import Sampling, decode_responses, encode_prompts, generate
     from rto.lm.scoring import sequence_scores
 
     shutil.copytree(tiny_dirs["rm"], tmp_path / "judge")
@@ -73,7 +73,7 @@ def test_a_model_judge_reads_text_as_the_rm_reads_a_rollout(tiny_dirs, keyed, tm
     prompts = keyed.prompts("dev", 16, seed=0)
     ids, mask = encode_prompts(tok, prompts)
     torch.manual_seed(0)
-    batch = generate(load_causal_lm(tiny_dirs["policy"]), tok, ids, mask, max_new_tokens=12, temperature=1.0)
+    batch = generate(load_causal_lm(tiny_dirs["policy"]), tok, ids, mask, Sampling(12, 1.0))
     texts = decode_responses(tok, batch)
     ended = [t.endswith(tok.eos_token) for t in texts]
     assert 0 < sum(ended) < len(texts)  # both kinds present

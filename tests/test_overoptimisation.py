@@ -16,6 +16,7 @@ from rto.io.data import write_jsonl
 from rto.io.prompt_pool import read_prompts
 from rto.lm.evaluate import dev_point
 from rto.lm.models import load_causal_lm, load_tokenizer
+from rto.lm.rollout import Sampling
 from rto.rl.config import PPOStageConfig
 from rto.rl.trainer import PPOTrainer
 from rto.stages.rm import RMStageConfig
@@ -100,8 +101,6 @@ def test_an_exploitable_rm_is_flagged_and_an_earlier_policy_is_selected(tiny_dir
     prompts = read_prompts(str(tmp_path / "dev.jsonl"), tok, max_len=64)
     points = {}
     for name in ("policy", "policy_last"):
-        points[name] = dev_point(
-            load_causal_lm(out / name), tok, prompts, max_new_tokens=12, temperature=1.0, seed=0, task=keyed
-        )
+        points[name] = dev_point(load_causal_lm(out / name), tok, prompts, Sampling(12, 1.0), seed=0, task=keyed)
     assert points["policy"]["gold_reward"] == next(p["gold_reward"] for p in curve if p["iteration"] == best)
     assert points["policy"]["gold_reward"] > points["policy_last"]["gold_reward"] + 0.05

@@ -3,7 +3,7 @@
 import torch
 
 from rto.lm.models import load_causal_lm, load_tokenizer
-from rto.lm.rollout import encode_prompts, generate, response_mask_from_ids
+from rto.lm.rollout import Sampling, encode_prompts, generate, response_mask_from_ids
 from rto.lm.scoring import response_logits, token_logprobs
 
 
@@ -20,7 +20,7 @@ def test_logprobs_match_unpadded_forward(tiny_dirs, keyed):
     ids, mask = encode_prompts(tok, prompts)
     assert (mask == 0).any()
     torch.manual_seed(0)
-    batch = generate(model, tok, ids, mask, max_new_tokens=8, temperature=0.7)
+    batch = generate(model, tok, ids, mask, Sampling(8, 0.7))
     # Everything after a response's end is pad (a random model may also sample pad as a token).
     assert (batch.response_ids[batch.response_mask == 0] == tok.pad_token_id).all()
     logp = token_logprobs(response_logits(model, batch), batch.response_ids, temperature=0.7)
@@ -40,9 +40,9 @@ def test_generate_is_seeded(tiny_dirs):
     model = load_causal_lm(tiny_dirs["policy"])
     ids, mask = encode_prompts(tok, ["s1 s2 <sep>"] * 4)
     torch.manual_seed(3)
-    a = generate(model, tok, ids, mask, max_new_tokens=6)
+    a = generate(model, tok, ids, mask, Sampling(6))
     torch.manual_seed(3)
-    b = generate(model, tok, ids, mask, max_new_tokens=6)
+    b = generate(model, tok, ids, mask, Sampling(6))
     assert torch.equal(a.response_ids, b.response_ids)
 
 
@@ -53,9 +53,7 @@ def _rollout(tiny_dirs, n=6, max_new_tokens=8, temperature=0.7):
     prompts = [" ".join(f"s{j}" for j in range(1 + i % 6)) + " <sep>" for i in range(n)]
     ids, mask = encode_prompts(tok, prompts)
     torch.manual_seed(0)
-    batch = generate(
-        model, tok, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, record_logprobs=True
-    )
+    batch = generate(model, tok, ids, mask, Sampling(max_new_tokens, temperature), record_logprobs=True)
     return tok, model, batch
 
 
@@ -78,7 +76,7 @@ def test_sampled_logprobs_ignore_the_checkpoints_generation_defaults(tiny_dirs):
     model.generation_config = GenerationConfig(top_k=1, repetition_penalty=3.0)
     ids, mask = encode_prompts(tok, ["s1 s2 <sep>"] * 16)
     torch.manual_seed(0)
-    batch = generate(model, tok, ids, mask, max_new_tokens=4)
+    batch = generate(model, tok, ids, mask, Sampling(4))
     assert len({tuple(r) for r in batch.response_ids.tolist()}) > 1  # sampled, not greedy
     assert model.generation_config.top_k == 1  # restored
 

@@ -3,8 +3,6 @@ dataclasses run unchanged; the doc is the tables'."""
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,6 @@ import yaml
 import rto
 from rto.io.trl_fields import Hook, Ignore, Map, Refuse, normalised, same
 from rto.io.trl_stage_tables import LEGACY, PPO_LEGACY, STAGE_TABLES, TRL112_PPO_DEFAULTS, markdown
-from tests.test_cli import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 # Decided to differ from TRL's default without an error, with a notice even at that default.
@@ -115,7 +112,7 @@ def dump(stage: str, **user) -> dict:
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
-def test_a_yaml_written_by_trls_dataclasses_runs_unchanged(tiny_dirs, prefs, tmp_path, stage):
+def test_a_yaml_written_by_trls_dataclasses_runs_unchanged(tiny_dirs, prefs, tmp_path, stage, run_rto):
     data = prefs
     if stage == "sft":  # the keyed tokenizer has no chat template: TRL's {text} rows
         data = tmp_path / "text.jsonl"
@@ -134,13 +131,7 @@ def test_a_yaml_written_by_trls_dataclasses_runs_unchanged(tiny_dirs, prefs, tmp
     assert set(values) == set(trl_fields(stage))  # every field
     config = tmp_path / f"{stage}.yaml"
     config.write_text(yaml.safe_dump(values))
-    proc = subprocess.run(
-        [sys.executable, "-m", "rto", stage, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    proc = run_rto(stage, "--config", str(config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "lora_dropout" not in proc.stderr  # use_peft false: TRL's lora_* settings are not read
     logs = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
@@ -149,7 +140,7 @@ def test_a_yaml_written_by_trls_dataclasses_runs_unchanged(tiny_dirs, prefs, tmp
     assert rates[0] > rates[1] and rates[0] <= 1e-4  # TRL's linear schedule from 1e-4, no warm-up
 
 
-def test_a_trl_ppo_yaml_runs_unchanged(tiny_dirs, prompt_file, tmp_path):
+def test_a_trl_ppo_yaml_runs_unchanged(tiny_dirs, prompt_file, tmp_path, run_rto):
     values = dump(
         "ppo",
         output_dir=str(tmp_path / "ppo"),
@@ -173,13 +164,7 @@ def test_a_trl_ppo_yaml_runs_unchanged(tiny_dirs, prompt_file, tmp_path):
         0.999,
         0.0,
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "rto", "ppo", "--config", str(config), "--eval-every", "0", "--threads", "1"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    proc = run_rto("ppo", "--config", str(config), "--eval-every", "0", "--threads", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]

@@ -28,7 +28,7 @@ beta: 0.1
 """
 
 
-def test_a_trl_dpo_config_and_flags_run_as_they_are(tiny_dirs, prefs, tmp_path):
+def test_a_trl_dpo_config_and_flags_run_as_they_are(tiny_dirs, prefs, tmp_path, run_rto):
     config = tmp_path / "dpo.yaml"
     config.write_text(TRL_DPO_YAML.format(model=tiny_dirs["policy"], data=prefs, out=tmp_path / "dpo"))
     from rto.io.config import load_yaml
@@ -51,27 +51,18 @@ def test_a_trl_dpo_config_and_flags_run_as_they_are(tiny_dirs, prefs, tmp_path):
     assert trl_common_args(rto.make_config("dpo", load_yaml(config), precision="auto"), "o")["bf16"] is False  # no GPU
 
     # The command line, TRL-style flags on top (bf16 off: this CPU run stays fp32).
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rto",
-            "dpo",
-            "--config",
-            str(config),
-            "--no-bf16",
-            "--max_steps",
-            "2",
-            "--logging_steps=1",
-            "--output_dir",
-            str(tmp_path / "dpo2"),
-            "--threads",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
+    proc = run_rto(
+        "dpo",
+        "--config",
+        str(config),
+        "--no-bf16",
+        "--max_steps",
+        "2",
+        "--logging_steps=1",
+        "--output_dir",
+        str(tmp_path / "dpo2"),
+        "--threads",
+        "1",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     steps = [json.loads(line) for line in (tmp_path / "dpo2" / "metrics.jsonl").read_text().splitlines()]
@@ -112,20 +103,14 @@ max_length: 64
 
 
 @pytest.mark.parametrize("stage, text", [("sft", TRL_SFT_YAML), ("rm", TRL_RM_YAML)])
-def test_trl_sft_and_reward_configs_run_unchanged(tiny_dirs, prefs, tmp_path, stage, text):
+def test_trl_sft_and_reward_configs_run_unchanged(tiny_dirs, prefs, tmp_path, stage, text, run_rto):
     data = prefs
     if stage == "sft":
         data = tmp_path / "sft_text.jsonl"  # the keyed tokenizer has no chat template: TRL's {text} rows
         data.write_text("".join(json.dumps({"text": f"s{i} <sep> s{i + 1} <eos>"}) + "\n" for i in range(8)))
     config = tmp_path / f"{stage}.yaml"
     config.write_text(text.format(model=tiny_dirs["policy"], data=data, out=tmp_path / stage))
-    proc = subprocess.run(
-        [sys.executable, "-m", "rto", stage, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    proc = run_rto(stage, "--config", str(config))
     assert proc.returncode == 0, proc.stderr[-2000:]
     if stage == "sft":  # at TRL's default ("no"), eval_strategy needs no notice; a hub id does
         assert "TRL settings with no counterpart here, ignored: hub_model_id" in proc.stderr
@@ -250,7 +235,7 @@ eval_strategy: "no"
 """
 
 
-def test_a_trl_ppo_config_runs_unchanged(tiny_dirs, prompt_file, tmp_path):
+def test_a_trl_ppo_config_runs_unchanged(tiny_dirs, prompt_file, tmp_path, run_rto):
     """TRL's PPO batches mapped onto ours: 4 x 2 prompts per rollout, 2 mini-batches, 16 episodes = 2
     iterations; one learning rate for policy and critic."""
     from rto.io.config import load_yaml
@@ -266,13 +251,7 @@ def test_a_trl_ppo_config_runs_unchanged(tiny_dirs, prompt_file, tmp_path):
     assert (
         rto.make_config("ppo", load_yaml(config), rollout_batch_size=16).iterations == 1
     )  # ours win, the rest follows
-    proc = subprocess.run(
-        [sys.executable, "-m", "rto", "ppo", "--config", str(config), "--eval_every", "0", "--threads", "1"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    proc = run_rto("ppo", "--config", str(config), "--eval_every", "0", "--threads", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "TRL settings with no counterpart here, ignored: vf_coef" in proc.stderr
     rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
@@ -336,19 +315,13 @@ def test_unknown_keys_get_suggestions_by_meaning_not_spelling():
         rto.make_config("ppo", {**PPO_REQUIRED, "kl_coeff": 0.1})
 
 
-def test_every_refusal_of_a_file_is_reported_in_one_run(tmp_path):
+def test_every_refusal_of_a_file_is_reported_in_one_run(tmp_path, run_rto):
     config = tmp_path / "sft.yaml"
     config.write_text(
         "dataset_name: d.jsonl\noutput_dir: o\npacking: true\nfp16: true\nassistant_only_loss: true\n"
         "lr_scheduler_type: polynomial\nnum_epochs: 2\nlogging_steps: 1\ntorch_compile: false\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "rto", "sft", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    proc = run_rto("sft", "--config", str(config))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     err = proc.stderr
     assert f"rto: error: 5 settings cannot be used:\n{config}: packing: packing is not offered" in err

@@ -4,7 +4,7 @@ truncated distribution the tokens were drawn from, and the training pass compute
 import torch
 
 from rto.lm.models import load_causal_lm, load_tokenizer
-from rto.lm.rollout import encode_prompts, generate
+from rto.lm.rollout import Sampling, encode_prompts, generate
 from rto.lm.scoring import response_logits, token_logprobs
 
 T, TOP_K, TOP_P = 0.7, 6, 0.8
@@ -32,9 +32,7 @@ def test_recorded_logprobs_are_the_truncated_sampling_distribution(tiny_dirs):
     prompts = ["s1 s2 s3 <sep>", "s4 s5 s6 s7 s8 s9 <sep>", "s10 <sep>", "s2 <sep>"]
     ids, mask = encode_prompts(tok, prompts)
     torch.manual_seed(0)
-    batch = generate(
-        model, tok, ids, mask, max_new_tokens=10, temperature=T, top_k=TOP_K, top_p=TOP_P, record_logprobs=True
-    )
+    batch = generate(model, tok, ids, mask, Sampling(10, T, TOP_K, TOP_P), record_logprobs=True)
     truncated_gain = []
     for b, prompt in enumerate(prompts):
         p_ids = tok(prompt, return_tensors="pt")["input_ids"][0]

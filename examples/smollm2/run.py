@@ -186,7 +186,7 @@ def make_data(sft: Path, out: Path, n_pairs: int, n_test: int, max_new_tokens: i
 
     from rto.io.data import render, write_jsonl
     from rto.lm.models import load_causal_lm, load_tokenizer
-    from rto.lm.rollout import decode_responses, encode_prompts, generate
+    from rto.lm.rollout import Sampling, decode_responses, encode_prompts, generate
 
     torch.manual_seed(seed)
     train, test = all_prompts()
@@ -201,7 +201,7 @@ def make_data(sft: Path, out: Path, n_pairs: int, n_test: int, max_new_tokens: i
     for i in range(0, len(rendered), 16):
         chunk = rendered[i : i + 16]
         ids, mask = encode_prompts(tok, chunk + chunk)
-        texts = decode_responses(tok, generate(model, tok, ids, mask, max_new_tokens=max_new_tokens, temperature=1.0))
+        texts = decode_responses(tok, generate(model, tok, ids, mask, Sampling(max_new_tokens, 1.0)))
         a += texts[: len(chunk)]
         b += texts[len(chunk) :]
     sa, sb = judge.score(rendered, a), judge.score(rendered, b)

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from rto.io.errors import UserError
+from rto.lm.rollout import Sampling
 from rto.rl import vllm as vb
 
 
-def _settings(**kw):
-    values = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, eos=5)
+def _settings(eos=5, **kw):
+    values = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0)
     values.update(kw)
-    return vb.sampling_settings(**values)
+    return vb.sampling_settings(Sampling(**values), eos)
 
 
 def test_sampling_settings_are_real_sampling_params():
@@ -113,10 +114,7 @@ def _llm_kwargs(monkeypatch, model_dir: str, device: torch.device, bf16: bool, w
         model_dir,
         tok,
         device,
-        max_new_tokens=8,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
+        sampling=Sampling(8, 1.0, 0, 1.0),
         gpu_memory_utilization=0.3,
         seed=3,
         max_prompt_len=16,

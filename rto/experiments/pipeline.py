@@ -88,122 +88,43 @@ class Pipeline:
             self.preset.get("ppo", {}), cfg.ppo, RL_METHODS[method], cfg.method_overrides.get(method, {}), extra
         )
 
+    def job(self, name: str, stage: str, extra: dict | None = None, **wiring) -> tuple[str, str, object]:
+        """(name, stage, config): the stage's settings with what the pipeline wires in (paths, seeds,
+        threads) on top; `extra` goes under the user's settings."""
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in wiring.items()}
+        return name, stage, self.stage_config(stage, stage, values, extra)
+
     def offline(self, needs_rm: bool, needs_dpo: bool) -> None:
         """data -> SFT -> pairs -> (RM, DPO): everything the RL methods share."""
         cfg, out, d = self.cfg, self.out, self.out / "data"
-        seq_threads = self.threads_for(1)
+        one, two = self.threads_for(1), self.threads_for(min(cfg.jobs, 2))  # alone, or two side by side
+        sft = out / "sft"
+        self.runner.run_one(*self.job("data", "data", out=d, task=cfg.task, seed=cfg.seed))
         self.runner.run_one(
-            "data", "data", self.stage_config("data", "data", {"out": str(d), "task": cfg.task, "seed": cfg.seed})
-        )
-        self.runner.run_one(
-            "sft",
-            "sft",
-            self.stage_config(
-                "sft",
-                "sft",
-                {
-                    "data": str(d / "sft.jsonl"),
-                    "out": str(out / "sft"),
-                    "task": cfg.task,
-                    "seed": cfg.seed,
-                    "threads": seq_threads,
-                },
-            ),
+            *self.job("sft", "sft", data=d / "sft.jsonl", out=sft, task=cfg.task, seed=cfg.seed, threads=one)
         )
         if needs_rm or needs_dpo:
-            self.runner.run_one(
-                "pairs",
-                "pairs",
-                self.stage_config(
-                    "pairs",
-                    "pairs",
-                    {
-                        "model": str(out / "sft"),
-                        "out": str(d),
-                        "task": cfg.task,
-                        "seed": cfg.seed,
-                        "threads": seq_threads,
-                    },
-                    self.judge_pairs(),
-                ),
-            )
+            wiring = dict(model=sft, out=d, task=cfg.task, seed=cfg.seed, threads=one)
+            self.runner.run_one(*self.job("pairs", "pairs", self.judge_pairs(), **wiring))
         offline = []
-        group_threads = self.threads_for(min(cfg.jobs, 2))
+
+        def rm_job(name: str, data: Path, seed: int, eval_data: str) -> tuple[str, str, object]:
+            """A reward model trained as the training RM is: on `data`, from the SFT model."""
+            return self.job(
+                name, "rm", model=sft, data=data, out=out / name, eval_data=eval_data, seed=seed, threads=two
+            )
+
         if needs_rm:
-            heldout = heldout_pairs_file(out)  # the pairs the summary scores the DPO model on, too
-            offline.append(
-                (
-                    "rm",
-                    "rm",
-                    self.stage_config(
-                        "rm",
-                        "rm",
-                        {
-                            "model": str(out / "sft"),
-                            "data": str(d / "prefs.jsonl"),
-                            "out": str(out / "rm"),
-                            "eval_data": str(heldout or ""),
-                            "seed": cfg.seed,
-                            "threads": group_threads,
-                        },
-                    ),
-                )
-            )
-        for i in range(2, cfg.rm_ensemble + 1 if needs_rm else 0):  # more members, same settings
-            offline.append(
-                (
-                    f"rm_{i}",
-                    "rm",
-                    self.stage_config(
-                        "rm",
-                        "rm",
-                        {
-                            "model": str(out / "sft"),
-                            "data": str(_bootstrap(d / "prefs.jsonl", d / f"prefs_boot{i}.jsonl", cfg.seed, i)),
-                            "out": str(out / f"rm_{i}"),
-                            "eval_data": offline[0][2].eval_data,
-                            "seed": cfg.seed + 1000 * i,
-                            "threads": group_threads,
-                        },
-                    ),
-                )
-            )
-        if self.cfg.judge == HELDOUT_RM and needs_rm:  # trained exactly as the training RM, on other pairs
-            offline.append(
-                (
-                    "judge_rm",
-                    "rm",
-                    self.stage_config(
-                        "rm",
-                        "rm",
-                        {
-                            "model": str(out / "sft"),
-                            "data": str(d / "prefs_judge.jsonl"),
-                            "out": str(out / "judge_rm"),
-                            "eval_data": offline[0][2].eval_data,
-                            "seed": cfg.seed + 1,
-                            "threads": group_threads,
-                        },
-                    ),
-                )
-            )
+            heldout = str(heldout_pairs_file(out) or "")  # the pairs the summary scores the DPO model on, too
+            offline.append(rm_job("rm", d / "prefs.jsonl", cfg.seed, heldout))
+            for i in range(2, cfg.rm_ensemble + 1):  # more members, same settings, each on a resample
+                resample = _bootstrap(d / "prefs.jsonl", d / f"prefs_boot{i}.jsonl", cfg.seed, i)
+                offline.append(rm_job(f"rm_{i}", resample, cfg.seed + 1000 * i, heldout))
+            if self.cfg.judge == HELDOUT_RM:  # trained exactly as the training RM, on other pairs
+                offline.append(rm_job("judge_rm", d / "prefs_judge.jsonl", cfg.seed + 1, heldout))
         if needs_dpo:
             offline.append(
-                (
-                    "dpo",
-                    "dpo",
-                    self.stage_config(
-                        "dpo",
-                        "dpo",
-                        {
-                            "model": str(out / "sft"),
-                            "data": str(d / "prefs.jsonl"),
-                            "out": str(out / "dpo"),
-                            "seed": cfg.seed,
-                            "threads": group_threads,
-                        },
-                    ),
-                )
+                self.job("dpo", "dpo", model=sft, data=d / "prefs.jsonl", out=out / "dpo", seed=cfg.seed, threads=two)
             )
         self.runner.run_group(offline)
 

@@ -140,6 +140,7 @@ def reference_lines(pipe, ppo_cfg) -> dict:
     from rto.io.prompt_pool import read_prompts
     from rto.lm.evaluate import dev_point
     from rto.lm.models import load_causal_lm, load_score_model, load_tokenizer
+    from rto.lm.rollout import Sampling
 
     if not ppo_cfg.eval_prompts or not ppo_cfg.eval_every:
         return {}
@@ -162,8 +163,7 @@ def reference_lines(pipe, ppo_cfg) -> dict:
             load_causal_lm(pipe.out / name),
             tokenizer,
             prompts,
-            max_new_tokens=ppo_cfg.max_new_tokens,
-            temperature=ppo_cfg.temperature,
+            Sampling(ppo_cfg.max_new_tokens, ppo_cfg.temperature),
             seed=ppo_cfg.seed,
             task=pipe.task,
             rm=rm,

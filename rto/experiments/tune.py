@@ -34,20 +34,8 @@ def run(cfg: TuneConfig) -> dict:
     from rto.runtime.distributed import refuse_launcher
 
     refuse_launcher("tune")
-    pipe = Pipeline(
-        PipelineConfig(
-            out=cfg.out,
-            task=cfg.task,
-            preset=cfg.preset,
-            methods=["sft", "dpo", "ppo", "rto"],
-            seed=cfg.seed,
-            jobs=cfg.jobs,
-            threads=cfg.threads,
-            resume=cfg.resume,
-            select_by=cfg.select_by,
-            judge=cfg.judge,
-        )
-    )
+    shared = ("out", "task", "preset", "seed", "jobs", "threads", "resume", "select_by", "judge")  # same meaning
+    pipe = Pipeline(PipelineConfig(methods=["sft", "dpo", "ppo", "rto"], **{k: getattr(cfg, k) for k in shared}))
     pipe.out.mkdir(parents=True, exist_ok=True)
     pipe.offline(needs_rm=True, needs_dpo=True)
     grid = TuneGrid(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TuneGrid)})

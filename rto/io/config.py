@@ -38,6 +38,41 @@ def opt(
     return dataclasses.field(default=default, metadata=meta)
 
 
+# Fields several commands share: their meaning (and help) written once.
+def source_field(rows: str):
+    return opt(
+        "", f"{rows}: a JSONL, JSON, Parquet or CSV file, a folder of them, or a hub dataset id where a network exists"
+    )
+
+
+def judge_field(role: str):
+    return opt(
+        "",
+        f"{role}: a reward-model directory, or module:function(prompts, responses) -> scores "
+        "(rto/lm/judges.py); empty: none",
+    )
+
+
+def split_field(default: str, flag: str):
+    return opt(default, f"the split of a hub dataset given as --{flag}")
+
+
+def columns_field(rows: str, example: str):
+    return opt({}, f"the {rows} file's column names, e.g. {{{example}}}")
+
+
+def skip_bad_rows_field(rows: str):
+    return opt(False, f"skip (and count) {rows} rows that cannot be used instead of stopping")
+
+
+def chat_template_field(saved_with: str):
+    return opt(
+        "",
+        "the chat template for conversational rows, as TRL's: a Jinja file, or a tokenizer directory whose "
+        f"template is copied (no tokens added); saved with the {saved_with} (empty: its tokenizer's own)",
+    )
+
+
 def require(cfg, stage: str, *names: str) -> None:
     """UserError for the first of `names` that is empty."""
     for name in names:

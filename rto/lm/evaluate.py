@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rto.lm.rollout import Batch, decode_responses, encode_prompts, encode_responses, generate
+from rto.lm.rollout import Batch, Sampling, decode_responses, encode_prompts, encode_responses, generate
 from rto.lm.scoring import response_logits, sequence_scores, token_logprobs
 
 
@@ -17,9 +17,8 @@ def sample(
     policy,
     tokenizer,
     prompts: list[str],
+    sampling: Sampling,
     *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
     batch_size: int = 256,
     seed: int = 0,
 ) -> tuple[list[str], list[Batch]]:
@@ -32,14 +31,7 @@ def sample(
         for i in range(0, len(prompts), batch_size):
             ids, mask = encode_prompts(tokenizer, prompts[i : i + batch_size])
             device = next(iter(devices))
-            batch = generate(
-                policy,
-                tokenizer,
-                ids.to(device),
-                mask.to(device),
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-            )
+            batch = generate(policy, tokenizer, ids.to(device), mask.to(device), sampling)
             texts += decode_responses(tokenizer, batch)
             batches.append(batch)
     finally:
@@ -106,9 +98,8 @@ def dev_point(
     policy,
     tokenizer,
     prompts: list[str],
+    sampling: Sampling,
     *,
-    max_new_tokens: int,
-    temperature: float,
     seed: int,
     ref=None,
     task=None,
@@ -118,12 +109,10 @@ def dev_point(
     """One response per dev prompt, scored: `kl_to_ref` (with `ref`), `gold_reward` (with a task),
     `rm_score` (with an RM), `judge_score` (with a held-out judge, rto.lm.judges); means over the
     prompts, with standard errors for the gold and judge scores."""
-    texts, batches = sample(
-        policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + DEV_SEED_OFFSET
-    )
+    texts, batches = sample(policy, tokenizer, prompts, sampling, seed=seed + DEV_SEED_OFFSET)
     point = {}
     if ref is not None:
-        point["kl_to_ref"] = kl_to(policy, ref, batches, temperature)
+        point["kl_to_ref"] = kl_to(policy, ref, batches, sampling.temperature)
     if task is not None:
         point["gold_reward"], point["gold_reward_se"] = mean_and_se(gold_rewards(task, prompts, texts))
     if judge is not None:

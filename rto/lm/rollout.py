@@ -147,36 +147,38 @@ def plain_generation_config(model):
         inner.generation_config = saved
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are drawn: their length limit, the temperature, and the truncation (top-k: 0
+    keeps every token; top-p: 1.0 keeps every token)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
 @torch.no_grad()
 def generate(
-    policy,
-    tokenizer,
-    prompt_ids,
-    prompt_mask,
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    greedy: bool = False,
-    record_logprobs: bool = False,
+    policy, tokenizer, prompt_ids, prompt_mask, sampling: Sampling, *, greedy: bool = False, record_logprobs=False
 ) -> Batch:
     """Sample responses (HF generate: KV cache, stops once every sequence hit EOS); tokens after
     EOS become pad. `record_logprobs` also returns each sampled token's log-prob under the
-    distribution it was drawn from (`temperature`, `top_k`, `top_p`)."""
+    distribution it was drawn from (`sampling`'s temperature, top-k and top-p)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
+    s = sampling
     config = GenerationConfig(
         do_sample=not greedy,
-        temperature=temperature if not greedy else None,
-        top_k=top_k if not greedy else None,
-        top_p=top_p if not greedy else None,
-        max_new_tokens=max_new_tokens,
+        temperature=s.temperature if not greedy else None,
+        top_k=s.top_k if not greedy else None,
+        top_p=s.top_p if not greedy else None,
+        max_new_tokens=s.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    recorder = SampledLogprobs(temperature, top_k, top_p) if record_logprobs else None
+    recorder = SampledLogprobs(s.temperature, s.top_k, s.top_p) if record_logprobs else None
     with plain_generation_config(policy):
         out = policy.generate(
             input_ids=prompt_ids,

@@ -11,10 +11,20 @@ from typing import ClassVar, Literal
 from rto.core.advantages import ESTIMATORS
 from rto.core.rewards import ENSEMBLE_REDUCTIONS, KL_ESTIMATORS, PLACEMENTS, REWARD_KINDS
 from rto.io.coercion import coerce
-from rto.io.config import opt, require
+from rto.io.config import (
+    chat_template_field,
+    columns_field,
+    judge_field,
+    opt,
+    require,
+    skip_bad_rows_field,
+    source_field,
+    split_field,
+)
 from rto.io.errors import UserError
 from rto.io.trl_fields import normalised, trl_peft, trl_saving
 from rto.io.trl_stage_tables import STAGE_TABLES
+from rto.lm.rollout import Sampling
 from rto.runtime.distributed import launched_world_size
 from rto.runtime.process import report_to_field, seed_field, threads_field
 from rto.runtime.tracking import trackers
@@ -89,12 +99,8 @@ class PPOStageConfig:
 
     # --- models and data ---
     policy: str = opt("", "SFT model directory: the policy starts here")
-    prompts: str = opt(
-        "",
-        "prompt file ({prompt} or {messages} rows; JSONL, JSON, Parquet or CSV), or a hub "
-        "dataset id where a network exists",
-    )
-    prompts_split: str = opt("train", "the split of a hub dataset given as --prompts")
+    prompts: str = source_field("the prompts, {prompt} or {messages} rows")
+    prompts_split: str = split_field("train", "prompts")
     out: str = opt("", "output directory: OUT/policy, OUT/critic, OUT/metrics.jsonl (per iteration), OUT/metrics.json")
     reward_model: str = opt("", "reward model directory (not needed for --reward dpo-only)")
     ref: str = opt("", "reference model for the KL penalty (empty: --policy)")
@@ -170,14 +176,9 @@ class PPOStageConfig:
     # --- generation ---
     max_new_tokens: int = opt(64, "response length limit", ge=1)
     max_prompt_len: int = opt(512, "prompt length limit in tokens", ge=1)
-    columns: dict = opt({}, "the prompt file's column names, e.g. {prompt: question}")
-    skip_bad_rows: bool = opt(False, "skip (and count) prompt rows that cannot be used instead of stopping")
-    chat_template_path: str = opt(
-        "",
-        "the chat template for conversational prompts, as TRL's: a Jinja file, or a "
-        "tokenizer directory whose template is copied (no tokens added); saved with the "
-        "policy (empty: the policy tokenizer's own)",
-    )
+    columns: dict = columns_field("prompt", "prompt: question")
+    skip_bad_rows: bool = skip_bad_rows_field("prompt")
+    chat_template_path: str = chat_template_field("policy")
     long_prompts: Literal["error", "skip", "truncate"] = opt(
         "error", "a prompt over --max-prompt-len: error (naming its row), skip (counted), or truncate (keep its end)"
     )
@@ -248,11 +249,9 @@ class PPOStageConfig:
     resume: str = opt("", "resume from a checkpoint: auto (the latest in OUT/checkpoints, if any) or its path")
     save_critic: bool = opt(True, "also save the critic to OUT/critic")
     # --- choosing the result on the dev prompts (rto.core.selection) ---
-    judge: str = opt(
-        "",
-        "held-out judge of the dev responses, never trained on, logged as judge_score: a reward-model "
-        "directory (e.g. an RM trained on other pairs) or module:function(prompts, responses) -> "
-        "scores (see rto/lm/judges.py)",
+    judge: str = judge_field(
+        "held-out judge of the dev responses, never trained on, logged as judge_score (e.g. an RM trained on "
+        "other pairs)"
     )
     select_by: Literal["", "gold_reward", "judge_score"] = opt(
         "",
@@ -270,6 +269,11 @@ class PPOStageConfig:
     @property
     def uses_dpo(self) -> bool:
         return PLACEMENTS[self.reward].uses_dpo and self.beta1 > 0
+
+    @property
+    def sampling(self) -> Sampling:
+        """How rollouts are drawn (dev points are drawn at the same length and temperature, untruncated)."""
+        return Sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
     @property
     def held_out_metric(self) -> str:

@@ -120,17 +120,7 @@ class ExperienceMaker:
             )
             return batch
         with gathered(self.models.policy_root):
-            return generate(
-                policy,
-                self.tokenizer,
-                ids,
-                mask,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                record_logprobs=True,
-            )
+            return generate(policy, self.tokenizer, ids, mask, cfg.sampling, record_logprobs=True)
 
     def score(self, fn, batch: Batch) -> torch.Tensor:
         """fn(sub_batch, packed_or_None) over the rollout in chunks of --score-batch-size, concatenated."""

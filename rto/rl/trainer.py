@@ -39,7 +39,7 @@ from rto.io.prompt_pool import read_prompts
 from rto.lm.evaluate import dev_point
 from rto.lm.judges import load_judge
 from rto.lm.models import load_tokenizer
-from rto.lm.rollout import Batch, decode_responses, pack, sampling_logits
+from rto.lm.rollout import Batch, Sampling, decode_responses, pack, sampling_logits
 from rto.lm.scoring import response_logits, token_logprobs, token_values
 from rto.rl.checkpoint import Checkpoints, RunState
 from rto.rl.config import PPOStageConfig
@@ -227,8 +227,7 @@ class PPOTrainer:
                 models.policy,
                 self.tokenizer,
                 self.eval_prompts,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
+                Sampling(cfg.max_new_tokens, cfg.temperature),
                 seed=cfg.seed,
                 ref=models.ref,
                 task=self.task,

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from rto.io.errors import UserError
+from rto.lm.rollout import Sampling
 
 # What can go wrong inside vLLM's load_weights: an unknown name (KeyError), a shape its loaders
 # assert on (AssertionError), a tensor they cannot copy (RuntimeError, TypeError, ...).
@@ -62,21 +63,26 @@ def require_vllm(device: torch.device, cfg=None):
             "a CUDA GPU); the default --generation-backend hf needs nothing extra"
         ) from None
     if cfg is not None:
-        check_sampling(vllm, sampling_settings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, eos=0))
+        check_sampling(vllm, sampling_settings(_sampling(cfg), eos=0))
     if device.type != "cuda":
         raise UserError(f"ppo: --generation-backend vllm needs a CUDA device (this run uses {device})")
     return vllm
 
 
-def sampling_settings(max_new_tokens: int, temperature: float, top_k: int, top_p: float, eos: int) -> dict:
+def _sampling(cfg) -> Sampling:
+    """The run's rollout sampling (from a PPOStageConfig, or anything with its four fields)."""
+    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+def sampling_settings(sampling: Sampling, eos: int) -> dict:
     """SamplingParams arguments (all but the seed). `ignore_eos` with our EOS as the only stop
     token: without it vLLM adds the generation config's EOS ids to the stop tokens."""
     return dict(
         n=1,
-        temperature=temperature,
-        top_k=top_k if top_k > 0 else 0,
-        top_p=top_p,
-        max_tokens=max_new_tokens,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k if sampling.top_k > 0 else 0,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_new_tokens,
         ignore_eos=True,
         stop_token_ids=[eos],
         detokenize=False,
@@ -191,10 +197,7 @@ class VLLMRollout:
         tokenizer,
         device: torch.device,
         *,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
+        sampling: Sampling,
         gpu_memory_utilization: float,
         seed: int,
         max_prompt_len: int,
@@ -207,8 +210,8 @@ class VLLMRollout:
         check_gpus(world, local_world)
         self.tokenizer = tokenizer
         self.device = device
-        self.max_new_tokens = max_new_tokens
-        self.sampling = sampling_settings(max_new_tokens, temperature, top_k, top_p, tokenizer.eos_token_id)
+        self.max_new_tokens = max_new_tokens = sampling.max_new_tokens
+        self.sampling = sampling_settings(sampling, tokenizer.eos_token_id)
         check_sampling(vllm, self.sampling)
         self.SamplingParams = vllm.SamplingParams
         self.dtype = engine_dtype(bf16)
@@ -247,10 +250,7 @@ class VLLMRollout:
             engine_model(cfg.policy),
             tokenizer,
             device,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
+            sampling=_sampling(cfg),
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             seed=cfg.seed,
             max_prompt_len=cfg.max_prompt_len,

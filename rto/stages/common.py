@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from rto.io.config import opt
+from rto.io.config import chat_template_field, columns_field, opt, skip_bad_rows_field, source_field, split_field
 from rto.io.errors import UserError
 from rto.io.trl_fields import trl_peft, trl_saving
 from rto.runtime.distributed import launched_world_size
@@ -37,23 +37,16 @@ class TrainingFields:
 
     # --- models and data ---
     model: str = opt("", "model directory to start from (the SFT model, for rm and dpo)")
-    data: str = opt(
-        "",
-        "training data, JSONL, JSON, Parquet or CSV: {prompt, completion}, {messages} or {text} "
-        "rows for sft, {prompt, chosen, rejected} pairs for rm and dpo (see docs/usage.md, data formats); "
-        "or a datasets hub id where a network exists",
+    data: str = source_field(
+        "training data, {prompt, completion}, {messages} or {text} rows for sft, {prompt, chosen, rejected} pairs "
+        "for rm and dpo (docs/usage.md, data formats)"
     )
-    data_split: str = opt("train", "the split of a hub dataset (--data NAME)")
+    data_split: str = split_field("train", "data")
     data_config: str = opt("", "the configuration (subset) of a hub dataset")
     out: str = opt("", "output model directory")
-    columns: dict = opt({}, "the data file's column names, e.g. {prompt: question, chosen: good}")
-    skip_bad_rows: bool = opt(False, "skip (and count) data rows that cannot be used instead of stopping")
-    chat_template_path: str = opt(
-        "",
-        "the chat template for conversational rows, as TRL's: a Jinja file, or a tokenizer "
-        "directory whose template is copied (no tokens added); saved with the model "
-        "(empty: the tokenizer's own)",
-    )
+    columns: dict = columns_field("data", "prompt: question, chosen: good")
+    skip_bad_rows: bool = skip_bad_rows_field("data")
+    chat_template_path: str = chat_template_field("model")
     max_length: int = opt(128, "longest prompt + response in tokens", ge=2)
     long_rows: Literal["skip", "error", "truncate"] = opt(
         "skip",
@@ -236,34 +229,41 @@ def trl_common_args(cfg: TrainingFields, out: str) -> dict:
     """
     # TRL turns gradient checkpointing on by default; turning it off through the old name warns.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    same_name = {name: getattr(cfg, name) for name in _TRL_SAME_NAME}
     return dict(
+        **same_name,
         output_dir=os.path.join(out + ".trl"),
         report_to=_trl_report_to(cfg),
         bf16=_bf16(cfg.precision),
         save_strategy="steps" if cfg.save_every else "no",
         save_steps=cfg.save_every or 500,
         save_total_limit=cfg.keep_last or None,
-        gradient_checkpointing=cfg.gradient_checkpointing,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         per_device_train_batch_size=per_device_batch(cfg),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
         data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
         warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,
         lr_scheduler_type={"constant": "constant_with_warmup"}.get(cfg.lr_schedule, cfg.lr_schedule),
-        weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2,
-        max_grad_norm=cfg.max_grad_norm,
         disable_tqdm=not bars_enabled(),
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         log_level="warning",
     )
+
+
+# Our settings that TrainingArguments takes under the same name and meaning.
+_TRL_SAME_NAME = (
+    "gradient_checkpointing",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "max_length",
+    "seed",
+    "logging_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "max_grad_norm",
+)
 
 
 def _bf16(precision: str) -> bool:

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from rto.core.selection import Selection
 from rto.lm.evaluate import dev_point
+from rto.lm.rollout import Sampling
 
 
 class DevSelection(TrainerCallback):
@@ -37,7 +38,7 @@ class DevSelection(TrainerCallback):
         ref=None,
     ):
         self.tokenizer, self.prompts, self.ref, self.task, self.judge = tokenizer, prompts, ref, task, judge
-        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+        self.sampling, self.seed = Sampling(max_new_tokens, temperature), seed
         self.selection = Selection(metric)
         self.curve: list[dict] = []
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -46,7 +47,14 @@ class DevSelection(TrainerCallback):
         was_training = model.training
         model.eval()
         point = dev_point(
-            model, self.tokenizer, self.prompts, ref=self.ref, task=self.task, judge=self.judge, **self.sampling
+            model,
+            self.tokenizer,
+            self.prompts,
+            self.sampling,
+            seed=self.seed,
+            ref=self.ref,
+            task=self.task,
+            judge=self.judge,
         )
         model.train(was_training)
         point = {"iteration": step, "epoch": round(epoch, 4), **point}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rto.io.config import opt, require
+from rto.io.config import judge_field, opt, require, source_field, split_field
 from rto.io.data import PROMPT_FIELDS, read_rows, render, write_json, write_jsonl
 from rto.io.errors import UserError
 from rto.runtime.process import seed_field, setup, threads_field
@@ -21,21 +21,13 @@ from rto.runtime.process import seed_field, setup, threads_field
 @dataclass
 class EvalStageConfig:
     models: list[str] = opt([], "models as name=path, comma-separated (e.g. sft=runs/sft,ppo=runs/ppo/policy)")
-    prompts: str = opt(
-        "",
-        "held-out test prompts: a file of {prompt}, {messages} or {conversations} rows (JSONL, JSON, "
-        "Parquet, CSV), or a hub dataset id where a network exists",
-    )
-    prompts_split: str = opt("test", "the split of a hub dataset given as --prompts")
+    prompts: str = source_field("held-out test prompts, {prompt}, {messages} or {conversations} rows")
+    prompts_split: str = split_field("test", "prompts")
     out: str = opt("", "output JSON file (samples go beside it)")
     task: str = opt("", "task with a gold reward (empty: none)")
     baseline: str = opt("sft", "model name to compute win rates and KL against")
     reward_model: str = opt("", "reward model for the proxy score (empty: none)")
-    judge: str = opt(
-        "",
-        "held-out judge scored beside the gold reward: a reward-model directory or "
-        "module:function(prompts, responses) -> scores (rto/lm/judges.py; empty: none)",
-    )
+    judge: str = judge_field("held-out judge scored beside the gold reward")
     n_prompts: int = opt(0, "use only the first N prompts (0: all)", ge=0)
     max_new_tokens: int = opt(64, "response length limit", ge=1)
     temperature: float = opt(1.0, "sampling temperature", gt=0)
@@ -69,6 +61,7 @@ def run(cfg: EvalStageConfig) -> dict:
     setup(cfg.seed, cfg.threads)
     from rto.lm.evaluate import gold_rewards, kl_to, mean_ci, rm_scores, sample, win_rate
     from rto.lm.models import load_causal_lm, load_score_model, load_tokenizer
+    from rto.lm.rollout import Sampling
 
     raw_prompts = [r["prompt"] for r in read_rows(cfg.prompts, PROMPT_FIELDS, split=cfg.prompts_split)]
     if cfg.n_prompts:
@@ -94,9 +87,7 @@ def run(cfg: EvalStageConfig) -> dict:
     order = [cfg.baseline] + [n for n in models if n != cfg.baseline]
     for name in order:
         model = baseline if name == cfg.baseline else load_causal_lm(models[name], f"model {name}")
-        texts, batches = sample(
-            model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed
-        )
+        texts, batches = sample(model, tokenizer, prompts, Sampling(cfg.max_new_tokens, cfg.temperature), seed=cfg.seed)
         m: dict = {
             "path": models[name],
             "response_length": sum(float(b.response_mask.sum()) for b in batches) / len(prompts),

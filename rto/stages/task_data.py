@@ -82,7 +82,7 @@ class PairsStageConfig:
 
 
 def _sample_two(policy, tokenizer, prompts, cfg) -> tuple[list[str], list[str]]:
-    from rto.lm.rollout import decode_responses, encode_prompts, generate
+    from rto.lm.rollout import Sampling, decode_responses, encode_prompts, generate
 
     first, second = [], []
     for i in range(0, len(prompts), cfg.batch_size):
@@ -90,7 +90,7 @@ def _sample_two(policy, tokenizer, prompts, cfg) -> tuple[list[str], list[str]]:
         ids, mask = encode_prompts(tokenizer, chunk + chunk)
         texts = decode_responses(
             tokenizer,
-            generate(policy, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+            generate(policy, tokenizer, ids, mask, Sampling(cfg.max_new_tokens, cfg.temperature)),
         )
         first += [" " + t for t in texts[: len(chunk)]]
         second += [" " + t for t in texts[len(chunk) :]]

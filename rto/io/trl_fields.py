@@ -97,44 +97,39 @@ def same(value: Any, ok: tuple) -> bool:
     return any(value == normalised(o) and type(value) is type(normalised(o)) for o in ok)
 
 
-# Names that are close in meaning, not in spelling: suggested for an unknown key when the class has them.
-SYNONYMS = {
-    "value_model_path": ("critic",),
-    "value_model": ("critic",),
-    "critic_model_path": ("critic",),
-    "critic_model": ("critic",),
-    "ref_model_path": ("ref", "ref_model"),
-    "ref_model": ("ref",),
-    "reference_model": ("ref", "ref_model"),
-    "policy_model": ("policy",),
-    "model_path": ("model", "policy"),
-    "reward_model_name": ("reward_model",),
-    "rm_path": ("reward_model",),
-    "lr": ("learning_rate", "actor_lr"),
-    "critic_learning_rate": ("critic_lr",),
-    "policy_learning_rate": ("actor_lr",),
-    "epochs": ("ppo_epochs",),
-    "kl_penalty": ("kl_coef", "kl_estimator"),
-    "init_kl_coef": ("kl_coef",),
-    "target_kl": ("kl_target",),
-    "target": ("kl_target",),
-    "horizon": ("kl_horizon",),
-    "max_new_tokens": ("response_length",),
-    "train_file": ("data", "prompts"),
-    "dataset": ("data", "prompts"),
-    "dataset_path": ("data", "prompts"),
-    "prompt_file": ("prompts",),
-    "output": ("out",),
-    "num_epochs": ("epochs", "ppo_epochs"),
-    "batch_size": ("rollout_batch_size",),
-    "warmup": ("warmup_ratio", "warmup_steps"),
-    "lr_scheduler": ("lr_schedule",),
-    "scheduler": ("lr_schedule",),
-    "fp32": ("precision",),
-    "dtype": ("precision",),
-    "mixed_precision": ("precision",),
-    "wandb": ("report_to",),
+# Our settings, each with the names close in meaning (not in spelling) that people type for it
+# (other trainers' names, habits): suggested for an unknown key when the config has the setting.
+MEANT_BY = {
+    "critic": "value_model_path value_model critic_model_path critic_model",
+    "ref": "ref_model_path ref_model reference_model",
+    "ref_model": "ref_model_path reference_model",
+    "model": "model_path",
+    "policy": "policy_model model_path",
+    "reward_model": "reward_model_name rm_path",
+    "learning_rate": "lr",
+    "actor_lr": "lr policy_learning_rate",
+    "critic_lr": "critic_learning_rate",
+    "epochs": "num_epochs",
+    "ppo_epochs": "epochs num_epochs",
+    "kl_coef": "kl_penalty init_kl_coef",
+    "kl_estimator": "kl_penalty",
+    "kl_target": "target_kl target",
+    "kl_horizon": "horizon",
+    "response_length": "max_new_tokens",
+    "data": "train_file dataset dataset_path",
+    "prompts": "train_file dataset dataset_path prompt_file",
+    "out": "output",
+    "rollout_batch_size": "batch_size",
+    "warmup_ratio": "warmup",
+    "warmup_steps": "warmup",
+    "lr_schedule": "lr_scheduler scheduler",
+    "precision": "fp32 dtype mixed_precision",
+    "report_to": "wandb",
 }
+SYNONYMS: dict[str, tuple[str, ...]] = {}  # a name typed -> our settings it may mean, in MEANT_BY's order
+for _setting, _typed in MEANT_BY.items():
+    for _name in _typed.split():
+        SYNONYMS[_name] = (*SYNONYMS.get(_name, ()), _setting)
 
 
 def suggest(name: str, names: set[str]) -> list[str]:

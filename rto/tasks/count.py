@@ -30,15 +30,7 @@ from rto.tasks.symbols import EOS, SymbolTask, response_symbols, symbol_presets
 class CountTask(SymbolTask):
     name = "count"
 
-    def __init__(
-        self,
-        seed: int = 0,
-        n_symbols: int = 32,
-        prompt_len: int = 8,
-        response_len: int = 16,
-        n_wanted: int = 8,
-        target: int = 8,
-    ):
+    def __init__(self, seed=0, n_symbols=32, prompt_len=8, response_len=16, n_wanted=8, target=8):
         super().__init__(seed, n_symbols, prompt_len)
         self.response_len, self.target = response_len, target
         rng = random.Random(f"count-secret-{seed}")

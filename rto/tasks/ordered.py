@@ -40,15 +40,7 @@ def longest_increasing(values: list[int]) -> int:
 class OrderedTask(SymbolTask):
     name = "ordered"
 
-    def __init__(
-        self,
-        seed: int = 0,
-        n_symbols: int = 32,
-        prompt_len: int = 8,
-        extra_penalty: float = 0.5,
-        teacher_drop: float = 0.05,
-        teacher_stray: float = 0.05,
-    ):
+    def __init__(self, seed=0, n_symbols=32, prompt_len=8, extra_penalty=0.5, teacher_drop=0.05, teacher_stray=0.05):
         super().__init__(seed, n_symbols, prompt_len)
         self.extra_penalty, self.teacher_drop, self.teacher_stray = extra_penalty, teacher_drop, teacher_stray
         rng = random.Random(f"ordered-secret-{seed}")

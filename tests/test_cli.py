@@ -209,12 +209,12 @@ def test_bad_input_is_one_line_exit_2(args, message):
 def test_ppo_help_lists_rewards_and_estimators():
     proc = rto("ppo", "--help")
     assert proc.returncode == 0
-    for name in ("sparse", "rto", "dpo-only", "ddpo", "semi", "rs", "gae", "reinforce++"):
+    for name in ("sparse", "rto", "dpo-only", "ddpo", "semi", "rs", "gae", "reinforce++", "grpo", "rloo"):
         assert name in proc.stdout
 
 
 def test_smoke_pipeline_every_variant(tmp_path):
-    methods = "sft,dpo,ppo,rto,dpo-only,ddpo,semi,rs,reinforce++,rto-reinforce++"
+    methods = "sft,dpo,ppo,rto,dpo-only,ddpo,semi,rs,reinforce++,rto-reinforce++,grpo,rto-rloo"
     # In this process, one stage after another (--jobs 1): test_smoke_pipeline covers the parallel processes.
     args = ("--methods", methods, "--jobs", "1", "--threads", "1")
     proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"), *args)
@@ -223,6 +223,8 @@ def test_smoke_pipeline_every_variant(tmp_path):
     assert list(summary["methods"]) == methods.split(",")
     ppo_cfgs = {m: (tmp_path / "run" / "configs" / f"{m}.yaml").read_text() for m in methods.split(",")[2:]}
     assert "reward: ddpo" in ppo_cfgs["ddpo"] and "estimator: reinforce++" in ppo_cfgs["rto-reinforce++"]
+    assert "estimator: rloo" in ppo_cfgs["rto-rloo"] and "num_generations: 4" in ppo_cfgs["rto-rloo"]
+    assert not (tmp_path / "run" / "grpo" / "critic").exists()  # no critic trained or saved
 
 
 def test_pipeline_runs_a_user_task_from_a_file(tmp_path):

@@ -1,27 +1,48 @@
 """PPO losses and diagnostics. Pure tensor functions over [B, R] response slots.
 
-Aggregation: a token mean within each response, then a mean over responses (the
-RTO reference code's choice), so long and short responses weigh the same. With
-equal-sized micro-batches this makes accumulated gradients equal the
-whole-mini-batch gradient.
+Aggregation (`LOSS_AGGREGATIONS`, `--loss-agg`, verl's `agg_loss` modes): by default a token
+mean within each response, then a mean over responses (the RTO reference code's choice and
+GRPO's), so long and short responses weigh the same; `token-mean` weighs every token the same
+(DAPO, Dr. GRPO); `seq-mean-token-sum` sums each response's tokens (Dr. GRPO's unbiased form,
+with a constant length normaliser left to the learning rate).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from rto.core.masked import masked_mean, sequence_mean
 
 
+def sequence_sum_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over each row's tokens, then mean over rows."""
+    return (x * mask.to(x.dtype)).sum(-1).mean()
+
+
+# How per-token losses [B, R] become one number: the one registry of these names (`--loss-agg`).
+LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "seq-mean-token-mean": sequence_mean,
+    "token-mean": masked_mean,
+    "seq-mean-token-sum": sequence_sum_mean,
+}
+
+
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    agg: str = "seq-mean-token-mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate objective. Returns (loss, detached stats)."""
+    """Clipped surrogate objective, aggregated as `agg` says. Returns (loss, detached stats)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = sequence_mean(torch.maximum(unclipped, clipped), mask)
+    loss = LOSS_AGGREGATIONS[agg](torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {
             "policy/clip_frac": masked_mean((clipped > unclipped).float(), mask),
@@ -30,6 +51,15 @@ def policy_loss(
             "policy/approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
         }
     return loss, stats
+
+
+def kl_penalty_loss(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, agg: str = "seq-mean-token-mean"
+) -> torch.Tensor:
+    """GRPO's KL term in the loss: the k3 estimate of KL(pi || pi_ref) per token, r^-1 - 1 + log r
+    with r = pi / pi_ref at the sampled tokens (non-negative, with gradients through logp)."""
+    log_ratio = logp - ref_logp
+    return LOSS_AGGREGATIONS[agg](torch.expm1(-log_ratio) + log_ratio, mask)
 
 
 def value_loss(

@@ -18,6 +18,12 @@ RL_METHODS: dict[str, dict] = {
     **{p.method: {"reward": p.name} for p in PLACEMENTS.values()},
     "reinforce++": {"reward": "sparse", "estimator": "reinforce++"},
     "rto-reinforce++": {"reward": "rto", "estimator": "reinforce++"},
+    # Critic-free with groups of 4 responses per prompt (the same number of responses per rollout).
+    **{
+        f"{prefix}{estimator}": {"reward": reward, "estimator": estimator, "num_generations": 4}
+        for estimator in ("grpo", "rloo")
+        for prefix, reward in (("", "sparse"), ("rto-", "rto"))
+    },
 }
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from rto.core.advantages import ESTIMATORS
+from rto.core.losses import LOSS_AGGREGATIONS
 from rto.core.rewards import ENSEMBLE_REDUCTIONS, KL_ESTIMATORS, PLACEMENTS, REWARD_KINDS
 from rto.io.coercion import coerce
 from rto.io.config import (
@@ -149,11 +150,20 @@ class PPOStageConfig:
     )
     gamma: float = opt(1.0, "discount", ge=0, le=1)
     lam: float = opt(0.95, "GAE lambda", ge=0, le=1)
-    whiten_advantages: bool = opt(True, "whiten advantages over the rollout")
+    whiten_advantages: bool = opt(True, "gae: whiten advantages over the rollout")
+    num_generations: int = opt(
+        1, "responses sampled per prompt, a group (TRL's num_generations); grpo and rloo need 2 or more", ge=1
+    )
+    scale_rewards: str = opt(
+        "group",
+        "grpo: divide the advantages by the std of the group's returns (group), of the batch's (batch), "
+        "or not at all (none: Dr. GRPO)",
+        choices=("group", "batch", "none"),
+    )
     # --- optimization ---
     iterations: int = opt(100, "rollout + update iterations", ge=1)
     seed: int = seed_field()
-    rollout_batch_size: int = opt(64, "prompts per rollout", ge=1)
+    rollout_batch_size: int = opt(64, "responses per rollout (prompts x --num-generations)", ge=1)
     mini_batch_size: int = opt(16, "responses per optimizer step", ge=1)
     micro_batch_size: int = opt(0, "responses per forward/backward (0: = mini-batch)", ge=0)
     ppo_epochs: int = opt(1, "passes over each rollout", ge=1)
@@ -172,6 +182,17 @@ class PPOStageConfig:
     warmup_steps: int = opt(0, "warm-up length in optimizer steps, instead of --warmup-ratio (0: by the ratio)", ge=0)
     max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0)
     clip_range: float = opt(0.2, "PPO ratio clip", gt=0)
+    loss_agg: str = opt(
+        "seq-mean-token-mean",
+        "how per-token losses add up: token mean per response then mean over responses; token-mean over "
+        "all tokens; seq-mean-token-sum (per response sums, mean over responses)",
+        choices=tuple(LOSS_AGGREGATIONS),
+    )
+    kl_loss_coef: float = opt(
+        0.0,
+        "GRPO's KL term: this times the k3 KL to the reference, in the policy loss (the reward's is --kl-coef)",
+        ge=0,
+    )
     value_clip: float | None = opt(0.2, "value clip around rollout values (none: off)", gt=0)
     # --- generation ---
     max_new_tokens: int = opt(64, "response length limit", ge=1)
@@ -309,6 +330,10 @@ class PPOStageConfig:
             raise UserError("ppo: --reward-model-ensemble combines standardised RM scores: it needs --normalize-score")
         if self.uses_dpo and not self.dpo_model:
             raise UserError(f"ppo: --reward {self.reward} needs --dpo-model (or --beta1 0)")
+        if ESTIMATORS[self.estimator].needs_groups and self.num_generations < 2:
+            raise UserError(
+                f"ppo: --estimator {self.estimator} compares responses to one prompt: --num-generations >= 2"
+            )
         if self.rollout_batch_size % self.mini_batch_size:
             raise UserError("ppo: --rollout-batch-size must be a multiple of --mini-batch-size")
         if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
@@ -319,6 +344,11 @@ class PPOStageConfig:
                 f"ppo: with {world} processes --rollout-batch-size ({self.rollout_batch_size}) and "
                 f"--mini-batch-size ({self.mini_batch_size}) must be multiples of {world}: each "
                 "process takes an equal share of both"
+            )
+        if self.rollout_batch_size % (world * self.num_generations):
+            raise UserError(
+                f"ppo: --rollout-batch-size ({self.rollout_batch_size}) must be a multiple of --num-generations "
+                f"({self.num_generations}) times the processes ({world}): a prompt's group stays in one process"
             )
         if self.micro_batch_size and world > 1 and (self.mini_batch_size // world) % self.micro_batch_size:
             raise UserError(

@@ -44,6 +44,7 @@ class Experience:
     has_eos: torch.Tensor  # [B] bool: the response ended with EOS (not cut off by the length limit)
     custom: torch.Tensor | None  # [B, R] weighted sum of the custom token rewards, if any
     disagreement: torch.Tensor | None = None  # [B] std of an RM ensemble's standardised scores, if any
+    ref_logp: torch.Tensor | None = None  # [B, R] the reference's log-probs (sampling temperature), for --kl-loss-coef
 
     @property
     def mask(self) -> torch.Tensor:
@@ -216,6 +217,8 @@ class ExperienceMaker:
             lam=cfg.lam,
             whiten_advantages=cfg.whiten_advantages,
             all_sum=self.dist.all_sum,
+            group_size=cfg.num_generations,  # the rollout holds whole groups, consecutive (trainer._next_prompts)
+            scale_rewards=cfg.scale_rewards,
         )
         return Experience(
             batch=batch,
@@ -233,4 +236,5 @@ class ExperienceMaker:
             has_eos=has_eos,
             custom=custom,
             disagreement=disagreement,
+            ref_logp=ref_both[:, 0] if cfg.kl_loss_coef else None,
         )

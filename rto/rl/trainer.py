@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rto.core.losses import entropy_from_logits, policy_loss, value_loss
+from rto.core.losses import entropy_from_logits, kl_penalty_loss, policy_loss, value_loss
 from rto.core.masked import masked_mean
 from rto.io.config import to_dict
 from rto.io.errors import UserError
@@ -118,9 +118,13 @@ class PPOTrainer:
         )
 
     def _next_prompts(self) -> list[str]:
-        """This process's share of the next rollout's prompts (process r reads block r of the global draw)."""
-        picks = self.state.draw(len(self.prompts), self.cfg.rollout_batch_size)
-        return self.prompts.take(picks[self.dist.rank * self.local_rollout : (self.dist.rank + 1) * self.local_rollout])
+        """This process's share of the next rollout's prompts, each --num-generations times in a row
+        (a group): process r reads block r of the global draw, so a group never straddles processes."""
+        k = self.cfg.num_generations
+        share = self.local_rollout // k
+        picks = self.state.draw(len(self.prompts), self.cfg.rollout_batch_size // k)
+        prompts = self.prompts.take(picks[self.dist.rank * share : (self.dist.rank + 1) * share])
+        return [p for p in prompts for _ in range(k)]
 
     # --- 1-4: rollout, scoring, rewards, advantages (rto/rl/experience.py) -------------------
     def make_experience(self, prompts: list[str]) -> Experience:
@@ -146,7 +150,7 @@ class PPOTrainer:
                 parts = mini.split(micro)
                 for i, part in enumerate(parts):
                     self.models.reduce_gradients(i == len(parts) - 1)  # replicated: once per mini-batch
-                    weight = len(part) / len(mini)  # micro-batch losses add up to the mini-batch's mean
+                    weight = self._share(exp, part, mini)  # micro-batch losses add up to the mini-batch's
                     sub = exp.batch.select(part)
                     packed = pack(sub, cfg.pack_row_tokens, self.tokenizer.pad_token_id) if cfg.packing else None
                     for net in self.trained:  # the policy, then the critic where the estimator has one
@@ -184,13 +188,25 @@ class PPOTrainer:
         with self.models.update_forward():
             logits = response_logits(self.models.policy, sub, packed)  # [b, R, V]
         logp = token_logprobs(logits, sub.response_ids, cfg.temperature, cfg.top_k, cfg.top_p)
-        loss, stats = policy_loss(logp, exp.old_logp[part], exp.advantages[part], mask, cfg.clip_range)
+        loss, stats = policy_loss(logp, exp.old_logp[part], exp.advantages[part], mask, cfg.clip_range, cfg.loss_agg)
+        if cfg.kl_loss_coef:  # GRPO's KL term, in the loss rather than the reward
+            kl = kl_penalty_loss(logp, exp.ref_logp[part], mask, cfg.loss_agg)
+            loss = loss + cfg.kl_loss_coef * kl
+            stats["policy/kl_loss"] = kl.detach()
         stats["policy/loss"] = loss.detach()
         with torch.no_grad():
             stats["policy/entropy"] = masked_mean(
                 entropy_from_logits(sampling_logits(logits.detach(), cfg.temperature, cfg.top_k, cfg.top_p)), mask
             )
         return loss, stats
+
+    def _share(self, exp: Experience, part: torch.Tensor, mini: torch.Tensor) -> float:
+        """A micro-batch's weight in its mini-batch: its share of the responses, or of the tokens
+        when every token weighs the same (--loss-agg token-mean)."""
+        if self.cfg.loss_agg != "token-mean":
+            return len(part) / len(mini)
+        mask = exp.batch.response_mask
+        return float(mask[part].sum()) / max(float(mask[mini].sum()), 1.0)
 
     def value_loss(self, exp: Experience, part: torch.Tensor, sub: Batch, packed) -> tuple[torch.Tensor, dict]:
         """The critic's clipped value loss of a micro-batch."""

@@ -192,6 +192,40 @@ def test_two_processes_match_one_process_on_the_same_global_batch(
                 assert ratios == [1.0, 1.0], (run, key, ratios)
 
 
+def test_grpo_groups_split_over_two_processes_equal_one_process(two_process_runs, tiny_dirs, prompt_file, tmp_path):
+    """RTO's reward with GRPO over two processes, each holding whole groups of 2: the same update as
+    one process on both processes' responses (the group statistics need nothing from the other
+    process); no critic anywhere."""
+    sys.path.insert(0, str(FIXTURE.parent))
+    from dist_step import config
+
+    from rto.rl.trainer import PPOTrainer
+
+    (r0, meta0), (r1, meta1) = (_load(two_process_runs / f"rto-grpo-r0-none.rank{r}.safetensors") for r in (0, 1))
+    for meta in (meta0, meta1):  # each process: two prompts, each twice in a row
+        p = meta["prompts"].split("\x1f")
+        assert len(p) == 4 and p[0] == p[1] and p[2] == p[3] and p[0] != p[2]
+    assert not any(k.startswith("critic.") for k in r0)
+    trainer = PPOTrainer(
+        config(tmp_path / "one", "rto-grpo", tiny_dirs["policy"], tiny_dirs["rm"], tiny_dirs["dpo"], prompt_file)
+    )
+    assert trainer.models.critic is None
+    with torch.no_grad():
+        for name, p in trainer.models.trained()["policy"].items():
+            p.copy_(r0[f"policy.init.{name}"])
+    prompts = meta0["prompts"].split("\x1f") + meta1["prompts"].split("\x1f")
+    batch = _concat([r0, r1], trainer.tokenizer.pad_token_id)
+    trainer.train_on(trainer.experience.score_rollout(prompts, batch, trainer.state.kl_ctl.value))
+    moved = 0.0
+    for name, p in trainer.models.trained()["policy"].items():
+        assert torch.equal(r0[f"policy.weight.{name}"], r1[f"policy.weight.{name}"])
+        w2, w1 = r0[f"policy.weight.{name}"], p.detach()
+        step = float((w1 - r0[f"policy.init.{name}"]).norm())
+        assert float((w2 - w1).norm()) <= 1e-3 * step + 1e-9, name
+        moved += step
+    assert moved > 1e-3  # the update moved the policy: the comparison proves something
+
+
 def _ppo_args(tiny_dirs, prompt_file, out: Path, iterations: int) -> list[str]:
     return [
         "-m",

@@ -52,7 +52,7 @@ def _sampler(prompts, seed, rank=0, world=1, rollout=8):
 
     generator = torch.Generator().manual_seed(seed)
     return types.SimpleNamespace(
-        cfg=types.SimpleNamespace(rollout_batch_size=rollout),
+        cfg=types.SimpleNamespace(rollout_batch_size=rollout, num_generations=1),
         order=[],
         prompts=prompts,
         generator=generator,

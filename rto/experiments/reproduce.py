@@ -49,7 +49,10 @@ from rto.io.config import opt, require
 from rto.io.data import write_json, write_jsonl
 from rto.tasks import Task
 
-METHODS = list(RL_METHODS)  # every RL method of the pipeline (one per reward placement, and REINFORCE++)
+METHODS = list(RL_METHODS)  # every RL method of the pipeline (placements, REINFORCE++, GRPO, RLOO)
+# Run unless --methods says otherwise: the paper's methods and ablations. GRPO and RLOO (with and
+# without RTO's reward) are run when named: they have no tuned settings of their own yet.
+DEFAULT_METHODS = [m for m in METHODS if RL_METHODS[m].get("estimator") not in ("grpo", "rloo")]
 GOLD_REFERENCES = {  # name: (method, extra settings)
     "ppo-gold": ("ppo", {"rm_weight": 0.0, "custom_rewards": ["task:gold-sequence"]}),
     "rto-gold": ("rto", {"rm_weight": 0.0, "custom_rewards": ["task:gold-sequence"]}),
@@ -84,7 +87,9 @@ class ReproduceConfig(TuneGrid):
     )
     jobs: int = opt(2, "RL runs at once as processes (1: in this process, one after another)", ge=1)
     threads: int = opt(0, "torch threads per process (0: cores / jobs)", ge=0)
-    methods: list[str] = opt(METHODS, "RL methods run on every seed (PPO and RTO always)")
+    methods: list[str] = opt(
+        DEFAULT_METHODS, f"RL methods run on every seed (PPO and RTO always; known: {', '.join(METHODS)})"
+    )
     rm_ensemble: int = opt(
         1, "N > 1: also PPO and RTO on an ensemble of N RMs (bootstrap resamples; ppo+ens, rto+ens)", ge=1
     )

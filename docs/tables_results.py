@@ -181,6 +181,31 @@ def user_mirror(root: Path) -> str:
     return "\n".join(lines)
 
 
+def critic_free_cost(root: Path) -> str:
+    """What a critic costs: bytes of trained weights + Adam states per process, and iteration time."""
+    r = read_json(root, "docs/results/critic_free.json")
+    lines = [
+        "| method | estimator | reward | responses per prompt | critic | trained weights + Adam (MB) | "
+        "x PPO | frozen models (MB) | iteration (s, median) | x PPO |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in r["methods"].items():
+        lines.append(
+            f"| {name} | {m['estimator']} | {m['reward']} | {m['responses_per_prompt']} | "
+            f"{'yes' if m['critic'] else 'no'} | {m['bytes_trained'] / 1e6:.2f} | {m['trained_vs_ppo']:.2f} | "
+            f"{m['bytes_frozen'] / 1e6:.2f} | {m['iteration_s_median']:.3f} | {m['time_vs_ppo']:.2f} |"
+        )
+    arch = r["arch"]
+    lines.append("")
+    lines.append(
+        f"`{r['command']}`: a random Llama ({arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}), "
+        f"{r['work']['prompts']} responses of {r['work']['response_len']} tokens per rollout for every method, "
+        f"{r['rounds']} rounds in rotating order on {r['threads']} CPU threads; "
+        "memory counted (parameters and optimizer states), not sampled."
+    )
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {
     "results-paper-claims": (PAGE, paper_claims),
     "results-tool-checks": (PAGE, tool_checks),
@@ -190,5 +215,6 @@ TABLES = {
     "results-dpo-tuning": (PAGE, dpo_tuning),
     "results-user-mirror": (PAGE, user_mirror),
     "results-ensembles-previous": (PAGE, ensembles_previous),
+    "results-critic-free-cost": (PAGE, critic_free_cost),
     **{f"results-{t}": (PAGE, task_table(t)) for t in TASKS},
 }

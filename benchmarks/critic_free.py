@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from step_throughput import CONFIGS, WORK, build_models, run_child  # noqa: E402
+from step_throughput import CONFIGS, WORK, build_models, run_child, work_settings  # noqa: E402
 
 # method: (reward, estimator, responses per prompt)
 METHODS = {
@@ -50,31 +50,16 @@ def child(root: Path, method: str, iterations: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     reward, estimator, k = METHODS[method]
     n = WORK["prompts"]
-    cfg = build(
-        PPOStageConfig,
-        dict(
-            policy=str(root / "policy"),
-            reward_model=str(root / "rm"),
-            dpo_model=str(root / "dpo"),
-            prompts=str(root / "prompts.jsonl"),
-            out=tempfile.mkdtemp(prefix=f"{method}-", dir=root),
-            reward=reward,
-            estimator=estimator,
-            num_generations=k,
-            beta1=0.1,
-            iterations=iterations,
-            rollout_batch_size=n,
-            mini_batch_size=n // WORK["mini_batches"],
-            ppo_epochs=WORK["ppo_epochs"],
-            max_new_tokens=WORK["response_len"],
-            actor_lr=WORK["lr"],
-            critic_lr=WORK["lr"],
-            kl_coef=WORK["kl_coef"],
-            eval_every=0,
-            threads=os.cpu_count() or 1,
-        ),
-        "benchmark",
+    settings = work_settings(
+        root,
+        n,
+        out=tempfile.mkdtemp(prefix=f"{method}-", dir=root),
+        reward=reward,
+        estimator=estimator,
+        num_generations=k,
+        iterations=iterations,
     )
+    cfg = build(PPOStageConfig, settings, "benchmark")
     trainer = PPOTrainer(cfg)
     times = []
     for _ in range(iterations):

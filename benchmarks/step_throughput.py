@@ -223,6 +223,27 @@ def optimiser_steps(opt) -> int:
 
 
 # --- the children: one side, timed ------------------------------------------------------
+def work_settings(root: Path, n: int, **settings) -> dict:
+    """`rto ppo` settings for WORK on the models and prompts under `root` (`settings` on top)."""
+    return dict(
+        policy=str(root / "policy"),
+        reward_model=str(root / "rm"),
+        dpo_model=str(root / "dpo"),
+        prompts=str(root / "prompts.jsonl"),
+        beta1=0.1,
+        rollout_batch_size=n,
+        mini_batch_size=n // WORK["mini_batches"],
+        ppo_epochs=WORK["ppo_epochs"],
+        max_new_tokens=WORK["response_len"],
+        actor_lr=WORK["lr"],
+        critic_lr=WORK["lr"],
+        kl_coef=WORK["kl_coef"],
+        eval_every=0,
+        threads=os.cpu_count() or 1,
+        **settings,
+    )
+
+
 def child_ours(root: Path, reward: str, reps: int, warmup: int) -> dict:
     import torch
 
@@ -234,31 +255,17 @@ def child_ours(root: Path, reward: str, reps: int, warmup: int) -> dict:
     n = WORK["prompts"]
     lora = reward == "rto-lora"
     iterations = warmup + reps + 1  # marks at the start of each rollout: one more than the periods timed
-    cfg = build(
-        PPOStageConfig,
-        dict(
-            policy=str(root / "policy"),
-            reward_model=str(root / "rm"),
-            dpo_model=str(root / ("dpo_lora" if lora else "dpo")),
-            lora_r=16 if lora else 0,
-            lora_alpha=32,
-            prompts=str(root / "prompts.jsonl"),
-            out=tempfile.mkdtemp(prefix=f"ours-{reward}-", dir=root),  # fresh each round
-            reward="rto" if lora else reward,
-            beta1=0.1,
-            iterations=iterations,
-            rollout_batch_size=n,
-            mini_batch_size=n // WORK["mini_batches"],
-            ppo_epochs=WORK["ppo_epochs"],
-            max_new_tokens=WORK["response_len"],
-            actor_lr=WORK["lr"],
-            critic_lr=WORK["lr"],
-            kl_coef=WORK["kl_coef"],
-            eval_every=0,
-            threads=os.cpu_count() or 1,
-        ),
-        "benchmark",
+    settings = work_settings(
+        root,
+        n,
+        lora_r=16 if lora else 0,
+        lora_alpha=32,
+        out=tempfile.mkdtemp(prefix=f"ours-{reward}-", dir=root),  # fresh each round
+        reward="rto" if lora else reward,
+        iterations=iterations,
     )
+    settings["dpo_model"] = str(root / ("dpo_lora" if lora else "dpo"))
+    cfg = build(PPOStageConfig, settings, "benchmark")
     trainer = PPOTrainer(cfg)
     marks: list[float] = []
     make_experience = trainer.make_experience

@@ -12,30 +12,16 @@ import types
 import pytest
 import torch
 
-from rto.io.config import build
-from rto.rl.trainer import PPOStageConfig, PPOTrainer
+from rto.rl.trainer import PPOTrainer
 
 
 def _cfg(tiny_dirs, prompt_file, tmp_path, **kw):
-    values = dict(
-        policy=tiny_dirs["policy"],
-        reward_model=tiny_dirs["rm"],
-        dpo_model=tiny_dirs["dpo"],
-        prompts=prompt_file,
-        out=str(tmp_path / "out"),
-        iterations=1,
-        rollout_batch_size=4,
-        mini_batch_size=4,
-        max_new_tokens=6,
-        actor_lr=1e-3,
-        critic_lr=1e-3,
-        warmup_ratio=0.0,
-        eval_every=0,
-        threads=1,
-        reward="rto",
+    """test_ppo's settings, with a rollout of 4 responses of at most 6 tokens and RTO's reward."""
+    from tests.test_ppo import _cfg as ppo_cfg
+
+    return ppo_cfg(
+        tiny_dirs, prompt_file, tmp_path, **{"rollout_batch_size": 4, "max_new_tokens": 6, "reward": "rto", **kw}
     )
-    values.update(kw)
-    return build(PPOStageConfig, values, "test")
 
 
 def _fake_vllm(eos: int, config, cut_at: int, alt_eos: int | None = None):

@@ -102,6 +102,10 @@ def _cfg(policy: Path, **kw):
         max_prompt_len=MAX_PROMPT,
     )
     values.update(kw)
+    from rto.lm.rollout import Sampling
+
+    # The run's rollout sampling, as PPOStageConfig.sampling gives it.
+    values["sampling"] = Sampling(values["max_new_tokens"], values["temperature"], values["top_k"], values["top_p"])
     return types.SimpleNamespace(**values)
 
 

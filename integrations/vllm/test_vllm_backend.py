@@ -91,7 +91,7 @@ def test_vllms_sampling_limits_are_one_line_errors():
         vb.check_sampling(vllm, _settings(temperature=2.5))
     with pytest.raises(UserError, match="rejects the sampling settings .*top_p"):
         vb.check_sampling(vllm, _settings(top_p=1.5))
-    cfg = types.SimpleNamespace(max_new_tokens=8, temperature=3.0, top_k=0, top_p=1.0)
+    cfg = types.SimpleNamespace(sampling=Sampling(8, 3.0, 0, 1.0))
     with pytest.raises(UserError, match="temperature"):  # before the device check, before any model loads
         vb.require_vllm(torch.device("cpu"), cfg)
 

@@ -33,7 +33,7 @@ from rto.runtime.checkpoint import (
     save_checkpoint,
 )
 from rto.runtime.distributed import Dist
-from rto.runtime.sharding import is_wrapped, load_sharded, save_sharded, shard_like, shard_optimizer_state
+from rto.runtime.sharding import load_sharded, save_sharded, shard_like, shard_optimizer_state
 
 SELECTED = "policy_selected"  # OUT/ subdirectory: the dev selection's best policy so far
 
@@ -109,11 +109,6 @@ class Checkpoints:
         self.cfg, self.dist, self.models, self.trained, self.state = cfg, dist, models, trained, state
         self.root = Path(cfg.out) / "checkpoints"
 
-    @property
-    def sharded(self) -> bool:
-        """Several processes: trained weights and Adam states go through torch.distributed.checkpoint."""
-        return is_wrapped(self.models.trained_modules()[0])
-
     def _sharded_parts(self) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
         """The trained modules under one root (their checkpoint names), and their optimizers."""
         names = ("base", "value_head") if self.models.shared is not None else ("policy", "critic")
@@ -123,11 +118,11 @@ class Checkpoints:
     def contents(self, iteration: int) -> tuple[dict, dict]:
         """(tensors, JSON meta); sharded runs leave the weights and Adam states to `save_sharded`."""
         tensors: dict[str, torch.Tensor] = {}
-        for model, params in ({} if self.sharded else self.models.trained()).items():
+        for model, params in ({} if self.models.sharded else self.models.trained()).items():
             tensors.update({f"{model}.weights.{n}": p for n, p in params.items()})
         meta: dict = {"iteration": iteration, "config": to_dict(self.cfg), **self.state.meta()}
         for net in self.trained:
-            if not self.sharded:
+            if not self.models.sharded:
                 t, m = optimizer_state(net.opt, f"{net.name}.adam")
                 tensors.update(t)
                 meta[f"{net.name}_optimizer"] = m
@@ -142,7 +137,7 @@ class Checkpoints:
         process 0 adds the rest and renames it into place (rto.runtime.checkpoint: atomic as ever)."""
         out, main = Path(self.cfg.out), self.dist.is_main
         staged = None
-        if self.sharded:
+        if self.models.sharded:
             staged = checkpoint_staging(self.root, iteration) if main else None
             staged = Path(self.dist.broadcast_object(str(staged)))
             save_sharded(*self._sharded_parts(), staged / "shards")
@@ -199,10 +194,9 @@ class Checkpoints:
         if not self.cfg.resume:
             return 0
         if self.cfg.resume == "auto":
-            found = list_checkpoints(self.root)
-            if not found:
+            path = self.last()
+            if path is None:
                 return 0
-            path = found[-1]
         else:
             path = Path(self.cfg.resume)
             if not path.is_dir():

@@ -31,7 +31,7 @@ from rto.lm.models import (
 )
 from rto.rl.config import PPOStageConfig
 from rto.runtime.distributed import Dist
-from rto.runtime.sharding import Layout, wrap
+from rto.runtime.sharding import Layout, is_wrapped, wrap
 
 
 @dataclass
@@ -67,6 +67,12 @@ class PPOModels:
         export reads): the policy, or under LoRA the transformers model inside peft's wrappers
         (generate and forward both run through it)."""
         return self.shared.model.get_base_model() if self.shared is not None else self.policy
+
+    @property
+    def sharded(self) -> bool:
+        """Several processes with FSDP2: the trained weights are shards (saved and gathered through
+        torch.distributed.checkpoint and full_state_dict)."""
+        return is_wrapped(self.trained_modules()[0])
 
     def trained_modules(self) -> list[nn.Module]:
         """The modules holding the trained weights: policy and critic, or the shared base and its value head."""

@@ -18,14 +18,14 @@ from rto.rl.config import PPOStageConfig
 from rto.rl.models import PPOModels
 from rto.rl.plot import plot_run
 from rto.runtime.distributed import Dist
-from rto.runtime.sharding import full_state_dict, is_wrapped
+from rto.runtime.sharding import full_state_dict
 
 
 def export_policy(models: PPOModels, tokenizer, dist: Dist, path: Path) -> bool:
     """The policy as an ordinary transformers directory (LoRA merged in). Every process calls it: a
     sharded policy is gathered whole into process 0, which writes it (returns True there)."""
     main = dist.is_main
-    if not is_wrapped(models.trained_modules()[0]):
+    if not models.sharded:
         if main:
             save_model(models.policy, tokenizer, path)
         return main
@@ -86,7 +86,7 @@ def save_results(
             shutil.rmtree(out / "policy")
         os.replace(out / SELECTED, out / "policy")
     if cfg.needs_critic and cfg.save_critic and models.shared is None:
-        state = full_state_dict(models.critic) if is_wrapped(models.trained_modules()[0]) else None
+        state = full_state_dict(models.critic) if models.sharded else None
         if main:
             save_model(models.critic, tokenizer, out / "critic", state_dict=state)
     if main:

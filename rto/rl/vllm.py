@@ -63,15 +63,10 @@ def require_vllm(device: torch.device, cfg=None):
             "a CUDA GPU); the default --generation-backend hf needs nothing extra"
         ) from None
     if cfg is not None:
-        check_sampling(vllm, sampling_settings(_sampling(cfg), eos=0))
+        check_sampling(vllm, sampling_settings(cfg.sampling, eos=0))
     if device.type != "cuda":
         raise UserError(f"ppo: --generation-backend vllm needs a CUDA device (this run uses {device})")
     return vllm
-
-
-def _sampling(cfg) -> Sampling:
-    """The run's rollout sampling (from a PPOStageConfig, or anything with its four fields)."""
-    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
 
 
 def sampling_settings(sampling: Sampling, eos: int) -> dict:
@@ -250,7 +245,7 @@ class VLLMRollout:
             engine_model(cfg.policy),
             tokenizer,
             device,
-            sampling=_sampling(cfg),
+            sampling=cfg.sampling,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             seed=cfg.seed,
             max_prompt_len=cfg.max_prompt_len,

@@ -282,10 +282,9 @@ def test_harmless_and_default_trl_settings_are_read(capsys):
     assert cfg.iterations == 100 and capsys.readouterr().err == ""  # TRL's defaults: not a word
     rto.make_config("ppo", {**PPO_REQUIRED, "logging_steps": 1, "ds3_gather_for_generation": False})
     assert "ignored: logging_steps, ds3_gather_for_generation" in capsys.readouterr().err
-    # num_train_epochs counts only without total_episodes (as in TRL); alone it is refused.
+    # num_train_epochs counts only without total_episodes (as in TRL); alone, it is passes over the prompts.
     assert rto.make_config("ppo", {**PPO_REQUIRED, "num_train_epochs": 1, "total_episodes": 128}).iterations == 2
-    with pytest.raises(rto.UserError, match="num_train_epochs: TRL's PPO counts prompts; give total_episodes"):
-        rto.make_config("ppo", {**PPO_REQUIRED, "num_train_epochs": 1})
+    assert rto.make_config("ppo", {**PPO_REQUIRED, "num_train_epochs": 2}).prompt_epochs == 2
     sft = rto.make_config(
         "sft",
         data="d.jsonl",

@@ -36,12 +36,15 @@ def policy_loss(
     mask: torch.Tensor,
     clip: float = 0.2,
     agg: str = "seq-mean-token-mean",
+    clip_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate objective, aggregated as `agg` says. Returns (loss, detached stats)."""
+    """Clipped surrogate objective, aggregated as `agg` says; the ratio is kept in
+    [1 - clip, 1 + clip_high] (clip_high None: clip; DAPO's "clip-higher" sets it above clip).
+    Returns (loss, detached stats)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
     loss = LOSS_AGGREGATIONS[agg](torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {

@@ -20,6 +20,7 @@ from rto.experiments.stage_runner import StageRunner
 from rto.experiments.tuning import (
     DPO_POLICY,
     DPO_POLICY_SECTION,
+    METHOD_SECTION,
     dpo_policy_job,
     is_preset_file,
     read_preset,
@@ -85,7 +86,12 @@ class Pipeline:
     def rl_settings(self, method: str, extra: dict | None = None) -> dict:
         cfg = self.cfg
         return _merge(
-            self.preset.get("ppo", {}), cfg.ppo, RL_METHODS[method], cfg.method_overrides.get(method, {}), extra
+            self.preset.get("ppo", {}),
+            cfg.ppo,
+            RL_METHODS[method],
+            self.preset.get(METHOD_SECTION, {}).get(method, {}),  # a tuned preset's per-method choice
+            cfg.method_overrides.get(method, {}),
+            extra,
         )
 
     def job(self, name: str, stage: str, extra: dict | None = None, **wiring) -> tuple[str, str, object]:

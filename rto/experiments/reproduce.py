@@ -37,12 +37,16 @@ from rto.experiments.pipeline_summary import reference_lines
 from rto.experiments.tuning import (
     DPO_POLICY,
     DPO_POLICY_SECTION,
+    FAMILIES,
+    METHOD_SECTION,
     TUNED_KEYS,
     TUNING_SEED_OFFSET,
     TuneGrid,
     dpo_policy_job,
+    family_choices,
+    is_preset_file,
     tune_dpo,
-    tune_settings,
+    tune_families,
     write_preset,
 )
 from rto.io.config import opt, require
@@ -51,7 +55,7 @@ from rto.tasks import Task
 
 METHODS = list(RL_METHODS)  # every RL method of the pipeline (placements, REINFORCE++, GRPO, RLOO)
 # Run unless --methods says otherwise: the paper's methods and ablations. GRPO and RLOO (with and
-# without RTO's reward) are run when named: they have no tuned settings of their own yet.
+# without RTO's reward) are run when named, each family tuned with PPO's budget (tuning.FAMILIES).
 DEFAULT_METHODS = [m for m in METHODS if RL_METHODS[m].get("estimator") not in ("grpo", "rloo")]
 GOLD_REFERENCES = {  # name: (method, extra settings)
     "ppo-gold": ("ppo", {"rm_weight": 0.0, "custom_rewards": ["task:gold-sequence"]}),
@@ -127,6 +131,8 @@ class ReproduceConfig(TuneGrid):
         if unknown:
             raise UserError(f"reproduce: unknown methods {', '.join(unknown)}; known: {', '.join(METHODS)}")
         self.methods = list(dict.fromkeys(["ppo", "rto", *self.methods]))
+        named = [f for f, methods in FAMILIES.items() if set(methods) & set(self.methods)]
+        self.families = list(dict.fromkeys(["ppo", *self.families, *named]))  # each family run is tuned
         for f in self.fractions:
             if not 0 < f <= 1:
                 raise UserError(f"reproduce: fractions must be in (0, 1], got {f}")
@@ -156,6 +162,7 @@ class Reproduction:
         self.tuning: dict = {}  # seed -> rto tune's record
         self.chosen: dict = {}
         self.dpo_chosen: dict = {}  # the DPO baseline's settings (beta, learning rate)
+        self.method_chosen: dict = {}  # method -> settings, the critic-free families tuned here
 
     def pipeline(self, seed: int) -> Pipeline:
         cfg = self.cfg
@@ -182,26 +189,41 @@ class Reproduction:
             self.dpo_chosen = dict(pipe.preset.get(DPO_POLICY_SECTION, {}))
         return bool(tuned)
 
-    def tune(self, pipe: Pipeline, rl: bool) -> None:
-        """rto tune's grids on this seed's models (PPO never less budget than RTO; the DPO policy
-        never less than RTO): the RL grids where `rl` (else the preset file's choice stands), and
-        always the DPO policy's - this is called only where no preset file gave it, or on every
-        seed with `tune: every-seed`. Sets `self.chosen` and `self.dpo_chosen`; writes OUT/preset.yaml."""
+    def tune(self, pipe: Pipeline, families: list[str]) -> None:
+        """rto tune's grids on this seed's models (PPO never less budget than RTO, each family the
+        same as PPO's; the DPO policy never less than RTO): the RL `families` not tuned in a preset
+        file, and the DPO policy's where no preset file gave it (or on every seed with `tune:
+        every-seed`). Sets `self.chosen`, `self.method_chosen`, `self.dpo_chosen`; writes OUT/preset.yaml."""
         seed = str(pipe.cfg.seed)
-        if rl:
-            record = tune_settings(pipe, self.cfg, "gold_reward", {"reward_model_ensemble": []})
+        grid = dataclasses.replace(self.cfg, families=families or ["ppo"])
+        record, others = (
+            tune_families(pipe, grid, "gold_reward", {"reward_model_ensemble": []}) if families else (None, {})
+        )
+        if record:
             self.tuning[seed] = {k: v for k, v in record.items() if k != "chosen"}
             self.chosen = record["chosen"]
-        else:  # the preset file's RL choice, as written
-            record = {
-                "chosen": {k: v for k, v in pipe.preset.get("ppo", {}).items() if k in TUNED_KEYS},
-                **{k: v for k, v in next(iter(self.tuning.values())).items() if k != "from_preset_file"},
+        for family, rec in others.items():
+            self.method_chosen.update(family_choices(family, rec))
+            self.tuning.setdefault(seed, {}).setdefault("families", {})[family] = {
+                k: v for k, v in rec.items() if k != "chosen"
             }
-        dpo = tune_dpo(pipe, self.cfg, "gold_reward")
-        self.dpo_chosen = dpo["chosen"]
-        self.tuning.setdefault(seed, {})["dpo_policy"] = {k: v for k, v in dpo.items() if k != "chosen"}
-        record.pop("dpo_policy", None)
-        write_preset(self.out / "preset.yaml", pipe.task.name, pipe.base_preset, pipe.cfg.seed, record, dpo)
+        dpo = None
+        if not self.dpo_chosen or record:
+            dpo = tune_dpo(pipe, self.cfg, "gold_reward")
+            self.dpo_chosen = dpo["chosen"]
+            self.tuning.setdefault(seed, {})["dpo_policy"] = {k: v for k, v in dpo.items() if k != "chosen"}
+        carried = pipe.preset_record if is_preset_file(self.cfg.preset) else None  # a tuned file's choices stay
+        write_preset(
+            self.out / "preset.yaml", pipe.task.name, pipe.base_preset, pipe.cfg.seed, record, dpo, others, carried
+        )
+
+    def settings_for(self, method: str, ppo_choice: dict) -> dict:
+        """A method's tuned settings: its family's choice; PPO's for the PPO family and the other
+        ablations; nothing (the preset file's method_overrides) for a critic-free family tuned there."""
+        if method in self.method_chosen:
+            return dict(self.method_chosen[method])
+        critic_free = {m for f, methods in FAMILIES.items() if f != "ppo" for m in methods}
+        return {} if method in critic_free else dict(ppo_choice)
 
     def run_seed(self, seed: int, tune: bool) -> dict:
         cfg = self.cfg
@@ -210,12 +232,15 @@ class Reproduction:
         pipe.offline(needs_rm=True, needs_dpo=True)
         if tune:
             from_preset = self.settings_from_preset(pipe)
-            if not from_preset or not self.dpo_chosen:
-                self.tune(pipe, rl=not from_preset)
+            in_file = set(pipe.preset.get(METHOD_SECTION, {})) if from_preset else set()
+            families = [] if from_preset else ["ppo"]
+            families += [f for f in cfg.families if f != "ppo" and not set(FAMILIES[f]) <= in_file]
+            if families or not self.dpo_chosen:
+                self.tune(pipe, families)
         settings = dict(self.chosen)
         no_ensemble = {"reward_model_ensemble": []}
         specs: list[tuple[str, str, dict, Path | None]] = [
-            (m, m, {**settings, **no_ensemble}, None) for m in cfg.methods
+            (m, m, {**self.settings_for(m, settings), **no_ensemble}, None) for m in cfg.methods
         ]
         if cfg.rm_ensemble > 1:
             specs += [(f"{m}+ens", m, settings, None) for m in ENSEMBLE_METHODS]
@@ -259,6 +284,10 @@ class Reproduction:
             "reference_lines": refs,
             "rm_accuracy": rm.get("eval_accuracy"),
             "settings": settings or {k: v for k, v in pipe.preset.get("ppo", {}).items() if k in TUNED_KEYS},
+            "method_settings": {
+                m: {k: v for k, v in pipe.rl_settings(m, self.settings_for(m, settings)).items() if k in TUNED_KEYS}
+                for m in cfg.methods
+            },
             "dpo_policy_settings": dict(self.dpo_chosen),
             "limited_pool": [{"fraction": f, "prompts": its * rollout, "iterations": its} for f, _, its in pools],
             "selection": {n: m.get("selection") for n, m in run_metrics.items()},

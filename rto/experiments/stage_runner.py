@@ -35,7 +35,7 @@ class StageRunner:
     def already_done(self, name: str, cfg) -> bool:
         """With `resume`: the stage finished before with exactly this config and these inputs."""
         marker = self.done_marker(name)
-        if self.resume and marker.is_file() and marker.read_text() == _marker_text(cfg):
+        if self.resume and marker.is_file() and _same_run(marker.read_text(), _marker_text(cfg), cfg):
             print(f"[rto] {name}: finished before with the same settings, skipped", file=sys.stderr, flush=True)
             return True
         marker.unlink(missing_ok=True)
@@ -135,6 +135,29 @@ class StageRunner:
                 f"pipeline: stage {name} failed ({tail[0] if tail else 'no output'}); "
                 f"full log: {self.out / 'logs' / (name + '.log')}"
             )
+
+
+def _same_run(before: str, now: str, cfg) -> bool:
+    """The marker written then and the one of now describe the same run: equal, or equal but for
+    settings a later version added, at their defaults (the run did what they do by default)."""
+    if before == now:
+        return True
+    try:
+        old, new = yaml.safe_load(before), yaml.safe_load(now)
+    except yaml.YAMLError:
+        return False
+    if not isinstance(old, dict) or old.get("inputs") != new["inputs"] or not isinstance(old.get("config"), dict):
+        return False
+    try:
+        defaults = to_dict(type(cfg)())
+    except TypeError:  # a config without defaults for everything: only an equal marker will do
+        return False
+    added = set(new["config"]) - set(old["config"])
+    return (
+        set(old["config"]) <= set(new["config"])
+        and all(old["config"][k] == new["config"][k] for k in old["config"])
+        and all(new["config"][k] == defaults[k] for k in added)
+    )
 
 
 def _marker_text(cfg) -> str:

@@ -9,7 +9,15 @@ from typing import Literal
 
 from rto.experiments.pipeline import Pipeline
 from rto.experiments.pipeline_config import PipelineConfig
-from rto.experiments.tuning import TuneGrid, tune_dpo, tune_settings, write_preset
+from rto.experiments.tuning import (
+    DPO_POLICY_SECTION,
+    FAMILIES,
+    TuneGrid,
+    is_preset_file,
+    tune_dpo,
+    tune_families,
+    write_preset,
+)
 from rto.io.config import opt, require
 
 
@@ -35,18 +43,28 @@ def run(cfg: TuneConfig) -> dict:
 
     refuse_launcher("tune")
     shared = ("out", "task", "preset", "seed", "jobs", "threads", "resume", "select_by", "judge")  # same meaning
-    pipe = Pipeline(PipelineConfig(methods=["sft", "dpo", "ppo", "rto"], **{k: getattr(cfg, k) for k in shared}))
+    methods = [m for f in cfg.families for m in FAMILIES[f]]
+    pipe = Pipeline(PipelineConfig(methods=["sft", "dpo", *methods], **{k: getattr(cfg, k) for k in shared}))
     pipe.out.mkdir(parents=True, exist_ok=True)
     pipe.offline(needs_rm=True, needs_dpo=True)
     grid = TuneGrid(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TuneGrid)})
-    record = tune_settings(pipe, grid, cfg.select_by)
-    dpo = tune_dpo(pipe, grid, cfg.select_by)
-    path = write_preset(pipe.out / "preset.yaml", pipe.task.name, pipe.base_preset, cfg.seed, record, dpo)
-    chosen = ", ".join(f"{k} {v:g}" for k, v in record["chosen"].items())
-    dpo_chosen = ", ".join(f"{k} {v:g}" for k, v in dpo["chosen"].items())
-    print(
-        f"[rto] tune: chose {chosen} ({record['budget']['ppo_runs']} PPO runs, {record['budget']['rto_runs']} RTO "
-        f"runs, {record['seconds']:.0f} s); the DPO policy: {dpo_chosen} ({dpo['runs']} runs, {dpo['seconds']:.0f} s); "
-        f"preset: {path}"
+    record, others = tune_families(pipe, grid, cfg.select_by)
+    # The DPO baseline is tuned with the PPO family (RTO's first comparison), or where the preset has none.
+    needs_dpo = record is not None or DPO_POLICY_SECTION not in pipe.preset
+    dpo = tune_dpo(pipe, grid, cfg.select_by) if needs_dpo else None
+    carried = pipe.preset_record if is_preset_file(cfg.preset) else None  # a tuned file: its choices stay
+    path = write_preset(
+        pipe.out / "preset.yaml", pipe.task.name, pipe.base_preset, cfg.seed, record, dpo, others, carried
     )
-    return {**record, "dpo_policy": dpo}
+    lines = []
+    for family, rec in (({"ppo": record} if record else {}) | others).items():
+        budget = ", ".join(
+            f"{v} {k.removesuffix('_runs').upper()} runs" for k, v in rec["budget"].items() if k.endswith("_runs")
+        )
+        chosen = ", ".join(f"{k} {v:g}" for k, v in rec["chosen"].items())
+        lines.append(f"{family}: {chosen} ({budget}, {rec['seconds']:.0f} s)")
+    if dpo:
+        dpo_chosen = ", ".join(f"{k} {v:g}" for k, v in dpo["chosen"].items())
+        lines.append(f"the DPO policy: {dpo_chosen} ({dpo['runs']} runs, {dpo['seconds']:.0f} s)")
+    print(f"[rto] tune: chose {'; '.join(lines)}; preset: {path}")
+    return {**(record or {}), "families": others, **({"dpo_policy": dpo} if dpo else {})}

@@ -29,11 +29,15 @@ from pathlib import Path
 
 import yaml
 
+from rto.core.advantages import ESTIMATORS
 from rto.io.config import opt
 from rto.io.errors import UserError
 
 TUNING_SEED_OFFSET = 10_000_019  # tuning runs' `rto ppo` seed: seed + this (the models stay the seed's own)
 TUNED_KEYS = ("actor_lr", "critic_lr", "kl_coef", "beta1", "dpo_clip")
+# RL families: (the method on the RM's reward, RTO's method on its choice). Each gets the same grids.
+FAMILIES = {"ppo": ("ppo", "rto"), "grpo": ("grpo", "rto-grpo"), "rloo": ("rloo", "rto-rloo")}
+METHOD_SECTION = "method_overrides"  # a preset file's per-method settings (the critic-free families' choices)
 
 
 @dataclass
@@ -48,6 +52,11 @@ class TuneGrid:
         [2.5e-4, 5e-4, 1e-3],
         "DPO policy grid: learning rates; every run's epoch (or the "
         "SFT model) is chosen on dev, as an RL run's iteration is",
+    )
+    families: list[str] = opt(
+        ["ppo"],
+        "RL families tuned, each with the same budget: ppo (PPO's grid, then RTO's beta1 on its choice), "
+        "grpo (GRPO, then RTO-GRPO), rloo (RLOO, then RTO-RLOO)",
     )
     extend_edges: int = opt(
         0,
@@ -65,6 +74,9 @@ class TuneGrid:
                 f"tune: the RTO grid ({rto} runs) is larger than the PPO grid ({ppo} runs): PPO is never "
                 "given less tuning budget than RTO"
             )
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or not self.families:
+            raise UserError(f"tune: families must be some of {', '.join(FAMILIES)}, got {', '.join(unknown) or 'none'}")
         dpo = len(self.dpo_betas) * len(self.dpo_lrs)
         if dpo < rto:
             raise UserError(
@@ -106,11 +118,15 @@ def edge_steps(rows: list[dict], keys: tuple[str, ...] = ("actor_lr", "kl_coef")
     return out
 
 
-def tune_settings(pipe, grid: TuneGrid, metric: str, fixed: dict | None = None) -> dict:
-    """Run the grids on `pipe`'s offline models (with `fixed` settings in every run);
-    {"chosen": {...}, "ppo_grid": [...], "rto_grid": [...], ...}."""
+def tune_settings(pipe, grid: TuneGrid, metric: str, fixed: dict | None = None, family: str = "ppo") -> dict:
+    """Run a family's grids on `pipe`'s offline models (with `fixed` settings in every run): its
+    first method over learning rate x KL coefficient (the critic's rate is the policy's), then its
+    RTO method over beta1 at that choice; {"chosen": {...}, "<method>_grid": [...], ...}."""
     grid.check_budget()
     start = time.time()
+    base, dense = FAMILIES[family]
+    critic = ESTIMATORS[pipe.rl_settings(base).get("estimator", "gae")].needs_critic
+    rates = ("actor_lr", "critic_lr") if critic else ("actor_lr",)
     extra_its = {"iterations": grid.tune_iterations} if grid.tune_iterations else {}
 
     def jobs(method: str, settings: list[dict], names: list[str]):
@@ -123,33 +139,48 @@ def tune_settings(pipe, grid: TuneGrid, metric: str, fixed: dict | None = None) 
         pipe.runner.run_group(out)
         return [_dev_score(pipe.out / name, metric) for name, _, _ in out]
 
-    ppo_settings = [{"actor_lr": lr, "critic_lr": lr, "kl_coef": kl} for lr in grid.ppo_lrs for kl in grid.kl_coefs]
-    scores = jobs("ppo", ppo_settings, [f"tune/ppo_lr{s['actor_lr']:g}_kl{s['kl_coef']:g}" for s in ppo_settings])
-    ppo_rows = [{**s, "dev_score": v} for s, v in zip(ppo_settings, scores)]
-    for _ in range(grid.extend_edges):  # only PPO's budget grows: it stays >= RTO's
-        steps = [
-            {"actor_lr": e["actor_lr"], "critic_lr": e["actor_lr"], "kl_coef": e["kl_coef"]}
-            for e in edge_steps(ppo_rows)
-        ]
+    def run_base(points: list[tuple[float, float]], **mark) -> list[dict]:
+        settings = [{**{r: lr for r in rates}, "kl_coef": kl} for lr, kl in points]
+        scores = jobs(base, settings, [f"tune/{base}_lr{lr:g}_kl{kl:g}" for lr, kl in points])
+        return [{**s, "dev_score": v, **mark} for s, v in zip(settings, scores)]
+
+    base_rows = run_base([(lr, kl) for lr in grid.ppo_lrs for kl in grid.kl_coefs])
+    for _ in range(grid.extend_edges):  # only the first method's budget grows: it stays >= RTO's
+        steps = [(e["actor_lr"], e["kl_coef"]) for e in edge_steps(base_rows)]
         if not steps:
             break
-        scores = jobs("ppo", steps, [f"tune/ppo_lr{s['actor_lr']:g}_kl{s['kl_coef']:g}" for s in steps])
-        ppo_rows += [{**s, "dev_score": v, "edge_step": True} for s, v in zip(steps, scores)]
-    ppo_choice = {k: v for k, v in max(ppo_rows, key=lambda r: r["dev_score"]).items() if k in TUNED_KEYS}
-    rto_settings = [{**ppo_choice, "beta1": b, "dpo_clip": b * grid.dpo_clip_ratio} for b in grid.rto_beta1s]
-    scores = jobs("rto", rto_settings, [f"tune/rto_b{b:g}" for b in grid.rto_beta1s])
-    rto_rows = [{"beta1": s["beta1"], "dpo_clip": s["dpo_clip"], "dev_score": v} for s, v in zip(rto_settings, scores)]
-    best_rto = max(rto_rows, key=lambda r: r["dev_score"])
-    iterations = grid.tune_iterations or pipe.rl_settings("ppo").get("iterations", 100)
+        base_rows += run_base(steps, edge_step=True)
+    choice = {k: v for k, v in max(base_rows, key=lambda r: r["dev_score"]).items() if k in TUNED_KEYS}
+    dense_settings = [{**choice, "beta1": b, "dpo_clip": b * grid.dpo_clip_ratio} for b in grid.rto_beta1s]
+    scores = jobs(dense, dense_settings, [f"tune/{dense}_b{b:g}" for b in grid.rto_beta1s])
+    dense_rows = [
+        {"beta1": s["beta1"], "dpo_clip": s["dpo_clip"], "dev_score": v} for s, v in zip(dense_settings, scores)
+    ]
+    best = max(dense_rows, key=lambda r: r["dev_score"])
+    iterations = grid.tune_iterations or pipe.rl_settings(base).get("iterations", 100)
     return {
-        "chosen": {**ppo_choice, "beta1": best_rto["beta1"], "dpo_clip": best_rto["dpo_clip"]},
+        "chosen": {**choice, "beta1": best["beta1"], "dpo_clip": best["dpo_clip"]},
         "criterion": f"dev {metric} at the selected checkpoint",
-        "ppo_grid": ppo_rows,
-        "rto_grid": rto_rows,
-        "budget": {"ppo_runs": len(ppo_rows), "rto_runs": len(rto_rows), "iterations_per_run": iterations},
+        f"{base}_grid": base_rows,
+        f"{dense}_grid": dense_rows,
+        "budget": {f"{base}_runs": len(base_rows), f"{dense}_runs": len(dense_rows), "iterations_per_run": iterations},
         "rl_seed": pipe.cfg.seed + TUNING_SEED_OFFSET,
         "seconds": time.time() - start,
     }
+
+
+def family_choices(family: str, record: dict) -> dict:
+    """{method: settings} of a critic-free family's record: the first method's learning rate and KL
+    coefficient, and RTO's beta1 and clip on top for its RTO method."""
+    base, dense = FAMILIES[family]
+    first = {k: v for k, v in record["chosen"].items() if k in ("actor_lr", "critic_lr", "kl_coef")}
+    return {base: first, dense: {**first, **{k: record["chosen"][k] for k in ("beta1", "dpo_clip")}}}
+
+
+def tune_families(pipe, grid: TuneGrid, metric: str, fixed: dict | None = None) -> tuple[dict | None, dict]:
+    """(the ppo family's record or None, {family: record} of the others) for `grid.families`."""
+    records = {f: tune_settings(pipe, grid, metric, fixed, family=f) for f in grid.families}
+    return records.pop("ppo", None), records
 
 
 DPO_POLICY = "dpo-tuned"  # the DPO baseline policy: tuned on dev and dev-selected (RTO's reward model is "dpo")
@@ -206,40 +237,53 @@ def tune_dpo(pipe, grid: TuneGrid, metric: str) -> dict:
 
 
 def tune_pipeline(pipe) -> None:
-    """`rto pipeline --tune`: the grids on the pipeline's own models; the choices go over its preset
-    (the RL settings under `ppo`, the DPO policy's under `dpo_policy`), written to OUT/preset.yaml."""
+    """`rto pipeline --tune`: the grids of the families of its RL methods on the pipeline's own models;
+    the choices go over its preset (PPO's and RTO's under `ppo`, the critic-free families' under
+    `method_overrides`, the DPO policy's under `dpo_policy`), written to OUT/preset.yaml."""
     from rto.io.config import build
 
-    grid = build(TuneGrid, dict(pipe.cfg.tune_grid), "pipeline tune_grid")
-    record = tune_settings(pipe, grid, pipe.cfg.select_by)
-    pipe.preset["ppo"] = {**pipe.preset.get("ppo", {}), **record["chosen"]}
+    families = ["ppo", *(f for f, methods in FAMILIES.items() if f != "ppo" and set(methods) & set(pipe.cfg.methods))]
+    grid = build(TuneGrid, {"families": families, **pipe.cfg.tune_grid}, "pipeline tune_grid")
+    record, others = tune_families(pipe, grid, pipe.cfg.select_by)
     dpo = tune_dpo(pipe, grid, pipe.cfg.select_by) if "dpo" in pipe.cfg.methods else None
-    if dpo:
-        pipe.preset[DPO_POLICY_SECTION] = dict(dpo["chosen"])
-    base = pipe.base_preset
-    write_preset(pipe.out / "preset.yaml", pipe.task.name, base, pipe.cfg.seed, record, dpo)
-    pipe.preset_record = {
-        "base": base,
-        "tuned": {
-            "seed": pipe.cfg.seed,
-            **{k: v for k, v in record.items() if k != "chosen"},
-            **({"dpo_policy": dpo} if dpo else {}),
-        },
-    }
+    path = write_preset(pipe.out / "preset.yaml", pipe.task.name, pipe.base_preset, pipe.cfg.seed, record, dpo, others)
+    doc = yaml.safe_load(path.read_text())
+    for section in ("ppo", DPO_POLICY_SECTION, METHOD_SECTION):
+        if section in doc:
+            pipe.preset[section] = {**pipe.preset.get(section, {}), **doc[section]}
+    pipe.preset_record = {"base": doc["base"], "tuned": doc["tuned"]}
 
 
 def write_preset(
-    path: Path, task_name: str, base: str, seed: int, record: dict, dpo_record: dict | None = None
+    path: Path,
+    task_name: str,
+    base: str,
+    seed: int,
+    record: dict | None,
+    dpo_record: dict | None = None,
+    families: dict | None = None,
+    carried: dict | None = None,
 ) -> Path:
-    """The preset file: the tuned `ppo` settings over the base preset, the DPO baseline's settings
-    (section `dpo_policy`, over the `dpo` section; RTO's reward model keeps the `dpo` section's),
-    and how they were chosen."""
-    doc = {"task": task_name, "base": base, "ppo": dict(record["chosen"])}
+    """The preset file: the tuned `ppo` settings (PPO's family) over the base preset, the critic-free
+    families' choices per method (`method_overrides`), the DPO baseline's settings (`dpo_policy`,
+    over the `dpo` section; RTO's reward model keeps the `dpo` section's), and how they were chosen.
+    `carried`: a preset file tuned before, whose sections and record stay unless tuned again."""
+    carried = carried or {}
+    doc = {"task": task_name, "base": base, **{k: v for k, v in carried.items() if k not in ("task", "base", "tuned")}}
+    tuned = {"seed": seed, **carried.get("tuned", {})}
+    if record:
+        doc["ppo"] = {**doc.get("ppo", {}), **record["chosen"]}
+        tuned.update({"seed": seed, **{k: v for k, v in record.items() if k != "chosen"}})
     if dpo_record:
         doc[DPO_POLICY_SECTION] = dict(dpo_record["chosen"])
-    doc["tuned"] = {"seed": seed, **{k: v for k, v in record.items() if k != "chosen"}}
-    if dpo_record:
-        doc["tuned"]["dpo_policy"] = {k: v for k, v in dpo_record.items() if k != "chosen"}
+        tuned["dpo_policy"] = {k: v for k, v in dpo_record.items() if k != "chosen"}
+    for family, rec in (families or {}).items():
+        doc[METHOD_SECTION] = {**doc.get(METHOD_SECTION, {}), **family_choices(family, rec)}
+        tuned["families"] = {
+            **tuned.get("families", {}),
+            family: {"seed": seed, **{k: v for k, v in rec.items() if k != "chosen"}},
+        }
+    doc["tuned"] = tuned
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(
@@ -280,5 +324,7 @@ def read_preset(path: str, task) -> tuple[dict, dict]:
             continue
         if not isinstance(values, dict):
             raise UserError(f"--preset {path}: section {section!r} is not a mapping")
+        if section == METHOD_SECTION and not all(isinstance(v, dict) for v in values.values()):
+            raise UserError(f"--preset {path}: {METHOD_SECTION}: each method's settings are a mapping")
         settings[section] = {**settings.get(section, {}), **values}
     return settings, doc

@@ -136,8 +136,8 @@ def _read(cls, values: dict[str, Any], where: str) -> tuple[dict[str, Any], list
         raise UserError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
     hints = _hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
-    table = trl_fields.decisions(cls)
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    table = trl_fields.decisions(cls, values)
     problems: list[str] = []
     if hasattr(cls, "from_trl"):  # TRL settings read together (batch sizes, LoRA, saving)
         values = cls.from_trl(values, where, problems)
@@ -271,7 +271,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         else:
             target.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
     taken = set(parser._option_string_actions)  # our own flags (and --debug, --config) win
-    for name, decision in trl_fields.decisions(cls).items():  # TRL's flags, hidden: build() decides them
+    for name, decision in trl_fields.flag_decisions(cls).items():  # TRL's flags, hidden: build() decides them
         flag = "--" + name.replace("_", "-")
         if flag in taken or "--no-" + flag[2:] in taken:
             continue

@@ -140,8 +140,21 @@ def suggest(name: str, names: set[str]) -> list[str]:
     return out[:3]
 
 
-def decisions(cls) -> dict[str, Map | Ignore | Refuse | Hook]:
+def decisions(cls, values: dict | None = None) -> dict[str, Map | Ignore | Refuse | Hook]:
+    """The TRL table `values` are read by: the class's, or (`trl_table`) the one its settings call for."""
+    if values is not None and hasattr(cls, "trl_table"):
+        return cls.trl_table(values)
     return getattr(cls, "TRL_FIELDS", {})
+
+
+def flag_decisions(cls) -> dict[str, Map | Ignore | Refuse | Hook]:
+    """Every TRL field a class's flags may name (every table it reads by; a switch wins)."""
+    out: dict = {}
+    for table in getattr(cls, "TRL_DIALECTS", {}).values() or [decisions(cls)]:
+        for name, decision in table.items():
+            if name not in out or hidden_flag_kind(decision) == "bool":
+                out[name] = decision
+    return out
 
 
 def hidden_flag_kind(decision) -> str:

@@ -3,8 +3,9 @@ every stage shares (rto/io/trl_tables.py), and the doc they generate (docs/trl-c
 
 from __future__ import annotations
 
+from rto.io.errors import UserError
 from rto.io.trl_fields import Hook, Ignore, Map, Refuse, counts, describe
-from rto.io.trl_tables import EVAL, LOADING, LOG, MODEL, SCRIPT, TOKENS, TRAINING, _lr_schedule
+from rto.io.trl_tables import EVAL, HUB, LOADING, LOG, MODEL, SCRIPT, TOKENS, TRAINING, _lr_schedule
 
 SFT_OWN = {
     **LOADING,
@@ -102,18 +103,8 @@ TRL112_PPO_DEFAULTS = {
 COMPUTED = "computed by TRL's trainer from the batch settings"
 
 
-PPO_OWN = {
-    "learning_rate": Hook("`actor_lr` and `critic_lr` (TRL trains both with one optimizer)"),
-    "per_device_train_batch_size": Hook(
-        "`rollout_batch_size` = per_device_train_batch_size x gradient_accumulation_steps x processes"
-    ),
-    "gradient_accumulation_steps": Hook("`rollout_batch_size` (see per_device_train_batch_size)"),
-    "num_train_epochs": Hook(
-        "ignored with total_episodes (as TRL does); otherwise refused unless TRL's default: "
-        "give total_episodes or --iterations"
-    ),
-    "max_steps": Ignore("TRL's PPO trainer runs total_episodes (here --iterations)", (-1,)),
-    "logging_steps": Ignore("rto ppo logs every iteration", (10,)),
+# What TRL's RL scripts (PPO, GRPO, RLOO) read alike.
+RL_SCRIPT = {
     "lr_scheduler_type": Map(
         "", lambda v: _lr_schedule(v, ppo=True), why="`lr_schedule` (cosine: with `lr_min_ratio` 0, as TRL's)"
     ),
@@ -123,6 +114,22 @@ PPO_OWN = {
     "dataset_train_split": Map("prompts_split"),
     "dataset_config": Refuse("prompts from a hub dataset's default configuration only", (None,)),
     "model_name_or_path": Map("policy"),
+    "ds3_gather_for_generation": Ignore("sharded runs use FSDP2 (--shard), not DeepSpeed ZeRO-3", (True,)),
+}
+
+
+PPO_OWN = {
+    **RL_SCRIPT,
+    "learning_rate": Hook("`actor_lr` and `critic_lr` (TRL trains both with one optimizer)"),
+    "per_device_train_batch_size": Hook(
+        "`rollout_batch_size` = per_device_train_batch_size x gradient_accumulation_steps x processes"
+    ),
+    "gradient_accumulation_steps": Hook("`rollout_batch_size` (see per_device_train_batch_size)"),
+    "num_train_epochs": Hook(
+        "`prompt_epochs` (passes over the prompts set --iterations); ignored with total_episodes, as TRL does"
+    ),
+    "max_steps": Ignore("TRL's PPO trainer runs total_episodes (here --iterations)", (-1,)),
+    "logging_steps": Ignore("rto ppo logs every iteration", (10,)),
     "dataset_num_proc": Ignore("the prompts are prepared in this process", (None,)),
     "num_mini_batches": Hook("`mini_batch_size` = the rollout / num_mini_batches"),
     "total_episodes": Hook("`iterations` = total_episodes / the rollout, rounded up"),
@@ -152,7 +159,6 @@ PPO_OWN = {
     "cliprange_value": Map("value_clip"),
     "gamma": Map("gamma"),
     "lam": Map("lam"),
-    "ds3_gather_for_generation": Ignore("sharded runs use FSDP2 (--shard), not DeepSpeed ZeRO-3", (True,)),
 }
 
 
@@ -170,11 +176,159 @@ PPO_LEGACY = {"exp_name": Ignore("trackers name runs themselves", (None, "ppo"))
 BASE = {**TRAINING, **SCRIPT, **MODEL, **LEGACY}
 
 
+def _loss_type(v) -> str:
+    """TRL's GRPO loss_type as our --loss-agg (bnpo normalises per process batch, the others change the objective)."""
+    ours = {"grpo": "seq-mean-token-mean", "dapo": "token-mean", "dr_grpo": "seq-mean-token-sum"}
+    if str(v) not in ours:
+        raise UserError(f"loss_type {v!r}: offered: grpo, dapo, dr_grpo (--loss-agg)")
+    return ours[str(v)]
+
+
+def _scale_rewards(v) -> str:
+    return {True: "group", False: "none"}.get(v, v) if isinstance(v, bool) else str(v)
+
+
+ONLY_VLLM_SERVER = "only with vllm_mode server (refused)"
+ONLY_VLLM_IS = "vLLM's sampling log-probs are never trained on: the policy rescores every response"
+# The fields GRPOConfig and RLOOConfig share past TrainingArguments (TRL 1.16), and their scripts'.
+CRITIC_FREE_SHARED = {
+    **RL_SCRIPT,
+    "learning_rate": Hook("`actor_lr` (no critic)"),
+    "per_device_train_batch_size": Hook(
+        "responses per process per micro-step: `micro_batch_size`; x gradient_accumulation_steps x processes: "
+        "`mini_batch_size`"
+    ),
+    "gradient_accumulation_steps": Hook("`mini_batch_size` (see per_device_train_batch_size)"),
+    "steps_per_generation": Hook(
+        "`rollout_batch_size` = per_device_train_batch_size x steps_per_generation (TRL's default: "
+        "gradient_accumulation_steps) x processes"
+    ),
+    "generation_batch_size": Hook("`rollout_batch_size`, instead of steps_per_generation"),
+    "max_steps": Hook("`iterations` = optimizer steps / (mini-batches per rollout x num_iterations), rounded up"),
+    "num_train_epochs": Hook("`prompt_epochs` (passes over the prompts set --iterations), unless max_steps is set"),
+    "num_iterations": Hook("`ppo_epochs` (its steps count in max_steps)"),
+    "beta": Hook("GRPO: `kl_loss_coef` (k3 in the loss; no KL in the reward); RLOO: `kl_coef` (k1 in the reward)"),
+    "logging_steps": Ignore("rto ppo logs every iteration", (10,)),
+    "remove_unused_columns": Ignore("the prompt rows are read as they are", (True, False)),
+    "model_init_kwargs": LOADING["model_init_kwargs"],
+    "trust_remote_code": LOADING["trust_remote_code"],
+    "router_aux_loss_coef": Ignore("MoE router loss: not used", (None,)),
+    "disable_dropout": Ignore("dropout is off in every pass of rto ppo (log-probs must not depend on a draw)", (True,)),
+    "num_generations": Map("num_generations"),
+    "num_generations_eval": Ignore("dev evaluations sample one response per prompt", (None,)),
+    "max_completion_length": Map("max_new_tokens"),
+    "shuffle_dataset": Ignore("prompts are drawn in a shuffled order", (True,)),
+    "pad_to_multiple_of": Ignore("padding detail", ("auto", None)),
+    "temperature": Map("temperature"),
+    "top_p": Map("top_p"),
+    "top_k": Map("top_k"),
+    "min_p": Refuse("min-p sampling is not offered", (None,)),
+    "generation_kwargs": Refuse("sampling options other than temperature, top_k, top_p are not offered", (None,)),
+    "chat_template_kwargs": Refuse("chat-template options are not offered", (None,)),
+    "repetition_penalty": Refuse("a repetition penalty changes the sampled policy: not offered", (1.0,)),
+    "cache_implementation": Ignore("generation detail", (None,)),
+    "use_vllm": Map(
+        "generation_backend",
+        lambda on: None if on is None else "vllm" if on else "hf",
+        boolean=True,
+        why="(true: vllm)",
+    ),
+    "vllm_mode": Refuse("vLLM runs inside the training processes (colocate)", ("colocate",)),
+    "vllm_model_impl": Ignore("vLLM's own model code", ("vllm",)),
+    "vllm_enable_sleep_mode": Ignore("the engine stays awake", (False,)),
+    "vllm_structured_outputs_regex": Refuse("structured outputs are not offered", (None,)),
+    "vllm_server_base_url": Ignore(ONLY_VLLM_SERVER, (None,)),
+    "vllm_server_host": Ignore(ONLY_VLLM_SERVER, ("0.0.0.0",)),
+    "vllm_server_port": Ignore(ONLY_VLLM_SERVER, (8000,)),
+    "vllm_server_timeout": Ignore(ONLY_VLLM_SERVER, (240.0,)),
+    "vllm_group_port": Ignore(ONLY_VLLM_SERVER, (51216,)),
+    "vllm_gpu_memory_utilization": Map("vllm_gpu_memory_utilization"),
+    "vllm_max_model_length": Ignore("the engine's length is the prompt and response limits", (None,)),
+    "vllm_tensor_parallel_size": Refuse("one GPU per vLLM engine", (1,)),
+    "epsilon": Map("clip_range"),
+    "epsilon_high": Map("clip_range_high"),
+    "reward_weights": Refuse("one reward (the RM's, with custom_rewards' own weights)", (None,)),
+    "mask_truncated_completions": Refuse("not offered: penalise them with missing_eos_penalty", (False,)),
+    "sync_ref_model": Refuse("the reference stays fixed", (False,)),
+    "ref_model_mixup_alpha": Ignore("only with sync_ref_model (refused)", (0.6,)),
+    "ref_model_sync_steps": Ignore("only with sync_ref_model (refused)", (512,)),
+    "log_completions": Ignore("samples are logged with each --eval-every evaluation", (False,)),
+    "log_multimodal": Ignore("text only", (True,)),
+    "num_completions_to_print": Ignore(LOG, (None,)),
+    "log_unique_prompts": Ignore(LOG, (False,)),
+    "use_transformers_continuous_batching": Ignore("generation detail", (False,)),
+    "transformers_continuous_batching_config": Ignore("generation detail", (None,)),
+    "use_transformers_paged": Ignore("generation detail", (False,)),
+    "reward_model_name_or_path": Map("reward_model"),
+    "reward_funcs": Refuse(
+        "TRL's reward functions score texts; rto's rewards are the RM's and per-token custom_rewards", (None,)
+    ),
+}
+
+GRPO_OWN = {
+    "scale_rewards": Map("scale_rewards", _scale_rewards),
+    "loss_type": Map(
+        "loss_agg",
+        _loss_type,
+        why="grpo: seq-mean-token-mean, dapo: token-mean, dr_grpo: "
+        "seq-mean-token-sum (Dr. GRPO's constant 1/max_completion_length left to the learning rate)",
+    ),
+    "importance_sampling_level": Refuse("the ratio is per token (GSPO's sequence level is not offered)", ("token",)),
+    "delta": Refuse("two-sided clipping is not offered", (None,)),
+    "top_entropy_quantile": Refuse("every token is trained on", (1.0,)),
+    "entropy_coef": Refuse("an entropy bonus is not offered", (0.0,)),
+    "use_adaptive_entropy": Refuse("an entropy bonus is not offered", (False,)),
+    **{
+        k: Ignore("only with use_adaptive_entropy (refused)", (d,))
+        for k, d in (
+            ("entropy_coef_min", 0.0),
+            ("entropy_coef_max", 1.0),
+            ("entropy_coef_delta", 0.005),
+            ("entropy_target", 0.2),
+        )
+    },
+    **{
+        k: Ignore("only with loss_type sapo or vespo (refused)", (d,))
+        for k, d in (
+            ("sapo_temperature_neg", 1.05),
+            ("sapo_temperature_pos", 1.0),
+            ("vespo_k_pos", 2.0),
+            ("vespo_lambda_pos", 3.0),
+            ("vespo_k_neg", 3.0),
+            ("vespo_lambda_neg", 2.0),
+        )
+    },
+    "multi_objective_aggregation": Ignore("one reward: nothing to aggregate", ("sum_then_normalize",)),
+    "cast_lm_head_to_fp32": Ignore("the head runs in the model's precision", (False,)),
+    "max_tool_calling_iterations": Refuse("tool calling is not offered", (None,)),
+    "off_policy_mask_threshold": Refuse("off-policy masking is not offered", (None,)),
+    "vllm_importance_sampling_correction": Ignore(ONLY_VLLM_IS, (True, False)),
+    "vllm_importance_sampling_mode": Ignore(ONLY_VLLM_IS, ("sequence_mask",)),
+    "vllm_importance_sampling_clip_max": Ignore(ONLY_VLLM_IS, (3.0,)),
+    "vllm_importance_sampling_clip_min": Ignore(ONLY_VLLM_IS, (None,)),
+    "vllm_importance_sampling_cap": Ignore(ONLY_VLLM_IS, (None,)),
+    "use_bias_correction_kl": Ignore(ONLY_VLLM_IS, (True, False)),
+    "log_completions_hub_repo": Ignore(HUB, (None,)),
+}
+
+RLOO_OWN = {
+    "normalize_advantages": Refuse("RLOO's advantages are not renormalised over the batch here", (False,)),
+    "reward_clip_range": Refuse("the RM score is clamped symmetrically (score_clip)", (None,)),
+}
+
 STAGE_TABLES = {
     "sft": {**BASE, **SFT_OWN},
     "rm": {**BASE, **RM_OWN},
     "dpo": {**BASE, **DPO_OWN},
     "ppo": {**BASE, **PPO_OWN, **PPO_LEGACY},
+}
+
+
+# `rto ppo --config` reads a file as TRL's PPOConfig, GRPOConfig or RLOOConfig (rto.rl.trl_config.dialect).
+PPO_DIALECTS = {
+    "ppo": STAGE_TABLES["ppo"],
+    "grpo": {**BASE, **CRITIC_FREE_SHARED, **GRPO_OWN},
+    "rloo": {**BASE, **CRITIC_FREE_SHARED, **RLOO_OWN},
 }
 
 
@@ -187,8 +341,9 @@ def markdown() -> str:
         "",
         "`rto sft|rm|dpo|ppo --config FILE.yaml` read the YAML files (and `--flags`) written for TRL's own "
         "scripts: every field of TRL's config dataclasses (TRL 1.16's SFTConfig, RewardConfig and DPOConfig, "
-        "TRL 1.12's PPOConfig, with every transformers TrainingArguments field they inherit, and the "
-        "ScriptArguments and ModelConfig fields TRL's scripts read beside them) has one decision here:",
+        "TRL 1.12's PPOConfig, TRL 1.16's GRPOConfig and RLOOConfig, with every transformers TrainingArguments "
+        "field they inherit, and the ScriptArguments and ModelConfig fields TRL's scripts read beside them) has "
+        "one decision here:",
         "",
         "- **mapped**: read as the setting named (our own name for it wins when both are given);",
         "- **ignored**: read and ignored; one notice line names those set to a value other than the ones listed "
@@ -204,11 +359,22 @@ def markdown() -> str:
         "`rto ppo` by cosine to 10% of the peak (`--lr-schedule`, `--lr-min-ratio`); TRL's own default is "
         "linear, which a YAML written by TRL's dataclasses states.",
         "",
+        "`rto ppo` reads a file as a GRPOConfig or RLOOConfig when it holds one of their own fields that is neither "
+        "PPOConfig's nor a setting of ours (beta, epsilon, loss_type, max_completion_length, ...; RLOO's: "
+        "normalize_advantages, reward_clip_range), and says so. Such a file trains without a critic: "
+        "`estimator` grpo or rloo (ours, given, wins), groups of `num_generations`, GRPO's KL as a k3 term in "
+        "the loss (`kl_loss_coef`, and `kl_coef` 0), RLOO's as k1 in the reward (`kl_coef`), the loss "
+        "aggregated as TRL's loss_type default (GRPO: dapo, token-mean) or RLOO's sequence sum "
+        "(`seq-mean-token-sum`: TRL's RLOO ratio is per sequence; here it is per token, which gives the same "
+        "gradient on the first pass over a rollout). Add `reward: rto` (and `dpo_model`) for RTO's dense reward.",
+        "",
     ]
-    for stage, table in STAGE_TABLES.items():
+    headings = {**{stage: f"rto {stage}" for stage in STAGE_TABLES}, "grpo": "rto ppo, a GRPOConfig file"}
+    headings["rloo"] = "rto ppo, an RLOOConfig file"
+    for key, table in {**STAGE_TABLES, **PPO_DIALECTS}.items():
         c = counts(table)
         lines += [
-            f"## rto {stage}",
+            f"## {headings[key]}",
             "",
             f"{len(table)} fields: {c['mapped']} mapped, {c['ignored']} ignored, {c['refused']} refused.",
             "",

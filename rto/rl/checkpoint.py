@@ -42,6 +42,7 @@ SELECTED = "policy_selected"  # OUT/ subdirectory: the dev selection's best poli
 # floating-point sums, as another machine would).
 RESUMABLE_CHANGES = (
     "iterations",
+    "prompt_epochs",
     "save_every",
     "keep_last",
     "resume",

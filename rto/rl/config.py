@@ -5,13 +5,13 @@ the trainer. Grouped as the trainer uses them; every field's help is its flag's 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from rto.core.advantages import ESTIMATORS
 from rto.core.losses import LOSS_AGGREGATIONS
 from rto.core.rewards import ENSEMBLE_REDUCTIONS, KL_ESTIMATORS, PLACEMENTS, REWARD_KINDS
-from rto.io.coercion import coerce
 from rto.io.config import (
     chat_template_field,
     columns_field,
@@ -23,9 +23,10 @@ from rto.io.config import (
     split_field,
 )
 from rto.io.errors import UserError
-from rto.io.trl_fields import normalised, trl_peft, trl_saving
-from rto.io.trl_stage_tables import STAGE_TABLES
+from rto.io.trl_stage_tables import PPO_DIALECTS, STAGE_TABLES
 from rto.lm.rollout import Sampling
+from rto.rl import trl_config
+from rto.rl.trl_config import dialect
 from rto.runtime.distributed import launched_world_size
 from rto.runtime.process import report_to_field, seed_field, threads_field
 from rto.runtime.tracking import trackers
@@ -35,68 +36,21 @@ from rto.runtime.tracking import trackers
 class PPOStageConfig:
     # Every field of TRL's PPOConfig (and TrainingArguments, ScriptArguments, ModelConfig), decided.
     TRL_FIELDS: ClassVar[dict] = STAGE_TABLES["ppo"]
-    TRL_TYPES: ClassVar[dict[str, type]] = {
-        "learning_rate": float,
-        "per_device_train_batch_size": int,
-        "gradient_accumulation_steps": int,
-        "num_mini_batches": int,
-        "total_episodes": int,
-        "whiten_rewards": bool,
-        "stop_token": str,
-        "num_train_epochs": float,
-    }
+    TRL_DIALECTS: ClassVar[dict] = PPO_DIALECTS  # a GRPOConfig or RLOOConfig file is read by its own table
+
+    @staticmethod
+    def trl_table(values: dict) -> dict:
+        """The TRL table a file's settings are read by: PPOConfig's, GRPOConfig's or RLOOConfig's."""
+        return PPO_DIALECTS[dialect(values, PPOStageConfig.setting_names())]
 
     @staticmethod
     def from_trl(values: dict, where: str, problems: list[str]) -> dict:
-        """TRL's PPO settings in ours. A rollout is per_device_train_batch_size x
-        gradient_accumulation_steps x processes prompts (TRL's defaults 8 and 1), num_mini_batches
-        mini-batches of it per epoch, total_episodes prompts in all (num_train_epochs counts only
-        without it, and is refused: the prompt count is not known here); learning_rate is the
-        policy's and the critic's (TRL trains both with one optimizer). whiten_rewards and a stop
-        token other than EOS are not offered. Settings of our own names win."""
-        trl_peft(values, where, problems)
-        trl_saving(values, where, problems)
-        trl = {k: values.pop(k) for k in list(values) if k in PPOStageConfig.TRL_TYPES}
+        """TRL's settings read together (batch sizes, training length, the KL's place): rto/rl/trl_config.py."""
+        return trl_config.read(values, where, problems, PPOStageConfig.setting_names(), PPOStageConfig)
 
-        def put(key: str, value) -> None:  # ours win; TRL's computed ones are None (unset) in its YAML
-            if values.get(key) is None:
-                values[key] = value
-
-        def get(key: str, default):
-            if trl.get(key) is None:
-                return default
-            try:
-                return coerce(trl[key], PPOStageConfig.TRL_TYPES[key], f"{where}: {key}")
-            except UserError as e:
-                problems.append(str(e))
-                return default
-
-        if get("learning_rate", None) is not None:
-            put("actor_lr", get("learning_rate", None))
-            put("critic_lr", get("learning_rate", None))
-        if "per_device_train_batch_size" in trl or "gradient_accumulation_steps" in trl:
-            put(
-                "rollout_batch_size",
-                get("per_device_train_batch_size", 8) * get("gradient_accumulation_steps", 1) * launched_world_size(),
-            )
-        try:
-            rollout = int(values.get("rollout_batch_size") or PPOStageConfig.rollout_batch_size)  # (its default)
-        except (TypeError, ValueError):
-            rollout = PPOStageConfig.rollout_batch_size  # build() reports the bad value
-        n = get("num_mini_batches", 1)
-        if n < 1 or rollout % n:
-            problems.append(f"{where}: num_mini_batches {n} does not divide the rollout of {rollout} prompts")
-        elif "num_mini_batches" in trl:
-            put("mini_batch_size", rollout // n)
-        if get("total_episodes", None) is not None:
-            put("iterations", max(1, -(-get("total_episodes", 0) // rollout)))
-        elif get("num_train_epochs", 3.0) != 3.0 and values.get("iterations") is None:
-            problems.append(f"{where}: num_train_epochs: TRL's PPO counts prompts; give total_episodes (or iterations)")
-        if get("whiten_rewards", False):
-            problems.append(f"{where}: whiten_rewards: not offered (advantages are whitened: --whiten-advantages)")
-        if str(normalised(trl.get("stop_token")) or "eos").lower() != "eos":  # (None or to_dict()'s mask: unset)
-            problems.append(f"{where}: stop_token {trl['stop_token']!r}: responses end at the tokenizer's EOS only")
-        return values
+    @staticmethod
+    def setting_names() -> set[str]:
+        return {f.name for f in dataclasses.fields(PPOStageConfig)}
 
     # --- models and data ---
     policy: str = opt("", "SFT model directory: the policy starts here")
@@ -162,6 +116,12 @@ class PPOStageConfig:
     )
     # --- optimization ---
     iterations: int = opt(100, "rollout + update iterations", ge=1)
+    prompt_epochs: float = opt(
+        0.0,
+        "passes over --prompts instead of --iterations: iterations = passes x prompts / prompts per rollout "
+        "(TRL's num_train_epochs; 0: --iterations)",
+        ge=0,
+    )
     seed: int = seed_field()
     rollout_batch_size: int = opt(64, "responses per rollout (prompts x --num-generations)", ge=1)
     mini_batch_size: int = opt(16, "responses per optimizer step", ge=1)
@@ -181,7 +141,12 @@ class PPOStageConfig:
     warmup_ratio: float = opt(0.03, "fraction of optimizer steps spent warming up", ge=0, lt=1)
     warmup_steps: int = opt(0, "warm-up length in optimizer steps, instead of --warmup-ratio (0: by the ratio)", ge=0)
     max_grad_norm: float = opt(1.0, "gradient-norm clip", gt=0)
-    clip_range: float = opt(0.2, "PPO ratio clip", gt=0)
+    clip_range: float = opt(0.2, "PPO ratio clip: the ratio stays in [1 - this, 1 + this]", gt=0)
+    clip_range_high: float | None = opt(
+        None,
+        "the upper clip, 1 + this, where it differs (DAPO's clip-higher, TRL's epsilon_high; none: --clip-range)",
+        gt=0,
+    )
     loss_agg: str = opt(
         "seq-mean-token-mean",
         "how per-token losses add up: token mean per response then mean over responses; token-mean over "

@@ -22,6 +22,7 @@ checkpoint.py; the results written at the end: results.py; the tensor functions:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -77,6 +78,9 @@ class PPOTrainer:
 
             require_vllm(self.device, cfg)  # its sampling settings too: vLLM's limits differ from generate's
         self.prompts = self._read_prompts(cfg.prompts, cfg.prompts_split)
+        if cfg.prompt_epochs:  # passes over the prompts, as TRL's num_train_epochs: now that their number is known
+            passes = cfg.prompt_epochs * len(self.prompts) * cfg.num_generations / cfg.rollout_batch_size
+            self.cfg = cfg = dataclasses.replace(cfg, iterations=max(1, math.ceil(passes)))
         self.eval_prompts = (
             self._read_prompts(cfg.eval_prompts)[: cfg.n_eval] if cfg.eval_prompts and cfg.eval_every else []
         )
@@ -188,7 +192,9 @@ class PPOTrainer:
         with self.models.update_forward():
             logits = response_logits(self.models.policy, sub, packed)  # [b, R, V]
         logp = token_logprobs(logits, sub.response_ids, cfg.temperature, cfg.top_k, cfg.top_p)
-        loss, stats = policy_loss(logp, exp.old_logp[part], exp.advantages[part], mask, cfg.clip_range, cfg.loss_agg)
+        loss, stats = policy_loss(
+            logp, exp.old_logp[part], exp.advantages[part], mask, cfg.clip_range, cfg.loss_agg, cfg.clip_range_high
+        )
         if cfg.kl_loss_coef:  # GRPO's KL term, in the loss rather than the reward
             kl = kl_penalty_loss(logp, exp.ref_logp[part], mask, cfg.loss_agg)
             loss = loss + cfg.kl_loss_coef * kl

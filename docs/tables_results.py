@@ -206,7 +206,57 @@ def critic_free_cost(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+CRITIC_FREE = ("ppo", "rto", "grpo", "rto-grpo", "rloo", "rto-rloo")
+
+
+def _critic_free(root: Path) -> dict[str, dict]:
+    return {t: read_json(root, f"docs/results/critic-free/{t}/results.json") for t in TASKS}
+
+
+def critic_free_claims(root: Path) -> str:
+    return cross_task_markdown(_critic_free(root), group="critic-free")
+
+
+def critic_free_methods(root: Path) -> str:
+    """Each method's test gold reward over the seeds, its KL to SFT and the settings it ran with."""
+    lines = [
+        "| task | method | test gold reward [95% CI over seeds] | KL to SFT | settings (tuned on dev, seed 0) |",
+        "|---|---|---|---|---|",
+    ]
+    for task, r in _critic_free(root).items():
+        settings = read_json(root, f"docs/results/critic-free/{task}/per_seed.json")[0]["method_settings"]
+        for name in ("sft", *CRITIC_FREE):
+            m = r["methods"][name]
+            lo, hi = m["gold_reward_ci"]
+            tuned = ", ".join(f"{k} {v:g}" for k, v in settings.get(name, {}).items()) or "-"
+            lines.append(
+                f"| `{task}` | {name} | {m['gold_reward']:.3f} {_ci(lo, hi)} | {m['kl_to_sft']:.2f} | {tuned} |"
+            )
+    return "\n".join(lines)
+
+
+def critic_free_runs(root: Path) -> str:
+    """The tuning budget each family had, and what the runs cost."""
+    import yaml
+
+    lines = ["| task | seeds | family | tuning runs (first method + RTO's) | wall time of the 5-seed runs |"]
+    lines.append("|---|---|---|---|---|")
+    for task, r in _critic_free(root).items():
+        tuned = yaml.safe_load((root / f"docs/results/critic-free/{task}/preset.yaml").read_text())["tuned"]
+        budgets = {"ppo": tuned["budget"], **{f: rec["budget"] for f, rec in tuned["families"].items()}}
+        for family, budget in budgets.items():
+            runs = " + ".join(str(v) for k, v in budget.items() if k.endswith("_runs"))
+            lines.append(
+                f"| `{task}` | {len(r['seeds'])} | {family} | {runs} x {budget['iterations_per_run']} iterations | "
+                f"{r['wall_time_s'] / 60:.0f} min |"
+            )
+    return "\n".join(lines)
+
+
 TABLES = {
+    "results-critic-free-claims": (PAGE, critic_free_claims),
+    "results-critic-free-methods": (PAGE, critic_free_methods),
+    "results-critic-free-runs": (PAGE, critic_free_runs),
     "results-paper-claims": (PAGE, paper_claims),
     "results-tool-checks": (PAGE, tool_checks),
     "results-runs": (PAGE, runs),

@@ -56,3 +56,16 @@ def test_explained_variance():
     mask = torch.ones(1, 3)
     assert torch.allclose(explained_variance(ret, ret, mask), torch.tensor(1.0))
     assert explained_variance(torch.zeros(1, 3) + 2.0, ret, mask) < 1e-6
+
+
+def test_clip_higher_keeps_the_ratio_in_an_asymmetric_band():
+    """DAPO's clip-higher (TRL's epsilon_high): with A > 0 the ratio is cut at 1 + clip_high, with A < 0
+    at 1 - clip; by hand for ratios 1.25 (A = +1) and 0.7 (A = -1), clip 0.2, clip_high 0.28."""
+    logp = torch.log(torch.tensor([[1.25, 0.7]]))
+    old, mask, adv = torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, -1.0]])
+    loss, _ = policy_loss(logp, old, adv, mask, clip=0.2, agg="token-mean", clip_high=0.28)
+    # token 1: max(-1.25, -min(1.25, 1.28)) = -1.25 (inside the band: unclipped);
+    # token 2: max(0.7, 0.8) = 0.8 (below 1 - 0.2: clipped at 0.8)
+    assert math.isclose(loss.item(), (-1.25 + 0.8) / 2, rel_tol=1e-6)
+    symmetric, _ = policy_loss(logp, old, adv, mask, clip=0.2, agg="token-mean")
+    assert math.isclose(symmetric.item(), (-1.2 + 0.8) / 2, rel_tol=1e-6)  # cut at 1.2 without clip_high

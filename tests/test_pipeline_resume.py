@@ -30,3 +30,25 @@ def test_resume_reruns_a_stage_whose_input_was_rewritten(tmp_path):
     (model / "model.safetensors").write_bytes(b"weights v2, longer")
     os.utime(model / "model.safetensors", ns=(1, 1))
     assert not pipe.runner.already_done("rm", cfg)
+
+
+@dataclass
+class _NewerCfg:  # _StageCfg as a later version declares it: one setting more
+    policy: str = ""
+    out: str = ""
+    lr: float = 1e-3
+    clip_high: float | None = None
+
+
+def test_a_setting_added_later_at_its_default_keeps_a_finished_stage(tmp_path):
+    """Upgrading rto does not rerun finished stages because a new setting appeared at its default
+    (the run did what the default does); a new setting away from its default, or any changed one,
+    still reruns."""
+    pipe = Pipeline(PipelineConfig(out=str(tmp_path / "run"), resume=True))
+    (tmp_path / "run" / "configs").mkdir(parents=True)
+    pipe.runner.mark_done("ppo", _StageCfg(policy="p", out="o"))
+    assert pipe.runner.already_done("ppo", _NewerCfg(policy="p", out="o"))
+    pipe.runner.mark_done("ppo", _StageCfg(policy="p", out="o"))
+    assert not pipe.runner.already_done("ppo", _NewerCfg(policy="p", out="o", clip_high=0.3))
+    pipe.runner.mark_done("ppo", _StageCfg(policy="p", out="o"))
+    assert not pipe.runner.already_done("ppo", _NewerCfg(policy="p", out="o", lr=2e-3))

@@ -125,3 +125,83 @@ def test_edge_steps_go_one_step_past_a_best_point_on_the_edge():
     assert abs(steps[1]["kl_coef"] - 1.0) < 1e-12
     tried = rows(corner) + [{"actor_lr": 8, "kl_coef": 0.1, "dev_score": 0.5}]
     assert [s["actor_lr"] for s in edge_steps(tried)] == [4]  # already tried points are not run again
+
+
+class _GridPipe:
+    """The pipeline as the tuning grids see it, with runs whose dev score is a known function of
+    their settings (the selection logic under test is ours; the runs themselves are tested above)."""
+
+    def __init__(self, out, score):
+        from rto.experiments.pipeline_config import RL_METHODS
+
+        self.out, self.score, self.runs = out, score, []
+        self.cfg = type("Cfg", (), {"jobs": 2, "seed": 0})()
+        self.runner = self
+        self.methods = RL_METHODS
+
+    def threads_for(self, n):
+        return 1
+
+    def rl_settings(self, method, extra=None):
+        return {**self.methods[method], **(extra or {})}
+
+    def selection_settings(self, method):
+        return {}
+
+    def rl_job(self, name, method, extra, threads=1):
+        from rto.rl.config import PPOStageConfig
+
+        return name, "ppo", PPOStageConfig(**{k: v for k, v in self.rl_settings(method, extra).items()})
+
+    def run_group(self, jobs):
+        for name, _, cfg in jobs:
+            self.runs.append((name, cfg))
+            (self.out / name).mkdir(parents=True, exist_ok=True)
+            score = self.score(cfg)
+            (self.out / name / "metrics.json").write_text(json.dumps({"selection": {"best": score}}))
+
+
+def test_every_family_gets_ppos_budget_and_its_own_choice(tmp_path):
+    from rto.experiments.tuning import TuneGrid, family_choices, tune_families
+
+    # The best learning rate differs by estimator, so a family that reused PPO's choice would be caught.
+    best_lr = {"gae": 1e-4, "grpo": 2e-4, "rloo": 5e-5}
+
+    def score(cfg):
+        return -abs(cfg.actor_lr - best_lr[cfg.estimator]) * 1e4 - abs(cfg.kl_coef - 0.05) - abs(cfg.beta1 - 0.3) / 10
+
+    pipe = _GridPipe(tmp_path, score)
+    grid = TuneGrid(families=["ppo", "grpo", "rloo"])
+    ppo, others = tune_families(pipe, grid, "gold_reward")
+    assert ppo["chosen"] == {"actor_lr": 1e-4, "critic_lr": 1e-4, "kl_coef": 0.05, "beta1": 0.3, "dpo_clip": 0.3}
+    assert ppo["budget"] == {"ppo_runs": 9, "rto_runs": 4, "iterations_per_run": 100}
+    for family, base in (("grpo", 2e-4), ("rloo", 5e-5)):
+        rec = others[family]
+        assert list(rec["budget"].values())[:2] == [9, 4]  # the same budget as PPO's
+        chosen = family_choices(family, rec)
+        assert chosen[family] == {"actor_lr": base, "kl_coef": 0.05}  # no critic: no critic_lr
+        assert chosen[f"rto-{family}"] == {"actor_lr": base, "kl_coef": 0.05, "beta1": 0.3, "dpo_clip": 0.3}
+    critic_free = [cfg for name, cfg in pipe.runs if "grpo" in name or "rloo" in name]
+    assert len(critic_free) == 26 and all(not cfg.needs_critic and cfg.num_generations == 4 for cfg in critic_free)
+    assert all(cfg.reward == "rto" for name, cfg in pipe.runs if name.startswith("tune/rto-"))
+
+
+def test_a_tuned_presets_method_choices_reach_their_runs_and_no_other(tmp_path):
+    from rto.experiments.pipeline import Pipeline
+    from rto.experiments.pipeline_config import PipelineConfig
+
+    preset = tmp_path / "p.yaml"
+    overrides = {"grpo": {"actor_lr": 3e-4, "kl_coef": 0.2}, "rto-grpo": {"actor_lr": 3e-4, "beta1": 0.1}}
+    doc = {"task": "keyed", "base": "smoke", "ppo": {"actor_lr": 1e-4}, "method_overrides": overrides, "tuned": {}}
+    preset.write_text(yaml.safe_dump(doc))
+    pipe = Pipeline(PipelineConfig(out=str(tmp_path / "o"), preset=str(preset), methods=["sft", "ppo", "grpo"]))
+    assert pipe.rl_settings("grpo")["actor_lr"] == 3e-4 and pipe.rl_settings("grpo")["kl_coef"] == 0.2
+    assert pipe.rl_settings("rto-grpo")["beta1"] == 0.1 and pipe.rl_settings("ppo")["actor_lr"] == 1e-4
+    # the user's own per-method settings still win over the preset's
+    mine = PipelineConfig(
+        out=str(tmp_path / "o"),
+        preset=str(preset),
+        methods=["sft", "grpo"],
+        method_overrides={"grpo": {"actor_lr": 1e-5}},
+    )
+    assert Pipeline(mine).rl_settings("grpo")["actor_lr"] == 1e-5

@@ -169,6 +169,12 @@ def aggregate(per_seed: list[dict], out: Path, cfg, previous: dict | None = None
             ("rto", "semi"),
             ("ddpo", "ppo"),
             ("rto-reinforce++", "reinforce++"),
+            ("rto-grpo", "grpo"),  # the critic-free families: does RTO's token reward help them?
+            ("rto-rloo", "rloo"),
+            ("grpo", "ppo"),
+            ("rloo", "ppo"),
+            ("rto-grpo", "rto"),
+            ("rto-rloo", "rto"),
             ("ppo+ens", "ppo"),
             ("rto+ens", "rto"),
             ("rto+ens", "ppo+ens"),
@@ -276,7 +282,8 @@ def claims(results: dict) -> list[dict]:
     """The claims on this task, each with a verdict by the rules of verdict_rules(): {"claim",
     "kind", "verdict", "evidence", "group"}; a claim whose runs are missing is "not tested". group
     "paper": a claim the paper makes (RTO vs PPO, RTO vs DPO, data efficiency); "tool": a check of
-    the tool's own (ending at or above SFT, PPO vs DPO, RM ensembles)."""
+    the tool's own (ending at or above SFT, PPO vs DPO, RM ensembles); "critic-free": RTO's reward
+    with GRPO and RLOO."""
     comp, ms, out = results["comparisons"], results["methods"], []
     n = len(results["seeds"])
     margin = verdict_rules(results["task"])["margin"]
@@ -316,6 +323,22 @@ def claims(results: dict) -> list[dict]:
             f"; data ratio {ratio_text(eff['ratio'])}",
             group="paper",
         )
+    for m in ("grpo", "rloo"):  # group "critic-free": the same rules, on the critic-free families
+        if m in ms and f"rto-{m}" in ms:
+            name = m.upper()
+            paired(
+                f"rto-{m} - {m}",
+                f"RTO's token reward helps {name}",
+                "beats",
+                loses=f"it hurts {name}",
+                group="critic-free",
+            )
+            paired(
+                f"rto-{m} - rto",
+                f"RTO-{name} (no critic) is at or above RTO (PPO's critic)",
+                "at or above",
+                group="critic-free",
+            )
     for m in ("ppo", "rto"):
         if f"{m}+ens" in ms:
             paired(f"{m}+ens - {m}", f"an RM ensemble helps {m.upper()}", "beats", loses="it hurts")

@@ -228,7 +228,9 @@ def critic_free_methods(root: Path) -> str:
         for name in ("sft", *CRITIC_FREE):
             m = r["methods"][name]
             lo, hi = m["gold_reward_ci"]
-            tuned = ", ".join(f"{k} {v:g}" for k, v in settings.get(name, {}).items()) or "-"
+            unused = {"critic_lr"} if name not in ("ppo", "rto") else set()  # no critic
+            unused |= {"beta1", "dpo_clip"} if not name.startswith("rto") else set()  # no DPO term
+            tuned = ", ".join(f"{k} {v:g}" for k, v in settings.get(name, {}).items() if k not in unused) or "-"
             lines.append(
                 f"| `{task}` | {name} | {m['gold_reward']:.3f} {_ci(lo, hi)} | {m['kl_to_sft']:.2f} | {tuned} |"
             )

@@ -10,6 +10,8 @@ import torch
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RTO_PROGRESS", "0")
+# One thread per test worker (two workers share two cores), in this process and in what it starts.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 TINY = dict(
@@ -113,7 +115,13 @@ def run_rto(capsys):
         from rto.cli import main
 
         capsys.readouterr()
-        code = main([str(a) for a in args])
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's --help and usage errors leave this way
+            code = e.code if isinstance(e.code, int) else 1
+        finally:  # a command's --threads must not outlive it in this worker
+            torch.set_num_threads(1)
+            os.environ["OMP_NUM_THREADS"] = "1"
         out = capsys.readouterr()
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 

@@ -12,7 +12,6 @@ from rto.lm.models import load_score_model, load_tokenizer
 from rto.lm.rollout import encode_responses
 from rto.lm.scoring import score_texts, sequence_scores
 from rto.rl.trainer import PPOStageConfig, PPOTrainer
-from tests.test_cli import rto
 
 
 def _with_pad_id(rm_dir, tmp_path):
@@ -73,9 +72,9 @@ def test_ppo_runs_with_such_an_rm_full_and_lora(tiny_dirs, prompt_file, tmp_path
         trainer.train_on(exp)
 
 
-def test_rto_ppo_command_with_such_an_rm(tiny_dirs, prompt_file, tmp_path):
+def test_rto_ppo_command_with_such_an_rm(tiny_dirs, prompt_file, tmp_path, run_rto):
     out = tmp_path / "run"
-    proc = rto(
+    proc = run_rto(
         "ppo",
         "--policy",
         tiny_dirs["policy"],

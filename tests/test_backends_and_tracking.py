@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 import types
 
@@ -388,13 +387,9 @@ def test_vllm_settings_it_rejects_fail_at_the_start(tiny_dirs, prompt_file, tmp_
         VLLMRollout.for_run(long, trainer.tokenizer, trainer.device, trainer.dist, trainer.models)
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "rto", *args], capture_output=True, text=True)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
-def test_vllm_backend_missing_is_a_clear_error(tiny_dirs, prompt_file, tmp_path):
-    proc = _run(
+def test_vllm_backend_missing_is_a_clear_error(tiny_dirs, prompt_file, tmp_path, run_rto):
+    proc = run_rto(
         "ppo",
         "--policy",
         tiny_dirs["policy"],
@@ -426,10 +421,10 @@ def test_report_to_a_missing_tracker_is_a_clear_error(tracker, tiny_dirs, prompt
         trackers([tracker], "ppo")
 
 
-def test_report_to_errors_from_the_command_line(tiny_dirs, prompt_file, tmp_path):
-    proc = _run("sft", "--data", prompt_file, "--out", str(tmp_path / "o"), "--report-to", "none,tensorboard")
+def test_report_to_errors_from_the_command_line(tiny_dirs, prompt_file, tmp_path, run_rto):
+    proc = run_rto("sft", "--data", prompt_file, "--out", str(tmp_path / "o"), "--report-to", "none,tensorboard")
     assert proc.returncode == 2 and "--report-to none cannot be combined with tensorboard" in proc.stderr
-    proc = _run(
+    proc = run_rto(
         "ppo",
         "--policy",
         tiny_dirs["policy"],

@@ -198,26 +198,26 @@ def test_rm_pair_accuracy_on_constructed_pairs(tiny_dirs, keyed):
         (["sft", "--data", "missing.jsonl", "--out", "o"], "missing.jsonl: data file not found"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(args, message):
-    proc = rto(*args)
+def test_bad_input_is_one_line_exit_2(args, message, run_rto):
+    proc = run_rto(*args)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_ppo_help_lists_rewards_and_estimators():
-    proc = rto("ppo", "--help")
+def test_ppo_help_lists_rewards_and_estimators(run_rto):
+    proc = run_rto("ppo", "--help")
     assert proc.returncode == 0
     for name in ("sparse", "rto", "dpo-only", "ddpo", "semi", "rs", "gae", "reinforce++", "grpo", "rloo"):
         assert name in proc.stdout
 
 
-def test_smoke_pipeline_every_variant(tmp_path):
+def test_smoke_pipeline_every_variant(tmp_path, run_rto):
     methods = "sft,dpo,ppo,rto,dpo-only,ddpo,semi,rs,reinforce++,rto-reinforce++,grpo,rto-rloo"
     # In this process, one stage after another (--jobs 1): test_smoke_pipeline covers the parallel processes.
     args = ("--methods", methods, "--jobs", "1", "--threads", "1")
-    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"), *args)
+    proc = run_rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert list(summary["methods"]) == methods.split(",")
@@ -227,10 +227,10 @@ def test_smoke_pipeline_every_variant(tmp_path):
     assert not (tmp_path / "run" / "grpo" / "critic").exists()  # no critic trained or saved
 
 
-def test_pipeline_runs_a_user_task_from_a_file(tmp_path):
+def test_pipeline_runs_a_user_task_from_a_file(tmp_path, run_rto):
     task = os.path.join(os.path.dirname(__file__), "fixtures", "reverse_task.py") + ":ReverseTask"
     # ... chosen by a held-out judge: an RM the pipeline trains on pairs the training RM never saw.
-    proc = rto(
+    proc = run_rto(
         "pipeline",
         "--task",
         task,
@@ -286,9 +286,9 @@ def _samples(run, model):
     ]
 
 
-def test_eval_exports_for_alpaca_eval_and_arena_hard(tiny_dirs, prompt_file, tmp_path):
+def test_eval_exports_for_alpaca_eval_and_arena_hard(tiny_dirs, prompt_file, tmp_path, run_rto):
     out = tmp_path / "eval.json"
-    proc = rto(
+    proc = run_rto(
         "eval",
         "--models",
         f"sft={tiny_dirs['policy']},rl={tiny_dirs['dpo']}",
@@ -317,7 +317,7 @@ def test_eval_exports_for_alpaca_eval_and_arena_hard(tiny_dirs, prompt_file, tmp
     assert arena[0]["model_id"] == "sft"
     assert arena[0]["choices"][0]["turns"][0]["content"] == sft_first.replace("<eos>", "").strip()
     assert (
-        rto(
+        run_rto(
             "eval",
             "--models",
             "a=x",

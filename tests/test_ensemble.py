@@ -62,11 +62,9 @@ def test_the_trainer_pays_the_ensembles_score(tiny_dirs, prompt_file, tmp_path, 
     )
 
 
-def test_pipeline_trains_bootstrap_members(tmp_path):
-    from tests.test_cli import rto
-
+def test_pipeline_trains_bootstrap_members(tmp_path, run_rto):
     run = tmp_path / "run"
-    proc = rto(
+    proc = run_rto(
         "pipeline",
         "--task",
         "keyed",
@@ -84,8 +82,6 @@ def test_pipeline_trains_bootstrap_members(tmp_path):
         "1",
         "--set",
         "ppo.iterations=1",
-        "--jobs",
-        "1",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     prefs = (run / "data" / "prefs.jsonl").read_text().splitlines()

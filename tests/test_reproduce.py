@@ -4,8 +4,6 @@ file the first one tuned."""
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -13,29 +11,19 @@ import yaml
 from rto.experiments.report_reproduce import claims
 from rto.experiments.reproduce import TUNING_SEED_OFFSET
 from rto.experiments.seed_stats import t_interval
-from tests.test_cli import ENV
 
 
-def test_quick_reproduce(tmp_path):
+def test_quick_reproduce(tmp_path, run_rto):
     out = tmp_path / "repro"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rto.cli",
-            "reproduce",
-            "--task",
-            "keyed",
-            "--quick",
-            "--out",
-            str(out),
-            "--rm-ensemble",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
+    proc = run_rto(
+        "reproduce",
+        "--task",
+        "keyed",
+        "--quick",
+        "--out",
+        str(out),
+        "--rm-ensemble",
+        "2",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -128,25 +116,16 @@ def test_quick_reproduce(tmp_path):
     alone.mkdir()
     for name in ("per_seed.json", "results.json"):
         shutil.copy(out / name, alone / name)
-    rebuilt = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rto.cli",
-            "reproduce",
-            "--task",
-            "keyed",
-            "--quick",
-            "--out",
-            str(alone),
-            "--rm-ensemble",
-            "2",
-            "--report-only",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
+    rebuilt = run_rto(
+        "reproduce",
+        "--task",
+        "keyed",
+        "--quick",
+        "--out",
+        str(alone),
+        "--rm-ensemble",
+        "2",
+        "--report-only",
     )
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     again_results = json.loads((alone / "results.json").read_text())
@@ -160,61 +139,64 @@ def test_quick_reproduce(tmp_path):
     assert preset["tuned"]["budget"]["ppo_runs"] >= preset["tuned"]["budget"]["rto_runs"]
 
     # Resume: a second call finds every run done and gives the same numbers.
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rto.cli",
-            "reproduce",
-            "--task",
-            "keyed",
-            "--quick",
-            "--out",
-            str(out),
-            "--rm-ensemble",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
+    again = run_rto(
+        "reproduce",
+        "--task",
+        "keyed",
+        "--quick",
+        "--out",
+        str(out),
+        "--rm-ensemble",
+        "2",
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finished before with the same settings" in again.stderr
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
 
-    # From the preset file: nothing is tuned again, and every run uses its settings.
+    # From the preset file: what it holds is not tuned again, and every run uses its settings.
     out2 = tmp_path / "from_preset"
-    third = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rto.cli",
-            "reproduce",
-            "--task",
-            "keyed",
-            "--quick",
-            "--out",
-            str(out2),
-            "--preset",
-            str(out / "preset.yaml"),
-            "--seeds",
-            "1",
-            "--methods",
-            "ppo,rto",
-            "--limited-pool",
-            "0",
-            "--no-gold-references",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
+    third = run_rto(
+        "reproduce",
+        "--task",
+        "keyed",
+        "--quick",
+        "--out",
+        str(out2),
+        "--preset",
+        str(out / "preset.yaml"),
+        "--seeds",
+        "1",
+        "--methods",
+        "ppo,rto,grpo,rto-grpo",
+        "--limited-pool",
+        "0",
+        "--no-gold-references",
     )
     assert third.returncode == 0, third.stderr[-3000:]
-    assert not (out2 / "seed0" / "tune").exists() and set(
-        json.loads((out2 / "results.json").read_text())["methods"]
-    ) == {"sft", "dpo", "ppo", "rto", "dpo-tuned"}
+    # PPO's and RTO's settings and the DPO policy's come from the file; the GRPO family, which the
+    # file does not hold, is tuned here with PPO's budget, and only it.
+    tuned_here = sorted(p.name for p in (out2 / "seed0" / "configs" / "tune").glob("*.yaml"))
+    assert tuned_here == sorted(
+        [f"grpo_lr0.0001_kl{kl}.yaml" for kl in (0.01, 0.05)] + [f"rto-grpo_b{b}.yaml" for b in (0.05, 0.3)]
+    )
+    assert set(json.loads((out2 / "results.json").read_text())["methods"]) == {
+        "sft",
+        "dpo",
+        "ppo",
+        "rto",
+        "grpo",
+        "rto-grpo",
+        "dpo-tuned",
+    }
+    preset2 = yaml.safe_load((out2 / "preset.yaml").read_text())
+    budget = preset2["tuned"]["families"]["grpo"]["budget"]
+    assert (budget["grpo_runs"], budget["rto-grpo_runs"]) == (preset["tuned"]["budget"]["ppo_runs"], 2)
+    assert preset2["ppo"] == preset["ppo"] and preset2["dpo_policy"] == preset["dpo_policy"]  # kept
+    for name in ("grpo", "rto-grpo"):
+        cfg = yaml.safe_load((out2 / "seed0" / "configs" / f"{name}.yaml").read_text())
+        chosen = preset2["method_overrides"][name]
+        assert {k: cfg[k] for k in chosen} == chosen and cfg["estimator"] == "grpo"
+        assert not (out2 / "seed0" / name / "critic").exists()
     assert (
         yaml.safe_load((out2 / "seed0" / "configs" / "dpo-tuned.yaml").read_text())["beta"]
         == preset["dpo_policy"]["beta"]

@@ -127,14 +127,9 @@ def test_killed_in_the_middle_of_a_save_resumes_exactly(reference, tiny_dirs, pr
     _same_run(reference, out)
 
 
-def test_resume_refuses_a_checkpoint_from_other_settings(reference, tiny_dirs, prompt_file, tmp_path):
-    proc = subprocess.run(
-        _ppo_args(tiny_dirs, prompt_file, reference, "--resume", "auto", "--actor-lr", "5e-4"),
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+def test_resume_refuses_a_checkpoint_from_other_settings(reference, tiny_dirs, prompt_file, tmp_path, run_rto):
+    args = _ppo_args(tiny_dirs, prompt_file, reference, "--resume", "auto", "--actor-lr", "5e-4")
+    proc = run_rto(*args[args.index("rto.cli") + 1 :])
     assert proc.returncode == 2
     assert "other settings (actor_lr)" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -5,12 +5,10 @@ import json
 
 import yaml
 
-from tests.test_cli import rto
 
-
-def test_pipeline_tunes_then_runs_with_the_choice(tmp_path):
+def test_pipeline_tunes_then_runs_with_the_choice(tmp_path, run_rto):
     run = tmp_path / "run"
-    proc = rto(
+    proc = run_rto(
         "pipeline",
         "--task",
         "keyed",
@@ -67,7 +65,7 @@ def test_pipeline_tunes_then_runs_with_the_choice(tmp_path):
     assert set(summary["methods"]) == {"sft", "dpo", "ppo", "rto", "dpo-tuned"}
     assert "dpo: the preset's DPO settings" in proc.stderr and "dpo-tuned: DPO with beta" in proc.stderr
     # ... and the file runs a pipeline of its own.
-    again = rto(
+    again = run_rto(
         "pipeline",
         "--task",
         "keyed",
@@ -86,8 +84,8 @@ def test_pipeline_tunes_then_runs_with_the_choice(tmp_path):
     assert cfg["actor_lr"] == preset["ppo"]["actor_lr"] and cfg["iterations"] == 2  # the smoke base
 
 
-def test_tune_refuses_more_budget_for_rto_and_foreign_presets(tmp_path):
-    proc = rto(
+def test_tune_refuses_more_budget_for_rto_and_foreign_presets(tmp_path, run_rto):
+    proc = run_rto(
         "tune",
         "--task",
         "keyed",
@@ -103,7 +101,7 @@ def test_tune_refuses_more_budget_for_rto_and_foreign_presets(tmp_path):
     assert proc.returncode == 2 and "never given less tuning budget than RTO" in proc.stderr
     preset = tmp_path / "p.yaml"
     preset.write_text(yaml.safe_dump({"task": "count", "base": "smoke", "ppo": {"actor_lr": 1e-4}}))
-    proc = rto("pipeline", "--task", "keyed", "--preset", str(preset), "--out", str(tmp_path / "o"))
+    proc = run_rto("pipeline", "--task", "keyed", "--preset", str(preset), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "tuned for task 'count', not 'keyed'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -153,7 +153,19 @@ def test_quick_reproduce(tmp_path, run_rto):
     assert "finished before with the same settings" in again.stderr
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
 
-    # From the preset file: what it holds is not tuned again, and every run uses its settings.
+
+def test_reproduce_from_a_preset_file_tunes_only_what_it_lacks(tmp_path, run_rto):
+    """A preset file as `rto tune` writes it (PPO's and RTO's choice, the DPO policy's): nothing it
+    holds is tuned again and every run uses its settings; the GRPO family, which it lacks, is tuned
+    with PPO's budget. (Its own test, so that it runs beside test_quick_reproduce.)"""
+    preset = {
+        "task": "keyed",
+        "base": "smoke",
+        "ppo": {"actor_lr": 1e-4, "critic_lr": 1e-4, "kl_coef": 0.05, "beta1": 0.3, "dpo_clip": 0.3},
+        "dpo_policy": {"beta": 0.3, "learning_rate": 5e-4},
+        "tuned": {"seed": 0, "budget": {"ppo_runs": 2, "rto_runs": 2, "iterations_per_run": 2}},
+    }
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(preset))
     out2 = tmp_path / "from_preset"
     third = run_rto(
         "reproduce",
@@ -163,7 +175,7 @@ def test_quick_reproduce(tmp_path, run_rto):
         "--out",
         str(out2),
         "--preset",
-        str(out / "preset.yaml"),
+        str(tmp_path / "preset.yaml"),
         "--seeds",
         "1",
         "--methods",

@@ -6,7 +6,6 @@ per_seed.json alone."""
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +14,6 @@ import pytest
 
 from rto.experiments.report_reproduce import aggregate, claims, hierarchical_ci, verdict_rules
 from rto.experiments.seed_stats import at_least_verdict, beats_verdict, seed_interval, t_interval, t_quantile
-from tests.test_cli import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -189,25 +187,23 @@ def test_claims_from_constructed_seeds(tmp_path):
     assert {c["verdict"] for c in claims(two)} == {"inconclusive (too few seeds)"}
 
 
-@pytest.mark.parametrize("task", ["keyed", "ordered", "count"])
-def test_committed_results_rebuild_from_per_seed(tmp_path, task):
-    """docs/results/TASK/results.{json,md} are what `rto reproduce --report-only` writes from the
-    committed per_seed.json, with no run directory present."""
+TASKS = ("keyed", "ordered", "count")
+COMMITTED = [*TASKS, *(f"critic-free/{t}" for t in TASKS)]  # the evidence runs, and the critic-free ones
+
+
+@pytest.mark.parametrize("task", [t for t in COMMITTED if (ROOT / "docs" / "results" / t / "results.json").is_file()])
+def test_committed_results_rebuild_from_per_seed(tmp_path, task, run_rto):
+    """docs/results/TASK/results.{json,md} (and critic-free/TASK/) are what `rto reproduce --report-only`
+    writes from the committed per_seed.json, with no run directory present."""
     src = ROOT / "docs" / "results" / task
     out = tmp_path / task
-    out.mkdir()
+    out.mkdir(parents=True)
     for name in ("per_seed.json", "results.json"):
         shutil.copy(src / name, out / name)
     committed = json.loads((src / "results.json").read_text())
     command = (src / "results.md").read_text().splitlines()[0]  # Command: `rto reproduce ...`
     args = command.split("`")[1].split()[2:]
-    proc = subprocess.run(
-        [sys.executable, "-m", "rto.cli", "reproduce", *args, "--report-only", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    proc = run_rto("reproduce", *args, "--report-only", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rebuilt = json.loads((out / "results.json").read_text())
     for key in ("methods", "comparisons", "data_efficiency", "verdict_rules", "curves"):

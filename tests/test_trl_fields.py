@@ -247,6 +247,8 @@ def test_an_rloo_yaml_is_read_as_rloo_and_max_steps_counts_optimizer_steps():
         "out": "o",
     }
     assert rto.make_config("ppo", {**grpo_looking, "reward_model": "r"}).kl_coef == 0.1  # RLOO's place for beta
+    minimal = rto.make_config("ppo", {"beta": 0.04, "policy": "p", "reward_model": "r", "prompts": "x", "out": "o"})
+    assert (minimal.estimator, minimal.num_generations) == ("grpo", 8)  # TRL's default group of a GRPOConfig
     plain = rto.make_config(
         "ppo", {"num_generations": 4, "policy": "p", "reward_model": "r", "prompts": "x.jsonl", "out": "o"}
     )

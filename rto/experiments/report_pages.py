@@ -9,6 +9,7 @@ from pathlib import Path
 from rto.experiments.data_ratio import ratio_text
 from rto.experiments.report import format_table
 from rto.experiments.report_reproduce import claims, interval_text, verdict_rules
+from rto.experiments.tuning import FAMILIES
 
 
 def summary_table(results: dict) -> str:
@@ -138,19 +139,28 @@ def results_markdown(results: dict, command: str) -> str:
         ]
     tuning = results.get("tuning", {})
     for seed, grids in tuning.get("grids", {}).items():
-        score = "dev_score" if "dev_score" in grids["ppo_grid"][0] else "dev_gold"  # older results: final dev gold
-        lines += [
-            "",
-            f"Tuning on the dev split (seed {seed}; {grids.get('criterion', 'final dev gold reward')}; "
-            f"the grid's runs drew RL seed {grids.get('rl_seed', '?')} and only chose the settings, the "
-            "reported runs are fresh):",
-            "",
-            "| actor/critic lr | KL coef | dev score |",
-            "|---|---|---|",
-        ]
-        lines += [f"| {r['actor_lr']:g} | {r['kl_coef']:g} | {r[score]:.3f} |" for r in grids["ppo_grid"]]
-        lines += ["", "| RTO beta1 | dpo_clip | dev score |", "|---|---|---|"]
-        lines += [f"| {r['beta1']:g} | {r['dpo_clip']:g} | {r[score]:.3f} |" for r in grids["rto_grid"]]
+        # Each family's grids (PPO's at the top level, the critic-free families' under "families").
+        families = {"ppo": grids, **grids.get("families", {})}
+        for family, (base, dense) in FAMILIES.items():
+            rec = families.get(family) or {}
+            if f"{base}_grid" not in rec:
+                continue
+            rows = rec[f"{base}_grid"]
+            score = "dev_score" if "dev_score" in rows[0] else "dev_gold"  # older results: final dev gold
+            lr = "actor/critic lr" if family == "ppo" else f"{base.upper()} lr"
+            lines += [
+                "",
+                ("Tuning" if family == "ppo" else f"Tuning {base.upper()}, then {dense.upper()},")
+                + f" on the dev split (seed {seed}; "
+                f"{rec.get('criterion', 'final dev gold reward')}; the grid's runs drew RL seed "
+                f"{rec.get('rl_seed', '?')} and only chose the settings, the reported runs are fresh):",
+                "",
+                f"| {lr} | KL coef | dev score |",
+                "|---|---|---|",
+            ]
+            lines += [f"| {r['actor_lr']:g} | {r['kl_coef']:g} | {r[score]:.3f} |" for r in rows]
+            lines += ["", f"| {dense.upper()} beta1 | dpo_clip | dev score |", "|---|---|---|"]
+            lines += [f"| {r['beta1']:g} | {r['dpo_clip']:g} | {r[score]:.3f} |" for r in rec[f"{dense}_grid"]]
         dpo = grids.get("dpo_policy")
         if dpo:  # tuned on the same seed, at the same dev criterion, with at least RTO's number of runs
             lines += [

@@ -28,6 +28,7 @@ TYPES: dict[str, type] = {  # TRL's settings read together here, and their types
     "beta": float,
 }
 TRL_DEFAULT_EPOCHS = 3.0  # TrainingArguments' num_train_epochs
+TRL_GROUP_SIZE = {"grpo": 8, "rloo": 2}  # GRPOConfig's and RLOOConfig's default num_generations
 
 
 def dialect(values: dict, ours: set[str]) -> str:
@@ -118,6 +119,7 @@ def read_critic_free(values: dict, where: str, problems: list[str], kind: str, d
     of the reward; RLOO's beta weighs a k1 KL in the reward."""
     r = _Reader(values, where, problems)
     r.put("estimator", kind)
+    r.put("num_generations", TRL_GROUP_SIZE[kind])  # (a file's own num_generations is read as ours)
     if r.get("learning_rate", None) is not None:
         r.put("actor_lr", r.get("learning_rate", None))
     world = launched_world_size()

@@ -48,22 +48,22 @@ def write_figures(results: dict, per_seed: list[dict], out: Path, cfg=None) -> l
 
     # 2. gold reward vs RL prompts, each seen once (the data-limited sweep)
     eff = results["data_efficiency"]
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for m in ("ppo", "rto") if eff else ():
-        ys = [r["gold_reward"] for r in eff[m]]
-        err = [
-            [y - r["gold_reward_ci"][0] for y, r in zip(ys, eff[m])],
-            [r["gold_reward_ci"][1] - y for y, r in zip(ys, eff[m])],
-        ]
-        ax.errorbar(eff["prompts"], ys, yerr=err, marker="o", capsize=3, label=m)
-    if eff:
+    if eff:  # (a run without the sweep has no such figure)
+        fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+        for m in ("ppo", "rto"):
+            ys = [r["gold_reward"] for r in eff[m]]
+            err = [
+                [y - r["gold_reward_ci"][0] for y, r in zip(ys, eff[m])],
+                [r["gold_reward_ci"][1] - y for y, r in zip(ys, eff[m])],
+            ]
+            ax.errorbar(eff["prompts"], ys, yerr=err, marker="o", capsize=3, label=m)
         lo, hi = eff["ppo"][-1]["gold_reward_ci"]
         ax.axhspan(lo, hi, color="C0", alpha=0.15, label="PPO, whole pool (95% CI)")
         ax.set_xscale("log", base=2)
-    ax.set(xlabel="RL prompts, each seen once", ylabel="gold reward (test)", title="data-limited sweep")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(_save(fig, out / "data_efficiency.png", plt))
+        ax.set(xlabel="RL prompts, each seen once", ylabel="gold reward (test)", title="data-limited sweep")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out / "data_efficiency.png", plt))
 
     # 3. gold reward vs sqrt(KL to SFT), one point per dev checkpoint per seed (from the run directories)
     names = [n for n in results["curves"]]

@@ -203,3 +203,16 @@ def test_a_tuned_presets_method_choices_reach_their_runs_and_no_other(tmp_path):
         method_overrides={"grpo": {"actor_lr": 1e-5}},
     )
     assert Pipeline(mine).rl_settings("grpo")["actor_lr"] == 1e-5
+
+
+def test_a_pipeline_tuned_for_grpo_alone_says_what_was_tuned():
+    """`rto pipeline --tune --methods sft,grpo,...` tunes only the GRPO family (its record has no PPO
+    budget): the summary names the GRPO and RTO-GRPO runs (it once read the PPO budget and crashed)."""
+    from types import SimpleNamespace
+
+    from rto.experiments.pipeline_summary import settings_record
+
+    family = {"criterion": "dev gold_reward", "budget": {"grpo_runs": 9, "rto-grpo_runs": 4, "iterations_per_run": 100}}
+    pipe = SimpleNamespace(preset_record={"tuned": {"seed": 0, "families": {"grpo": family}}})
+    source = settings_record(pipe, [])["source"]
+    assert source.startswith("tuned on the dev split") and "9 GRPO and 4 RTO-GRPO runs of 100 iterations" in source

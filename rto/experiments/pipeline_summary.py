@@ -116,10 +116,17 @@ def settings_record(pipe, rl_jobs: list) -> dict:
 
     tuned = pipe.preset_record.get("tuned")
     if tuned:
-        b = tuned["budget"]
+        records = ([tuned] if "budget" in tuned else []) + list(tuned.get("families", {}).values())  # each family's
+        budgets = [
+            " and ".join(
+                f"{v} {k.removesuffix('_runs').upper()}" for k, v in r["budget"].items() if k.endswith("_runs")
+            )
+            + f" runs of {r['budget']['iterations_per_run']} iterations"
+            for r in records
+        ]
+        criterion = next((r["criterion"] for r in records if "criterion" in r), "")
         source = (
-            f"tuned on the dev split by rto tune (seed {tuned['seed']}, {tuned['criterion']}; {b['ppo_runs']} PPO "
-            f"and {b['rto_runs']} RTO runs of {b['iterations_per_run']} iterations"
+            f"tuned on the dev split by rto tune (seed {tuned['seed']}, {criterion}; {'; '.join(budgets)}"
             + (f"; the DPO policy: {tuned['dpo_policy']['runs']} runs" if tuned.get("dpo_policy") else "")
             + ")"
         )

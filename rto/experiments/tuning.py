@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from rto.core.advantages import ESTIMATORS
+from rto.experiments.pipeline_config import RL_METHODS
 from rto.io.config import opt
 from rto.io.errors import UserError
 
@@ -242,7 +243,11 @@ def tune_pipeline(pipe) -> None:
     `method_overrides`, the DPO policy's under `dpo_policy`), written to OUT/preset.yaml."""
     from rto.io.config import build
 
-    families = ["ppo", *(f for f, methods in FAMILIES.items() if f != "ppo" and set(methods) & set(pipe.cfg.methods))]
+    # The families of the RL methods it runs; PPO's for every method outside the critic-free ones.
+    critic_free = {m for f, methods in FAMILIES.items() if f != "ppo" for m in methods}
+    rl = [m for m in pipe.cfg.methods if m in RL_METHODS]
+    families = ["ppo"] if any(m not in critic_free for m in rl) or not rl else []
+    families += [f for f, methods in FAMILIES.items() if f != "ppo" and set(methods) & set(rl)]
     grid = build(TuneGrid, {"families": families, **pipe.cfg.tune_grid}, "pipeline tune_grid")
     record, others = tune_families(pipe, grid, pipe.cfg.select_by)
     dpo = tune_dpo(pipe, grid, pipe.cfg.select_by) if "dpo" in pipe.cfg.methods else None

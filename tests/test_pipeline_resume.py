@@ -52,3 +52,24 @@ def test_a_setting_added_later_at_its_default_keeps_a_finished_stage(tmp_path):
     assert not pipe.runner.already_done("ppo", _NewerCfg(policy="p", out="o", clip_high=0.3))
     pipe.runner.mark_done("ppo", _StageCfg(policy="p", out="o"))
     assert not pipe.runner.already_done("ppo", _NewerCfg(policy="p", out="o", lr=2e-3))
+
+
+@dataclass
+class _EvalCfg:
+    models: list
+    out: str
+
+
+def test_an_evaluation_reruns_only_when_a_model_it_names_changed(tmp_path):
+    """`rto eval`'s models come as NAME=PATH entries: a rerun of the pipeline skips a finished
+    evaluation while every model is as it was, and evaluates again when one was rewritten."""
+    pipe = Pipeline(PipelineConfig(out=str(tmp_path / "run"), resume=True))
+    (tmp_path / "run" / "configs").mkdir(parents=True)
+    for name in ("sft", "ppo"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"weights v1")
+    cfg = _EvalCfg(models=[f"sft={tmp_path / 'sft'}", f"ppo={tmp_path / 'ppo'}"], out=str(tmp_path / "eval.json"))
+    pipe.runner.mark_done("eval", cfg)
+    assert pipe.runner.already_done("eval", cfg)
+    (tmp_path / "ppo" / "model.safetensors").write_bytes(b"weights v2, longer")
+    assert not pipe.runner.already_done("eval", cfg)

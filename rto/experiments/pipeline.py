@@ -201,7 +201,6 @@ class Pipeline:
                 "threads": self.threads_for(1),
             },
         )
-        self.runner.done_marker("eval").unlink(missing_ok=True)  # cheap, and the models may have changed
         self.runner.run_one("eval", "eval", eval_cfg)
         return json.loads(Path(out_file).read_text())
 

@@ -161,19 +161,22 @@ def _same_run(before: str, now: str, cfg) -> bool:
 
 
 def _marker_text(cfg) -> str:
-    """A stage's config plus a fingerprint (size, mtime) of every input file it names: a stage
-    whose inputs were rewritten since - say SFT ran again - is not skipped, even when its own
-    settings, which only hold paths, are unchanged."""
+    """A stage's config plus a fingerprint (size, mtime) of every input file it names - a path, or
+    a list of paths or NAME=PATH entries (`rto eval --models`): a stage whose inputs were rewritten
+    since - say SFT ran again - is not skipped, even when its own settings, which only hold paths,
+    are unchanged."""
     values = to_dict(cfg)
     inputs = {}
     for key, value in values.items():
-        if key == "out" or not isinstance(value, str) or not value:
+        if key == "out":
             continue
-        path = Path(value)
-        if path.is_file() or path.is_dir():
-            files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
-            inputs[key] = [
-                f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                for p in files
-            ]
+        named = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for i, item in enumerate(v for v in named if isinstance(v, str) and v):
+            path = Path(item.split("=", 1)[1] if "=" in item and not Path(item).exists() else item)
+            if path.is_file() or path.is_dir():
+                files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+                inputs[key if isinstance(value, str) else f"{key}[{i}]"] = [
+                    f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                    for p in files
+                ]
     return yaml.safe_dump({"config": values, "inputs": inputs}, sort_keys=False)

@@ -35,6 +35,7 @@ from rto.experiments.pipeline import Pipeline
 from rto.experiments.pipeline_config import RL_METHODS, PipelineConfig
 from rto.experiments.pipeline_summary import reference_lines
 from rto.experiments.tuning import (
+    CRITIC_FREE_METHODS,
     DPO_POLICY,
     DPO_POLICY_SECTION,
     FAMILIES,
@@ -43,6 +44,7 @@ from rto.experiments.tuning import (
     TUNING_SEED_OFFSET,
     TuneGrid,
     dpo_policy_job,
+    families_for,
     family_choices,
     is_preset_file,
     tune_dpo,
@@ -131,8 +133,7 @@ class ReproduceConfig(TuneGrid):
         if unknown:
             raise UserError(f"reproduce: unknown methods {', '.join(unknown)}; known: {', '.join(METHODS)}")
         self.methods = list(dict.fromkeys(["ppo", "rto", *self.methods]))
-        named = [f for f, methods in FAMILIES.items() if set(methods) & set(self.methods)]
-        self.families = list(dict.fromkeys(["ppo", *self.families, *named]))  # each family run is tuned
+        self.families = list(dict.fromkeys(["ppo", *self.families, *families_for(self.methods)]))  # each one run
         for f in self.fractions:
             if not 0 < f <= 1:
                 raise UserError(f"reproduce: fractions must be in (0, 1], got {f}")
@@ -222,8 +223,7 @@ class Reproduction:
         ablations; nothing (the preset file's method_overrides) for a critic-free family tuned there."""
         if method in self.method_chosen:
             return dict(self.method_chosen[method])
-        critic_free = {m for f, methods in FAMILIES.items() if f != "ppo" for m in methods}
-        return {} if method in critic_free else dict(ppo_choice)
+        return {} if method in CRITIC_FREE_METHODS else dict(ppo_choice)
 
     def run_seed(self, seed: int, tune: bool) -> dict:
         cfg = self.cfg

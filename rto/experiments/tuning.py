@@ -39,6 +39,15 @@ TUNED_KEYS = ("actor_lr", "critic_lr", "kl_coef", "beta1", "dpo_clip")
 # RL families: (the method on the RM's reward, RTO's method on its choice). Each gets the same grids.
 FAMILIES = {"ppo": ("ppo", "rto"), "grpo": ("grpo", "rto-grpo"), "rloo": ("rloo", "rto-rloo")}
 METHOD_SECTION = "method_overrides"  # a preset file's per-method settings (the critic-free families' choices)
+CRITIC_FREE_METHODS = {m for f, methods in FAMILIES.items() if f != "ppo" for m in methods}
+
+
+def families_for(methods: list[str]) -> list[str]:
+    """The families whose grids choose the settings of these RL methods: PPO's for every method
+    outside the critic-free families (the placements and REINFORCE++ take PPO's choice)."""
+    rl = [m for m in methods if m in RL_METHODS]
+    ppo = ["ppo"] if any(m not in CRITIC_FREE_METHODS for m in rl) or not rl else []
+    return ppo + [f for f, family in FAMILIES.items() if f != "ppo" and set(family) & set(rl)]
 
 
 @dataclass
@@ -243,12 +252,7 @@ def tune_pipeline(pipe) -> None:
     `method_overrides`, the DPO policy's under `dpo_policy`), written to OUT/preset.yaml."""
     from rto.io.config import build
 
-    # The families of the RL methods it runs; PPO's for every method outside the critic-free ones.
-    critic_free = {m for f, methods in FAMILIES.items() if f != "ppo" for m in methods}
-    rl = [m for m in pipe.cfg.methods if m in RL_METHODS]
-    families = ["ppo"] if any(m not in critic_free for m in rl) or not rl else []
-    families += [f for f, methods in FAMILIES.items() if f != "ppo" and set(methods) & set(rl)]
-    grid = build(TuneGrid, {"families": families, **pipe.cfg.tune_grid}, "pipeline tune_grid")
+    grid = build(TuneGrid, {"families": families_for(pipe.cfg.methods), **pipe.cfg.tune_grid}, "pipeline tune_grid")
     record, others = tune_families(pipe, grid, pipe.cfg.select_by)
     dpo = tune_dpo(pipe, grid, pipe.cfg.select_by) if "dpo" in pipe.cfg.methods else None
     path = write_preset(pipe.out / "preset.yaml", pipe.task.name, pipe.base_preset, pipe.cfg.seed, record, dpo, others)

@@ -35,13 +35,17 @@ def dialect(values: dict, ours: set[str]) -> str:
     """'grpo' or 'rloo' when the settings hold a field of that TRL config that is neither PPOConfig's
     nor one of ours (RLOO's own fields first; `estimator: rloo` makes a GRPO-looking file RLOO's);
     else 'ppo'."""
-    ppo = set(PPO_DIALECTS["ppo"]) | ours
-    marks = {d: sorted(set(values) & (set(PPO_DIALECTS[d]) - ppo)) for d in ("grpo", "rloo")}
+    marks = {d: marks_of(d, values, ours) for d in ("grpo", "rloo")}
     if not marks["grpo"] and not marks["rloo"]:
         return "ppo"
     if marks["rloo"] and set(marks["rloo"]) - set(PPO_DIALECTS["grpo"]) or values.get("estimator") == "rloo":
         return "rloo"
     return "grpo"
+
+
+def marks_of(kind: str, values: dict, ours: set[str]) -> list[str]:
+    """The settings that are fields of TRL's `kind` config and neither PPOConfig's nor ours."""
+    return sorted(set(values) & (set(PPO_DIALECTS[kind]) - set(PPO_DIALECTS["ppo"]) - ours))
 
 
 class _Reader:
@@ -167,8 +171,8 @@ def read(values: dict, where: str, problems: list[str], ours: set[str], defaults
     trl_saving(values, where, problems)
     if kind == "ppo":
         return read_ppo(values, where, problems, defaults)
-    marks = set(values) & (set(PPO_DIALECTS[kind]) - set(PPO_DIALECTS["ppo"]) - ours)
-    shown = [m for m in ("normalize_advantages", "beta", "loss_type", "epsilon") if m in marks] or sorted(marks)
+    marks = marks_of(kind, values, ours)
+    shown = [m for m in ("normalize_advantages", "beta", "loss_type", "epsilon") if m in marks] or marks
     shown = ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else "")
     estimator = values.get("estimator") or kind
     print(

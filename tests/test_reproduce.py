@@ -15,16 +15,11 @@ from rto.experiments.seed_stats import t_interval
 
 def test_quick_reproduce(tmp_path, run_rto):
     out = tmp_path / "repro"
-    proc = run_rto(
-        "reproduce",
-        "--task",
-        "keyed",
-        "--quick",
-        "--out",
-        str(out),
-        "--rm-ensemble",
-        "2",
-    )
+
+    def quick(into, *extra):  # the same reproduction each time: run, rebuilt from per_seed.json, resumed
+        return run_rto("reproduce", "--task", "keyed", "--quick", "--out", str(into), "--rm-ensemble", "2", *extra)
+
+    proc = quick(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1]
@@ -116,17 +111,7 @@ def test_quick_reproduce(tmp_path, run_rto):
     alone.mkdir()
     for name in ("per_seed.json", "results.json"):
         shutil.copy(out / name, alone / name)
-    rebuilt = run_rto(
-        "reproduce",
-        "--task",
-        "keyed",
-        "--quick",
-        "--out",
-        str(alone),
-        "--rm-ensemble",
-        "2",
-        "--report-only",
-    )
+    rebuilt = quick(alone, "--report-only")
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     again_results = json.loads((alone / "results.json").read_text())
     for key in ("methods", "comparisons", "data_efficiency", "curves", "tuning", "wall_time_s"):
@@ -139,16 +124,7 @@ def test_quick_reproduce(tmp_path, run_rto):
     assert preset["tuned"]["budget"]["ppo_runs"] >= preset["tuned"]["budget"]["rto_runs"]
 
     # Resume: a second call finds every run done and gives the same numbers.
-    again = run_rto(
-        "reproduce",
-        "--task",
-        "keyed",
-        "--quick",
-        "--out",
-        str(out),
-        "--rm-ensemble",
-        "2",
-    )
+    again = quick(out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finished before with the same settings" in again.stderr
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]

@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) docs/tables.py --check
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # Checks against the real packages rto integrates with (verl, vLLM), each in its own environment,
 # built once: see integrations/run. Not part of `make test` (the environments take minutes to build).

@@ -17,9 +17,9 @@ def rto(*args, timeout=300):
     )
 
 
-def test_smoke_pipeline(tmp_path):
+def test_smoke_pipeline(tmp_path, run_rto):
     start = time.time()
-    proc = rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"))
+    proc = run_rto("pipeline", "--task", "keyed", "--preset", "smoke", "--out", str(tmp_path / "run"))
     elapsed = time.time() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -77,11 +77,12 @@ def _same_run(a: Path, b: Path) -> None:
     assert all((ca[k] == cb[k]).all() for k in ca)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker; make test keeps a file's tests on one (--dist loadfile)
 def reference(tiny_dirs, prompt_file, tmp_path_factory):
+    from rto.cli import main
+
     out = tmp_path_factory.mktemp("reference") / "run"
-    proc = subprocess.run(_ppo_args(tiny_dirs, prompt_file, out), capture_output=True, text=True, env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(_ppo_args(tiny_dirs, prompt_file, out)[3:]) == 0  # in this process: only the killed runs need their own
     return out
 
 
@@ -166,8 +167,10 @@ def test_sft_killed_and_resumed_matches_the_uninterrupted_run(prompt_file, tmp_p
             "2",
         ]
 
+    from rto.cli import main
+
     ref = tmp_path / "ref"
-    assert subprocess.run(args(ref), capture_output=True, env=ENV, timeout=300).returncode == 0
+    assert main(args(ref)[3:]) == 0  # in this process; the killed run and its resumption in their own
     out = tmp_path / "run"
     proc = subprocess.Popen(args(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 240

@@ -1,7 +1,9 @@
 """`rto ppo` sharded with FSDP2, launched with the FSDP accelerate config a user already has
 (examples/accelerate/fsdp.yaml), on two CPU processes: it says it shards, trains, evaluates and
 selects on dev prompts, writes an ordinary safetensors policy, and after a kill -9 of one process
-resumes to the very weights and metrics of the uninterrupted run."""
+resumes to the very weights and metrics of the uninterrupted run. The runs share two launches
+(the `runs` fixture): the killed run's, and one for the rest, one after another in the same two
+processes (each process start costs seconds of imports)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,9 @@ ROOT = Path(__file__).parent.parent
 ITERATIONS = 4
 
 
-def _launch(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def _launch(args: list[str], env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` with the FSDP config a user already has, two CPU processes: ARGS is what
+    follows (`-m rto ppo ...` or a script)."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     cmd = [
         accelerate,
@@ -34,13 +39,10 @@ def _launch(args: list[str], env_extra: dict | None = None) -> subprocess.Comple
         "2",
         "--main_process_port",
         str(_free_port()),
-        "-m",
-        "rto",
-        "ppo",
         *args,
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "RTO_PROGRESS": "0", **(env_extra or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
 def _args(tiny_dirs, prompt_file, out: Path, *extra: str) -> list[str]:
@@ -96,18 +98,129 @@ def _log(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_dirs, prompt_file, tmp_path_factory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("sharded") / "run"
-    proc = _launch(_args(tiny_dirs, prompt_file, out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stderr
+@dataclass
+class Runs:
+    """What the module's launches left: `root`, the killed run's launch and its checkpoints as the
+    kill left them, and each job of the shared launch (`code`, `log` per process)."""
+
+    root: Path
+    killed: subprocess.CompletedProcess
+    killed_seconds: float
+    killed_checkpoints: list[str]
+    launch: subprocess.CompletedProcess
+
+    def code(self, name: str) -> int | None:
+        path = self.root / "jobs" / f"{name}.rank0.code"
+        return int(path.read_text()) if path.is_file() else None
+
+    def log(self, name: str, rank: int = 0) -> str:
+        path = self.root / "jobs" / f"{name}.rank{rank}.log"
+        return path.read_text() if path.is_file() else ""
+
+    def job(self, name: str) -> dict:
+        return next(j for j in self.plan() if j["name"] == name)
+
+    def plan(self) -> list[dict]:
+        return json.loads((self.root / "jobs" / "plan.json").read_text())
+
+    def ran(self, name: str) -> str:
+        """Process 0's output of job `name`, once both processes finished it with exit code 0."""
+        if self.code(name) is None:
+            failed = [j["name"] for j in self.plan() if self.code(j["name"])]
+            raise AssertionError(
+                f"{name} did not run: {failed or 'the launch'} failed first\n{self.launch.stderr[-2000:]}"
+            )
+        for rank in (0, 1):
+            assert (self.root / "jobs" / f"{name}.rank{rank}.code").read_text() == "0", self.log(name, rank)[-3000:]
+        return self.log(name)
 
 
-def test_fsdp_config_shards_trains_and_writes_a_plain_policy(uninterrupted, tiny_dirs):
+def _one_process_checkpoint(tiny_dirs, prompt_file, root: Path, lora_r: int) -> tuple[Path, Path]:
+    """A run of one iteration in this process; (its config file, its checkpoint)."""
+    from rto.io.config import to_dict
+    from rto.rl.trainer import PPOTrainer
+    from rto.runtime.checkpoint import list_checkpoints
+    from tests.test_ppo import _cfg
+
+    here = root / f"one_r{lora_r}"
+    cfg = _cfg(
+        tiny_dirs,
+        prompt_file,
+        here,
+        reward="rto",
+        beta1=0.1,
+        rollout_batch_size=4,
+        mini_batch_size=2,
+        save_every=1,
+        lora_r=lora_r,
+        iterations=1,
+    )
+    PPOTrainer(cfg).train()
+    config = here / "config.json"
+    config.write_text(json.dumps(to_dict(cfg)))
+    return config, list_checkpoints(here / "out" / "checkpoints")[-1]
+
+
+@pytest.fixture(scope="session")  # once per worker; make test keeps a file's tests on one (--dist loadfile)
+def runs(tiny_dirs, prompt_file, tmp_path_factory) -> Runs:
+    """Every two-process run of this module: a run whose process 1 is killed (SIGKILL) at iteration
+    3, in a launch of its own; then one launch (tests/fixtures/two_process_jobs.py) for the rest,
+    one after another in the same two processes: the bf16 LoRA run, the uninterrupted run, a
+    replicated one, the one-process checkpoints resumed sharded and continued, the killed run
+    resumed."""
+    root = tmp_path_factory.mktemp("sharded")
+    start = time.time()
+    killed = _launch(["-m", "rto", "ppo", *_args(tiny_dirs, prompt_file, root / "killed")], {"RTO_FAULT_KILL": "1:3"})
+    killed_seconds = time.time() - start
+    checkpoints = root / "killed" / "checkpoints"
+    kept = sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".")) if checkpoints.is_dir() else []
+
+    bf16 = _args(tiny_dirs, prompt_file, root / "bf16")
+    bf16[bf16.index("--iterations") + 1] = "1"
+    bf16 = bf16[: bf16.index("--eval-prompts")] + ["--eval-every", "0", "--precision", "bf16", "--lora-r", "4"]
+    replicated = _args(tiny_dirs, prompt_file, root / "replicated")
+    replicated[replicated.index("--iterations") + 1] = "2"
+    replicated = replicated[: replicated.index("--eval-prompts")] + ["--eval-every", "0", "--shard", "none"]
+    jobs = [  # the bf16 run first: a warning it shows is not one already shown by an earlier job
+        {"name": "bf16", "kind": "cli", "argv": ["ppo", *bf16, "--gradient-checkpointing"]},
+        {"name": "uninterrupted", "kind": "cli", "argv": ["ppo", *_args(tiny_dirs, prompt_file, root / "run")]},
+        {"name": "replicated", "kind": "cli", "argv": ["ppo", *replicated]},
+    ]
+    for lora_r in (0, 4):
+        config, checkpoint = _one_process_checkpoint(tiny_dirs, prompt_file, root, lora_r)
+        jobs += [
+            {
+                "name": f"resume_r{lora_r}",
+                "kind": "resume",
+                "config": str(config),
+                "checkpoint": str(checkpoint),
+                "out": str(root / f"resumed_r{lora_r}.safetensors"),
+            },
+            {
+                "name": f"continue_r{lora_r}",
+                "kind": "cli",
+                "argv": ["ppo", "--config", str(config), "--resume", "auto", "--iterations", "2"],
+            },
+        ]
+    jobs += [
+        {
+            "name": "killed_resumed",
+            "kind": "cli",
+            "argv": ["ppo", *_args(tiny_dirs, prompt_file, root / "killed", "--resume", "auto")],
+        },
+    ]
+    plan = root / "jobs" / "plan.json"
+    plan.parent.mkdir()
+    plan.write_text(json.dumps(jobs))
+    launch = _launch([str(ROOT / "tests" / "fixtures" / "two_process_jobs.py"), str(plan)], timeout=600)
+    return Runs(root, killed, killed_seconds, kept, launch)
+
+
+def test_fsdp_config_shards_trains_and_writes_a_plain_policy(runs, tiny_dirs):
     from transformers import AutoModelForCausalLM
 
-    out, stderr = uninterrupted
+    stderr = runs.ran("uninterrupted")
+    out = runs.root / "run"
     assert "accelerate config: FSDP FULL_SHARD): policy and critic sharded over 2 processes" in stderr
     assert [r["iteration"] for r in _log(out)] == list(range(1, ITERATIONS + 1))
     summary = json.loads((out / "metrics.json").read_text())
@@ -128,20 +241,16 @@ def test_fsdp_config_shards_trains_and_writes_a_plain_policy(uninterrupted, tiny
     assert (out / "checkpoints" / f"step_{ITERATIONS:08d}" / "shards" / ".metadata").is_file()
 
 
-def test_kill_9_of_one_process_then_resume_is_exact(uninterrupted, tiny_dirs, prompt_file, tmp_path):
-    reference, _ = uninterrupted
-    out = tmp_path / "killed"
-    start = time.time()
-    proc = _launch(_args(tiny_dirs, prompt_file, out), {"RTO_FAULT_KILL": "1:3"})
-    assert proc.returncode != 0 and "process 1 is killed (SIGKILL) at iteration 3" in proc.stderr, proc.stderr[-3000:]
-    assert time.time() - start < 120
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == [
-        "step_00000001",
-        "step_00000002",
+def test_kill_9_of_one_process_then_resume_is_exact(runs):
+    reference, out, killed = runs.root / "run", runs.root / "killed", runs.killed
+    assert killed.returncode != 0 and "process 1 is killed (SIGKILL) at iteration 3" in killed.stderr, killed.stderr[
+        -3000:
     ]
-    proc = _launch(_args(tiny_dirs, prompt_file, out, "--resume", "auto"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr and "step_00000002" in proc.stderr
+    assert runs.killed_seconds < 120
+    assert runs.killed_checkpoints == ["step_00000001", "step_00000002"]
+    stderr = runs.ran("killed_resumed")
+    assert "resumed from" in stderr and "step_00000002" in stderr
+    runs.ran("uninterrupted")
     assert _log(out) == _log(reference)
     assert (
         json.loads((out / "metrics.json").read_text())["curve"]
@@ -152,10 +261,12 @@ def test_kill_9_of_one_process_then_resume_is_exact(uninterrupted, tiny_dirs, pr
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_one_process_resumes_the_sharded_checkpoint(uninterrupted, tiny_dirs, prompt_file):
-    """DCP reshards on load: one process reads the two processes' shards back whole (this runs
-    last: it rewrites the uninterrupted run's outputs from its last checkpoint)."""
-    out, _ = uninterrupted
+def test_one_process_resumes_the_sharded_checkpoint(runs, tiny_dirs, prompt_file, tmp_path):
+    """DCP reshards on load: one process reads the two processes' shards back whole (a copy of the
+    uninterrupted run, whose outputs it rewrites from its last checkpoint)."""
+    runs.ran("uninterrupted")
+    out = tmp_path / "run"
+    shutil.copytree(runs.root / "run", out)
     before = load_file(str(out / "policy_last" / "model.safetensors"))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RTO_PROGRESS": "0"}
     proc = subprocess.run(
@@ -225,28 +336,17 @@ def test_lora_merge_from_a_gathered_state_equals_peft_merge(tiny_dirs):
         torch.testing.assert_close(gathered[k], live[k], atol=1e-6, rtol=1e-6)
 
 
-def test_bf16_lora_sharded_run_exports_a_merged_policy(tiny_dirs, prompt_file, tmp_path):
+def test_bf16_lora_sharded_run_exports_a_merged_policy(runs, tiny_dirs):
     """bf16 compute with FSDP2's mixed precision over the LoRA shared base (a bf16 base under fp32
     adapters), sharded on CPU, layers recomputed in backward: it trains, says so at start-up, and
     exports the merged policy whole."""
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "bf16"
-    args = _args(tiny_dirs, prompt_file, out)
-    args[args.index("--iterations") + 1] = "1"
-    args = args[: args.index("--eval-prompts")] + [
-        "--eval-every",
-        "0",
-        "--precision",
-        "bf16",
-        "--lora-r",
-        "4",
-        "--gradient-checkpointing",
-    ]
-    proc = _launch(args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "bf16 compute on fp32 weights" in proc.stderr
-    assert "Warning" not in proc.stderr, proc.stderr  # nothing for the user to act on is shown (peft's deprecations)
+    out = runs.root / "bf16"
+    stderr = runs.ran("bf16")
+    assert "bf16 compute on fp32 weights" in stderr
+    for rank in (0, 1):  # nothing for the user to act on is shown (peft's deprecations)
+        assert "Warning" not in runs.log("bf16", rank), runs.log("bf16", rank)
     saved = load_file(str(out / "policy" / "model.safetensors"))
     start = load_file(str(Path(tiny_dirs["policy"]) / "model.safetensors"))
     assert saved.keys() == start.keys() and not any("lora_" in k for k in saved)
@@ -254,36 +354,15 @@ def test_bf16_lora_sharded_run_exports_a_merged_policy(tiny_dirs, prompt_file, t
 
 
 @pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
-def test_a_one_process_checkpoint_resumes_sharded_over_two(tiny_dirs, prompt_file, tmp_path, lora_r):
+def test_a_one_process_checkpoint_resumes_sharded_over_two(runs, lora_r):
     """A run started in one process continues over several: every trained weight and Adam state of
     its checkpoint arrives exactly, each process holding its shard of it (DCP covers the other way)."""
-    from rto.io.config import to_dict
-    from rto.rl.trainer import PPOTrainer
-    from rto.runtime.checkpoint import list_checkpoints, load_checkpoint
-    from tests.test_distributed import launch
-    from tests.test_ppo import _cfg
+    from rto.runtime.checkpoint import load_checkpoint
 
-    cfg = _cfg(
-        tiny_dirs,
-        prompt_file,
-        tmp_path,
-        reward="rto",
-        beta1=0.1,
-        rollout_batch_size=4,
-        mini_batch_size=2,
-        save_every=1,
-        lora_r=lora_r,
-        iterations=1,
-    )
-    PPOTrainer(cfg).train()
-    checkpoint = list_checkpoints(tmp_path / "out" / "checkpoints")[-1]
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(to_dict(cfg)))
-    out = tmp_path / "resumed.safetensors"
-    proc, _ = launch([str(ROOT / "tests/fixtures/resume_sharded.py"), str(config), str(checkpoint), str(out), "full"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    saved, _ = load_checkpoint(checkpoint)
-    resumed = load_file(str(out))
+    runs.ran(f"resume_r{lora_r}")
+    here = runs.root / f"one_r{lora_r}"
+    saved, _ = load_checkpoint(Path(runs.job(f"resume_r{lora_r}")["checkpoint"]))
+    resumed = load_file(str(runs.root / f"resumed_r{lora_r}.safetensors"))
     moments = [k for k in resumed if ".adam." in k and not k.startswith("layout.") and not k.endswith(".step")]
     weights = [k for k in resumed if ".weights." in k]
     assert len(moments) == 2 * len(weights) > 0 and any(k.startswith("critic.") for k in weights)
@@ -293,9 +372,19 @@ def test_a_one_process_checkpoint_resumes_sharded_over_two(tiny_dirs, prompt_fil
     steps = [k for k in resumed if k.endswith(".step") and not k.startswith("layout.")]
     assert steps and all(float(resumed[k]) == float(saved[k]) for k in steps)
     # And the run goes on from it, sharded, under the FSDP config (its Adam steps on the shards).
-    proc = _launch(["--config", str(config), "--resume", "auto", "--iterations", "2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "after iteration 1" in proc.stderr and "sharded over 2 processes" in proc.stderr
-    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    stderr = runs.ran(f"continue_r{lora_r}")
+    assert "after iteration 1" in stderr and "sharded over 2 processes" in stderr
+    rows = [json.loads(line) for line in (here / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["processes"] == 2
+    assert json.loads((here / "out" / "metrics.json").read_text())["processes"] == 2
+
+
+def test_a_replicated_two_process_run_writes_once(runs):
+    """--shard none under the same launch (the flag wins over the accelerate config): each process
+    holds the whole models, and process 0 alone writes the log, the checkpoints and the models."""
+    out = runs.root / "replicated"
+    stderr = runs.ran("replicated")
+    assert "sharded over" not in stderr
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "metrics.json").read_text())["processes"] == 2
+    assert (out / "policy" / "model.safetensors").is_file() and (out / "checkpoints").is_dir()

@@ -39,8 +39,10 @@ SELECTED = "policy_selected"  # OUT/ subdirectory: the dev selection's best poli
 
 # Settings that may change between a run and its resumption without changing its result; and the
 # layout over processes (`shard`: like the number of processes, it changes the order of
-# floating-point sums, as another machine would).
+# floating-point sums, as another machine would). `out`: a run folder moved or copied (to another
+# disk) resumes where it now is; a checkpoint holds nothing under its old path.
 RESUMABLE_CHANGES = (
+    "out",
     "iterations",
     "prompt_epochs",
     "save_every",

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import step_throughput as st  # noqa: E402
 
+pytestmark = pytest.mark.slow  # runs whole pipelines or launches processes (see tests/conftest.py)
+
 
 def test_gpu_step_runs_on_cpu_with_a_tiny_model(tmp_path):
     out = tmp_path / "gpu.json"

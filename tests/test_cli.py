@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs whole pipelines or launches processes (see tests/conftest.py)
+
 ENV = dict(os.environ, RTO_PROGRESS="0", OMP_NUM_THREADS="1")
 
 

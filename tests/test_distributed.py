@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # runs whole pipelines or launches processes (see tests/conftest.py)
+
 FIXTURE = Path(__file__).parent / "fixtures" / "dist_step.py"
 
 

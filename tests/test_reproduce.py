@@ -1,4 +1,4 @@
-"""`rto reproduce --quick`: every method, ablation, RM ensemble, data-limited pool and reference,
+"""`rto reproduce --quick`: methods, an RM ensemble, the data-limited pool and the gold references,
 over two seeds, each result chosen on the dev split; and a second reproduction from the preset
 file the first one tuned."""
 
@@ -6,11 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from rto.experiments.report_reproduce import claims
 from rto.experiments.reproduce import TUNING_SEED_OFFSET
 from rto.experiments.seed_stats import t_interval
+
+pytestmark = pytest.mark.slow  # runs whole pipelines or launches processes (see tests/conftest.py)
 
 
 def test_quick_reproduce(tmp_path, run_rto):

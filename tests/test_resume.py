@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from tests.test_cli import ENV
 
+pytestmark = pytest.mark.slow  # runs whole pipelines or launches processes (see tests/conftest.py)
+
 ITERATIONS = 6
 
 

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 
 from tests.test_distributed import _free_port
 
+pytestmark = pytest.mark.slow  # runs whole pipelines or launches processes (see tests/conftest.py)
+
 ROOT = Path(__file__).parent.parent
 ITERATIONS = 4
 

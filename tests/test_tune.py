@@ -3,7 +3,10 @@ written as a preset file and used by the runs that follow; budgets and preset fi
 
 import json
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # runs whole pipelines or launches processes (see tests/conftest.py)
 
 
 def test_pipeline_tunes_then_runs_with_the_choice(tmp_path, run_rto):

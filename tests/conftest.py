@@ -14,6 +14,7 @@ os.environ.setdefault("RTO_PROGRESS", "0")
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
+
 def pytest_collection_modifyitems(items):
     """The modules marked slow first (each stays in one piece, in its own order): under
     `--dist loadfile` the workers take files in this order, and the long ones started early leave

@@ -79,12 +79,17 @@ def _same_run(a: Path, b: Path) -> None:
     assert all((ca[k] == cb[k]).all() for k in ca)
 
 
-@pytest.fixture(scope="session")  # once per worker; make test keeps a file's tests on one (--dist loadfile)
-def reference(tiny_dirs, prompt_file, tmp_path_factory):
+def _in_process(args: list[str]) -> int:
+    """The command of a subprocess argument list (python -m rto.cli ...) run in this process."""
     from rto.cli import main
 
+    return main(args[args.index("rto.cli") + 1 :])
+
+
+@pytest.fixture(scope="session")  # once per worker; make test keeps a file's tests on one (--dist loadfile)
+def reference(tiny_dirs, prompt_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
-    assert main(_ppo_args(tiny_dirs, prompt_file, out)[3:]) == 0  # in this process: only the killed runs need their own
+    assert _in_process(_ppo_args(tiny_dirs, prompt_file, out)) == 0  # only the killed runs need processes of their own
     return out
 
 
@@ -169,10 +174,8 @@ def test_sft_killed_and_resumed_matches_the_uninterrupted_run(prompt_file, tmp_p
             "2",
         ]
 
-    from rto.cli import main
-
     ref = tmp_path / "ref"
-    assert main(args(ref)[3:]) == 0  # in this process; the killed run and its resumption in their own
+    assert _in_process(args(ref)) == 0  # the killed run and its resumption in processes of their own
     out = tmp_path / "run"
     proc = subprocess.Popen(args(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 240

@@ -111,8 +111,8 @@ class Runs:
     killed_checkpoints: list[str]
     launch: subprocess.CompletedProcess
 
-    def code(self, name: str) -> int | None:
-        path = self.root / "jobs" / f"{name}.rank0.code"
+    def code(self, name: str, rank: int = 0) -> int | None:
+        path = self.root / "jobs" / f"{name}.rank{rank}.code"
         return int(path.read_text()) if path.is_file() else None
 
     def log(self, name: str, rank: int = 0) -> str:
@@ -133,7 +133,7 @@ class Runs:
                 f"{name} did not run: {failed or 'the launch'} failed first\n{self.launch.stderr[-2000:]}"
             )
         for rank in (0, 1):
-            assert (self.root / "jobs" / f"{name}.rank{rank}.code").read_text() == "0", self.log(name, rank)[-3000:]
+            assert self.code(name, rank) == 0, self.log(name, rank)[-3000:]
         return self.log(name)
 
 
@@ -177,16 +177,16 @@ def runs(tiny_dirs, prompt_file, tmp_path_factory) -> Runs:
     checkpoints = root / "killed" / "checkpoints"
     kept = sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".")) if checkpoints.is_dir() else []
 
-    bf16 = _args(tiny_dirs, prompt_file, root / "bf16")
-    bf16[bf16.index("--iterations") + 1] = "1"
-    bf16 = bf16[: bf16.index("--eval-prompts")] + ["--eval-every", "0", "--precision", "bf16", "--lora-r", "4"]
-    replicated = _args(tiny_dirs, prompt_file, root / "replicated")
-    replicated[replicated.index("--iterations") + 1] = "2"
-    replicated = replicated[: replicated.index("--eval-prompts")] + ["--eval-every", "0", "--shard", "none"]
+    def without_eval(out: Path, iterations: int, *extra: str) -> list[str]:
+        args = _args(tiny_dirs, prompt_file, out)
+        args[args.index("--iterations") + 1] = str(iterations)
+        return ["ppo", *args[: args.index("--eval-prompts")], "--eval-every", "0", *extra]
+
+    bf16 = without_eval(root / "bf16", 1, "--precision", "bf16", "--lora-r", "4", "--gradient-checkpointing")
     jobs = [  # the bf16 run first: a warning it shows is not one already shown by an earlier job
-        {"name": "bf16", "kind": "cli", "argv": ["ppo", *bf16, "--gradient-checkpointing"]},
+        {"name": "bf16", "kind": "cli", "argv": bf16},
         {"name": "uninterrupted", "kind": "cli", "argv": ["ppo", *_args(tiny_dirs, prompt_file, root / "run")]},
-        {"name": "replicated", "kind": "cli", "argv": ["ppo", *replicated]},
+        {"name": "replicated", "kind": "cli", "argv": without_eval(root / "replicated", 2, "--shard", "none")},
     ]
     for lora_r in (0, 4):
         config, checkpoint = _one_process_checkpoint(tiny_dirs, prompt_file, root, lora_r)
@@ -245,9 +245,8 @@ def test_fsdp_config_shards_trains_and_writes_a_plain_policy(runs, tiny_dirs):
 
 def test_kill_9_of_one_process_then_resume_is_exact(runs):
     reference, out, killed = runs.root / "run", runs.root / "killed", runs.killed
-    assert killed.returncode != 0 and "process 1 is killed (SIGKILL) at iteration 3" in killed.stderr, killed.stderr[
-        -3000:
-    ]
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert "process 1 is killed (SIGKILL) at iteration 3" in killed.stderr, killed.stderr[-3000:]
     assert runs.killed_seconds < 120
     assert runs.killed_checkpoints == ["step_00000001", "step_00000002"]
     stderr = runs.ran("killed_resumed")
